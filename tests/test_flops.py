@@ -1,0 +1,38 @@
+"""FLOPs: exact against the analytic count of a Llama-style LLM, without running the model."""
+
+import vlmopt
+from vlmopt import configs
+
+
+def llm_flops(text_config, tokens: int) -> int:
+    d, layers, inter = text_config.hidden_size, text_config.num_hidden_layers, text_config.intermediate_size
+    heads, kv = text_config.num_attention_heads, text_config.num_key_value_heads
+    head_dim = d // heads
+    projections = 2 * d * (heads * head_dim) * 2 + 2 * d * (kv * head_dim) * 2  # q, o; k, v
+    mlp = 3 * 2 * d * inter
+    attention = 4 * heads * tokens * tokens * head_dim  # QKᵀ and PV, full square as PyTorch counts SDPA
+    return layers * (tokens * (projections + mlp) + attention)
+
+
+def test_llm_flops_match_the_analytic_count():
+    model = configs.build(configs.llava_config(), seed=0)
+    batch = configs.synthetic_batch(model)
+    seq = batch["input_ids"].shape[1]
+    report = vlmopt.flops(model, batch)
+    text = model.config.text_config
+    assert report.llm == llm_flops(text, seq)
+    assert report.by_stage["lm_head"] == 2 * text.hidden_size * text.vocab_size
+    pruned = vlmopt.flops(vlmopt.compile(model, ["random_prune:keep_ratio=0.25"]), batch)
+    kept = seq - 16 + 4  # a 4x4 grid keeps round(0.25 * 16) = 4 tokens
+    assert pruned.llm == llm_flops(text, kept)
+    assert pruned.by_stage["vision"] == report.by_stage["vision"]
+    assert pruned.by_stage["projector"] * 4 == report.by_stage["projector"]
+
+
+def test_meta_device_model_counts_without_memory():
+    model = configs.build(configs.qwen25vl_config(), device="meta")
+    batch = configs.synthetic_batch(model)
+    report = vlmopt.flops(model, batch)
+    assert report.by_stage["vision"] > 0 and report.llm > 0
+    real = vlmopt.flops(configs.build(configs.qwen25vl_config()), batch)
+    assert real.by_stage == report.by_stage

@@ -1,0 +1,158 @@
+"""Graph editing that every pass shares: find nodes by role, insert, re-route the sequence.
+
+:meth:`GraphEditor.reroute_sequence` is the bookkeeping DESIGN.md calls the correctness crux: once
+a pass decides which tokens of the LLM sequence survive, every value that carries the sequence
+dimension (hidden states, the 2-D attention mask, position ids, cos/sin) is gathered with the same
+index, and 4-D masks built earlier are rebuilt from the gathered 2-D mask. Gathering the original
+position ids is what keeps pruned tokens at their original positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+from vlmopt.graph.capture import STAGE_OF_ROLE
+
+#: Roles whose nodes are rebuilt, not gathered, when the sequence shrinks after them.
+REBUILT_ROLES = ("causal_mask",)
+
+
+class GraphEditor:
+    """Edits one stage GraphModule; call :meth:`finish` when done."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        self.module = module
+        self.graph = module.graph
+
+    # ----- finding ------------------------------------------------------------------------
+    def nodes(self, role: str, index: int | None = None) -> list[fx.Node]:
+        return [
+            n
+            for n in self.graph.nodes
+            if n.meta.get("role") == role and (index is None or n.meta.get("index") == index)
+        ]
+
+    def one(self, role: str, index: int | None = None) -> fx.Node:
+        found = self.nodes(role, index)
+        if len(found) != 1:
+            where = role if index is None else f"{role}[{index}]"
+            raise LookupError(f"{self.module.__class__.__name__}: expected one {where} node, found {len(found)}")
+        return found[0]
+
+    def last(self, role: str) -> fx.Node | None:
+        found = self.nodes(role)
+        return found[-1] if found else None
+
+    def placeholder(self, name: str) -> fx.Node:
+        for node in self.graph.nodes:
+            if node.op == "placeholder" and node.target == name:
+                return node
+        raise LookupError(f"graph has no input {name!r}")
+
+    def output(self) -> fx.Node:
+        return next(n for n in reversed(self.graph.nodes) if n.op == "output")
+
+    def order(self) -> dict[fx.Node, int]:
+        return {node: i for i, node in enumerate(self.graph.nodes)}
+
+    # ----- inserting ----------------------------------------------------------------------
+    def insert(
+        self,
+        after: fx.Node,
+        target: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        role: str,
+        stage: str | None = None,
+        name: str | None = None,
+        **meta: Any,
+    ) -> fx.Node:
+        """Insert ``target(*args, **kwargs)`` right after ``after``, named ``name`` (made unique),
+        tagged with ``role``, ``stage`` and ``meta``."""
+        with self.graph.inserting_after(after):
+            node = self.graph.create_node("call_function", target, args, kwargs or {}, name=name)
+        node.meta.update(meta)
+        node.meta["role"] = role
+        node.meta["stage"] = stage or STAGE_OF_ROLE.get(role, after.meta.get("stage", "llm"))
+        return node
+
+    def chain(self, after: fx.Node) -> Inserter:
+        """An :class:`Inserter` that appends nodes one after the other, starting after ``after``."""
+        return Inserter(self, after)
+
+    def replace_uses(self, old: fx.Node, new: fx.Node, *, after: fx.Node) -> int:
+        """Make every user of ``old`` placed after ``after`` read ``new`` instead; returns the count."""
+        order = self.order()
+        users = [u for u in list(old.users) if order[u] > order[after] and u is not new]
+        for user in users:
+            user.replace_input_with(old, new)
+        return len(users)
+
+    # ----- the sequence -------------------------------------------------------------------
+    def reroute_sequence(self, point: fx.Node, index: fx.Node) -> list[fx.Node]:
+        """Gather every sequence-carrying value live after ``index`` with it; returns the gathers.
+
+        ``index`` is a [B, S'] node placed after ``point``. Values produced up to ``point`` and read
+        after it are gathered (``vlmopt::gather_sequence``); 4-D masks among them are rebuilt.
+        """
+        order = self.order()
+        limit = order[point]
+        gathered: dict[fx.Node, fx.Node] = {}
+        cursor = index
+        for node in list(self.graph.nodes):
+            if order[node] > limit:
+                break
+            dims = node.meta.get("seq_dim")
+            if dims is None or not self._read_after(node, order, limit, index):
+                continue
+            cursor = self.insert(
+                cursor,
+                torch.ops.vlmopt.gather_sequence.default,
+                (node, index, dims[0], dims[1]),
+                role="sequence_gather",
+                stage=node.meta.get("stage"),
+                name=f"{node.name}_kept",
+                seq_dim=dims,
+            )
+            gathered[node] = cursor
+        for node in list(self.graph.nodes):
+            if order.get(node, limit + 1) > limit:
+                break
+            if node.meta.get("role") in REBUILT_ROLES and self._read_after(node, order, limit, index):
+                with self.graph.inserting_after(cursor):
+                    rebuilt = self.graph.node_copy(node, lambda arg: gathered.get(arg, arg))
+                rebuilt.meta = dict(node.meta)
+                gathered[node] = cursor = rebuilt
+        created = set(gathered.values()) | {index}
+        for old, new in gathered.items():
+            for user in list(old.users):
+                if user not in created and order.get(user, -1) > limit:
+                    user.replace_input_with(old, new)
+        return list(gathered.values())
+
+    @staticmethod
+    def _read_after(node: fx.Node, order: dict[fx.Node, int], limit: int, index: fx.Node) -> bool:
+        return any(order.get(user, -1) > limit and user is not index for user in node.users)
+
+    def finish(self) -> None:
+        self.graph.lint()
+        self.module.recompile()
+
+
+class Inserter:
+    """Appends nodes in order after a starting node (see :meth:`GraphEditor.chain`)."""
+
+    def __init__(self, editor: GraphEditor, after: fx.Node) -> None:
+        self.editor = editor
+        self.cursor = after
+
+    def __call__(
+        self, target: Callable[..., Any], *args: Any, role: str, stage: str | None = None, name: str | None = None, **meta: Any
+    ) -> fx.Node:
+        self.cursor = self.editor.insert(self.cursor, target, args, role=role, stage=stage, name=name, **meta)
+        return self.cursor

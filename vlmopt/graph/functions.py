@@ -1,0 +1,72 @@
+"""Python functions that pipeline-graph nodes call.
+
+Each reads static planning data (a :class:`~vlmopt.graph.layout.VisualLayout`, ints) and calls
+``vlmopt::`` ops with plain ints, so shapes stay static for ``torch.export`` and ONNX. The tracer
+keeps every function here as one ``call_function`` node (``autowrap_modules``), so graphs and their
+diffs read at the level of these names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlmopt.graph.layout import VisualLayout, keep_count, pooled_grid
+
+ops = torch.ops.vlmopt
+
+
+def window_permute(x: Tensor, window_index: Tensor, unit: int) -> Tensor:
+    """Reorder Qwen2.5-VL patch rows into window order (groups of ``unit`` patches move together)."""
+    seq = x.shape[0]
+    return x.reshape(seq // unit, unit, -1)[window_index, :, :].reshape(seq, -1)
+
+
+def keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:
+    """The last ``logits_to_keep`` positions of ``hidden`` [B, S, D] (all of them for 0), as HF does."""
+    if logits_to_keep == 0:
+        return hidden
+    return hidden[:, -logits_to_keep:, :]
+
+
+def layout_keep(layout: VisualLayout, keep_ratio: float | None, num_tokens: int | None) -> VisualLayout:
+    """The layout after keeping a fixed number of tokens of every visual input."""
+    return layout.with_counts(tuple(keep_count(c, keep_ratio, num_tokens) for c in layout.counts))
+
+
+def layout_pool(layout: VisualLayout, keep_ratio: float) -> VisualLayout:
+    """The layout after spatial pooling of every frame's grid."""
+    if layout.grids is None:
+        raise ValueError("layout_pool needs token grids; an earlier pass already pruned the visual tokens")
+    return layout.with_grids(tuple(pooled_grid(g, keep_ratio) for g in layout.grids))
+
+
+def random_scores(like: Tensor, layout: VisualLayout, seed: int) -> Tensor:
+    """[T] seeded uniform scores; see :mod:`vlmopt.ops.random_scores`."""
+    return ops.random_scores(like, list(layout.counts), seed)
+
+
+def select_topk(scores: Tensor, layout: VisualLayout, kept: VisualLayout) -> Tensor:
+    """[T'] ascending global indices of each input's top-``kept.counts[i]`` scores."""
+    return ops.topk_indices(scores, list(layout.counts), list(kept.counts))
+
+
+def pool_tokens(x: Tensor, layout: VisualLayout, pooled: VisualLayout) -> tuple[Tensor, Tensor]:
+    """(pooled tokens [T', D], global index of each pooled token's top-left token [T'])."""
+    out_grids = [d for _, h, w in pooled.grids for d in (h, w)]
+    return ops.pool_tokens(x, layout.flat_grids, out_grids)
+
+
+def pruned_length(layout: VisualLayout, kept: VisualLayout) -> int:
+    """Length of the longest row once the dropped visual tokens leave the sequence."""
+    before, after = layout.tokens_per_row(), kept.tokens_per_row()
+    return max(layout.seq_len - b + a for b, a in zip(before, after))
+
+
+def sequence_keep_index(
+    visual_positions: Tensor, kept_positions: Tensor, layout: VisualLayout, kept: VisualLayout
+) -> Tensor:
+    """[B, S'] sequence positions that survive pruning; see :mod:`vlmopt.ops.sequence_keep_index`."""
+    return ops.sequence_keep_index(
+        visual_positions, kept_positions, layout.batch, layout.seq_len, pruned_length(layout, kept)
+    )

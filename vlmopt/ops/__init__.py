@@ -1,0 +1,17 @@
+"""The ``vlmopt::`` custom ops. Importing this package registers them with ``torch.library``.
+
+One op per file: the op (``torch.library.custom_op``), its exact fake (so Dynamo, ``torch.export``
+and ONNX export see through it), a plain-PyTorch ``reference`` that runs anywhere, and, where it
+pays, a Triton kernel in :mod:`vlmopt.kernels`. ONNX translations live in :mod:`vlmopt.export.onnx_ops`.
+"""
+
+from . import gather_sequence, merge_visual, pool_tokens, random_scores, sequence_keep_index, topk_indices
+
+__all__ = [
+    "gather_sequence",
+    "merge_visual",
+    "pool_tokens",
+    "random_scores",
+    "sequence_keep_index",
+    "topk_indices",
+]

@@ -1,0 +1,60 @@
+"""``vlmopt::merge_visual`` — write visual token features into their slots of the LLM sequence.
+
+The Hugging Face models do this with ``inputs_embeds.masked_scatter(image_mask, features)``; vlmopt
+writes by explicit flat positions instead, so a pruning pass can merge only the kept tokens (their
+slots are a subset of the image placeholders) and the op exports to ONNX as one ``ScatterND``.
+
+Shapes
+------
+embeds    : [B, S, D]  token embeddings of the whole prompt
+features  : [T, D] or [N, P, D] (flattened to [T, D])  visual features, in the order of ``positions``
+positions : [T] int64  flat slot index ``b * S + s`` of each feature
+returns   : [B, S, D]  a copy of ``embeds`` with the T slots overwritten (cast to ``embeds.dtype``)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def reference(embeds: Tensor, features: Tensor, positions: Tensor) -> Tensor:
+    batch, seq, dim = embeds.shape
+    flat = embeds.reshape(batch * seq, dim).clone()
+    flat[positions] = features.reshape(-1, dim).to(flat.dtype)
+    return flat.view(batch, seq, dim)
+
+
+@torch.library.custom_op("vlmopt::merge_visual", mutates_args=())
+def merge_visual(embeds: Tensor, features: Tensor, positions: Tensor) -> Tensor:
+    if features.numel() // features.shape[-1] != positions.numel():
+        raise ValueError(
+            f"merge_visual: {features.numel() // features.shape[-1]} visual features for "
+            f"{positions.numel()} placeholder slots; the prompt's image tokens and the images do not match"
+        )
+    return reference(embeds, features, positions)
+
+
+@merge_visual.register_fake
+def _(embeds: Tensor, features: Tensor, positions: Tensor) -> Tensor:
+    return torch.empty_like(embeds)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    embeds, features, positions = inputs
+    ctx.save_for_backward(positions)
+    ctx.feature_shape = features.shape
+    ctx.feature_dtype = features.dtype
+
+
+def _backward(ctx, grad: Tensor):
+    (positions,) = ctx.saved_tensors
+    batch, seq, dim = grad.shape
+    flat = grad.reshape(batch * seq, dim)
+    grad_features = flat[positions].to(ctx.feature_dtype).reshape(ctx.feature_shape)
+    grad_embeds = flat.clone()
+    grad_embeds[positions] = 0
+    return grad_embeds.view(batch, seq, dim), grad_features, None
+
+
+merge_visual.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,207 @@
+"""The pass machinery: a validated, immutable config per pass, and the shared visual-token pruning.
+
+A pass is a frozen dataclass. ``__post_init__`` validates the config (a :class:`PassConfigError`
+naming the field and the accepted range), :meth:`Pass.check` refuses a model or a pass order it
+cannot serve before anything is traced, and :meth:`Pass.apply` rewrites a :class:`VLMGraph`.
+
+:class:`VisualTokenPrune` owns everything vision-side pruning methods share — the site where the
+visual tokens flow as ``[T, D]``, the fixed per-input budget, the gathers of tokens and of their
+sequence slots, and the re-routing of the LLM sequence — so a method only says which tokens to keep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import fx
+
+from vlmopt.errors import IncompatiblePassError, PassConfigError
+from vlmopt.graph import functions as gf
+from vlmopt.graph.edit import GraphEditor, Inserter
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vlmopt.adapters.base import Adapter
+    from vlmopt.graph.pipeline import VLMGraph
+
+ALL_FAMILIES = ("llava", "qwen2_5_vl")
+
+
+def snake_case(name: str) -> str:
+    """``RandomPrune`` → ``random_prune``; ``HiPrune`` → ``hiprune``; ``ReGATE`` → ``regate``."""
+    special = {"HiPrune": "hiprune", "HalfV": "halfv", "ReGATE": "regate", "APBV": "apbv", "HERMES": "hermes"}
+    if name in special:
+        return special[name]
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses whose fields are their config."""
+
+    stage: ClassVar[str] = "vision"
+    """Where the pass works: ``vision`` (before the LLM), ``llm``, ``kv`` (the cache) or ``train``."""
+    lossless: ClassVar[bool] = False
+    """Does the compiled model still give bit-exact logits?"""
+    families: ClassVar[tuple[str, ...]] = ALL_FAMILIES
+    """Model families (adapter ``family``) the pass supports."""
+    query_aware: ClassVar[bool] = False
+    """Does the pass read the question (so a prefix cannot be reused across questions)?"""
+    paper: ClassVar[str] = ""
+    """Link to the method's paper."""
+
+    @classmethod
+    def name(cls) -> str:
+        """Registry key: the snake_case of the class name."""
+        return snake_case(cls.__name__)
+
+    def spec(self) -> str:
+        """The CLI spec that rebuilds this pass, e.g. ``random_prune:keep_ratio=0.5,seed=0``."""
+        values = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
+        return self.name() + (":" + ",".join(values) if values else "")
+
+    def check(self, adapter: Adapter, before: Sequence[Pass]) -> None:
+        """Raise :class:`IncompatiblePassError` if the pass cannot serve this model after ``before``."""
+        if adapter.family not in self.families:
+            raise IncompatiblePassError(
+                f"{type(self).__name__} supports {', '.join(self.families)} models; this one is {adapter.family}"
+            )
+
+    def apply(self, graph: VLMGraph) -> None:
+        """Rewrite ``graph`` in place."""
+        raise NotImplementedError
+
+
+def check_range(owner: str, field: str, value, low, high, *, low_open: bool = False, integer: bool = False) -> None:
+    """Raise :class:`PassConfigError` unless ``low (<|<=) value <= high``."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise PassConfigError(f"{owner}.{field} must be a {'whole number' if integer else 'number'}, got {value!r}")
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        bracket = "(" if low_open else "["
+        raise PassConfigError(f"{owner}.{field} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+@dataclass
+class VisualSite:
+    """Where the visual tokens flow in the prefill graph, as the passes so far left it."""
+
+    editor: GraphEditor
+    tokens: fx.Node
+    """Current visual tokens [T, D]: what the projector (LLaVA) or the merge (Qwen) reads."""
+    positions: fx.Node
+    """Current flat sequence slots [T] of those tokens (the merge's third argument)."""
+    layout: fx.Node
+    """Current :class:`VisualLayout` (the graph input, or the last pass's pruned layout)."""
+
+    @classmethod
+    def find(cls, editor: GraphEditor) -> VisualSite:
+        merge = editor.one("merge")
+        index = editor.last("sequence_index")
+        layout = index.args[3] if index is not None else editor.placeholder("layout")
+        return cls(editor, editor.last("visual_tokens"), merge.args[2], layout)
+
+    def update(self, tokens: fx.Node, keep: fx.Node, layout: fx.Node, chain: Inserter) -> None:
+        """Route the kept ``tokens`` on; ``keep`` [T'] indexes the current tokens whose slots they take."""
+        editor = self.editor
+        positions = chain(
+            torch.index_select, self.positions, 0, keep, role="visual_positions", stage="vision", name="kept_positions"
+        )
+        editor.replace_uses(self.tokens, tokens, after=positions)
+        merge = editor.one("merge")
+        merge.update_arg(2, positions)
+        index = editor.last("sequence_index")
+        if index is None:
+            visual_positions = editor.placeholder("visual_positions")
+            source_layout = editor.placeholder("layout")
+            index = editor.insert(
+                merge,
+                gf.sequence_keep_index,
+                (visual_positions, positions, source_layout, layout),
+                role="sequence_index",
+                stage="llm",
+                name="sequence_index",
+            )
+            editor.reroute_sequence(merge, index)
+        else:
+            index.update_arg(1, positions)
+            index.update_arg(3, layout)
+
+
+@dataclass(frozen=True)
+class VisualTokenPrune(Pass):
+    """Keep a fixed number of each visual input's tokens before the LLM (prefill only).
+
+    Position policy: kept tokens keep their original position ids (1-D or M-RoPE); text tokens
+    never move; decoding continues at the unpruned length. Causal attention over the kept tokens is
+    unchanged because they stay in their original order.
+    """
+
+    stage: ClassVar[str] = "vision"
+    lossless: ClassVar[bool] = False
+    needs_grid: ClassVar[bool] = False
+    """Does the method read the tokens' spatial grid (so it must see the tower's own tokens)?"""
+
+    keep_ratio: float | None = None
+    """Fraction of each visual input's tokens to keep, in (0, 1]."""
+    num_tokens: int | None = None
+    """Absolute number of tokens to keep per visual input (instead of ``keep_ratio``), ≥ 1."""
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if (self.keep_ratio is None) == (self.num_tokens is None):
+            raise PassConfigError(f"{owner} needs exactly one of keep_ratio (a fraction in (0, 1]) or num_tokens")
+        if self.keep_ratio is not None:
+            check_range(owner, "keep_ratio", self.keep_ratio, 0, 1, low_open=True)
+        if self.num_tokens is not None:
+            check_range(owner, "num_tokens", self.num_tokens, 1, 10**9, integer=True)
+
+    def check(self, adapter: Adapter, before: Sequence[Pass]) -> None:
+        super().check(adapter, before)
+        if self.needs_grid:
+            if getattr(adapter, "grid", True) is None:
+                raise IncompatiblePassError(
+                    f"{type(self).__name__} needs the visual tokens on a grid; this LLaVA keeps the CLS token "
+                    "(vision_feature_select_strategy='full')"
+                )
+            earlier = [p for p in before if isinstance(p, VisualTokenPrune)]
+            if earlier:
+                raise IncompatiblePassError(
+                    f"{type(self).__name__} reads the tokens' grid, so it must come before "
+                    f"{type(earlier[0]).__name__}, which removes tokens from it"
+                )
+
+    def apply(self, graph: VLMGraph) -> None:
+        editor = GraphEditor(graph["prefill"])
+        site = VisualSite.find(editor)
+        order = editor.order()
+        chain = editor.chain(max((site.tokens, site.positions, site.layout), key=order.__getitem__))
+        tokens, keep, layout = self.prune(site, chain)
+        site.update(tokens, keep, layout, chain)
+        editor.finish()
+
+    def prune(self, site: VisualSite, chain: Inserter) -> tuple[fx.Node, fx.Node, fx.Node]:
+        """Insert the method; return (kept tokens [T', D], their indices into the current tokens [T'],
+        the new layout). The default keeps the top-scoring tokens of :meth:`score`."""
+        layout = chain(
+            gf.layout_keep, site.layout, self.keep_ratio, self.num_tokens, role="prune_layout", stage="vision",
+            name="kept_layout",
+        )
+        scores = self.score(site, chain)
+        keep = chain(gf.select_topk, scores, site.layout, layout, role="prune_select", stage="vision", name="keep")
+        tokens = chain(torch.index_select, site.tokens, 0, keep, role="visual_tokens", stage="vision", name="kept_tokens")
+        return tokens, keep, layout
+
+    def score(self, site: VisualSite, chain: Inserter) -> fx.Node:
+        """Insert nodes computing a [T] score per current visual token (higher = keep)."""
+        raise NotImplementedError

@@ -1,0 +1,149 @@
+"""``CompiledVLM``: runs the rewritten pipeline graphs like the HF model they came from."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from vlmopt.errors import InputError
+from vlmopt.generation import GenerationSettings, TokenChooser
+
+if TYPE_CHECKING:
+    from vlmopt.adapters.base import Adapter, Prompt
+    from vlmopt.graph.pipeline import VLMGraph
+    from vlmopt.passes.base import Pass
+
+BACKENDS = ("eager", "inductor")
+
+#: Processor outputs the compiled model reads (everything else is rejected, never ignored silently).
+BATCH_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+    "mm_token_type_ids",
+)
+
+
+class CompiledVLM(nn.Module):
+    """A VLM whose prefill and decode run as rewritten FX graphs.
+
+    It shares its weights with the model it was compiled from (no copy; moving one moves both) and
+    never changes that model's behaviour. ``forward`` is a prefill returning what HF's forward
+    returns; ``generate`` returns token ids like HF's ``generate`` (prompt + new tokens).
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, graph: VLMGraph, passes: list[Pass], backend: str) -> None:
+        super().__init__()
+        self.graph = graph
+        self.passes = tuple(passes)
+        self.backend = backend
+        self.stages = nn.ModuleDict(graph.stages)
+        self.adapter = adapter
+        self.config = model.config
+        self.generation_config = model.generation_config
+        self._runners: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        specs = ", ".join(p.spec() for p in self.passes) or "no passes"
+        return f"CompiledVLM({type(self.adapter.model).__name__}; {specs}; backend={self.backend})"
+
+    # ----- running the graphs ------------------------------------------------------------------
+    def run_stage(self, stage: str, inputs: dict[str, Any], cache, logits_to_keep: int) -> dict[str, Tensor]:
+        """Run one stage graph (``prefill``, ``prefill_text`` or ``decode``) on planned inputs."""
+        runner = self._runners.get(stage)
+        if runner is None:
+            runner = self.stages[stage]
+            if self.backend == "inductor":
+                runner = torch.compile(runner, backend="inductor")
+            self._runners[stage] = runner
+        return runner(**inputs, cache=cache, logits_to_keep=logits_to_keep)
+
+    def new_cache(self):
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache(config=self.config.get_text_config())
+
+    def plan(self, batch: dict[str, Any], for_generation: bool = False) -> Prompt:
+        """Plan a batch of processor outputs for the graphs (see the adapter's ``plan``)."""
+        unknown = sorted(k for k, v in batch.items() if v is not None and k not in BATCH_KEYS)
+        if unknown:
+            raise InputError(f"unsupported inputs {unknown}; CompiledVLM reads {', '.join(BATCH_KEYS)}")
+        if batch.get("input_ids") is None or batch["input_ids"].dim() != 2:
+            raise InputError("input_ids [batch, sequence] are required (pass the processor's outputs)")
+        return self.adapter.plan({k: v for k, v in batch.items() if v is not None}, for_generation)
+
+    # ----- HF-style API -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        labels: Tensor | None = None,
+        **batch: Any,
+    ):
+        """Prefill: logits [B, S', V] (S' = the pruned length) and the filled KV cache."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if labels is not None:
+            raise InputError("CompiledVLM.forward computes no loss; training graphs come with a training pass")
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise InputError("CompiledVLM.forward runs a prefill on an empty cache; use generate() to decode")
+        prompt = self.plan({"input_ids": input_ids, "attention_mask": attention_mask, **batch})
+        use_cache = self.config.get_text_config().use_cache if use_cache is None else use_cache
+        cache = (past_key_values if past_key_values is not None else self.new_cache()) if use_cache else None
+        out = self.run_stage(prompt.stage, prompt.inputs, cache, logits_to_keep)
+        return CausalLMOutputWithPast(logits=out["logits"], past_key_values=cache)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generation_config=None,
+        **batch: Any,
+    ) -> Tensor:
+        """Generate like HF: returns [B, S + new] ids (prompt, then new tokens; pad after EOS)."""
+        settings = GenerationSettings.resolve(
+            generation_config or self.generation_config,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        prompt = self.plan({"input_ids": input_ids, "attention_mask": attention_mask, **batch}, for_generation=True)
+        cache = self.new_cache()
+        out = self.run_stage(prompt.stage, prompt.inputs, cache, logits_to_keep=1)
+        chooser = TokenChooser(settings, input_ids.shape[0], input_ids.device)
+        mask, position, sequences = out["attention_mask"], prompt.next_position, input_ids
+        for step in range(settings.max_new_tokens):
+            tokens = chooser(sequences, out["logits"])
+            sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+            if chooser.done or step == settings.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            inputs = self.adapter.decode_inputs(tokens[:, None], mask, position)
+            out = self.run_stage("decode", inputs, cache, logits_to_keep=1)
+            position = position + 1
+        return sequences
