@@ -155,7 +155,7 @@ def qwen25vl_7b_shape(width: float = 1.0):
     """Qwen2.5-VL-7B's shape: 32-block windowed ViT (full attention at 7/15/23/31) + 28-layer LM."""
     config = qwen25vl_config(
         vision_depth=32,
-        vision_hidden=_scaled(1280, width, 16),
+        vision_hidden=_scaled(1280, width, 64),  # vision head dim stays a multiple of 4 (2-D rotary)
         vision_heads=16,
         full_attention_blocks=(7, 15, 23, 31),
         text_hidden=_scaled(3584, width, 28 * 2),
@@ -170,10 +170,11 @@ def qwen25vl_7b_shape(width: float = 1.0):
     return config
 
 
+#: Configs by name (random weights). Reference models trained by the project have other names.
 CONFIGS = {
-    "tiny-llava": lambda: llava_config(),
-    "tiny-llava-siglip": lambda: llava_config(tower="siglip"),
-    "tiny-qwen25vl": lambda: qwen25vl_config(),
+    "tiny-llava-random": lambda: llava_config(),
+    "tiny-llava-siglip-random": lambda: llava_config(tower="siglip"),
+    "tiny-qwen25vl-random": lambda: qwen25vl_config(),
     "llava-1.5-7b-shape": llava_15_7b_shape,
     "qwen2.5-vl-7b-shape": qwen25vl_7b_shape,
 }
