@@ -18,12 +18,16 @@ from torch import nn
 _REGISTERED = False
 
 
-def register_cpu_sdpa_formula() -> None:
-    """Give ``aten._scaled_dot_product_flash_attention_for_cpu`` a FLOP formula (once)."""
+def register_flop_formulas() -> None:
+    """Give the CPU flash-attention kernel and the ``vlmopt::`` ops that compute FLOP formulas (once)."""
     global _REGISTERED
     if _REGISTERED:
         return
     from torch.utils.flop_counter import register_flop_formula
+
+    from vlmopt.ops import received_attention
+
+    received_attention.register_flops()
 
     @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
     def _sdpa_cpu_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
@@ -68,7 +72,7 @@ def flops(model: nn.Module, batch: dict[str, Any], *, logits_to_keep: int = 1) -
     from vlmopt.graph.probe import run_with_probes
     from vlmopt.runtime import CompiledVLM
 
-    register_cpu_sdpa_formula()
+    register_flop_formulas()
     compiled = model if isinstance(model, CompiledVLM) else compile_model(model)
     prompt = compiled.plan(batch)
     module = compiled.stages[prompt.stage]

@@ -171,6 +171,23 @@ class Adapter(ABC):
     host_inputs: ClassVar[tuple[str, ...]] = ()
     """Planned inputs the HF modules read back as Python numbers (they stay real under fake tensors)."""
 
+    # ----- vision-tower facts passes use ---------------------------------------------------
+    @property
+    @abstractmethod
+    def vision_depth(self) -> int:
+        """Blocks of the HF vision tower (the paper-default layer of a method scales with it)."""
+
+    @property
+    @abstractmethod
+    def feature_block(self) -> int:
+        """Index of the deepest vision block whose output reaches the LLM."""
+
+    @abstractmethod
+    def insert_received_attention(self, editor, block: int):
+        """Insert nodes computing, from vision block ``block``'s own Q/K, the attention each visual
+        token receives (:mod:`vlmopt.ops.received_attention`); return the [T] node aligned with the
+        graph's visual tokens."""
+
     # ----- planning -----------------------------------------------------------------------
     @abstractmethod
     def plan(self, batch: dict[str, Any], for_generation: bool) -> Prompt:

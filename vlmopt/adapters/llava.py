@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from vlmopt.adapters.base import Adapter, Prompt, TextPipeline
 from vlmopt.errors import InputError, UnsupportedModelError
+from vlmopt.graph import functions as gf
 from vlmopt.graph.capture import mark, role
 from vlmopt.graph.layout import VisualLayout
 
@@ -104,6 +105,31 @@ class LlavaAdapter(Adapter):
 
     def prefill_pipeline(self) -> nn.Module:
         return LlavaPrefill(self.model, self.feature_layers, self.drop_cls)
+
+    @property
+    def vision_depth(self) -> int:
+        return self.model.model.vision_tower.config.num_hidden_layers
+
+    @property
+    def feature_block(self) -> int:
+        return max(self.feature_layers) - 1
+
+    def insert_received_attention(self, editor, block: int):
+        if not 0 <= block <= self.feature_block:
+            raise ValueError(f"vision layer {block} does not feed the LLM (layers 0..{self.feature_block} do)")
+        source = editor.one("vision_block", block).args[0]
+        attention = self.model.model.vision_tower.encoder.layers[block].self_attn
+        prefix = f"vision_layers.{block}"
+        chain = editor.chain(source)
+        normed = chain.module(f"{prefix}.layer_norm1", source, role="prune_score", stage="vision", name=f"vision_{block}_norm")
+        q = chain.module(f"{prefix}.self_attn.q_proj", normed, role="prune_score", stage="vision", name=f"vision_{block}_q")
+        k = chain.module(f"{prefix}.self_attn.k_proj", normed, role="prune_score", stage="vision", name=f"vision_{block}_k")
+        scores = chain(
+            gf.received_attention, q, k, attention.num_heads, attention.scale,
+            role="prune_score", stage="vision", name=f"vision_{block}_received",
+        )
+        flatten = gf.drop_first_token if self.drop_cls else torch.flatten
+        return chain(flatten, scores, role="prune_score", stage="vision", name=f"vision_{block}_scores")
 
     def plan(self, batch: dict[str, Any], for_generation: bool) -> Prompt:
         input_ids: Tensor = batch["input_ids"]

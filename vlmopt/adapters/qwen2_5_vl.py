@@ -100,6 +100,36 @@ class Qwen25VLAdapter(Adapter):
     def prefill_pipeline(self) -> nn.Module:
         return Qwen25VLPrefill(self.model)
 
+    @property
+    def vision_depth(self) -> int:
+        return self.vision_config.depth
+
+    @property
+    def feature_block(self) -> int:
+        return self.vision_config.depth - 1
+
+    def insert_received_attention(self, editor, block: int):
+        if not 0 <= block < self.vision_depth:
+            raise ValueError(f"the vision tower has blocks 0..{self.vision_depth - 1}, not {block}")
+        node = editor.one("vision_block", block)
+        source = node.args[0]
+        cos, sin = node.kwargs["position_embeddings"]
+        order = editor.order()
+        chain = editor.chain(max((source, cos, sin), key=order.__getitem__))
+        attention = self.model.model.visual.blocks[block].attn
+        prefix = f"blocks.{block}"
+        normed = chain.module(f"{prefix}.norm1", source, role="prune_score", stage="vision", name=f"vision_{block}_norm")
+        qkv = chain.module(f"{prefix}.attn.qkv", normed, role="prune_score", stage="vision", name=f"vision_{block}_qkv")
+        scores = chain(
+            gf.qwen_received_attention, qkv, cos, sin, editor.placeholder("layout"), attention.num_heads,
+            attention.scaling, self.model.model.visual.spatial_merge_unit,
+            role="prune_score", stage="vision", name=f"vision_{block}_received",
+        )
+        return chain(
+            torch.index_select, scores, 0, editor.placeholder("reverse_index"),
+            role="prune_score", stage="vision", name=f"vision_{block}_scores",
+        )
+
     def token_types(self, input_ids: Tensor, given: Tensor | None) -> Tensor:
         """``mm_token_type_ids`` (0 text, 1 image, 2 video); derived from the ids when not given."""
         if given is not None:

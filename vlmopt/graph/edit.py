@@ -81,6 +81,14 @@ class GraphEditor:
         node.meta["stage"] = stage or STAGE_OF_ROLE.get(role, after.meta.get("stage", "llm"))
         return node
 
+    def insert_module(self, after: fx.Node, target: str, args: tuple, *, role: str, stage: str, name: str | None = None) -> fx.Node:
+        """Insert a call of the graph's submodule ``target`` (a dotted path) right after ``after``."""
+        self.module.get_submodule(target)  # a clear error if the path does not exist
+        with self.graph.inserting_after(after):
+            node = self.graph.create_node("call_module", target, args, {}, name=name)
+        node.meta.update(role=role, stage=stage)
+        return node
+
     def chain(self, after: fx.Node) -> Inserter:
         """An :class:`Inserter` that appends nodes one after the other, starting after ``after``."""
         return Inserter(self, after)
@@ -155,4 +163,8 @@ class Inserter:
         self, target: Callable[..., Any], *args: Any, role: str, stage: str | None = None, name: str | None = None, **meta: Any
     ) -> fx.Node:
         self.cursor = self.editor.insert(self.cursor, target, args, role=role, stage=stage, name=name, **meta)
+        return self.cursor
+
+    def module(self, target: str, *args: Any, role: str, stage: str, name: str | None = None) -> fx.Node:
+        self.cursor = self.editor.insert_module(self.cursor, target, args, role=role, stage=stage, name=name)
         return self.cursor

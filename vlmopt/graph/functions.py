@@ -70,3 +70,46 @@ def sequence_keep_index(
     return ops.sequence_keep_index(
         visual_positions, kept_positions, layout.batch, layout.seq_len, pruned_length(layout, kept)
     )
+
+
+def received_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
+    """[N, S] attention each token receives, from q, k [N, S, H·D]; see :mod:`vlmopt.ops.received_attention`."""
+    return ops.received_attention(q, k, num_heads, scale)
+
+
+def drop_first_token(scores: Tensor) -> Tensor:
+    """[N, S] → [N·(S-1)]: drop the CLS column and flatten, matching the visual tokens."""
+    return scores[:, 1:].reshape(-1)
+
+
+def qwen_received_attention(
+    qkv: Tensor, cos: Tensor, sin: Tensor, layout: VisualLayout, num_heads: int, scale: float, merge_unit: int
+) -> Tensor:
+    """Scores of a Qwen2.5-VL vision block, dense per frame (windows ignored, inputs never mixed).
+
+    ``qkv`` [P, 3·D] is the block's fused projection of its normalised input in window order;
+    rotary is applied as the block applies it. Returns [P / merge_unit] scores in window order,
+    averaged over each merge group (one LLM token).
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    patches = qkv.shape[0]
+    q, k, _ = qkv.reshape(patches, 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    scores, offset = [], 0
+    for t, h, w in layout.grids:
+        frame = h * w * merge_unit
+        size = t * frame
+        frames_q = q[offset : offset + size].reshape(t, frame, -1)
+        frames_k = k[offset : offset + size].reshape(t, frame, -1)
+        scores.append(ops.received_attention(frames_q, frames_k, num_heads, scale).reshape(-1))
+        offset += size
+    return torch.cat(scores).reshape(-1, merge_unit).mean(-1)
+
+
+def hiprune_select(
+    object_scores: Tensor, deep_scores: Tensor, layout: VisualLayout, kept: VisualLayout, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """(kept indices [T'], kinds [T']) — HiPrune's selection with ``round(alpha · N' / 5)`` anchors."""
+    anchors = [min(budget, int(alpha * budget / 5 + 0.5)) for budget in kept.counts]
+    return ops.hiprune_select(object_scores, deep_scores, layout.flat_grids, list(kept.counts), anchors)

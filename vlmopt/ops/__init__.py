@@ -2,16 +2,28 @@
 
 One op per file: the op (``torch.library.custom_op``), its exact fake (so Dynamo, ``torch.export``
 and ONNX export see through it), a plain-PyTorch ``reference`` that runs anywhere, and, where it
-pays, a Triton kernel in :mod:`vlmopt.kernels`. ONNX translations live in :mod:`vlmopt.export.onnx_ops`.
+pays, a Triton kernel in :mod:`vlmopt.kernels`. Each op file also names its ONNX translation
+(``onnx_translation()``, which imports onnxscript only when called).
 """
 
-from . import gather_sequence, merge_visual, pool_tokens, random_scores, sequence_keep_index, topk_indices
+from . import (
+    gather_sequence,
+    hiprune_select,
+    merge_visual,
+    pool_tokens,
+    random_scores,
+    received_attention,
+    sequence_keep_index,
+    topk_indices,
+)
 
 __all__ = [
     "gather_sequence",
+    "hiprune_select",
     "merge_visual",
     "pool_tokens",
     "random_scores",
+    "received_attention",
     "sequence_keep_index",
     "topk_indices",
 ]

@@ -15,11 +15,12 @@ from fractions import Fraction
 
 from vlmopt.errors import PassConfigError, UnknownPassError
 from vlmopt.passes.base import Pass, VisualTokenPrune
+from vlmopt.passes.hiprune import HiPrune
 from vlmopt.passes.pool_prune import PoolPrune
 from vlmopt.passes.random_prune import RandomPrune
 
 #: Every pass, by name. Explicit: a new pass file adds its class here.
-REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune)}
+REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune, HiPrune)}
 
 
 def get(name: str) -> type[Pass]:
@@ -78,4 +79,4 @@ def resolve(item: Pass | str) -> Pass:
     raise PassConfigError(f"passes must be Pass instances or spec strings, got {type(item).__name__}")
 
 
-__all__ = ["REGISTRY", "Pass", "PoolPrune", "RandomPrune", "VisualTokenPrune", "get", "parse", "resolve"]
+__all__ = ["REGISTRY", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "VisualTokenPrune", "get", "parse", "resolve"]

@@ -97,6 +97,8 @@ class VisualSite:
     """Where the visual tokens flow in the prefill graph, as the passes so far left it."""
 
     editor: GraphEditor
+    adapter: Adapter
+    """The model's adapter (for methods that read the vision tower, such as HiPrune)."""
     tokens: fx.Node
     """Current visual tokens [T, D]: what the projector (LLaVA) or the merge (Qwen) reads."""
     positions: fx.Node
@@ -105,11 +107,11 @@ class VisualSite:
     """Current :class:`VisualLayout` (the graph input, or the last pass's pruned layout)."""
 
     @classmethod
-    def find(cls, editor: GraphEditor) -> VisualSite:
+    def find(cls, editor: GraphEditor, adapter: Adapter) -> VisualSite:
         merge = editor.one("merge")
         index = editor.last("sequence_index")
         layout = index.args[3] if index is not None else editor.placeholder("layout")
-        return cls(editor, editor.last("visual_tokens"), merge.args[2], layout)
+        return cls(editor, adapter, editor.last("visual_tokens"), merge.args[2], layout)
 
     def update(self, tokens: fx.Node, keep: fx.Node, layout: fx.Node, chain: Inserter) -> None:
         """Route the kept ``tokens`` on; ``keep`` [T'] indexes the current tokens whose slots they take."""
@@ -183,7 +185,7 @@ class VisualTokenPrune(Pass):
 
     def apply(self, graph: VLMGraph) -> None:
         editor = GraphEditor(graph["prefill"])
-        site = VisualSite.find(editor)
+        site = VisualSite.find(editor, graph.adapter)
         order = editor.order()
         chain = editor.chain(max((site.tokens, site.positions, site.layout), key=order.__getitem__))
         tokens, keep, layout = self.prune(site, chain)

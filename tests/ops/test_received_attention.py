@@ -1,0 +1,60 @@
+import importlib.util
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vlmopt.ops.received_attention import received_attention
+
+
+def dense_column_means(q, k, heads, scale):
+    n, s, width = q.shape
+    qh = q.view(n, s, heads, -1).transpose(1, 2).double()
+    kh = k.view(n, s, heads, -1).transpose(1, 2).double()
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+    return probs.mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("shape", [(2, 13, 4, 8), (1, 50, 2, 16), (3, 7, 1, 4)])
+def test_matches_dense_softmax_column_means(shape):
+    n, s, heads, dim = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(n, s, heads * dim, generator=generator) * 2
+    k = torch.randn(n, s, heads * dim, generator=generator) * 2
+    scores = received_attention(q, k, heads, dim**-0.5)
+    assert scores.dtype == torch.float32 and scores.shape == (n, s)
+    torch.testing.assert_close(scores.double(), dense_column_means(q, k, heads, dim**-0.5), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scores.sum(-1), torch.ones(n), rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    q, k = torch.randn(2, 9, 8), torch.randn(2, 9, 8)
+    torch.library.opcheck(torch.ops.vlmopt.received_attention.default, (q, k, 2, 0.5))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install vlmopt[triton])")
+def test_triton_kernel_in_the_interpreter():
+    """The CUDA kernel, run by Triton's CPU interpreter on odd sizes, fp32 and fp16, against the reference."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from vlmopt.kernels.received_attention import received_attention_triton
+        from vlmopt.ops.received_attention import reference
+        generator = torch.Generator().manual_seed(0)
+        for n, s, heads, dim, block in [(2, 37, 4, 8, 16), (1, 70, 2, 16, 32), (3, 17, 3, 12, 16)]:
+            q = torch.randn(n, s, heads * dim, generator=generator)
+            k = torch.randn(n, s, heads * dim, generator=generator)
+            for dtype in (torch.float32, torch.float16):
+                got = received_attention_triton(q.to(dtype), k.to(dtype), heads, dim ** -0.5, block=block)
+                want = reference(q.to(dtype), k.to(dtype), heads, dim ** -0.5)
+                error = ((got - want).norm() / want.norm()).item()
+                assert error < 1e-5, (n, s, heads, dim, dtype, error)
+        print("ok")
+        """
+    )
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")

@@ -1,0 +1,60 @@
+"""``vlmopt::received_attention`` — how much attention each token receives in one attention layer.
+
+``score[n, j] = mean over heads h and queries i of softmax_j(scale · q_hi · k_hj)`` — the column
+means of the attention matrix, computed from the layer's own Q/K projections so the model keeps
+running SDPA (HF's eager attention would be needed to read attention weights otherwise). This is
+HiPrune's token score (arXiv 2508.00553, §3.1); every query row, CLS included, votes.
+
+Shapes
+------
+q, k    : [N, S, H·D] queries and keys of N independent sequences (images or frames)
+returns : [N, S] float32 scores in [0, 1]; each row sums to 1
+Kernels : the reference materialises one head's [N, S, S] probabilities at a time (CPU); on CUDA
+          the Triton kernel in :mod:`vlmopt.kernels.received_attention` streams key and query
+          blocks and never materialises them.
+FLOPs   : 2·N·H·S²·D (the QKᵀ product), registered with the FLOP counter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def reference(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
+    batch, seq, width = q.shape
+    head_dim = width // num_heads
+    qh = q.reshape(batch, seq, num_heads, head_dim).transpose(1, 2).float()
+    kh = k.reshape(batch, seq, num_heads, head_dim).transpose(1, 2).float()
+    received = torch.zeros(batch, seq, dtype=torch.float32, device=q.device)
+    for head in range(num_heads):
+        logits = torch.matmul(qh[:, head], kh[:, head].transpose(-1, -2)) * scale
+        received += torch.softmax(logits, dim=-1).sum(dim=1)
+    return received / (num_heads * seq)
+
+
+@torch.library.custom_op("vlmopt::received_attention", mutates_args=())
+def received_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
+    if q.shape != k.shape or q.dim() != 3 or q.shape[-1] % num_heads:
+        raise ValueError(f"received_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must be [N, S, H·D]")
+    if q.is_cuda:
+        from vlmopt.kernels.received_attention import received_attention_triton
+
+        return received_attention_triton(q, k, num_heads, scale)
+    return reference(q, k, num_heads, scale)
+
+
+@received_attention.register_fake
+def _(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
+    return q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def flop_count(q_shape, k_shape, num_heads: int, *args, **kwargs) -> int:
+    batch, seq, width = q_shape
+    return 2 * batch * seq * seq * width
+
+
+def register_flops() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.vlmopt.received_attention)(flop_count)
