@@ -65,3 +65,101 @@ def visual_tokens(compiled: CompiledVLM, batch: dict[str, Any]) -> tuple[int, in
     full_len = prompt.inputs["attention_mask"].sum(-1)
     dropped = int((full_len - kept_len).sum())
     return prompt.layout.total, prompt.layout.total - dropped
+
+
+# ----- memory -----------------------------------------------------------------------------------
+class _HeapProbe:
+    """Bytes the C heap holds now (glibc ``mallinfo2``: arena + mmap'd blocks), or None elsewhere."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import ctypes.util
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+            )]
+
+        self._info = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            libc.mallinfo2.restype = MallInfo2
+            self._info = libc.mallinfo2
+        except (OSError, AttributeError, TypeError):
+            self._info = None
+
+    @property
+    def available(self) -> bool:
+        return self._info is not None
+
+    def __call__(self) -> int:
+        info = self._info()
+        return int(info.uordblks + info.hblkhd)
+
+
+def peak_prefill_bytes(run) -> int | None:
+    """Peak extra heap bytes while ``run()`` executes (sampled after every ATen op), or None if the
+    C library cannot say (not glibc)."""
+    import gc
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    probe = _HeapProbe()
+    if not probe.available:
+        return None
+
+    class Sampler(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Sampler.peak = max(Sampler.peak, probe())
+            return out
+
+    gc.collect()
+    with torch.inference_mode():
+        run()  # warm-up: allocator caches and lazily built buffers are not the prefill's cost
+        gc.collect()
+        base = probe()
+        Sampler.peak = base
+        with Sampler():
+            run()
+    return Sampler.peak - base
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a filled ``DynamicCache`` (keys and values of every layer)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def time_by_role(compiled: CompiledVLM, batch: dict[str, Any], repeats: int = 3) -> dict[str, float]:
+    """Median seconds spent in the prefill graph's nodes, summed by node role (node-by-node run)."""
+    from contextlib import contextmanager
+
+    from vlmopt.graph.probe import run_with_probes
+
+    prompt = compiled.plan(batch, for_generation=True)
+    module = compiled.stages[prompt.stage]
+    samples: list[dict[str, float]] = []
+    for _ in range(repeats + 1):
+        spent: dict[str, float] = {}
+
+        @contextmanager
+        def clock(node):
+            start = time.perf_counter()
+            yield
+            role = node.meta.get("role", "?")
+            spent[role] = spent.get(role, 0.0) + time.perf_counter() - start
+
+        inputs = dict(prompt.inputs, cache=compiled.new_cache(), logits_to_keep=1)
+        with torch.inference_mode():
+            run_with_probes(module, inputs, lambda node: False, around=clock)
+        samples.append(spent)
+    samples = samples[1:]
+    return {role: statistics.median(s.get(role, 0.0) for s in samples) for role in samples[0]}

@@ -1,0 +1,148 @@
+"""``vlmopt bench``: FLOPs, prefill time, peak memory and KV-cache bytes of pass lists, side by side.
+
+FLOPs and KV-cache bytes are counted at the real model's full width on fake tensors (no memory, no
+arithmetic); prefill time and peak memory are measured for real at ``--width`` (a scaled-down width
+that runs on a CPU, same depth, heads and token counts). Every pass list is measured in the same
+run as the baseline (no passes), and reported as ratios against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists
+
+#: Inputs of each shape: (image grid for Qwen or None, text before, question length).
+BENCH_CONFIGS = {
+    "llava-1.5-7b-shape": {"image_grid": None, "text_before": 5, "question": 30},
+    "qwen2.5-vl-7b-shape": {"image_grid": (64, 64), "text_before": 5, "question": 30},
+}
+#: Roles of nodes that passes insert (their time is the passes' own overhead).
+PASS_ROLES = (
+    "prune_score", "prune_select", "prune_kinds", "prune_layout", "prune_pool", "visual_positions",
+    "sequence_index", "sequence_gather",
+)
+
+
+def add_parsers(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="FLOPs, time, memory and KV bytes of pass lists on 7B-shaped models")
+    parser.add_argument("--config", choices=sorted(BENCH_CONFIGS), default="llava-1.5-7b-shape")
+    add_passes_argument(parser)
+    parser.add_argument("--width", type=float, default=0.125, help="width scale for the timed runs (1.0 = real)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefill repeats per pass list")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.set_defaults(run=run)
+
+
+def _batch(model, config: str):
+    from vlmopt import configs
+
+    shape = BENCH_CONFIGS[config]
+    spec = [configs.PromptSpec(text_before=shape["text_before"], text_after=shape["question"])]
+    grid = [shape["image_grid"]] if shape["image_grid"] else None
+    return configs.synthetic_batch(model, spec, image_grids=grid, seed=0)
+
+
+def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> dict:
+    import torch
+
+    import vlmopt
+    from vlmopt import configs
+    from vlmopt.measure import (
+        cache_bytes,
+        peak_prefill_bytes,
+        prefill_runner,
+        time_by_role,
+        time_prefill,
+        visual_tokens,
+    )
+
+    full = configs.build(configs.CONFIGS[config](), device="meta")
+    small = configs.build(configs.CONFIGS[config](width=width))
+    full_batch, small_batch = _batch(full, config), _batch(small, config)
+    results = []
+    for passes in [[]] + lists:
+        compiled_full = vlmopt.compile(full, passes=passes)
+        flops = vlmopt.flops(compiled_full, full_batch)
+        compiled = vlmopt.compile(small, passes=passes)
+        total, kept = visual_tokens(compiled, small_batch)
+        run = prefill_runner(compiled, small_batch)
+        timing = time_prefill(run, repeats=repeats)
+        roles = time_by_role(compiled, small_batch, repeats=max(1, repeats // 2))
+        graph_seconds = sum(roles.values())
+        overhead = sum(seconds for role, seconds in roles.items() if role in PASS_ROLES)
+        prompt = compiled_full.plan(full_batch, for_generation=True)
+        kv = _fake_cache_bytes(compiled_full, prompt)
+        results.append({
+            "passes": " + ".join(passes),
+            "visual_tokens": kept,
+            "visual_tokens_total": total,
+            "prefill_flops": flops.total,
+            "llm_prefill_flops": flops.llm,
+            "flops_by_stage": flops.by_stage,
+            "prefill_seconds": timing.median_s,
+            "pass_overhead_seconds": overhead,
+            "pass_overhead_share": overhead / graph_seconds if graph_seconds else 0.0,
+            "peak_bytes": peak_prefill_bytes(run),
+            "kv_bytes": kv,
+        })
+        del compiled
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    baseline, runs = results[0], results[1:]
+    for entry in runs:
+        for key in ("prefill_flops", "llm_prefill_flops", "prefill_seconds", "peak_bytes", "kv_bytes"):
+            if baseline[key] and entry[key] is not None:
+                entry[f"{key}_ratio"] = entry[key] / baseline[key]
+    return {"config": config, "timed_width": width, "baseline": baseline, "runs": runs}
+
+
+def _fake_cache_bytes(compiled, prompt) -> int:
+    """KV-cache bytes after a full-width prefill, from a fake-tensor run (shapes only)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vlmopt.graph.probe import run_with_probes
+    from vlmopt.measure import cache_bytes
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    host = compiled.adapter.host_inputs
+    inputs = {
+        name: mode.from_tensor(value.to("meta")) if hasattr(value, "to") and name not in host else value
+        for name, value in prompt.inputs.items()
+    }
+    cache = compiled.new_cache()
+    inputs.update(cache=cache, logits_to_keep=1)
+    run_with_probes(compiled.stages[prompt.stage], inputs, lambda node: False)
+    return cache_bytes(cache)
+
+
+def run(args: argparse.Namespace) -> int:
+    lists = pass_lists(args.passes)
+    report = measure(args.config, lists, args.width, args.repeats)
+    rows = []
+    for entry in [report["baseline"]] + report["runs"]:
+        def ratio(key):
+            return f"{entry[key + '_ratio']:.3f}" if key + "_ratio" in entry else "1"
+
+        peak = entry["peak_bytes"]
+        rows.append([
+            entry["passes"] or "(none)",
+            f"{entry['visual_tokens']} / {entry['visual_tokens_total']}",
+            f"{entry['prefill_flops'] / 1e12:.3f} ({ratio('prefill_flops')})",
+            f"{entry['llm_prefill_flops'] / 1e12:.3f} ({ratio('llm_prefill_flops')})",
+            f"{entry['prefill_seconds'] * 1e3:.1f} ({ratio('prefill_seconds')})",
+            f"{entry['pass_overhead_share']:.1%}",
+            "n/a" if peak is None else f"{peak / 2**20:.1f} ({ratio('peak_bytes')})",
+            f"{entry['kv_bytes'] / 2**20:.1f} ({ratio('kv_bytes')})",
+        ])
+    print(f"{report['config']}: FLOPs and KV bytes at full width (fake tensors); time and peak memory at "
+          f"width {report['timed_width']} on this machine")
+    print(markdown_table(
+        ["passes", "visual tokens", "prefill TFLOPs (ratio)", "LLM TFLOPs (ratio)", "prefill ms (ratio)",
+         "pass overhead", "peak MiB (ratio)", "KV MiB (ratio)"],
+        rows,
+    ))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+    return 0

@@ -1,0 +1,51 @@
+"""``vlmopt viz``: draw the kept visual tokens of a pass list, coloured by kind, to a PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlmopt.cli.common import add_model_argument, add_passes_argument, load_model, pass_lists
+
+
+def add_parsers(subparsers) -> None:
+    parser = subparsers.add_parser("viz", help="draw which visual tokens a pass keeps (anchor/buffer/register)")
+    add_model_argument(parser)
+    add_passes_argument(parser)
+    parser.add_argument("--image", help="image file (default: a test sample of the model's task)")
+    parser.add_argument("--prompt", default="What is in the picture?", help="question asked with the image")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import vlmopt
+    from vlmopt import configs
+    from vlmopt.errors import InputError
+    from vlmopt.viz import visualise
+
+    loaded = load_model(args.model)
+    passes = (pass_lists(args.passes) or [[]])[0]
+    compiled = vlmopt.compile(loaded.model, passes=passes)
+    if loaded.processor is None:
+        if args.image:
+            raise InputError(f"{args.model} is a random-weight config without a processor; pass a model with one")
+        batch = configs.synthetic_batch(loaded.model)
+    else:
+        from PIL import Image
+
+        from vlmopt.models import processing
+
+        if args.image:
+            try:
+                image = Image.open(args.image).convert("RGB")
+            except OSError as error:
+                raise InputError(f"cannot read image {args.image!r}: {error}") from error
+        else:
+            from vlmopt import models
+
+            image = models.task_for(args.model, "shapes").samples("test", n=1)[0].pil_image()
+        batch = processing.encode_image_prompt(loaded.processor, image, args.prompt)
+    picture = visualise(compiled, batch, loaded.processor)
+    picture.save(args.out)
+    print(f"wrote {args.out} ({' + '.join(passes) or 'no passes'})")
+    return 0

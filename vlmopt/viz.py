@@ -1,0 +1,125 @@
+"""Draw which visual tokens a pruning pass keeps, on the image the model actually saw.
+
+The image is rebuilt from the processor's ``pixel_values`` (un-normalised, and for Qwen2.5-VL
+un-patchified), so every token box lines up with what the vision tower read. Kept tokens are
+outlined by kind — HiPrune's anchors, buffers and registers, or just "kept" for other passes —
+and dropped tokens are dimmed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmopt.graph.probe import run_with_probes
+from vlmopt.ops.hiprune_select import ANCHOR, BUFFER, REGISTER
+from vlmopt.runtime import CompiledVLM
+
+KIND_NAMES = {ANCHOR: "anchor", BUFFER: "buffer", REGISTER: "register", -1: "kept"}
+KIND_COLOURS = {ANCHOR: (230, 30, 30), BUFFER: (255, 160, 0), REGISTER: (40, 110, 255), -1: (20, 200, 60)}
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class KeptTokens:
+    """Which tokens of each visual input reach the LLM."""
+
+    grids: list[tuple[int, int, int]]
+    """(t, h, w) token grid of each visual input."""
+    kept: list[np.ndarray]
+    """Kept token indices of each input (raster order within the input)."""
+    kinds: list[np.ndarray]
+    """Kind of each kept token (0 anchor, 1 buffer, 2 register; -1 when the pass has no kinds)."""
+
+
+def kept_tokens(compiled: CompiledVLM, batch: dict[str, Any]) -> KeptTokens:
+    """Run the prefill node by node and read which visual tokens it kept."""
+    prompt = compiled.plan(batch)
+    if prompt.layout is None or prompt.layout.grids is None:
+        raise ValueError("the batch has no visual input on a token grid to draw")
+    module = compiled.stages[prompt.stage]
+    merge = next(n for n in module.graph.nodes if n.meta.get("role") == "merge")
+    wanted = {merge.args[2].name, "token_kinds"}
+    inputs = dict(prompt.inputs, cache=None, logits_to_keep=1)
+    with torch.inference_mode():
+        _, values = run_with_probes(module, inputs, lambda n: n.name in wanted)
+    slots = prompt.inputs["visual_positions"]
+    kept_slots = values[merge.args[2].name]
+    kept_global = torch.searchsorted(slots, kept_slots).numpy()
+    kinds = values.get("token_kinds")
+    kinds = kinds.numpy() if kinds is not None else np.full(len(kept_global), -1)
+    grids, kept, kind_lists, offset = list(prompt.layout.grids), [], [], 0
+    for count in prompt.layout.counts:
+        mine = (kept_global >= offset) & (kept_global < offset + count)
+        kept.append(kept_global[mine] - offset)
+        kind_lists.append(kinds[mine])
+        offset += count
+    return KeptTokens(grids, kept, kind_lists)
+
+
+def images_from_pixels(model, processor, batch: dict[str, Any]) -> list[np.ndarray]:
+    """The images [H, W, 3] uint8 the vision tower saw, rebuilt from ``pixel_values``."""
+    image_processor = getattr(processor, "image_processor", None)
+    mean = np.array(getattr(image_processor, "image_mean", None) or CLIP_MEAN)
+    std = np.array(getattr(image_processor, "image_std", None) or CLIP_STD)
+    pixels = batch["pixel_values"].float().numpy()
+    if model.config.model_type == "llava":
+        frames = [p.transpose(1, 2, 0) for p in pixels]
+    else:
+        vision = model.config.vision_config
+        patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+        frames, offset = [], 0
+        for t, h, w in batch["image_grid_thw"].tolist():
+            count = t * h * w
+            block = pixels[offset : offset + count].reshape(t, h // merge, w // merge, merge, merge, 3, temporal, patch, patch)
+            # (t, h/m, w/m, m, m, C, T, p, p) → (t, T, h/m, m, p, w/m, m, p, C): undo the processor's flattening
+            image = block.transpose(0, 6, 1, 3, 7, 2, 4, 8, 5).reshape(t * temporal, h * patch, w * patch, 3)
+            frames.append(image[0])
+            offset += count
+    return [np.clip((f * std + mean) * 255, 0, 255).astype(np.uint8) for f in frames]
+
+
+def draw(image: np.ndarray, grid: tuple[int, int, int], kept: np.ndarray, kinds: np.ndarray):
+    """A PIL image: dropped tokens dimmed, kept tokens outlined in their kind's colour, with a legend."""
+    from PIL import Image, ImageDraw
+
+    _, rows, cols = grid
+    height, width = image.shape[:2]
+    cell_h, cell_w = height / rows, width / cols
+    dim = (image * 0.35).astype(np.uint8)
+    canvas = dim.copy()
+    for index in kept[kept < rows * cols]:
+        r, c = divmod(int(index), cols)
+        y0, y1, x0, x1 = int(r * cell_h), int((r + 1) * cell_h), int(c * cell_w), int((c + 1) * cell_w)
+        canvas[y0:y1, x0:x1] = image[y0:y1, x0:x1]
+    picture = Image.fromarray(canvas).resize((max(width, 448), max(height, 448) * height // max(height, 1)), Image.NEAREST)
+    scale_x, scale_y = picture.width / width, picture.height / height
+    pen = ImageDraw.Draw(picture)
+    for index, kind in zip(kept, kinds):
+        if index >= rows * cols:
+            continue
+        r, c = divmod(int(index), cols)
+        box = (c * cell_w * scale_x, r * cell_h * scale_y, (c + 1) * cell_w * scale_x - 1, (r + 1) * cell_h * scale_y - 1)
+        pen.rectangle(box, outline=KIND_COLOURS[int(kind)], width=2)
+    legend = [(k, n) for k, n in KIND_NAMES.items() if (kinds == k).any()]
+    board = Image.new("RGB", (picture.width, picture.height + 22), "white")
+    board.paste(picture, (0, 0))
+    pen = ImageDraw.Draw(board)
+    x = 4
+    for kind, name in legend:
+        count = int((kinds == kind).sum())
+        pen.rectangle((x, picture.height + 5, x + 12, picture.height + 17), fill=KIND_COLOURS[kind])
+        pen.text((x + 16, picture.height + 5), f"{name} ({count})", fill="black")
+        x += 110
+    pen.text((x, picture.height + 5), f"kept {len(kept)}/{rows * cols}", fill="black")
+    return board
+
+
+def visualise(compiled: CompiledVLM, batch: dict[str, Any], processor=None, index: int = 0):
+    """The picture of visual input ``index`` of ``batch`` (images only)."""
+    tokens = kept_tokens(compiled, batch)
+    image = images_from_pixels(compiled.adapter.model, processor, batch)[index]
+    return draw(image, tokens.grids[index], tokens.kept[index], tokens.kinds[index])
