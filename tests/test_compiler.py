@@ -1,7 +1,6 @@
 """compile(): supported architectures, and refusing bad configurations before touching anything."""
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vlmopt

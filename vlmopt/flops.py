@@ -58,12 +58,13 @@ class FlopReport:
         return "\n".join(rows + [f"{'total':>10}: {self.total / 1e9:10.3f} GFLOPs"])
 
 
-def flops(model: nn.Module, batch: dict[str, Any], *, logits_to_keep: int = 1) -> FlopReport:
+def flops(model: nn.Module, batch: dict[str, Any], *, logits_to_keep: int = 1, cache=None) -> FlopReport:
     """Count the prefill FLOPs of ``model`` (a HF VLM or a :class:`CompiledVLM`) on ``batch``.
 
     ``batch`` holds processor outputs; only their shapes and the token layout matter. The model may
     live on the ``meta`` device (a 7B-shaped model then costs no memory). ``logits_to_keep=1``
-    counts the LM head for the last position only, as ``generate`` does.
+    counts the LM head for the last position only, as ``generate`` does. Pass an empty ``cache``
+    (``DynamicCache``) to keep the fake-tensor KV cache the prefill fills (for its size).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -98,7 +99,7 @@ def flops(model: nn.Module, batch: dict[str, Any], *, logits_to_keep: int = 1) -
         else value
         for name, value in prompt.inputs.items()
     }
-    inputs["cache"] = compiled.new_cache()
+    inputs["cache"] = compiled.new_cache() if cache is None else cache
     inputs["logits_to_keep"] = logits_to_keep
     run_with_probes(module, inputs, lambda node: False, around=count)
     order = ("vision", "projector", "llm", "lm_head")

@@ -139,6 +139,7 @@ def cache_bytes(cache) -> int:
 
 
 def time_by_role(compiled: CompiledVLM, batch: dict[str, Any], repeats: int = 3) -> dict[str, float]:
+    # One untimed run first: the first call pays for lazy initialisation in every module.
     """Median seconds spent in the prefill graph's nodes, summed by node role (node-by-node run)."""
     from contextlib import contextmanager
 

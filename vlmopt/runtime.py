@@ -79,6 +79,16 @@ class CompiledVLM(nn.Module):
             raise InputError("input_ids [batch, sequence] are required (pass the processor's outputs)")
         return self.adapter.plan({k: v for k, v in batch.items() if v is not None}, for_generation)
 
+    def visual_tokens_kept(self, prompt: Prompt) -> int:
+        """Visual tokens that reach the LLM for a planned batch (from the passes' layouts, no run)."""
+        layout = prompt.layout
+        if layout is None:
+            return 0
+        for item in self.passes:
+            if hasattr(item, "output_layout"):
+                layout = item.output_layout(layout)
+        return layout.total
+
     # ----- HF-style API -------------------------------------------------------------------------
     def forward(
         self,

@@ -1,7 +1,6 @@
 """Capture: one node per HF submodule call, roles and stages everywhere, weights shared."""
 
 import pytest
-import torch
 
 import vlmopt
 from vlmopt.graph.capture import STAGE_OF_ROLE

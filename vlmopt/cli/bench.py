@@ -55,7 +55,6 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
         prefill_runner,
         time_by_role,
         time_prefill,
-        visual_tokens,
     )
 
     full = configs.build(configs.CONFIGS[config](), device="meta")
@@ -64,16 +63,16 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
     results = []
     for passes in [[]] + lists:
         compiled_full = vlmopt.compile(full, passes=passes)
-        flops = vlmopt.flops(compiled_full, full_batch)
+        full_cache = compiled_full.new_cache()
+        flops = vlmopt.flops(compiled_full, full_batch, cache=full_cache)
         compiled = vlmopt.compile(small, passes=passes)
-        total, kept = visual_tokens(compiled, small_batch)
+        prompt = compiled.plan(small_batch, for_generation=True)
+        total, kept = prompt.layout.total, compiled.visual_tokens_kept(prompt)
         run = prefill_runner(compiled, small_batch)
-        timing = time_prefill(run, repeats=repeats)
+        timing = time_prefill(run, repeats=repeats, warmup=1)
         roles = time_by_role(compiled, small_batch, repeats=max(1, repeats // 2))
         graph_seconds = sum(roles.values())
         overhead = sum(seconds for role, seconds in roles.items() if role in PASS_ROLES)
-        prompt = compiled_full.plan(full_batch, for_generation=True)
-        kv = _fake_cache_bytes(compiled_full, prompt)
         results.append({
             "passes": " + ".join(passes),
             "visual_tokens": kept,
@@ -85,7 +84,7 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
             "pass_overhead_seconds": overhead,
             "pass_overhead_share": overhead / graph_seconds if graph_seconds else 0.0,
             "peak_bytes": peak_prefill_bytes(run),
-            "kv_bytes": kv,
+            "kv_bytes": cache_bytes(full_cache),
         })
         del compiled
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -95,25 +94,6 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
             if baseline[key] and entry[key] is not None:
                 entry[f"{key}_ratio"] = entry[key] / baseline[key]
     return {"config": config, "timed_width": width, "baseline": baseline, "runs": runs}
-
-
-def _fake_cache_bytes(compiled, prompt) -> int:
-    """KV-cache bytes after a full-width prefill, from a fake-tensor run (shapes only)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from vlmopt.graph.probe import run_with_probes
-    from vlmopt.measure import cache_bytes
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    host = compiled.adapter.host_inputs
-    inputs = {
-        name: mode.from_tensor(value.to("meta")) if hasattr(value, "to") and name not in host else value
-        for name, value in prompt.inputs.items()
-    }
-    cache = compiled.new_cache()
-    inputs.update(cache=cache, logits_to_keep=1)
-    run_with_probes(compiled.stages[prompt.stage], inputs, lambda node: False)
-    return cache_bytes(cache)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
             from vlmopt import models
 
             image = models.task_for(args.model, "shapes").samples("test", n=1)[0].pil_image()
-        batch = processing.encode_image_prompt(loaded.processor, image, args.prompt)
+        text = processing.prompt(processing.arch_of(loaded.processor), args.prompt)
+        batch = dict(loaded.processor(text=[text], images=[image], return_tensors="pt"))
     picture = visualise(compiled, batch, loaded.processor)
     picture.save(args.out)
     print(f"wrote {args.out} ({' + '.join(passes) or 'no passes'})")

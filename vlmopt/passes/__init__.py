@@ -31,7 +31,8 @@ def get(name: str) -> type[Pass]:
         raise UnknownPassError(f"unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY))}") from None
 
 
-def _convert(cls: type[Pass], field: str, text: str):
+def convert(cls: type[Pass], field: str, text: str):
+    """``text`` as a value of ``cls``'s config field ``field`` (fractions such as ``1/3`` allowed)."""
     hint = typing.get_type_hints(cls)[field]
     kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
     if text.lower() == "none" and type(None) in typing.get_args(hint):
@@ -66,7 +67,7 @@ def parse(spec: str) -> Pass:
             raise PassConfigError(
                 f"{spec!r}: {item!r} is not key=value with a key of {cls.__name__} ({', '.join(sorted(fields))})"
             )
-        kwargs[key] = _convert(cls, key, value.strip())
+        kwargs[key] = convert(cls, key, value.strip())
     return cls(**kwargs)
 
 
@@ -79,4 +80,4 @@ def resolve(item: Pass | str) -> Pass:
     raise PassConfigError(f"passes must be Pass instances or spec strings, got {type(item).__name__}")
 
 
-__all__ = ["REGISTRY", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "VisualTokenPrune", "get", "parse", "resolve"]
+__all__ = ["REGISTRY", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "VisualTokenPrune", "convert", "get", "parse", "resolve"]

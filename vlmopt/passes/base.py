@@ -62,8 +62,11 @@ class Pass:
 
     def spec(self) -> str:
         """The CLI spec that rebuilds this pass, e.g. ``random_prune:keep_ratio=0.5,seed=0``."""
+        def text(value) -> str:
+            return f"{value:.6g}" if isinstance(value, float) else str(value)
+
         values = [
-            f"{f.name}={getattr(self, f.name)}"
+            f"{f.name}={text(getattr(self, f.name))}"
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != f.default
         ]
@@ -182,6 +185,10 @@ class VisualTokenPrune(Pass):
                     f"{type(self).__name__} reads the tokens' grid, so it must come before "
                     f"{type(earlier[0]).__name__}, which removes tokens from it"
                 )
+
+    def output_layout(self, layout):
+        """The :class:`VisualLayout` this pass leaves, for a given input layout (no graph run)."""
+        return gf.layout_keep(layout, self.keep_ratio, self.num_tokens)
 
     def apply(self, graph: VLMGraph) -> None:
         editor = GraphEditor(graph["prefill"])

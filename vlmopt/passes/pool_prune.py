@@ -30,6 +30,9 @@ class PoolPrune(VisualTokenPrune):
             raise PassConfigError("PoolPrune takes keep_ratio (a fraction in (0, 1]), not num_tokens")
         super().__post_init__()
 
+    def output_layout(self, layout):
+        return gf.layout_pool(layout, self.keep_ratio)
+
     def prune(self, site: VisualSite, chain: Inserter) -> tuple[fx.Node, fx.Node, fx.Node]:
         layout = chain(
             gf.layout_pool, site.layout, self.keep_ratio, role="prune_layout", stage="vision", name="pooled_layout"

@@ -1,0 +1,60 @@
+"""``vlmopt eval``: accuracy, retention, loyalty, visual tokens, FLOPs and time of pass lists on a task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vlmopt.cli.common import add_model_argument, add_passes_argument, load_model, markdown_table, pass_lists
+
+
+def add_parsers(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate pass lists against the unpruned model on a task")
+    add_model_argument(parser, default="tiny-llava")
+    add_passes_argument(parser)
+    parser.add_argument("--task", default="shapes", help="task name (shapes, shapes-video, needle)")
+    parser.add_argument("--n", type=int, default=500, help="number of test samples")
+    parser.add_argument("--seed", type=int, help="draw a fresh test set from this seed (default: the recorded split)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sweep", help="vary one field of every pass, e.g. keep_ratio=1,0.5,0.33,0.22,0.11")
+    parser.add_argument("--plot", help="draw accuracy against FLOPs to this PNG (needs matplotlib)")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmopt import models
+    from vlmopt.errors import InputError
+    from vlmopt.evaluation import evaluate, plot, sweep_lists
+
+    loaded = load_model(args.model)
+    if loaded.processor is None:
+        raise InputError(f"{args.model} has no processor; eval needs a reference model or a local checkpoint")
+    if args.n < 1:
+        raise InputError(f"--n must be ≥ 1, got {args.n}")
+    lists = sweep_lists(pass_lists(args.passes), args.sweep)
+    task = models.task_for(args.model, args.task)
+    samples = task.samples("test", n=args.n, seed=args.seed)
+    report = evaluate(loaded.model, loaded.processor, samples, lists, batch_size=args.batch_size)
+    rows = []
+    for result in [report["baseline"]] + report["runs"]:
+        rows.append([
+            result.passes or "(none)", f"{100 * result.accuracy:.1f}", f"{100 * result.retention:.1f}",
+            f"{100 * result.loyalty:.1f}", f"{result.visual_tokens:.0f}", f"{result.prefill_flops / 1e9:.3f}",
+            f"{result.llm_prefill_flops / 1e9:.3f}", f"{result.prefill_seconds * 1e3:.1f}",
+        ])
+    source = "recorded test split" if args.seed is None else f"fresh samples, seed {args.seed}"
+    print(f"{args.model} on {args.task}, n={args.n} ({source})")
+    print(markdown_table(
+        ["passes", "accuracy %", "retention %", "loyalty %", "visual tokens", "prefill GFLOPs", "LLM GFLOPs", "prefill ms"],
+        rows,
+    ))
+    if args.plot:
+        plot(report, args.plot, f"{args.model} — {args.task} (n={args.n})")
+        print(f"wrote {args.plot}")
+    if args.json:
+        payload = {"model": args.model, "task": args.task, "n": args.n, "seed": args.seed,
+                   "baseline": report["baseline"].summary(), "runs": [r.summary() for r in report["runs"]]}
+        with open(args.json, "w") as handle:
+            json.dump(payload, handle, indent=2)
+    return 0

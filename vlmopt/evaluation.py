@@ -1,0 +1,189 @@
+"""The evaluation harness behind ``vlmopt eval``: accuracy against cost, pass list by pass list.
+
+Every pass list runs on the same samples as the unpruned model (the baseline). Metrics:
+
+* ``accuracy``: share of right answers (greedy, 3 new tokens, scored by the task);
+* ``retention``: accuracy as a fraction of the baseline's;
+* ``loyalty``: share of samples answered exactly as the baseline answered them;
+* ``visual_tokens``: visual tokens reaching the LLM per sample (mean);
+* ``prefill_flops`` / ``llm_prefill_flops``: FLOPs of one prefill (the first sample), counted on
+  fake tensors;
+* ``prefill_seconds``: median wall time of a batch-1 prefill over the first samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import vlmopt
+from vlmopt import passes as passes_module
+from vlmopt.errors import PassConfigError
+from vlmopt.measure import prefill_runner
+
+
+@dataclass
+class RunResult:
+    """Metrics of one pass list on the evaluated samples."""
+
+    passes: str
+    """The pass list, as specs joined by ' + ' (empty for the baseline)."""
+    accuracy: float
+    """Share of samples answered right."""
+    retention: float
+    """Accuracy over the baseline's accuracy."""
+    loyalty: float
+    """Share of samples answered exactly as the baseline answered them."""
+    visual_tokens: float
+    """Visual tokens reaching the LLM per sample."""
+    prefill_flops: int
+    """FLOPs of one prefill (first sample)."""
+    llm_prefill_flops: int
+    """The LLM's share of those FLOPs."""
+    prefill_seconds: float
+    """Median batch-1 prefill time."""
+    per_family: dict[str, float] = field(default_factory=dict)
+    """Accuracy per question family."""
+    answers: list[str] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("answers")
+        return out
+
+
+def sweep_lists(lists: list[list[str]], sweep: str | None) -> list[list[str]]:
+    """Expand ``key=v1,v2,...`` over every pass list: each pass with field ``key`` takes each value."""
+    if not sweep:
+        return lists
+    key, _, values = sweep.partition("=")
+    if not values:
+        raise PassConfigError(f"--sweep takes key=value,value,...; got {sweep!r}")
+    out = []
+    for specs in lists:
+        items = [passes_module.parse(spec) for spec in specs]
+        has_key = [key in {f.name for f in dataclasses.fields(item)} for item in items]
+        if not any(has_key):
+            raise PassConfigError(f"--sweep {key}: none of {specs} has a field {key!r}")
+        for value in values.split(","):
+            out.append([
+                dataclasses.replace(item, **{key: passes_module.convert(type(item), key, value.strip())}).spec()
+                if swept else item.spec()
+                for item, swept in zip(items, has_key)
+            ])
+    return out
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per quarter when stderr is not a terminal)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self.tty = label, total, 0, sys.stderr.isatty()
+        self.began, self.reported = time.perf_counter(), -1
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        elapsed = time.perf_counter() - self.began
+        if self.tty:
+            width = 30
+            filled = int(width * self.done / max(1, self.total))
+            sys.stderr.write(f"\r{self.label:<40} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {elapsed:5.0f}s")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+        elif self.done * 4 // max(1, self.total) > self.reported:
+            self.reported = self.done * 4 // max(1, self.total)
+            sys.stderr.write(f"{self.label}: {self.done}/{self.total} ({elapsed:.0f}s)\n")
+        sys.stderr.flush()
+
+
+def evaluate(
+    model,
+    processor,
+    samples: Sequence[Any],
+    pass_lists: list[list[str]],
+    batch_size: int = 16,
+    timing_samples: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the model without passes and with each pass list; ``{"baseline": ..., "runs": [...]}``."""
+    from vlmopt.models import processing, tasks
+
+    batches = [processing.encode(processor, list(samples[i : i + batch_size])) for i in range(0, len(samples), batch_size)]
+    singles = [processing.encode(processor, [samples[i]]) for i in range(min(timing_samples, len(samples)))]
+    results: list[RunResult] = []
+    for specs in [[]] + pass_lists:
+        compiled = vlmopt.compile(model, passes=specs)
+        label = " + ".join(specs) or "(no passes)"
+        bar = Progress(label, len(samples)) if progress else None
+        answers, kept = [], 0.0
+        for batch in batches:
+            with torch.inference_mode():
+                ids = compiled.generate(**batch, max_new_tokens=3, do_sample=False)
+            answers += processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            kept += compiled.visual_tokens_kept(compiled.plan(batch, for_generation=True))
+            if bar:
+                bar.advance(batch["input_ids"].shape[0])
+        flops = vlmopt.flops(compiled, singles[0])
+        times = []
+        with torch.inference_mode():
+            prefill_runner(compiled, singles[0])()
+            for single in singles:
+                run = prefill_runner(compiled, single)
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+        correct = [tasks.score(a, s) for a, s in zip(answers, samples)]
+        per_family: dict[str, list[bool]] = {}
+        for c, s in zip(correct, samples):
+            per_family.setdefault(s.family, []).append(c)
+        baseline = results[0] if results else None
+        accuracy = sum(correct) / len(samples)
+        results.append(RunResult(
+            passes=" + ".join(specs),
+            accuracy=accuracy,
+            retention=accuracy / baseline.accuracy if baseline and baseline.accuracy else 1.0,
+            loyalty=(sum(tasks.normalize(a) == tasks.normalize(b) for a, b in zip(answers, baseline.answers)) / len(samples))
+            if baseline else 1.0,
+            visual_tokens=kept / len(samples),
+            prefill_flops=flops.total,
+            llm_prefill_flops=flops.llm,
+            prefill_seconds=statistics.median(times),
+            per_family={f: sum(v) / len(v) for f, v in sorted(per_family.items())},
+            answers=answers,
+        ))
+    return {"baseline": results[0], "runs": results[1:]}
+
+
+def plot(report: dict[str, Any], path: str, title: str) -> None:
+    """Accuracy against prefill FLOPs; one line per pass (its sweep), the baseline as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[RunResult]] = {}
+    for run in report["runs"]:
+        name = " + ".join(spec.split(":")[0] for spec in run.passes.split(" + "))
+        lines.setdefault(name, []).append(run)
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    base = report["baseline"]
+    for name, runs in lines.items():
+        runs = sorted(runs, key=lambda r: r.prefill_flops)
+        axis.plot([r.prefill_flops / 1e9 for r in runs], [100 * r.accuracy for r in runs], marker="o", label=name)
+    axis.plot([base.prefill_flops / 1e9], [100 * base.accuracy], marker="*", markersize=14, color="black",
+              linestyle="none", label="no pruning")
+    axis.set_xlabel("prefill GFLOPs (one prompt)")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
