@@ -47,14 +47,14 @@ def test_viz_writes_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
 def test_bench_json(tmp_path):
     out = tmp_path / "bench.json"
-    cli("bench", "--config", "llava-1.5-7b-shape", "--width", "0.02", "--repeats", "1",
-        "--passes", "random_prune:keep_ratio=1/3", "--json", str(out))
+    cli("bench", "--config", "tiny-qwen25vl-random", "--repeats", "1",
+        "--passes", "random_prune:keep_ratio=1/3", "--passes", "hiprune:keep_ratio=1/3", "--json", str(out))
     report = json.loads(out.read_text())
     run = report["runs"][0]
-    assert report["baseline"]["visual_tokens"] == 576 and run["visual_tokens"] == 192
+    assert report["baseline"]["visual_tokens"] == 16 and run["visual_tokens"] == 5
     for key in ("prefill_flops", "llm_prefill_flops", "prefill_seconds", "peak_bytes", "kv_bytes"):
         assert key in run and f"{key}_ratio" in run
-    assert run["prefill_flops_ratio"] < 0.45 and run["kv_bytes_ratio"] < 0.45
+    assert run["prefill_flops_ratio"] < 1 and run["kv_bytes_ratio"] < 1
+    assert report["runs"][1]["pass_overhead_share"] > 0

@@ -9,6 +9,7 @@ run as the baseline (no passes), and reported as ratios against it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 
 from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists
@@ -26,8 +27,11 @@ PASS_ROLES = (
 
 
 def add_parsers(subparsers) -> None:
+    from vlmopt.configs import CONFIGS
+
     parser = subparsers.add_parser("bench", help="FLOPs, time, memory and KV bytes of pass lists on 7B-shaped models")
-    parser.add_argument("--config", choices=sorted(BENCH_CONFIGS), default="llava-1.5-7b-shape")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="llava-1.5-7b-shape",
+                        help="a 7B-shaped config (measured at --width) or a tiny random one")
     add_passes_argument(parser)
     parser.add_argument("--width", type=float, default=0.125, help="width scale for the timed runs (1.0 = real)")
     parser.add_argument("--repeats", type=int, default=5, help="timed prefill repeats per pass list")
@@ -38,7 +42,7 @@ def add_parsers(subparsers) -> None:
 def _batch(model, config: str):
     from vlmopt import configs
 
-    shape = BENCH_CONFIGS[config]
+    shape = BENCH_CONFIGS.get(config, {"image_grid": None, "text_before": 5, "question": 30})
     spec = [configs.PromptSpec(text_before=shape["text_before"], text_after=shape["question"])]
     grid = [shape["image_grid"]] if shape["image_grid"] else None
     return configs.synthetic_batch(model, spec, image_grids=grid, seed=0)
@@ -57,8 +61,10 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
         time_prefill,
     )
 
-    full = configs.build(configs.CONFIGS[config](), device="meta")
-    small = configs.build(configs.CONFIGS[config](width=width))
+    make = configs.CONFIGS[config]
+    scalable = "width" in inspect.signature(make).parameters
+    full = configs.build(make(), device="meta")
+    small = configs.build(make(width=width) if scalable else make())
     full_batch, small_batch = _batch(full, config), _batch(small, config)
     results = []
     for passes in [[]] + lists:
@@ -93,7 +99,7 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
         for key in ("prefill_flops", "llm_prefill_flops", "prefill_seconds", "peak_bytes", "kv_bytes"):
             if baseline[key] and entry[key] is not None:
                 entry[f"{key}_ratio"] = entry[key] / baseline[key]
-    return {"config": config, "timed_width": width, "baseline": baseline, "runs": runs}
+    return {"config": config, "timed_width": width if scalable else 1.0, "baseline": baseline, "runs": runs}
 
 
 def run(args: argparse.Namespace) -> int:
