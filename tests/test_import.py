@@ -1,3 +1,5 @@
+"""import vlmopt stays light: no triton, onnx, onnxruntime or tensorrt, no CUDA."""
+
 import subprocess
 import sys
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from vlmopt.graph.pipeline import VLMGraph
     from vlmopt.passes.base import Pass
 
-BACKENDS = ("eager", "inductor")
+BACKENDS = ("eager", "inductor", "torch_tensorrt")
 
 #: Processor outputs the compiled model reads (everything else is rejected, never ignored silently).
 BATCH_KEYS = (
@@ -49,6 +49,10 @@ class CompiledVLM(nn.Module):
         self.config = model.config
         self.generation_config = model.generation_config
         self._runners: dict[str, Any] = {}
+        if backend == "torch_tensorrt":
+            from vlmopt.export.torch_trt import require_torch_tensorrt
+
+            require_torch_tensorrt()
 
     def __repr__(self) -> str:
         specs = ", ".join(p.spec() for p in self.passes) or "no passes"
@@ -62,6 +66,10 @@ class CompiledVLM(nn.Module):
             runner = self.stages[stage]
             if self.backend == "inductor":
                 runner = torch.compile(runner, backend="inductor")
+            elif self.backend == "torch_tensorrt":
+                from vlmopt.export.torch_trt import compile_stage
+
+                runner = compile_stage(runner)
             self._runners[stage] = runner
         return runner(**inputs, cache=cache, logits_to_keep=logits_to_keep)
 

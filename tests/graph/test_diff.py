@@ -1,3 +1,5 @@
+"""vlmopt.graph.diff: unchanged graphs, added and re-wired nodes."""
+
 import vlmopt
 from vlmopt.graph.diff import diff
 

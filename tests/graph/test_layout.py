@@ -1,3 +1,5 @@
+"""VisualLayout bookkeeping, keep counts and pooled grids."""
+
 import pytest
 
 from vlmopt.graph.layout import VisualLayout, keep_count, pooled_grid

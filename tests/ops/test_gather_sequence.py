@@ -1,3 +1,5 @@
+"""vlmopt::gather_sequence against a loop, padding slots, gradients."""
+
 import torch
 
 from vlmopt.ops.gather_sequence import gather_sequence

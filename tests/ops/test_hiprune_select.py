@@ -1,3 +1,5 @@
+"""vlmopt::hiprune_select: properties (hypothesis) and equality with the paper's pseudocode."""
+
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st

@@ -1,3 +1,5 @@
+"""vlmopt::merge_visual against HF's masked_scatter, gradients, errors."""
+
 import torch
 
 from vlmopt.ops.merge_visual import merge_visual

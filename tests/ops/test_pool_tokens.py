@@ -1,3 +1,5 @@
+"""vlmopt::pool_tokens against explicit window means; anchors are window corners."""
+
 import torch
 
 from vlmopt.ops.pool_tokens import pool_tokens

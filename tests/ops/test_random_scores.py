@@ -1,3 +1,5 @@
+"""vlmopt::random_scores depends only on the seed and the token count."""
+
 import torch
 
 from vlmopt.ops.random_scores import random_scores

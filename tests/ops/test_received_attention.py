@@ -1,3 +1,5 @@
+"""vlmopt::received_attention against dense softmax; the Triton kernel in the interpreter."""
+
 import importlib.util
 import subprocess
 import sys

@@ -1,3 +1,5 @@
+"""vlmopt::sequence_keep_index keeps text and kept visual slots in order (hypothesis)."""
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

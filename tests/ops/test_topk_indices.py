@@ -1,3 +1,5 @@
+"""vlmopt::topk_indices: per-input top scores, ascending (hypothesis)."""
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -1,3 +1,5 @@
+"""Pass registry, spec parsing, config validation and compatibility refusals."""
+
 import pytest
 
 import vlmopt

@@ -62,3 +62,25 @@ def _backward(ctx, grad: Tensor):
 
 
 gather_sequence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def onnx_translation():
+    """The op in standard ONNX (onnxscript, trace-only; imported lazily): ``GatherElements`` + ``Where``."""
+    from onnxscript import opset18 as op
+
+    def gather_sequence(x, index, batch_dim: int, seq_dim: int):
+        rank = len(x.shape)
+        if batch_dim > seq_dim:  # the unsqueezed index must list its dims in x's order
+            index = op.Transpose(index, perm=[1, 0])
+        other = [d for d in range(rank) if d not in (batch_dim, seq_dim)]
+        view = op.Unsqueeze(index, op.Constant(value_ints=other)) if other else index
+        parts = [op.Shape(x, start=0, end=seq_dim)] if seq_dim > 0 else []
+        parts.append(op.Shape(index, start=1, end=2) if batch_dim < seq_dim else op.Shape(index, start=0, end=1))
+        if seq_dim < rank - 1:
+            parts.append(op.Shape(x, start=seq_dim + 1))
+        safe = op.Expand(op.Max(view, op.Constant(value_int=0)), op.Concat(*parts, axis=0))
+        gathered = op.GatherElements(x, safe, axis=seq_dim)
+        padding = op.Less(view, op.Constant(value_int=0))
+        return op.Where(padding, op.CastLike(op.Constant(value_int=0), x), gathered)
+
+    return gather_sequence

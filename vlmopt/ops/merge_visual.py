@@ -58,3 +58,17 @@ def _backward(ctx, grad: Tensor):
 
 
 merge_visual.register_autograd(_backward, setup_context=_setup_context)
+
+
+def onnx_translation():
+    """The op in standard ONNX (onnxscript, trace-only; imported lazily): one ``ScatterND``."""
+    from onnxscript import opset18 as op
+
+    def merge_visual(embeds, features, positions):
+        rows_of = op.Concat(op.Constant(value_ints=[-1]), op.Shape(embeds, start=2), axis=0)
+        flat = op.Reshape(embeds, rows_of)
+        rows = op.CastLike(op.Reshape(features, rows_of), flat)
+        merged = op.ScatterND(flat, op.Unsqueeze(positions, op.Constant(value_ints=[1])), rows)
+        return op.Reshape(merged, op.Shape(embeds))
+
+    return merge_visual

@@ -15,6 +15,8 @@ ONNX      : one MatMul per input with a constant pooling matrix [t·h'·w', t·h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,3 +66,31 @@ def pool_tokens(x: Tensor, grids: list[int], out_grids: list[int]) -> tuple[Tens
 def _(x: Tensor, grids: list[int], out_grids: list[int]) -> tuple[Tensor, Tensor]:
     total = sum(grids[3 * n] * out_grids[2 * n] * out_grids[2 * n + 1] for n in range(len(grids) // 3))
     return x.new_empty((total, x.shape[1])), x.new_empty((total,), dtype=torch.long)
+
+
+def pooling_matrix(grid: list[int], out_grid: list[int]) -> Tensor:
+    """[t·h'·w', t·h·w] float32 matrix ``P`` with ``pool(x) = P @ x`` for one input's tokens ``x``."""
+    t, h, w = grid
+    return reference(torch.eye(t * h * w), list(grid), list(out_grid))[0]
+
+
+def onnx_translation():
+    """The op in standard ONNX (onnxscript, trace-only; imported lazily): per input, ``Slice`` +
+    ``MatMul`` with a constant pooling matrix; the anchors are a constant."""
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    def pool_tokens(x, grids: Sequence[int], out_grids: Sequence[int]):
+        pooled, offset = [], 0
+        for n in range(len(grids) // 3):
+            grid, out_grid = list(grids[3 * n : 3 * n + 3]), list(out_grids[2 * n : 2 * n + 2])
+            count = grid[0] * grid[1] * grid[2]
+            matrix = op.Constant(value=ir.tensor(pooling_matrix(grid, out_grid).numpy(), name=f"pool_matrix_{n}"))
+            segment = op.Slice(x, [offset], [offset + count], [0])
+            pooled.append(op.MatMul(op.CastLike(matrix, x), segment))
+            offset += count
+        out = pooled[0] if len(pooled) == 1 else op.Concat(*pooled, axis=0)
+        anchors = anchor_index(list(grids), list(out_grids)).numpy()
+        return out, op.Constant(value=ir.tensor(anchors, name="pool_anchors"))
+
+    return pool_tokens

@@ -14,6 +14,8 @@ ONNX    : a constant (the scores depend on static shapes and the seed only).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -35,3 +37,18 @@ def random_scores(like: Tensor, counts: list[int], seed: int) -> Tensor:
 @random_scores.register_fake
 def _(like: Tensor, counts: list[int], seed: int) -> Tensor:
     return like.new_empty((sum(counts),), dtype=torch.float32)
+
+
+def onnx_translation():
+    """The op in standard ONNX (onnxscript, trace-only; imported lazily): a constant.
+
+    The scores depend only on the seed and the static counts, so they are computed here, once.
+    """
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    def random_scores(like, counts: Sequence[int], seed: int):
+        values = reference(torch.empty(0), list(counts), seed).numpy()
+        return op.Constant(value=ir.tensor(values, name="random_scores"))
+
+    return random_scores

@@ -58,3 +58,23 @@ def register_flops() -> None:
     from torch.utils.flop_counter import register_flop_formula
 
     register_flop_formula(torch.ops.vlmopt.received_attention)(flop_count)
+
+
+def onnx_translation():
+    """The op in standard ONNX (onnxscript, trace-only; imported lazily): ``MatMul`` + ``Softmax``,
+    then ``ReduceSum`` over queries and heads (axes as constants, as TensorRT's parser wants)."""
+    from onnxscript import opset18 as op
+
+    float32 = 1  # onnx.TensorProto.FLOAT
+
+    def received_attention(q, k, num_heads: int, scale: float):
+        def heads(x):  # [N, S, H·D] -> [N, H, S, D], float32
+            split = op.Reshape(op.Cast(x, to=float32), op.Concat(op.Shape(x, start=0, end=2), op.Constant(value_ints=[num_heads, -1]), axis=0))
+            return op.Transpose(split, perm=[0, 2, 1, 3])
+
+        logits = op.Mul(op.MatMul(heads(q), op.Transpose(heads(k), perm=[0, 1, 3, 2])), op.Constant(value_float=scale))
+        received = op.ReduceSum(op.Softmax(logits, axis=-1), [1, 2], keepdims=0)  # [N, S]
+        total = op.Cast(op.Mul(op.Shape(q, start=1, end=2), op.Constant(value_ints=[num_heads])), to=float32)
+        return op.Div(received, total)
+
+    return received_attention

@@ -48,3 +48,30 @@ def sequence_keep_index(
 @sequence_keep_index.register_fake
 def _(visual_positions: Tensor, kept_positions: Tensor, batch: int, seq_len: int, out_len: int) -> Tensor:
     return visual_positions.new_empty((batch, out_len))
+
+
+def onnx_translation():
+    """The op in standard ONNX (onnxscript, trace-only; imported lazily): ``ScatterND`` for the flags,
+    ``TopK(sorted=1)`` for the kept slots, a second ``TopK`` to put them in ascending order."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    float32 = 1  # onnx.TensorProto.FLOAT: TensorRT's TopK reads float keys (exact below 2**24)
+
+    def sequence_keep_index(visual_positions, kept_positions, batch: int, seq_len: int, out_len: int):
+        def filled(like, value: int):
+            return op.ConstantOfShape(op.Shape(like), value=ir.tensor(np.array([value], dtype=np.int64)))
+
+        flags = op.Constant(value=ir.tensor(np.ones(batch * seq_len, dtype=np.int64), name="sequence_flags"))
+        flags = op.ScatterND(flags, op.Unsqueeze(visual_positions, [1]), filled(visual_positions, 0))
+        flags = op.ScatterND(flags, op.Unsqueeze(kept_positions, [1]), filled(kept_positions, 1))
+        flags = op.Reshape(flags, [batch, seq_len])
+        key = op.Cast(op.Add(op.Mul(flags, op.Constant(value_int=seq_len)), op.Constant(value=ir.tensor(np.arange(seq_len, dtype=np.int64)))), to=float32)
+        top, index = op.TopK(key, [out_len], axis=1, largest=1, sorted=1)
+        ascending, order = op.TopK(top, [out_len], axis=1, largest=0, sorted=1)
+        index = op.GatherElements(index, order, axis=1)
+        kept = op.GreaterOrEqual(ascending, op.Constant(value_float=float(seq_len)))
+        return op.Where(kept, index, op.Constant(value_int=-1))
+
+    return sequence_keep_index

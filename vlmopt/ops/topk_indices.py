@@ -16,6 +16,8 @@ ONNX    : per input, ``Slice`` + ``TopK(k, sorted=1)``; ascending order by a sec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -44,3 +46,31 @@ def topk_indices(scores: Tensor, counts: list[int], keep: list[int]) -> Tensor:
 @topk_indices.register_fake
 def _(scores: Tensor, counts: list[int], keep: list[int]) -> Tensor:
     return scores.new_empty((sum(keep),), dtype=torch.long)
+
+
+def onnx_translation():
+    """The op in standard ONNX (onnxscript, trace-only; imported lazily): ``Slice`` + ``TopK(sorted=1)``.
+
+    The ascending order comes from a second ``TopK`` over the negated indices, cast to float (exact
+    below 2**24 tokens): TensorRT's ``TopK`` reads float inputs.
+    """
+    import numpy as np
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    float32, int64 = 1, 7  # onnx.TensorProto.FLOAT, INT64
+
+    def topk_indices(scores, counts: Sequence[int], keep: Sequence[int]):
+        parts, offset = [], 0
+        for count, k in zip(counts, keep):
+            if k:
+                segment = op.Slice(scores, [offset], [offset + count], [0])
+                _, chosen = op.TopK(segment, [k], axis=0, largest=1, sorted=1)
+                ascending, _ = op.TopK(op.Neg(op.Cast(chosen, to=float32)), [k], axis=0, largest=1, sorted=1)
+                parts.append(op.Add(op.Cast(op.Neg(ascending), to=int64), op.Constant(value_int=offset)))
+            offset += count
+        if not parts:
+            return op.Constant(value=ir.tensor(np.zeros(0, dtype=np.int64)))
+        return parts[0] if len(parts) == 1 else op.Concat(*parts, axis=0)
+
+    return topk_indices

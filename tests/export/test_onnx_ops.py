@@ -1,0 +1,78 @@
+"""Every vlmopt:: op has an ONNX translation, and onnxruntime runs it like the op on fresh random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'vlmopt[onnx]')")
+pytest.importorskip("onnxscript", reason="needs onnxscript (pip install 'vlmopt[onnx]')")
+
+ops = torch.ops.vlmopt
+GRIDS, OUT_GRIDS = [1, 4, 3, 1, 4, 5], [2, 2, 3, 2]
+
+
+class EveryOp(nn.Module):
+    """One call of each op, with two visual inputs of different sizes where the op takes counts."""
+
+    def forward(self, x, index, embeds, features, slots, scores, visual, kept, q, k, obj, deep, tokens):
+        return (
+            ops.gather_sequence(x, index, 1, 2),  # M-RoPE ids [3, B, S]
+            ops.gather_sequence(embeds, index, 0, 1),
+            ops.merge_visual(embeds, features, slots),
+            ops.topk_indices(scores, [12, 20], [5, 7]),
+            ops.random_scores(scores, [12, 20], 3),
+            *ops.pool_tokens(tokens, GRIDS, OUT_GRIDS),
+            ops.sequence_keep_index(visual, kept, 2, 10, 8),
+            ops.received_attention(q, k, 2, 0.5),
+            *ops.hiprune_select(obj, deep, GRIDS, [6, 9], [1, 2]),
+        )
+
+
+def inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(3, 2, 10, generator=g),
+        torch.tensor([[-1, 0, 2, 5, 9], [1, 3, 4, 6, 8]]),
+        torch.randn(2, 10, 6, generator=g),
+        torch.randn(4, 6, generator=g),
+        torch.randperm(20, generator=g)[:4],
+        torch.rand(32, generator=g),
+        torch.tensor([2, 3, 4, 5, 13, 14, 15, 16]),
+        torch.tensor([3, 5, 13, 16]),
+        torch.randn(2, 7, 8, generator=g),
+        torch.randn(2, 7, 8, generator=g),
+        torch.rand(32, generator=g),
+        torch.rand(32, generator=g),
+        torch.randn(32, 6, generator=g),
+    )
+
+
+def test_every_registered_op_has_a_translation():
+    from vlmopt.export.onnx_ops import op_modules, translation_table
+
+    table = translation_table()
+    assert {getattr(ops, name).default for name in op_modules()} == set(table)
+    assert set(op_modules()) >= {"merge_visual", "gather_sequence", "topk_indices", "hiprune_select"}
+
+
+def test_translations_match_the_ops(tmp_path):
+    from vlmopt.export.onnx import ort_session
+    from vlmopt.export.onnx_ops import translation_table
+    from vlmopt.export.trt_check import check_tensorrt
+
+    path = tmp_path / "ops.onnx"
+    torch.onnx.export(EveryOp().eval(), inputs(0), dynamo=True, custom_translation_table=translation_table(), opset_version=18).save(path)
+    session = ort_session(path)
+    assert check_tensorrt(path).ok, check_tensorrt(path).format()
+    for seed in (1, 2):  # fresh inputs, not the ones the export was traced with
+        args = inputs(seed)
+        expected = EveryOp()(*args)
+        got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
+        for want, have in zip(expected, got):
+            if want.dtype.is_floating_point:
+                np.testing.assert_allclose(have, want.numpy(), atol=1e-6, rtol=1e-5)
+            else:
+                np.testing.assert_array_equal(have, want.numpy())

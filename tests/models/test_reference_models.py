@@ -1,0 +1,98 @@
+"""The shipped reference models load offline (processor included) and answer at their recorded accuracy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vlmopt import models
+from vlmopt.models import evaluate, tasks
+
+TOLERANCE = 2
+"""Answers (out of the fixed set) that may flip between machines (float summation order)."""
+
+
+def _shipped(name: str) -> bool:
+    return (models.models_dir() / name / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module", params=[n for n in models.MODEL_NAMES])
+def reference(request):
+    name = request.param
+    if not _shipped(name):
+        pytest.skip(f"{name} weights are not in {models.models_dir()} (train it: python -m vlmopt.models.train --model {name})")
+    model, processor = models.load(name)
+    record = json.loads((models.path(name) / "eval.json").read_text())
+    return name, model, processor, record
+
+
+def test_path_finds_names_and_local_dirs(tmp_path):
+    assert models.path(tmp_path) == tmp_path
+    with pytest.raises(FileNotFoundError, match="tiny-llava.*tiny-qwen25vl.*local"):
+        models.path("no-such-model")
+
+
+def test_import_is_lazy():
+    code = (
+        "import sys, vlmopt\n"
+        "assert 'vlmopt.models' not in sys.modules, 'import vlmopt imported vlmopt.models'\n"
+        "import vlmopt.models\n"
+        "heavy = [m for m in ('vlmopt.models.tasks', 'PIL', 'triton', 'onnx') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_loads_offline_like_a_hub_model(reference):
+    name, model, processor, record = reference
+    from transformers import AutoTokenizer
+
+    assert not model.training
+    assert type(model).__name__ == {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen25vl": "Qwen2_5_VLForConditionalGeneration"}[name]
+    assert type(processor).__name__ == {"tiny-llava": "LlavaProcessor", "tiny-qwen25vl": "Qwen2_5_VLProcessor"}[name]
+    tok = AutoTokenizer.from_pretrained(models.path(name), local_files_only=True)
+    assert tok.eos_token == processor.tokenizer.eos_token
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+
+
+@pytest.mark.parametrize("task_name", models.TASK_NAMES)
+def test_fixed_set_accuracy_matches_the_record(reference, task_name):
+    name, model, processor, record = reference
+    if task_name not in record["test"]:
+        pytest.skip(f"{name} is not trained on {task_name}")
+    fixed = record["test"][task_name]["fixed"]
+    task = models.task_for(name, task_name)
+    torch.manual_seed(0)
+    result = evaluate.evaluate(model, processor, task, "test", n=fixed["n"], batch_size=fixed["n"])
+    agree = sum(a == b for a, b in zip(result.correct, fixed["correct"]))
+    assert agree >= fixed["n"] - TOLERANCE, (result.predictions, fixed["predictions"])
+    assert abs(result.accuracy - fixed["accuracy"]) <= TOLERANCE / fixed["n"]
+
+
+def test_recorded_targets(reference):
+    """The model card's numbers (n = 500 test samples) meet the project's targets."""
+    name, _, _, record = reference
+    shapes = record["test"]["shapes"]
+    assert shapes["full"]["n"] >= 500 and shapes["full"]["accuracy"] >= 0.9
+    control = shapes["text_only"]
+    assert control["accuracy"] <= control["majority"]["overall"] + 0.10
+    if name == "tiny-qwen25vl":
+        video = [record["test"][t]["full"] for t in ("shapes-video", "needle")]
+        assert sum(v["accuracy"] * v["n"] for v in video) / sum(v["n"] for v in video) >= 0.8
+
+
+def test_text_only_control_is_near_the_majority_rate(reference):
+    name, model, processor, _ = reference
+    task = models.task_for(name, "shapes")
+    n = 40
+    result = evaluate.evaluate(model, processor, task, "test", n=n, batch_size=n, start=1000, text_only=True)
+    looking = evaluate.evaluate(model, processor, task, "test", n=n, batch_size=n, start=1000)
+    assert result.accuracy <= result.majority["overall"] + 0.2
+    assert looking.accuracy >= result.accuracy + 0.4

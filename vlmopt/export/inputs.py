@@ -1,0 +1,74 @@
+"""An image and a question → model inputs, the same way for ``vlmopt run`` and ``vlmopt generate``.
+
+The prompt text comes from the processor's chat template when it has one (one user turn: the image,
+then the question; generation prompt appended), else from the reference models' format
+(:func:`vlmopt.models.processing.prompt`). Images are converted to RGB and, for an export, resized
+to the export's fixed size first (a Qwen2.5-VL export is fixed to one image grid).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmopt.errors import InputError
+
+
+def load_image(image: Any):
+    """A PIL RGB image from a path or a PIL image; a clear error if the file is missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image {path} does not exist; pass --image the path of a PNG or JPEG file")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"cannot read {path} as an image ({error}); pass a PNG or JPEG file") from None
+
+
+def load_processor(directory: str | Path):
+    """The processor saved in ``directory`` (the reference models' loader handles Qwen without torchvision)."""
+    from vlmopt.models.processing import load_processor as load
+
+    return load(directory)
+
+
+def save_processor(processor: Any, directory: str | Path) -> None:
+    """Write ``processor`` into ``directory`` so :func:`load_processor` reads it back."""
+    from vlmopt.models.processing import save_processor as save
+
+    try:
+        save(processor, Path(directory))
+    except TypeError:  # not a LLaVA / Qwen processor the reference helpers know
+        processor.save_pretrained(directory)
+
+
+def prompt_text(processor: Any, family: str, question: str) -> str:
+    """The full prompt for one image and ``question``, image placeholder not yet expanded."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from vlmopt.models.processing import prompt
+
+    return prompt("qwen" if family == "qwen2_5_vl" else "llava", question)
+
+
+def encode_prompt(
+    processor: Any, family: str, image: Any, question: str, image_size: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Processor outputs (numpy) for one image and ``question``; ``image_size`` (h, w) resizes first."""
+    picture = load_image(image)
+    if image_size is not None and picture.size != (image_size[1], image_size[0]):
+        from PIL import Image
+
+        picture = picture.resize((image_size[1], image_size[0]), Image.BICUBIC)
+    text = prompt_text(processor, family, question)
+    out = processor(text=[text], images=[picture], return_tensors="np", padding=True)
+    keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    return {key: np.asarray(out[key]) for key in keep if key in out}

@@ -1,0 +1,93 @@
+"""Reference VLMs trained on synthetic tasks, shipped in the repository's ``models/`` directory.
+
+>>> from vlmopt import models
+>>> model, processor = models.load("tiny-llava")          # LlavaForConditionalGeneration, eval mode
+>>> task = models.task_for("tiny-llava", "shapes")         # the task as the model was trained on it
+>>> s = task.samples("test", n=500)[0]
+>>> inputs = models.processing.encode(processor, [s])
+>>> answer = processor.batch_decode(model.generate(**inputs, max_new_tokens=3)[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+>>> models.tasks.score(answer, s)
+
+Models: ``tiny-llava`` (images) and ``tiny-qwen25vl`` (images and videos). Tasks: ``shapes``,
+``shapes-video``, ``needle`` (see :mod:`vlmopt.models.tasks`). Submodules load lazily; importing this
+package imports nothing beyond the standard library (torch/transformers come with :func:`load`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+MODEL_NAMES = ("tiny-llava", "tiny-qwen25vl")
+"""Reference models shipped in ``models/``."""
+TASK_NAMES = ("shapes", "shapes-video", "needle")
+"""Synthetic tasks (:mod:`vlmopt.models.tasks`)."""
+_SUBMODULES = ("arch", "evaluate", "processing", "render", "scenes", "tasks", "train", "videos")
+
+
+def models_dir() -> Path:
+    """The repository's ``models/`` directory (next to the ``vlmopt`` package)."""
+    import vlmopt
+
+    return Path(vlmopt.__file__).resolve().parent.parent / "models"
+
+
+def path(name: str | Path) -> Path:
+    """Directory of the reference model ``name``; an existing local path is returned as is.
+
+    Raises ``FileNotFoundError`` (naming the known models) for anything else.
+    """
+    local = Path(name)
+    if local.exists():
+        return local
+    candidate = models_dir() / str(name)
+    if str(name) in MODEL_NAMES and (candidate / "config.json").exists():
+        return candidate
+    raise FileNotFoundError(
+        f"no reference model {str(name)!r}: known models are {', '.join(MODEL_NAMES)} "
+        f"(in {models_dir()}); to load another model, pass the path of a local model directory"
+    )
+
+
+def load(name: str | Path, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, processor)`` of a reference model, loaded offline with ``from_pretrained``; model in eval mode.
+
+    ``dtype`` defaults to ``torch.float32``. The processor is ``AutoProcessor.from_pretrained``, or
+    for Qwen2.5-VL without torchvision the same processor minus its video processor (see
+    :func:`vlmopt.models.processing.load_processor`); use :func:`vlmopt.models.processing.encode`
+    to turn samples (images or videos) into model inputs.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+    from vlmopt.models.processing import load_processor
+
+    directory = path(name)
+    model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    classes = {"llava": LlavaForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+    if model_type not in classes:
+        raise ValueError(f"{directory} holds a {model_type!r} model; expected one of {sorted(classes)}")
+    model = classes[model_type].from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True)
+    return model.eval(), load_processor(directory)
+
+
+def task_for(name: str | Path, task: str):
+    """Task ``task`` configured as model ``name`` was trained and evaluated on it (``tasks.json``)."""
+    from vlmopt.models import tasks
+
+    file = path(name) / "tasks.json"
+    overrides = json.loads(file.read_text()).get(task) if file.exists() else None
+    if overrides is None:
+        raise KeyError(f"model {str(name)!r} was not trained on task {task!r} (see {file})")
+    return tasks.get(task, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def __getattr__(attr: str):
+    if attr in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{attr}")
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["MODEL_NAMES", "TASK_NAMES", "load", "models_dir", "path", "task_for", *_SUBMODULES]

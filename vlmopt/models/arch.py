@@ -1,0 +1,126 @@
+"""Architectures of the two reference models: small HF configs, real HF classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LlavaArch:
+    """``tiny-llava``: CLIP vision tower (with CLS) → 2-layer MLP projector → Llama LM."""
+
+    image_size: int = 224
+    """Input side (pixels)."""
+    patch_size: int = 14
+    """Vision patch side: 224 / 14 = 16×16 = 256 visual tokens (+ CLS, dropped by "default")."""
+    vision_hidden: int = 128
+    """CLIP hidden size."""
+    vision_layers: int = 6
+    """CLIP layers (features come from layer -2, i.e. the output of layer 5)."""
+    vision_heads: int = 4
+    """CLIP attention heads."""
+    vision_intermediate: int = 512
+    """CLIP MLP width."""
+    text_hidden: int = 192
+    """Llama hidden size."""
+    text_layers: int = 4
+    """Llama decoder layers."""
+    text_heads: int = 6
+    """Llama attention heads (head dim 32)."""
+    text_kv_heads: int = 2
+    """Llama key/value heads (grouped-query attention)."""
+    text_intermediate: int = 512
+    """Llama MLP width."""
+
+
+@dataclass(frozen=True)
+class QwenArch:
+    """``tiny-qwen25vl``: windowed Qwen2.5-VL ViT (2×2 merger) → Qwen2 LM with M-RoPE."""
+
+    image_size: int = 448
+    """Largest image side the processor keeps: 448 / 14 = 32×32 patches → 256 merged tokens."""
+    video_size: int = 112
+    """Video frame side: 8×8 patches → 16 merged tokens per frame pair."""
+    vision_hidden: int = 96
+    """ViT hidden size."""
+    vision_depth: int = 8
+    """ViT blocks."""
+    vision_heads: int = 4
+    """ViT heads (head dim 24)."""
+    vision_intermediate: int = 256
+    """ViT gated-MLP width."""
+    fullatt_block_indexes: tuple[int, ...] = (3, 7)
+    """Blocks with full attention (the others attend within 112 px windows)."""
+    window_size: int = 112
+    """Window side for windowed attention (pixels)."""
+    text_hidden: int = 192
+    """LM hidden size."""
+    text_layers: int = 4
+    """LM decoder layers."""
+    text_heads: int = 6
+    """LM heads (head dim 32; M-RoPE sections 4/6/6 of its 16 rotary pairs)."""
+    text_kv_heads: int = 2
+    """LM key/value heads."""
+    text_intermediate: int = 512
+    """LM MLP width."""
+    tokens_per_second: int = 2
+    """M-RoPE temporal ids per second of video (with 2 fps, +2 per temporal patch)."""
+
+
+def llava_config(arch: LlavaArch, tokenizer):
+    """``LlavaConfig`` for ``arch`` with token ids from ``tokenizer``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=arch.vision_hidden, intermediate_size=arch.vision_intermediate,
+        num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size, patch_size=arch.patch_size, projection_dim=arch.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_kv_heads, vocab_size=len(tokenizer), max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=(arch.image_size // arch.patch_size) ** 2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE (temporal, height, width) split of ``head_dim / 2`` rotary pairs, Qwen's 1:1.5:1.5 ratio."""
+    half = head_dim // 2
+    section = [half // 4, (half - half // 4) // 2]
+    return section + [half - sum(section)]
+
+
+def qwen_config(arch: QwenArch, tokenizer):
+    """``Qwen2_5_VLConfig`` for ``arch`` with token ids from ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = arch.text_hidden // arch.text_heads
+    return Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=arch.vision_depth, hidden_size=arch.vision_hidden, intermediate_size=arch.vision_intermediate,
+            num_heads=arch.vision_heads, out_hidden_size=arch.text_hidden,
+            fullatt_block_indexes=list(arch.fullatt_block_indexes), window_size=arch.window_size,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=arch.tokens_per_second,
+        ),
+        text_config=dict(
+            hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
+            num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+            num_key_value_heads=arch.text_kv_heads, vocab_size=len(tokenizer), max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "mrope_section": mrope_section(head_dim), "rope_theta": 10000.0},
+            bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+            tie_word_embeddings=False,
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False,
+    )

@@ -1,0 +1,154 @@
+"""The model card (``README.md``) of a reference model, written from the numbers in its ``eval.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TASK_TEXT = {
+    "shapes": "one image; 4–6 small saturated shapes (circle, square, triangle, star, cross, diamond × red, "
+    "orange, yellow, green, blue, purple; each ~1–2% of the image) on a cluttered low-saturation background",
+    "shapes-video": "streaming video (32–64 frames of 112 px): objects appear, move and leave; questions "
+    "about the last frames (`now-*`) and about the first object that appeared (`first-*`)",
+    "needle": "long video (64–128 frames of 112 px) of distractor objects; exactly one frame holds the object "
+    "the question names (the only one of its colour / shape)",
+}
+
+ARCH_TEXT = {
+    "tiny-llava": "`LlavaForConditionalGeneration`: CLIP vision tower (with CLS; features from layer -2, "
+    "`default` strategy drops CLS) → 2-layer MLP projector → Llama decoder",
+    "tiny-qwen25vl": "`Qwen2_5_VLForConditionalGeneration`: windowed ViT (full attention in the blocks listed "
+    "in `fullatt_block_indexes`), 2×2 patch merger → Qwen2 decoder with M-RoPE",
+}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _table(full: dict, control: dict | None) -> list[str]:
+    header = "| family | accuracy | majority-answer rate |" + (" text-only control |" if control else "")
+    rule = "|---|---|---|" + ("---|" if control else "")
+    rows = [header, rule]
+    for family, acc in full["per_family"].items():
+        row = f"| {family} | {_pct(acc)} | {_pct(full['majority'][family])} |"
+        if control:
+            row += f" {_pct(control['per_family'][family])} |"
+        rows.append(row)
+    row = f"| **overall** | **{_pct(full['accuracy'])}** | {_pct(full['majority']['overall'])} |"
+    if control:
+        row += f" {_pct(control['accuracy'])} |"
+    return rows + [row]
+
+
+def write_card(out_dir: Path, results: dict) -> None:
+    """Write ``out_dir/README.md`` from ``results`` (the ``eval.json`` dict)."""
+    out_dir = Path(out_dir)
+    name = results["model"]
+    weights = out_dir / "model.safetensors"
+    size_mb = weights.stat().st_size / 2**20 if weights.exists() else float("nan")
+    cfg = results["train_config"]
+    lines = [
+        f"# {name}",
+        "",
+        f"A small {ARCH_TEXT[name]}, trained from random initialisation by vlmopt on seeded synthetic "
+        "tasks whose one-word answers depend on a few visual tokens. It is a reference model for measuring "
+        "how much accuracy visual-token pruning loses; it knows nothing outside these tasks.",
+        "",
+        "```python",
+        "from vlmopt import models",
+        f'model, processor = models.load("{name}")          # from_pretrained, offline',
+        f'task = models.task_for("{name}", "shapes")',
+        "inputs = models.processing.encode(processor, [task.samples('test', n=1)[0]])",
+        "```",
+        "",
+        "## Architecture",
+        "",
+        f"{results['parameters'] / 1e6:.2f}M parameters, float32 weights ({size_mb:.1f} MiB `model.safetensors`).",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| `{k}` | {v} |" for k, v in results["arch"].items()],
+        "",
+        "## Prompt",
+        "",
+    ]
+    if name == "tiny-llava":
+        lines += [
+            "`USER: <image>\\n{question} ASSISTANT:` → ` {answer}</s>` (the tokenizer adds `<s>`; the processor "
+            "expands `<image>` to 256 tokens). The processor's chat template produces the same text.",
+        ]
+    else:
+        lines += [
+            "`<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n` "
+            "→ `{answer}<|im_end|>` (`<|video_pad|>` for videos). 448 px images give 32×32 patches → 256 merged "
+            "tokens; 112 px video frames give 16 tokens per frame pair.",
+            "",
+            "Videos: transformers' `Qwen2VLVideoProcessor` needs torchvision. Without it, `AutoProcessor` "
+            "cannot build `Qwen2_5_VLProcessor` at all; `vlmopt.models.load` / `processing.load_processor` then "
+            "build it without the video processor, and `processing.encode` makes `pixel_values_videos`, "
+            "`video_grid_thw` and `second_per_grid_ts` with the HF layout (`processing.qwen_video_inputs`, "
+            "checked against the HF source in `tests/models/test_processing.py`). With torchvision installed, "
+            "`AutoProcessor.from_pretrained` loads the full processor from these files.",
+        ]
+    lines += [
+        "",
+        "## Training",
+        "",
+        "```",
+        results["train_command"],
+        "```",
+        "",
+        f"{cfg['steps']} AdamW steps (peak lr {cfg['lr']}, {cfg['warmup']} warm-up steps, cosine decay), "
+        f"{cfg['batch_size']} images per image step"
+        + (
+            f", {cfg['video_batch_size']} videos every {cfg['video_every']}nd step from step {cfg['video_from']} "
+            "(alternating `shapes-video` and `needle`)"
+            if cfg["video_every"]
+            else ""
+        )
+        + f", weight-init seed {cfg['seed']}. Data are rendered on the fly from the `train` split of the seeded "
+        "generator (`vlmopt.models.tasks`). The language-model loss covers only the answer tokens; auxiliary "
+        f"losses (weight {cfg['aux_weight']}) on the visual tokens — the colour, shape and centre of the object "
+        "under each token" + (", and which colours/shapes the image holds from CLIP's pooled CLS" if name == "tiny-llava" else "")
+        + " — speed the from-scratch vision tower up; their heads are discarded.",
+        "",
+        f"Wall time: {results['train_minutes']:.1f} min of training + {results['eval_minutes']:.1f} min of "
+        f"evaluation ({results['machine']}; the machine was shared with other jobs).",
+        "",
+        "Tasks:",
+        "",
+        *[f"- `{t}`: {TASK_TEXT[t]}." for t in results["test"]],
+        "",
+        "## Accuracy (test split)",
+        "",
+        "Greedy `generate(max_new_tokens=3)`, first word compared with the answer (`tasks.score`). The "
+        "text-only control replaces the picture by a uniform grey one of the same size.",
+        "",
+    ]
+    for task, entry in results["test"].items():
+        full = entry["full"]
+        control = entry.get("text_only")
+        lines += [
+            f"### `{task}` (n = {full['n']})",
+            "",
+            *_table(full, control),
+            "",
+            "```",
+            f"python -m vlmopt.models.evaluate --model {name} --task {task} --n {full['n']}",
+        ]
+        if control:
+            lines.append(f"python -m vlmopt.models.evaluate --model {name} --task {task} --n {full['n']} --text-only")
+        lines += ["```", ""]
+    lines += [
+        "`eval.json` holds these numbers, the validation curve and a fixed small test set "
+        "(`fixed`: first test samples, with each prediction) that `tests/models` re-checks.",
+        "",
+        "## Validation during training",
+        "",
+        "| step | minutes | " + " | ".join(results["test"]) + " |",
+        "|---|---|" + "---|" * len(results["test"]),
+    ]
+    for point in results["history"]:
+        cells = [_pct(point[t]) if t in point else "–" for t in results["test"]]
+        lines.append(f"| {point['step']} | {point['minutes']} | " + " | ".join(cells) + " |")
+    (out_dir / "README.md").write_text("\n".join(lines) + "\n")

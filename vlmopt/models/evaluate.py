@@ -1,0 +1,116 @@
+"""Accuracy of a reference model on a task: greedy ``generate(max_new_tokens=3)`` then :func:`tasks.score`.
+
+    python -m vlmopt.models.evaluate --model tiny-llava --task shapes --n 500
+    python -m vlmopt.models.evaluate --model tiny-llava --task shapes --n 500 --text-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from vlmopt.models import processing, tasks
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one model on one set of samples."""
+
+    task: str
+    split: str
+    n: int
+    text_only: bool
+    accuracy: float
+    """Fraction of samples answered right."""
+    per_family: dict[str, float]
+    """Accuracy per question family."""
+    majority: dict[str, float]
+    """Majority-answer rate per family (and "overall") of the same samples."""
+    seconds: float
+    """Wall time of the evaluation."""
+    predictions: list[str] = field(default_factory=list, repr=False)
+    """Generated text per sample, in order."""
+    correct: list[bool] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        """The result without the per-sample lists (what ``eval.json`` stores)."""
+        d = asdict(self)
+        d.pop("predictions"), d.pop("correct")
+        return d
+
+
+@torch.no_grad()
+def predict(model, processor, samples: Sequence[tasks.Sample], max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers of ``model`` for a batch of samples (all images or all videos)."""
+    batch = processing.encode(processor, samples)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def evaluate(
+    model,
+    processor,
+    task: tasks.Task,
+    split: str = "test",
+    n: int = 500,
+    batch_size: int = 16,
+    text_only: bool = False,
+    start: int = 0,
+    transform: Callable[[tasks.Sample], tasks.Sample] | None = None,
+) -> EvalResult:
+    """Accuracy on samples ``start..start+n-1`` of ``split`` (``text_only``: pictures blanked).
+
+    ``transform`` may rewrite each sample first (e.g. to mask objects for an ablation).
+    """
+    began = time.perf_counter()
+    samples = task.samples(split, n=n, start=start)
+    model.eval()
+    predictions, correct, families = [], [], []
+    for i in range(0, n, batch_size):
+        chunk = list(samples[i : i + batch_size])
+        if text_only:
+            chunk = [s.text_only() for s in chunk]
+        if transform is not None:
+            chunk = [transform(s) for s in chunk]
+        answers = predict(model, processor, chunk)
+        predictions += answers
+        correct += [tasks.score(a, s) for a, s in zip(answers, chunk)]
+        families += [s.family for s in chunk]
+    per_family = {}
+    for family in task.families:
+        hits = [c for c, f in zip(correct, families) if f == family]
+        if hits:
+            per_family[family] = sum(hits) / len(hits)
+    return EvalResult(
+        task=task.name, split=split, n=n, text_only=text_only, accuracy=sum(correct) / max(1, n),
+        per_family=per_family, majority=tasks.majority_rate(tasks.family_answers(task, split, n, start)),
+        seconds=time.perf_counter() - began, predictions=predictions, correct=correct,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vlmopt import models
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-llava", help="reference model name or model directory")
+    parser.add_argument("--task", default="shapes", choices=tasks.TASK_NAMES)
+    parser.add_argument("--split", default="test", choices=list(tasks.SPLIT_BASES))
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--text-only", action="store_true", help="replace the pictures by uniform grey ones")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, processor = models.load(args.model)
+    task = models.task_for(args.model, args.task)
+    result = evaluate(model, processor, task, args.split, args.n, args.batch_size, args.text_only)
+    print(json.dumps(result.summary(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

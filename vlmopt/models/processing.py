@@ -1,0 +1,344 @@
+"""Tokenizers, HF processors and prompts for the reference models, built offline.
+
+Prompt formats (the answer is one word, then the end-of-sequence token):
+
+* LLaVA: ``<s>USER: <image>\\n{question} ASSISTANT:`` → `` {answer}</s>`` (the processor expands
+  ``<image>`` to one token per patch, 256 for 224 px / patch 14).
+* Qwen2.5-VL: ``<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n``
+  → ``{answer}<|im_end|>`` (``<|video_pad|>`` for a video; expanded to one token per merged patch).
+
+The tokenizer is word-level (``tokenizers`` WordLevel, lower-casing, whitespace + punctuation
+pre-tokenizer) over :func:`vlmopt.models.tasks.vocabulary`.
+
+Qwen2.5-VL videos: transformers' ``Qwen2VLVideoProcessor`` needs torchvision, which is not
+installed here, and ``Qwen2_5_VLProcessor`` then cannot even be constructed (its class check looks
+the video processor up). :func:`load_processor` builds it without a video processor in that case,
+and :func:`qwen_video_inputs` turns frames into ``pixel_values_videos`` / ``video_grid_thw`` /
+``second_per_grid_ts`` with exactly the HF video processor's resize rule, normalisation and patch
+layout (``tests/models`` checks the layout against the HF source). The saved
+``video_preprocessor_config.json`` lets ``AutoProcessor`` load the full processor where torchvision
+is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import unittest.mock
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LLAVA_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+QWEN_SPECIAL = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>", "<unk>",
+)
+TEMPLATE_WORDS = ("\n", "user", "assistant", ":")
+QWEN_VIDEO_FPS = 2.0
+"""Frames per second the Qwen video inputs declare: one temporal patch (2 frames) = 1 s."""
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def arch_of(processor_or_name: Any) -> str:
+    """``"llava"`` or ``"qwen"`` for a processor, a model, a model name or a model path."""
+    if isinstance(processor_or_name, (str, Path)):
+        text = str(processor_or_name).lower()
+        return "qwen" if "qwen" in text else "llava"
+    name = type(processor_or_name).__name__.lower()
+    if "qwen" in name:
+        return "qwen"
+    if "llava" in name:
+        return "llava"
+    raise TypeError(f"cannot tell the architecture of {type(processor_or_name).__name__}")
+
+
+def build_tokenizer(arch: str):
+    """A word-level ``PreTrainedTokenizerFast`` for ``arch`` ("llava" or "qwen")."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from vlmopt.models.tasks import vocabulary
+
+    special = LLAVA_SPECIAL if arch == "llava" else QWEN_SPECIAL
+    words = list(TEMPLATE_WORDS) + [w for w in vocabulary() if w not in TEMPLATE_WORDS]
+    vocab = {token: i for i, token in enumerate([*special, *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
+    if arch == "llava":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+            extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+        },
+        padding_side="left",
+    )
+
+
+def build_processor(arch: str, image_size: int, video_size: int = 112):
+    """The HF processor of a reference model (LlavaProcessor / Qwen2_5_VLProcessor)."""
+    tokenizer = build_tokenizer(arch)
+    if arch == "llava":
+        from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        return LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            image_token="<image>", chat_template=LLAVA_CHAT_TEMPLATE,
+        )
+    from transformers import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=image_size * image_size)
+    processor = _qwen_processor(image_processor, tokenizer, QWEN_CHAT_TEMPLATE)
+    processor._vlmopt_video_cfg = video_config(video_size)
+    return processor
+
+
+def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None):
+    """``Qwen2_5_VLProcessor``; without a video processor its class check is skipped for that slot."""
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self, name, arg):
+        return None if name == "video_processor" and arg is None else check(self, name, arg)
+
+    with unittest.mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lenient):
+        return Qwen2_5_VLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=chat_template
+        )
+
+
+def video_config(video_size: int) -> dict:
+    """``video_preprocessor_config.json`` of the Qwen reference model (frames of ``video_size`` px)."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    return {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True,
+        "size": {"shortest_edge": 56 * 56, "longest_edge": video_size * video_size},
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "do_sample_frames": False, "fps": QWEN_VIDEO_FPS, "cap_pixels_per_frame": False,
+        "resample": 3,
+    }
+
+
+def save_processor(processor, path: Path) -> None:
+    """Write the processor files into ``path`` (Qwen: by hand, since it has no video processor here)."""
+    path = Path(path)
+    if arch_of(processor) == "llava":
+        processor.save_pretrained(path)
+        return
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n")
+    (path / "chat_template.jinja").write_text(processor.chat_template)
+    (path / "video_preprocessor_config.json").write_text(json.dumps(_video_config_of(processor), indent=2) + "\n")
+
+
+def load_processor(path: str | Path):
+    """``AutoProcessor.from_pretrained(path)``; for Qwen without torchvision, the same processor
+    assembled from the saved tokenizer, image processor and chat template, minus the video processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    path = Path(path)
+    video_file = path / "video_preprocessor_config.json"
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower() or not video_file.exists():
+            raise
+        template = path / "chat_template.jinja"
+        processor = _qwen_processor(
+            AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+            template.read_text() if template.exists() else None,
+        )
+    if video_file.exists():
+        processor._vlmopt_video_cfg = json.loads(video_file.read_text())
+    return processor
+
+
+def video_grid(num_frames: int, height: int, width: int, video_cfg: dict) -> tuple[int, int, int, int, int]:
+    """(grid_t, grid_h, grid_w, resized_h, resized_w) the Qwen2-VL video processor gives a clip."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    factor = video_cfg["patch_size"] * video_cfg["merge_size"]
+    h, w = smart_resize(height, width, factor=factor, min_pixels=video_cfg["size"]["shortest_edge"], max_pixels=video_cfg["size"]["longest_edge"])
+    t = -(-num_frames // video_cfg["temporal_patch_size"])
+    return t, h // video_cfg["patch_size"], w // video_cfg["patch_size"], h, w
+
+
+def qwen_video_inputs(frames: np.ndarray, video_cfg: dict) -> dict[str, torch.Tensor]:
+    """Qwen2.5-VL video inputs for one clip, as ``Qwen2VLVideoProcessor`` + ``Qwen2_5_VLProcessor`` make them.
+
+    ``frames``: uint8 [T, H, W, 3]. Returns ``pixel_values_videos`` [t·h·w, 3·2·14·14] (float32),
+    ``video_grid_thw`` [1, 3] = (t, h, w) with t = ceil(T / 2) (an odd clip repeats its last frame),
+    and ``second_per_grid_ts`` [1] = temporal_patch_size / fps. Frames whose size is not already a
+    multiple of 28 within the pixel bounds are resized with PIL bicubic (HF uses torchvision bicubic).
+    """
+    T, H, W, _ = frames.shape
+    _, grid_h, grid_w, h, w = video_grid(T, H, W, video_cfg)
+    if (h, w) != (H, W):
+        from PIL import Image
+
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() * video_cfg["rescale_factor"]
+    mean = torch.tensor(video_cfg["image_mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(video_cfg["image_std"]).view(1, 3, 1, 1)
+    x = ((x - mean) / std)[None]  # [1, T, C, H, W]
+    tp, ps, ms = video_cfg["temporal_patch_size"], video_cfg["patch_size"], video_cfg["merge_size"]
+    if pad := -T % tp:
+        x = torch.cat([x, x[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+    grid_t = x.shape[1] // tp
+    # the layout of Qwen2VLVideoProcessor.patchify (transformers 5.x)
+    patches = x.view(1, grid_t, tp, 3, grid_h // ms, ms, ps, grid_w // ms, ms, ps)
+    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    flat = patches.reshape(grid_t * grid_h * grid_w, 3 * tp * ps * ps)
+    return {
+        "pixel_values_videos": flat,
+        "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]]),
+        "second_per_grid_ts": torch.tensor([tp / video_cfg["fps"]]),
+    }
+
+
+def prompt(arch: str, question: str, video: bool = False) -> str:
+    """The prompt text (visual placeholder not yet expanded) for one question."""
+    if arch == "llava":
+        return f"USER: <image>\n{question} ASSISTANT:"
+    pad = "<|video_pad|>" if video else "<|image_pad|>"
+    return f"<|im_start|>user\n<|vision_start|>{pad}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def answer_text(arch: str, answer: str) -> str:
+    """What the model is trained to generate after the prompt: one word and the end token."""
+    return f" {answer}</s>" if arch == "llava" else f"{answer}<|im_end|>"
+
+
+def follow_up(arch: str, question: str) -> str:
+    """A later conversation turn (no picture), appended after the previous answer."""
+    if arch == "llava":
+        return f"USER: {question} ASSISTANT:"
+    return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def prompt_for(processor_or_model_name: Any, sample) -> dict[str, Any]:
+    """Keyword arguments for the processor: ``text`` and ``images`` (PIL) or ``videos`` (uint8 [T, H, W, 3]).
+
+    Videos need :func:`encode` here (no torchvision → no HF video processor); with torchvision,
+    ``processor(**prompt_for(processor, sample), return_tensors="pt")`` works for both.
+    """
+    arch = arch_of(processor_or_model_name)
+    text = prompt(arch, sample.question, video=sample.is_video)
+    if sample.is_video:
+        return {"text": [text], "videos": [sample.frames]}
+    return {"text": [text], "images": [sample.pil_image()]}
+
+
+def _video_config_of(processor) -> dict:
+    """The video settings :func:`load_processor` / :func:`build_processor` attached (else 112 px defaults)."""
+    return getattr(processor, "_vlmopt_video_cfg", None) or video_config(112)
+
+
+def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs for a batch of samples (all images or all videos), left-padded for ``generate``.
+
+    Qwen outputs include ``mm_token_type_ids`` (0 text, 1 image, 2 video). ``answers=True`` appends
+    each sample's answer + end token and adds ``labels`` (-100 everywhere but the answer tokens) —
+    the training format; ``turns[i]`` then adds more (question, answer) turns to sample ``i``'s
+    conversation, their answers labelled too.
+    """
+    arch = arch_of(processor)
+    tok = processor.tokenizer
+    if isinstance(samples, (list, tuple)) is False:
+        samples = list(samples)
+    videos = [s.is_video for s in samples]
+    if any(videos) and not all(videos):
+        raise ValueError("encode() takes a batch of all images or all videos")
+    texts = [prompt(arch, s.question, video=s.is_video) for s in samples]
+    if not all(videos):
+        out = dict(processor(text=texts, images=[s.pil_image() for s in samples], return_tensors="pt", padding=True))
+    else:
+        cfg = _video_config_of(processor)
+        clips = [qwen_video_inputs(s.frames, cfg) for s in samples]
+        merge = cfg["merge_size"] ** 2
+        texts = [t.replace("<|video_pad|>", "<|video_pad|>" * (int(c["video_grid_thw"].prod()) // merge)) for t, c in zip(texts, clips)]
+        out = dict(tok(texts, return_tensors="pt", padding=True))
+        out["pixel_values_videos"] = torch.cat([c["pixel_values_videos"] for c in clips])
+        out["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
+        out["second_per_grid_ts"] = torch.cat([c["second_per_grid_ts"] for c in clips])
+    if arch == "qwen" and "mm_token_type_ids" not in out:
+        ids = out["input_ids"]
+        types = torch.zeros_like(ids)
+        types[ids == tok.convert_tokens_to_ids("<|image_pad|>")] = 1
+        types[ids == tok.convert_tokens_to_ids("<|video_pad|>")] = 2
+        out["mm_token_type_ids"] = types
+    if answers:
+        rows = []
+        for i, s in enumerate(samples):
+            segments = [(answer_text(arch, s.answer), True)]
+            for q, a in (turns[i] if turns else []):
+                segments += [(follow_up(arch, q), False), (answer_text(arch, a), True)]
+            rows.append(segments)
+        out = _append_turns(out, tok, rows)
+    return out
+
+
+def _append_turns(batch: dict, tok, rows: list[list[tuple[str, bool]]]) -> dict:
+    """Append (text, labelled) segments to each left-padded prompt row, re-pad on the left so every
+    row ends together, and add ``labels`` (token ids on labelled segments, -100 elsewhere)."""
+    tails, tail_labels = [], []
+    for segments in rows:
+        ids, labels = [], []
+        for text, labelled in segments:
+            piece = tok(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if labelled else [-100] * len(piece)
+        tails.append(ids)
+        tail_labels.append(labels)
+    width = max(len(t) for t in tails)
+    out = dict(batch)
+    keys = {"input_ids": tok.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    for key, pad_value in keys.items():
+        if key not in batch:
+            continue
+        new_rows = []
+        for i, tail in enumerate(tails):
+            fill = {"input_ids": tail, "attention_mask": [1] * len(tail), "mm_token_type_ids": [0] * len(tail)}[key]
+            new_rows.append([pad_value] * (width - len(tail)) + batch[key][i].tolist() + fill)
+        out[key] = torch.tensor(new_rows)
+    prompt_len = batch["input_ids"].shape[1]
+    out["labels"] = torch.tensor([[-100] * (width - len(t) + prompt_len) + lab for t, lab in zip(tails, tail_labels)])
+    return out
