@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vlmopt import models
-from vlmopt.models import evaluate, tasks
+from vlmopt.models import evaluate
 
 TOLERANCE = 2
 """Answers (out of the fixed set) that may flip between machines (float summation order)."""

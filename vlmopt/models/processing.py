@@ -23,7 +23,6 @@ is installed.
 from __future__ import annotations
 
 import json
-import math
 import unittest.mock
 from pathlib import Path
 from typing import Any
