@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from vlmopt.models import arch as archs
-from vlmopt.models import processing, tasks
+from vlmopt.models import processing, scenes, tasks
 from vlmopt.models.render import COLOURS, SHAPES
 from vlmopt.models.scenes import ShapesConfig
 from vlmopt.models.videos import VideoConfig
@@ -67,6 +67,10 @@ class TrainConfig:
     """AdamW weight decay (matrices only)."""
     aux_weight: float = 0.5
     """Weight of the auxiliary vision losses (0 disables them)."""
+    guide_weight: float = 1.0
+    """Weight of the attention guide: at each answer, the LM's middle layers are asked to put their
+    attention (averaged over heads) on the visual tokens of the question's evidence objects. It breaks
+    the long plateau of learning where to look among hundreds of mostly-background tokens; 0 disables it."""
     extra_turns: int = 5
     """More (question, answer) turns per picture, derived from its scene (answers are labelled too):
     several answers per image forward, which speeds learning up a lot. Evaluation is single-turn."""
@@ -219,6 +223,83 @@ class VisionTap:
         self.handle.remove()
 
 
+# ---------------------------------------------------------------- attention guide
+
+
+def evidence_cells(sample: tasks.Sample, object_ids: list[int], cell: int) -> np.ndarray:
+    """Flat indices of the ``cell`` px grid cells (the visual tokens, raster order) that the objects
+    ``object_ids`` of an image cover by at least 10%."""
+    mask = sample.masks[0]
+    gh, gw = mask.shape[0] // cell, mask.shape[1] // cell
+    cells = mask[: gh * cell, : gw * cell].reshape(gh, cell, gw, cell)
+    covered = np.zeros((gh, gw), bool)
+    for k in object_ids:
+        covered |= (cells == k + 1).mean(axis=(1, 3)) >= 0.1
+    return np.flatnonzero(covered)
+
+
+def training_turns(samples: list[tasks.Sample], k: int) -> tuple[list[list[tuple[str, str]]], list[list[list[int]]]]:
+    """Extra (question, answer) turns of each image and the evidence object ids of every turn of it
+    (the sample's own question first)."""
+    turns, evidence = [], []
+    for s in samples:
+        rng = np.random.default_rng([0, s.index])
+        pairs = scenes.derive(rng, s.objects[0], k, skip={s.question}) if k else []
+        turns.append([(q.text, a) for q, a in pairs])
+        evidence.append([[o for _, o in s.evidence]] + [scenes.oracle(q, s.objects[0])[1] for q, _ in pairs])
+    return turns, evidence
+
+
+def attribute_words(tokenizer) -> dict[int, tuple[str, str]]:
+    """Token id → (attribute, value) for every colour and shape word (plurals included)."""
+    words = {c: ("colour", c) for c in COLOURS}
+    for shape in SHAPES:
+        words[shape] = words[shape + ("es" if shape.endswith("s") else "s")] = ("shape", shape)
+    vocab = tokenizer.get_vocab()
+    return {vocab[w]: attr for w, attr in words.items() if w in vocab}
+
+
+def guide_loss(attentions, batch: dict, evidence, samples, visual_token_id: int, cell: int, words: dict) -> torch.Tensor:
+    """Attention guide: mean of -log(attention mass on the right visual tokens), attention averaged over heads.
+
+    Two kinds of positions are guided. Every colour or shape word of a question, in the first layer,
+    looks at the objects with that attribute (one hop: the query is the word itself). The position
+    that predicts each answer, in the middle layers, looks at the answer's evidence objects.
+    ``attentions``: per layer [B, H, L, L]; targets with no object on screen are skipped.
+    """
+    first = attentions[0].mean(dim=1)  # [B, L, L]
+    middle = torch.stack([attentions[i] for i in range(1, max(2, len(attentions) - 1))]).mean(dim=(0, 2))
+    labels, ids = batch["labels"], batch["input_ids"]
+    length = ids.shape[1]
+    targets = {"first": ([], [], []), "middle": ([], [], [])}  # rows, positions, [L] masks
+
+    def look(kind, row, pos, sample, objs, visual_pos):
+        cells = evidence_cells(sample, objs, cell) if objs else ()
+        if len(cells):
+            mask = np.zeros(length, np.float32)
+            mask[visual_pos[cells]] = 1.0
+            rows, positions, masks = targets[kind]
+            rows.append(row), positions.append(pos), masks.append(mask)
+
+    for row, sample in enumerate(samples):
+        row_ids = ids[row].numpy()
+        visual_pos = np.flatnonzero(row_ids == visual_token_id)
+        objects = sample.objects[0]
+        for pos in np.flatnonzero(np.isin(row_ids, list(words))):
+            kind, value = words[int(row_ids[pos])]
+            look("first", row, pos, sample, [k for k, o in enumerate(objects) if getattr(o, kind) == value], visual_pos)
+        labelled = labels[row].numpy() != -100
+        starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
+        for start, objs in zip(starts, evidence[row]):
+            look("middle", row, start - 1, sample, objs, visual_pos)
+    terms = []
+    for attn, (rows, positions, masks) in ((first, targets["first"]), (middle, targets["middle"])):
+        if rows:
+            mass = (attn[torch.tensor(rows), torch.tensor(positions)] * torch.from_numpy(np.stack(masks))).sum(-1)
+            terms.append(-torch.log(mass + 1e-6))
+    return torch.cat(terms).mean() if terms else first.new_zeros(())
+
+
 # ---------------------------------------------------------------- training loop
 
 
@@ -299,15 +380,30 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torc
 
 
 def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, tap: VisionTap, cfg: TrainConfig, qwen: bool):
-    """(total loss, answer loss, aux loss) of one batch."""
-    turns = [s.more_questions(cfg.extra_turns) for s in batch_samples] if cfg.extra_turns else None
+    """(total loss, answer loss, aux loss, guide loss) of one batch."""
+    video = batch_samples[0].is_video
+    if video:
+        turns = [s.more_questions(cfg.extra_turns) for s in batch_samples] if cfg.extra_turns else None
+    else:
+        turns, evidence = training_turns(batch_samples, cfg.extra_turns)
     batch = processing.encode(processor, batch_samples, answers=True, turns=turns)
     if not qwen:  # positions count real tokens only, as generate() makes them with left padding
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    out = model(**batch)
+    guided = cfg.guide_weight > 0 and not video
+    out = model(**batch, output_attentions=guided)
     lm = out.loss
+    if guided:
+        visual_id = model.config.image_token_id
+        g = guide_loss(
+            out.attentions, batch, evidence, batch_samples, visual_id,
+            cell=28 if qwen else model.config.vision_config.patch_size, words=attribute_words(processor.tokenizer),
+        )
+        lm_total = lm + cfg.guide_weight * g
+    else:
+        g = torch.zeros(())
+        lm_total = lm
     if aux is None:
-        return lm, lm.detach(), torch.zeros(())
+        return lm_total, lm.detach(), torch.zeros(()), g.detach()
     vision = tap
     if qwen:
         tokens, cls, presence = vision.pooler_output, None, None
@@ -317,7 +413,7 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, tap: Vis
         cls, presence = vision.pooler_output, presence_targets(batch_samples)
         targets = aux_targets(batch_samples, cell=model.config.vision_config.patch_size)
     a = aux.loss(tokens, targets, cls, presence)
-    return lm + cfg.aux_weight * a, lm.detach(), a.detach()
+    return lm_total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach()
 
 
 def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
@@ -342,13 +438,16 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
             tap = VisionTap(model.model.vision_tower)
     else:
         aux, tap = None, None
+    language_config = model.model.language_model.config
+    if cfg.guide_weight > 0:  # the guide reads attention weights, which SDPA does not return
+        language_config._attn_implementation = "eager"
     params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
     opt = _optimizer(params, cfg)
     plan = step_plan(cfg)
     cursors = {name: 0 for name in task_objs}
     history = []
     model.train()
-    window = {"loss": 0.0, "aux": 0.0, "n": 0, "t": time.time()}
+    window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "n": 0, "t": time.time()}
     for step, task_name in enumerate(plan):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -360,21 +459,22 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
         size = cfg.batch_size if not task.video else cfg.video_batch_size
         batch_samples = [task.sample("train", cursors[task_name] + i) for i in range(size)]
         cursors[task_name] += size
-        loss, lm, a = forward_loss(model, processor, batch_samples, aux, tap, cfg, qwen)
+        loss, lm, a, g = forward_loss(model, processor, batch_samples, aux, tap, cfg, qwen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         window["loss"] += float(lm)
         window["aux"] += float(a)
+        window["guide"] += float(g)
         window["n"] += 1
         if (step + 1) % 25 == 0:
             log(
                 f"step {step + 1}/{cfg.steps} lr {lr_at(step, cfg):.2e} answer-loss {window['loss'] / window['n']:.3f} "
-                f"aux {window['aux'] / window['n']:.3f} ({(time.time() - window['t']) / window['n']:.2f} s/step, "
+                f"aux {window['aux'] / window['n']:.3f} guide {window['guide'] / window['n']:.3f} ({(time.time() - window['t']) / window['n']:.2f} s/step, "
                 f"{(time.time() - began) / 60:.1f} min)"
             )
-            window = {"loss": 0.0, "aux": 0.0, "n": 0, "t": time.time()}
+            window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "n": 0, "t": time.time()}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
             point = {"step": step + 1, "minutes": round((time.time() - began) / 60, 2)}
@@ -388,6 +488,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
             model.train()
     if tap is not None:
         tap.remove()
+    language_config._attn_implementation = "sdpa"
     train_seconds = time.time() - began
     model.eval()
     return finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, log)
