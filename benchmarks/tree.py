@@ -18,6 +18,7 @@ OTHER = {
     "README.md": "this file",
     ".ci/run": "CI: install from scratch, run the README's test command",
     ".gitignore": "ignored build outputs",
+    "vlmopt/py.typed": "marks the package as typed (PEP 561)",
 }
 
 
@@ -27,7 +28,8 @@ def summary(path: Path) -> str:
         return OTHER[rel]
     if path.suffix == ".py":
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+        return paragraph.split(". ")[0].rstrip(".") if paragraph else ""
     if path.suffix in (".md", ".txt"):
         for line in path.read_text().splitlines():
             if line.strip() and not line.startswith("#"):
