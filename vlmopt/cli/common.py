@@ -22,13 +22,13 @@ class LoadedModel:
     """Its processor (None for random-weight configs)."""
 
 
-def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None, required: bool | None = None) -> None:
     from vlmopt.configs import CONFIGS
 
     parser.add_argument(
         "--model",
         default=default,
-        required=default is None,
+        required=default is None if required is None else required,
         help=f"reference model name, local checkpoint path, or random config ({', '.join(CONFIGS)})",
     )
 

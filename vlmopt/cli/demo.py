@@ -1,21 +1,68 @@
-"""``vlmopt demo``: compile a model with and without passes, and compare them on one prompt."""
+"""``vlmopt demo``: compile a model with and without passes, and compare them.
+
+On a reference model (``tiny-llava``, the default once its weights are in ``models/``): a few test
+questions answered with and without each pass list, then the evaluation table on ``--n`` test
+samples. On a random-weight config (the default otherwise): one synthetic prompt, with visual
+tokens, prefill FLOPs, prefill time and the generated token ids.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from vlmopt.cli.common import add_model_argument, add_passes_argument, load_model, markdown_table, pass_lists
+from vlmopt.cli.common import (
+    add_model_argument,
+    add_passes_argument,
+    load_model,
+    markdown_table,
+    pass_lists,
+)
 
 DEFAULT_PASSES = ["random_prune:keep_ratio=0.5", "pool_prune:keep_ratio=0.25"]
+REFERENCE_PASSES = ["hiprune:keep_ratio=1/3", "random_prune:keep_ratio=1/3", "pool_prune:keep_ratio=1/3"]
+
+
+def default_model() -> str:
+    """``tiny-llava`` where its weights are shipped, else the random-weight ``tiny-llava-random``."""
+    from vlmopt import models
+
+    try:
+        models.path("tiny-llava")
+    except Exception:  # noqa: BLE001 - any failure to find the weights means: use the random config
+        return "tiny-llava-random"
+    return "tiny-llava"
 
 
 def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="compare a model with and without passes on one prompt")
-    add_model_argument(parser, default="tiny-llava-random")
+    add_model_argument(parser, default=None, required=False)
     add_passes_argument(parser)
+    parser.add_argument("--questions", type=int, default=4, help="reference models: test questions shown one by one")
+    parser.add_argument("--n", type=int, default=100, help="reference models: test samples in the evaluation table")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="timed prefill repeats")
     parser.set_defaults(run=run)
+
+
+def run_reference(args: argparse.Namespace, loaded) -> int:
+    """Questions from the model's test split, answered with and without passes; then the eval table."""
+    import vlmopt
+    from vlmopt import models
+    from vlmopt.cli.eval_cmd import report_table
+    from vlmopt.evaluation import evaluate
+    from vlmopt.models import evaluate as reference
+
+    lists = [[]] + pass_lists(args.passes or REFERENCE_PASSES)
+    task = models.task_for(args.model, "shapes")
+    shown = task.samples("test", n=args.questions)
+    answers = [reference.predict(vlmopt.compile(loaded.model, passes=passes), loaded.processor, shown) for passes in lists]
+    rows = [[s.question, s.answer, *(a[i].strip() for a in answers)] for i, s in enumerate(shown)]
+    print(f"model: {args.model}, {args.questions} questions from the shapes test split")
+    print(markdown_table(["question", "truth", *(" + ".join(p) or "(none)" for p in lists)], rows))
+    report = evaluate(loaded.model, loaded.processor, task.samples("test", n=args.n), lists[1:], progress=False)
+    print(f"\n{args.model} on shapes, n={args.n} (recorded test split); `vlmopt eval` gives more")
+    print(report_table(report))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from vlmopt import configs
     from vlmopt.measure import prefill_runner, time_prefill, visual_tokens
 
+    args.model = args.model or default_model()
     loaded = load_model(args.model)
+    if loaded.processor is not None:
+        return run_reference(args, loaded)
     model = loaded.model
     batch = configs.synthetic_batch(model, [configs.PromptSpec(text_before=6, text_after=16)], seed=0)
     lists = [[]] + pass_lists(args.passes or DEFAULT_PASSES)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmopt.cli.common import add_model_argument, add_passes_argument, load_model, markdown_table, pass_lists
+from vlmopt.cli.common import (
+    add_model_argument,
+    add_passes_argument,
+    load_model,
+    markdown_table,
+    pass_lists,
+)
 
 
 def add_parsers(subparsers) -> None:
@@ -36,19 +42,9 @@ def run(args: argparse.Namespace) -> int:
     task = models.task_for(args.model, args.task)
     samples = task.samples("test", n=args.n, seed=args.seed)
     report = evaluate(loaded.model, loaded.processor, samples, lists, batch_size=args.batch_size)
-    rows = []
-    for result in [report["baseline"]] + report["runs"]:
-        rows.append([
-            result.passes or "(none)", f"{100 * result.accuracy:.1f}", f"{100 * result.retention:.1f}",
-            f"{100 * result.loyalty:.1f}", f"{result.visual_tokens:.0f}", f"{result.prefill_flops / 1e9:.3f}",
-            f"{result.llm_prefill_flops / 1e9:.3f}", f"{result.prefill_seconds * 1e3:.1f}",
-        ])
     source = "recorded test split" if args.seed is None else f"fresh samples, seed {args.seed}"
     print(f"{args.model} on {args.task}, n={args.n} ({source})")
-    print(markdown_table(
-        ["passes", "accuracy %", "retention %", "loyalty %", "visual tokens", "prefill GFLOPs", "LLM GFLOPs", "prefill ms"],
-        rows,
-    ))
+    print(report_table(report))
     if args.plot:
         plot(report, args.plot, f"{args.model} — {args.task} (n={args.n})")
         print(f"wrote {args.plot}")
@@ -58,3 +54,18 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=2)
     return 0
+
+
+def report_table(report: dict) -> str:
+    """The Markdown table of an :func:`vlmopt.evaluation.evaluate` report, baseline first."""
+    rows = []
+    for result in [report["baseline"]] + report["runs"]:
+        rows.append([
+            result.passes or "(none)", f"{100 * result.accuracy:.1f}", f"{100 * result.retention:.1f}",
+            f"{100 * result.loyalty:.1f}", f"{result.visual_tokens:.0f}", f"{result.prefill_flops / 1e9:.3f}",
+            f"{result.llm_prefill_flops / 1e9:.3f}", f"{result.prefill_seconds * 1e3:.1f}",
+        ])
+    return markdown_table(
+        ["passes", "accuracy %", "retention %", "loyalty %", "visual tokens", "prefill GFLOPs", "LLM GFLOPs", "prefill ms"],
+        rows,
+    )
