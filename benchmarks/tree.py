@@ -22,10 +22,32 @@ OTHER = {
 }
 
 
+MODEL_FILES = {
+    "README.md": "model card: architecture, prompt, training, measured accuracy per question family, targets",
+    "config.json": "Hugging Face model config",
+    "generation_config.json": "greedy decoding defaults and special token ids",
+    "model.safetensors": "weights (float32)",
+    "eval.json": "every number of the model card, the validation curve and the fixed test set tests/models re-checks",
+    "tasks.json": "the task configs the model was trained and evaluated with",
+    "tokenizer.json": "word-level tokenizer",
+    "tokenizer_config.json": "tokenizer settings and special tokens",
+    "processor_config.json": "image processor settings",
+    "chat_template.jinja": "chat template (the training prompt format)",
+}
+RESULTS = {
+    ".png": "plot or picture written by the command in the README's section on it",
+    ".json": "measured numbers (--json output of the command in the README)",
+}
+
+
 def summary(path: Path) -> str:
     rel = path.relative_to(ROOT).as_posix()
     if rel in OTHER:
         return OTHER[rel]
+    if rel.startswith("models/"):
+        return MODEL_FILES.get(path.name, "")
+    if rel.startswith("benchmarks/results/"):
+        return RESULTS.get(path.suffix, "")
     if path.suffix == ".py":
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         paragraph = " ".join(doc.strip().split("\n\n")[0].split())
