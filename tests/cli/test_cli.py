@@ -15,8 +15,16 @@ def cli(*args, check=True):
     return result
 
 
+def test_demo_defaults_to_the_shipped_reference_model():
+    from vlmopt import models
+    from vlmopt.cli.demo import default_model
+
+    shipped = (models.models_dir() / "tiny-llava" / "config.json").exists()
+    assert default_model() == ("tiny-llava" if shipped else "tiny-llava-random")
+
+
 def test_demo_prints_the_comparison_table():
-    out = cli("demo", "--repeats", "1", "--max-new-tokens", "3").stdout
+    out = cli("demo", "--model", "tiny-llava-random", "--repeats", "1", "--max-new-tokens", "3").stdout
     assert "| passes | visual tokens | prefill GFLOPs | prefill ms | generated |" in out
     assert "| (none) | 16 / 16 |" in out
     assert "| random_prune:keep_ratio=0.5 | 8 / 16 |" in out
