@@ -115,3 +115,14 @@ def test_prompt_for_gives_processor_arguments(llava_processor):
     direct = llava_processor(**kwargs, return_tensors="pt")
     assert torch.equal(direct["input_ids"], processing.encode(llava_processor, [s])["input_ids"])
     assert torch.allclose(direct["pixel_values"], processing.encode(llava_processor, [s])["pixel_values"])
+
+
+def test_models_dir_follows_the_environment(monkeypatch, tmp_path):
+    from vlmopt import models
+
+    monkeypatch.setenv("VLMOPT_MODELS", str(tmp_path))
+    assert models.models_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match="known models are tiny-llava, tiny-qwen25vl"):
+        models.path("tiny-llava")
+    monkeypatch.delenv("VLMOPT_MODELS")
+    assert models.models_dir().name == "models"

@@ -28,10 +28,14 @@ _SUBMODULES = ("arch", "evaluate", "processing", "render", "scenes", "tasks", "t
 
 
 def models_dir() -> Path:
-    """The repository's ``models/`` directory (next to the ``vlmopt`` package)."""
+    """Where the reference models are: ``$VLMOPT_MODELS`` if set (e.g. for a non-editable install),
+    else the repository's ``models/`` directory next to the ``vlmopt`` package."""
+    import os
+
     import vlmopt
 
-    return Path(vlmopt.__file__).resolve().parent.parent / "models"
+    override = os.environ.get("VLMOPT_MODELS")
+    return Path(override) if override else Path(vlmopt.__file__).resolve().parent.parent / "models"
 
 
 def path(name: str | Path) -> Path:
