@@ -25,6 +25,7 @@ import torch
 
 import vlmopt
 from vlmopt import models
+from vlmopt.adapters import adapter_for
 from vlmopt.models import processing, tasks
 from vlmopt.models.train import object_cells
 from vlmopt.viz import kept_tokens
@@ -51,8 +52,13 @@ def answer_with(model, tokenizer, batch: dict, keep: np.ndarray) -> str:
         return tokenizer.convert_ids_to_tokens(int(model.lm_head(hidden[:, -1]).argmax()))
 
 
-def token_sets(sample: tasks.Sample, n_tokens: int, cell: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    objects = np.unique(np.concatenate(object_cells(sample, list(range(len(sample.objects[0]))), cell)))
+def object_tokens(sample: tasks.Sample, cell: int) -> np.ndarray:
+    """Sorted indices of the visual tokens any object of the image covers (≥ 10%)."""
+    return np.unique(np.concatenate(object_cells(sample, list(range(len(sample.objects[0]))), cell)))
+
+
+def token_sets(sample: tasks.Sample, objects: np.ndarray, n_tokens: int, cell: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The visual tokens each mode of part 1 lets through; ``objects`` from :func:`object_tokens`."""
     evidence_ids = sorted({k for _, k in sample.evidence})
     evidence = np.unique(np.concatenate(object_cells(sample, evidence_ids, cell))) if evidence_ids else np.zeros(0, int)
     background = np.setdiff1d(np.arange(n_tokens), objects)
@@ -83,22 +89,21 @@ def main(argv: list[str] | None = None) -> dict:
     n_tokens = (model.config.vision_config.image_size // cell) ** 2
     samples = task.samples("test", n=args.n)
     batches = [processing.encode(processor, [s]) for s in samples]
+    objects = [object_tokens(s, cell) for s in samples]
     rng = np.random.default_rng(0)
 
     correct: dict[str, list[bool]] = {m: [] for m in MODES}
-    for s, b in zip(samples, batches):
-        for mode, keep in token_sets(s, n_tokens, cell, rng).items():
+    for s, b, obj in zip(samples, batches, objects):
+        for mode, keep in token_sets(s, obj, n_tokens, cell, rng).items():
             correct[mode].append(answer_with(model, processor.tokenizer, b, keep) == s.answer)
-    token_share = float(np.mean([len(token_sets(s, n_tokens, cell, rng)["objects only"]) / n_tokens for s in samples]))
+    token_share = float(np.mean([len(obj) / n_tokens for obj in objects]))
     part1 = {m: float(np.mean(v)) for m, v in correct.items()}
     print(f"## {args.model}: accuracy with hand-picked visual tokens (n = {args.n}; objects cover {100 * token_share:.1f}% of tokens)\n")
     print("| tokens reaching the LM | accuracy | retention |\n|---|---|---|")
     for m in MODES:
         print(f"| {m} | {100 * part1[m]:.1f}% | {100 * part1[m] / max(part1['all tokens'], 1e-9):.1f}% |")
 
-    objects = [np.unique(np.concatenate(object_cells(s, list(range(len(s.objects[0]))), cell))) for s in samples]
-    depth = model.config.vision_config.num_hidden_layers
-    feature_block = depth + model.config.vision_feature_layer if model.config.vision_feature_layer < 0 else model.config.vision_feature_layer
+    feature_block = adapter_for(model).feature_block
     candidates = [("hiprune (defaults)", vlmopt.passes.HiPrune(keep_ratio=args.keep_ratio))]
     for layer in range(feature_block + 1):
         candidates.append((f"hiprune object={layer} deep={layer}", vlmopt.passes.HiPrune(keep_ratio=args.keep_ratio, object_layer=layer, deep_layer=layer)))

@@ -140,7 +140,9 @@ def write_card(out_dir: Path, results: dict) -> None:
         + (
             f" An attention guide (weight {cfg['guide_weight']}, training only) asks each colour or shape word of a "
             "question, in the first LM layer, and each answer position, in the middle LM layers, to put their "
-            "attention on the visual tokens of the objects concerned."
+            "attention on the visual tokens of the objects concerned"
+            + (", each of k objects with 1/(k+1) of it and the first token (a sink) with the rest." if cfg.get("guide_sink") else ".")
+            + (" A probe regresses each visual token's grid row and column." if cfg.get("coord_aux") else "")
             if cfg.get("guide_weight")
             else ""
         )
