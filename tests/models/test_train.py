@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -51,8 +52,8 @@ def _guided_regions(samples, evidence, batch, llava_processor, sink):
         vpos = np.flatnonzero(ids[row].numpy() == visual)
         sink_pos = int(np.flatnonzero(batch["attention_mask"][row].numpy())[0])
 
-        def put(target, pos, objs):
-            cells = [c for c in train.object_cells(s, objs, 14) if len(c)]
+        def put(target, pos, groups):
+            cells = [c for c in groups if len(c)]
             parts = [vpos[c] for c in cells] + ([np.array([sink_pos])] if sink else [])
             if not sink:
                 parts = [np.concatenate(parts)] if parts else []
@@ -62,12 +63,20 @@ def _guided_regions(samples, evidence, batch, llava_processor, sink):
 
         for pos in np.flatnonzero(np.isin(ids[row].numpy(), list(words))):
             kind, value = words[int(ids[row, pos])]
-            put(first, pos, [k for k, o in enumerate(s.objects[0]) if getattr(o, kind) == value])
+            put(first, pos, train.object_cells(s, [k for k, o in enumerate(s.objects[0]) if getattr(o, kind) == value], 14))
         lab = labels[row].numpy() != -100
         starts = np.flatnonzero(lab & ~np.concatenate([[False], lab[:-1]]))
-        for start, objs in zip(starts, evidence[row]):
-            put(middle, start - 1, objs)
+        for start, (_, groups) in zip(starts, evidence[row]):
+            put(middle, start - 1, groups)
     return [first, middle, middle, first]
+
+
+def _rows(maps):
+    """``attention_rows`` over full per-layer maps [B, H, L, L]."""
+    return lambda layer, rows, positions: maps[layer].mean(dim=1)[rows, positions]
+
+
+ALL_FAMILIES = tuple(tasks.IMAGE_FAMILIES)
 
 
 @pytest.mark.parametrize("sink", [True, False])
@@ -76,7 +85,8 @@ def test_guide_loss_is_least_on_its_target(batch_of_scenes, llava_processor, sin
     visual = llava_processor.tokenizer.convert_tokens_to_ids("<image>")
     words = train.attribute_words(llava_processor.tokenizer)
     on_target = _guided_regions(samples, evidence, batch, llava_processor, sink)
-    loss = train.guide_loss(on_target, batch, evidence, samples, visual, 14, words, sink=sink)
+    families = ALL_FAMILIES if sink else ()
+    loss = train.guide_loss(_rows(on_target), 4, batch, evidence, samples, visual, 14, words, families)
     if sink:
         # on target, each guided position costs the entropy of its target: log(k + 1) for k objects
         assert 0.0 < float(loss) < math.log(len(train.SHAPES) + 1)
@@ -84,7 +94,7 @@ def test_guide_loss_is_least_on_its_target(batch_of_scenes, llava_processor, sin
         assert float(loss) == pytest.approx(0.0, abs=1e-4)
     B, L = batch["input_ids"].shape
     spread = [torch.softmax(torch.randn(B, 2, L, L), -1) for _ in range(4)]
-    assert float(train.guide_loss(spread, batch, evidence, samples, visual, 14, words, sink=sink)) > float(loss) + 1.0
+    assert float(train.guide_loss(_rows(spread), 4, batch, evidence, samples, visual, 14, words, families)) > float(loss) + 1.0
 
 
 def test_sink_guide_sends_a_no_to_the_sink(llava_processor):
@@ -99,19 +109,87 @@ def test_sink_guide_sends_a_no_to_the_sink(llava_processor):
     on_sink[0, :, answer_pos, 0] = 1.0
     elsewhere = torch.full((1, 2, L, L), 1.0 / L)
     no_words: dict = {}
-    evidence = [[[]]]
-    good = train.guide_loss([on_sink] * 4, batch, evidence, [sample], visual, 14, no_words, sink=True)
-    bad = train.guide_loss([elsewhere] * 4, batch, evidence, [sample], visual, 14, no_words, sink=True)
+    evidence = [[("exist", [])]]  # a "no": no evidence object
+    good = train.guide_loss(_rows([on_sink] * 4), 4, batch, evidence, [sample], visual, 14, no_words, ("exist",))
+    bad = train.guide_loss(_rows([elsewhere] * 4), 4, batch, evidence, [sample], visual, 14, no_words, ("exist",))
     assert float(good) == pytest.approx(0.0, abs=1e-4) and float(bad) > 3.0
     # without the sink a "no" has nothing to look at, so it is not guided at all
-    assert float(train.guide_loss([elsewhere] * 4, batch, evidence, [sample], visual, 14, no_words, sink=False)) == 0.0
+    assert float(train.guide_loss(_rows([elsewhere] * 4), 4, batch, evidence, [sample], visual, 14, no_words, ("count",))) == 0.0
 
 
 def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.main(["--model", "tiny-llava", "--guide-sink", "maybe"])
+        train.main(["--model", "tiny-llava", "--coord-aux", "maybe"])
     assert "expected true or false" in capsys.readouterr().err
-    cfg = train.TrainConfig(model="tiny-llava", steps=2, batch_size=2, extra_turns=1, curriculum=((0, 1, 2),), eval_every=2, eval_n=2, test_n=2, warmup=1)
+    cfg = train.TrainConfig(
+        model="tiny-llava", steps=2, batch_size=2, extra_turns=1, curriculum=((0, 1, 2),), eval_every=2, eval_n=2, test_n=2,
+        warmup=1, coord_aux=True, tower_guide_weight=0.5,
+    )
     results = train.train(cfg, tmp_path / "m", log=lambda *a: None)
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "README.md").exists()
     assert results["history"][-1]["step"] == 2 and 0.0 <= results["test"]["shapes"]["full"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
+def test_recomputed_lm_attention_rows_equal_eager_weights(name):
+    """The guide's rows, recomputed from each layer's Q/K and rotary embedding under SDPA, are the
+    weights HF's eager attention returns (left-padded batch; Llama and Qwen2 layouts, GQA)."""
+    model, processor, _ = train.build_model(name, seed=int(torch.randint(0, 1000, ()).item()))
+    taps = train.Taps.attach(model, train.PRESETS[name], qwen=name == "tiny-qwen25vl")
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
+    samples = [task.sample("train", i) for i in range(3)]
+    turns, _ = train.training_turns(samples, 2)
+    batch = processing.encode(processor, samples, answers=True, turns=turns)
+    assert batch["attention_mask"][:, 0].min() == 0  # left padding is exercised
+    model.model.language_model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    L = batch["input_ids"].shape[1]
+    rows, positions = torch.tensor([0, 1, 2, 2]), torch.tensor([L - 1, L - 5, L - 3, L // 2])
+    for layer, weights in enumerate(out.attentions):
+        with torch.no_grad():
+            mine = train.lm_attention_rows(taps.lm, layer, batch["attention_mask"], rows, positions)
+        torch.testing.assert_close(mine, weights.mean(dim=1)[rows, positions], atol=1e-6, rtol=1e-5)
+    taps.remove()
+
+
+def test_tower_guide_moves_received_attention_onto_objects():
+    """A few gradient steps on the tower guide alone raise the share of received attention (HiPrune's
+    score at its default layers) that object tokens get."""
+    cfg = dataclasses.replace(train.PRESETS["tiny-llava"], tower_guide_weight=1.0)
+    model, processor, _ = train.build_model("tiny-llava", seed=3)
+    taps = train.Taps.attach(model, cfg, qwen=False)
+    assert len(taps.tower.modules) == 2
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-llava"]["shapes"])
+    samples = [task.sample("train", 100 + i) for i in range(2)]
+    pixels = processing.encode(processor, samples)["pixel_values"]
+    tower = model.model.vision_tower
+    opt = torch.optim.Adam(tower.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        tower(pixels)
+        loss = train.tower_guide_loss(taps.tower, samples, 14)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    taps.remove()
+    share = math.exp(-losses[-1])
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert 0.0 < share <= 1.0
+
+
+def test_video_turns_point_at_the_evidence_tracks():
+    """Video turns are the sample's own derived questions, and each evidence group is exactly the
+    visual tokens (per temporal patch, raster order) that the auxiliary targets label as objects."""
+    task = tasks.TASKS["needle"](train.TASK_CONFIGS["tiny-qwen25vl"]["needle"])
+    samples = [task.sample("train", i) for i in range(2)]
+    turns, evidence = train.training_turns(samples, 4, cell=28)
+    assert turns == [s.more_questions(4) for s in samples]
+    for s, groups in zip(samples, evidence):
+        labels = train.aux_targets([s], 28)
+        family, own = groups[0]
+        assert family == s.family and len(own) == 1  # the needle: one object in one frame
+        for _, tracks in groups:
+            for tokens in tracks:
+                assert len(tokens) and (labels[tokens, 0] > 0).all()

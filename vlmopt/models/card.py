@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from pathlib import Path
 
+from vlmopt.models.scenes import ShapesConfig
+
 TASK_TEXT = {
-    "shapes": "one image; 4–6 small saturated shapes (circle, square, triangle, star, cross, diamond × red, "
-    "orange, yellow, green, blue, purple; each ~1–2% of the image) on a cluttered low-saturation background",
+    "shapes": "one {size} px image; {lo}–{hi} small saturated shapes (circle, square, triangle, star, cross, diamond × red, "
+    "orange, yellow, green, blue, purple; each inside a disc of radius {r0:.0f}–{r1:.0f} px, at most {share:.1f}% of the "
+    "image) on a cluttered low-saturation background",
     "shapes-video": "streaming video (32–64 frames of 112 px): objects appear, move and leave; questions "
     "about the last frames (`now-*`) and about the first object that appeared (`first-*`)",
     "needle": "long video (64–128 frames of 112 px) of distractor objects; exactly one frame holds the object "
@@ -66,6 +72,27 @@ def _table(full: dict, control: dict | None) -> list[str]:
     return rows + [row]
 
 
+def _task_text(task: str, config: dict) -> str:
+    """One line on ``task`` as configured for this model (``tasks.json``)."""
+    if task != "shapes":
+        return TASK_TEXT[task]
+    config = config or dataclasses.asdict(ShapesConfig())
+    size, (lo, hi), (r0, r1) = config["size"], config["objects"], config["radius"]
+    share = 100 * math.pi * (r1 * size) ** 2 / size**2
+    return TASK_TEXT[task].format(size=size, lo=lo, hi=hi, r0=r0 * size, r1=r1 * size, share=share)
+
+
+def _sink_text(cfg: dict) -> str:
+    """How the answer-position guide treats a sink, from the run's config (old runs: ``guide_sink``)."""
+    families = cfg.get("guide_sink_families")
+    if families is None:
+        families = ("all",) if cfg.get("guide_sink") else ()
+    if not families:
+        return "."
+    which = "for every family" if "all" in families else "for " + " and ".join(f"`{f}`" for f in families) + " questions"
+    return f"; {which}, each of k objects gets 1/(k+1) of it and the first token (a sink) the rest, so the count stays readable."
+
+
 def write_card(out_dir: Path, results: dict) -> None:
     """Write ``out_dir/README.md`` from ``results`` (the ``eval.json`` dict)."""
     out_dir = Path(out_dir)
@@ -73,6 +100,8 @@ def write_card(out_dir: Path, results: dict) -> None:
     weights = out_dir / "model.safetensors"
     size_mb = weights.stat().st_size / 2**20 if weights.exists() else float("nan")
     cfg = results["train_config"]
+    configs_file = out_dir / "tasks.json"
+    task_configs = json.loads(configs_file.read_text()) if configs_file.exists() else {}
     lines = [
         f"# {name}",
         "",
@@ -141,9 +170,19 @@ def write_card(out_dir: Path, results: dict) -> None:
             f" An attention guide (weight {cfg['guide_weight']}, training only) asks each colour or shape word of a "
             "question, in the first LM layer, and each answer position, in the middle LM layers, to put their "
             "attention on the visual tokens of the objects concerned"
-            + (", each of k objects with 1/(k+1) of it and the first token (a sink) with the rest." if cfg.get("guide_sink") else ".")
-            + (" A probe regresses each visual token's grid row and column." if cfg.get("coord_aux") else "")
+            + _sink_text(cfg)
             if cfg.get("guide_weight")
+            else ""
+        )
+        + (" A probe regresses each visual token's grid row and column." if cfg.get("coord_aux") else "")
+        + (
+            f" A tower attention guide (weight {cfg['tower_guide_weight']}, training only) asks that at least "
+            f"{100 * cfg.get('tower_guide_share', 1.0):.0f}% of the attention the visual tokens receive (mean over heads "
+            "and all queries), at the two CLIP layers HiPrune reads by default (object and deep layer), fall on object "
+            "tokens: object-centric attention is what the HiPrune paper observes in pretrained CLIP towers and builds on, "
+            "and a 6-layer tower trained from scratch on these tasks does not develop it by itself. The pruning passes "
+            "are unchanged; RandomPrune and PoolPrune do not read attention."
+            if cfg.get("tower_guide_weight")
             else ""
         )
         + f" Each image carries {cfg['extra_turns']} more question turns, their answers labelled too.",
@@ -153,7 +192,7 @@ def write_card(out_dir: Path, results: dict) -> None:
         "",
         "Tasks:",
         "",
-        *[f"- `{t}`: {TASK_TEXT[t]}." for t in results["test"]],
+        *[f"- `{t}`: {_task_text(t, task_configs.get(t, {}))}." for t in results["test"]],
         "",
         "## Accuracy (test split)",
         "",

@@ -12,6 +12,12 @@ answer tokens only (one word + end token). Auxiliary losses speed the from-scrat
   colour and the shape of the object covering it (or "none"), and whether an object's centre is in it;
 * LLaVA only: which colours / shapes are in the image, from CLIP's pooled CLS output.
 
+Two training-only attention losses shape where the model looks (see :class:`TrainConfig`): the LM
+attention guide (question words and answer positions look at the objects concerned) and, for LLaVA,
+the tower attention guide (the received attention HiPrune scores with falls on objects at the
+layers it reads). Both read attention weights without eager attention: the model runs SDPA and the
+guides recompute the rows they need from the layers' own Q/K projections (:class:`AttentionTap`).
+
 At the end the script evaluates on the test split (images, text-only control, videos), and writes
 ``config.json``, ``generation_config.json``, ``model.safetensors``, tokenizer/processor files,
 ``tasks.json`` (task configs), ``eval.json`` (all numbers) and ``README.md`` (the model card).
@@ -35,7 +41,7 @@ import torch
 from torch import nn
 
 from vlmopt.models import arch as archs
-from vlmopt.models import processing, scenes, tasks
+from vlmopt.models import processing, scenes, tasks, videos
 from vlmopt.models.render import COLOURS, SHAPES
 from vlmopt.models.scenes import ShapesConfig
 from vlmopt.models.videos import VideoConfig
@@ -71,12 +77,25 @@ class TrainConfig:
     """Weight of the attention guide: at each answer, the LM's middle layers are asked to put their
     attention (averaged over heads) on the visual tokens of the question's evidence objects. It breaks
     the long plateau of learning where to look among hundreds of mostly-background tokens; 0 disables it."""
-    guide_sink: bool = False
-    """Attention-guide targets keep a sink: each of the k objects concerned gets 1/(k+1) of the attention
-    and the sequence's first token the rest, so the attention output still says how many objects
-    matched (k = 0: all on the sink, the "no" of an existence question). False: all attention on the
-    objects (-log of their mass), turns with no object unguided. (Tried on tiny-llava together with
-    ``coord_aux``: validation 31% at step 700 against 47% without; off by default.)"""
+    guide_sink_families: tuple[str, ...] = ()
+    """Families whose answer-position guide keeps a sink: each of the k objects concerned gets 1/(k+1)
+    of the attention and the sequence's first token the rest, so the attention output still says how
+    many objects matched (k = 0: all on the sink, the "no" of an existence question). Other families
+    put all attention on their objects (-log of their mass) and a turn with no object is unguided.
+    Measured worse with ``coord_aux`` on tiny-llava, both for every family (2×2-patch objects: 31% at
+    step 700 against 47%) and for ``count,exist`` (3×3-patch objects: 34% at step 400 against the
+    shipped recipe's), so none by default."""
+    guide_videos: bool = False
+    """Guide video turns too: each answer position looks at the visual tokens of its evidence tracks
+    (in every frame they are on screen; the last temporal patch for "now" questions)."""
+    tower_guide_weight: float = 0.0
+    """Weight of the vision-tower attention guide (LLaVA): at the tower's object and deep layers (the
+    layers HiPrune reads by default) the attention each token receives, averaged over heads and
+    queries, is asked to fall on object tokens (-log of their share), as it does in pretrained CLIP
+    towers, whose object-centric attention is the premise of attention-based pruning. 0 disables it."""
+    tower_guide_share: float = 1.0
+    """Share of the received attention that the tower guide asks object tokens to get: its loss is
+    ``max(0, log(share goal) - log(share))``, silent once the goal is met (1.0: all of it)."""
     coord_aux: bool = False
     """Auxiliary probe: each visual token's grid row and column (regressed), so where a token is can be
     read from its features, not only from the LM's rotary positions (relative-position questions)."""
@@ -98,17 +117,36 @@ class TrainConfig:
     threads: int = 2
     """Most threads (``torch.set_num_threads``; 1 while other processes busy a core)."""
 
+    def __post_init__(self) -> None:
+        if self.model not in ("tiny-llava", "tiny-qwen25vl"):
+            raise ValueError(f"TrainConfig.model={self.model!r}: expected tiny-llava or tiny-qwen25vl")
+        for name in ("steps", "batch_size", "eval_every", "eval_n", "test_n", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be at least 1")
+        for name in ("lr", "aux_weight", "guide_weight", "tower_guide_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        if not 0 < self.tower_guide_share <= 1:
+            raise ValueError(f"TrainConfig.tower_guide_share={self.tower_guide_share} must be in (0, 1]")
+        known = set(scenes.IMAGE_FAMILIES) | set(videos.STREAM_FAMILIES) | set(videos.NEEDLE_FAMILIES)
+        unknown = sorted(set(self.guide_sink_families) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig.guide_sink_families: unknown families {unknown}; known: {sorted(known)}")
+
 
 PRESETS = {
-    "tiny-llava": TrainConfig(model="tiny-llava", steps=1000, batch_size=16, extra_turns=8, curriculum=((0, 4, 6),), eval_every=100),
+    "tiny-llava": TrainConfig(
+        model="tiny-llava", steps=1100, batch_size=16, extra_turns=8, curriculum=((0, 4, 6),), eval_every=100,
+        tower_guide_weight=0.5, tower_guide_share=0.5,
+    ),
     "tiny-qwen25vl": TrainConfig(
         model="tiny-qwen25vl", steps=1200, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
-        curriculum=((0, 4, 6),), eval_every=200,
+        curriculum=((0, 4, 6),), eval_every=200, guide_videos=True,
     ),
 }
 
 TASK_CONFIGS = {
-    "tiny-llava": {"shapes": ShapesConfig(size=224, grid=14)},
+    "tiny-llava": {"shapes": ShapesConfig(size=224, radius=(0.08, 0.09375), grid=14, grid_offset=7)},
     "tiny-qwen25vl": {
         "shapes": ShapesConfig(size=448, grid=28),
         "shapes-video": VideoConfig(),
@@ -120,7 +158,10 @@ TASK_CONFIGS = {
 
 def build_model(name: str, seed: int):
     """(model, processor, arch) of a freshly initialised reference model."""
-    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    from transformers import (
+        LlavaForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     if name == "tiny-llava":
@@ -247,24 +288,59 @@ class VisionTap:
 # ---------------------------------------------------------------- attention guide
 
 
+def _covered_cells(mask: np.ndarray, label: int, cell: int) -> np.ndarray:
+    """Flat raster indices of the ``cell`` px grid cells of ``mask`` [H, W] that ``label`` covers by
+    at least 10%."""
+    gh, gw = mask.shape[0] // cell, mask.shape[1] // cell
+    cells = mask[: gh * cell, : gw * cell].reshape(gh, cell, gw, cell)
+    return np.flatnonzero((cells == label).mean(axis=(1, 3)) >= 0.1)
+
+
 def object_cells(sample: tasks.Sample, object_ids: list[int], cell: int) -> list[np.ndarray]:
     """Per object of ``object_ids``, the flat indices of the ``cell`` px grid cells (the visual tokens,
     raster order) it covers by at least 10%."""
-    mask = sample.masks[0]
-    gh, gw = mask.shape[0] // cell, mask.shape[1] // cell
-    cells = mask[: gh * cell, : gw * cell].reshape(gh, cell, gw, cell)
-    return [np.flatnonzero((cells == k + 1).mean(axis=(1, 3)) >= 0.1) for k in object_ids]
+    return [_covered_cells(sample.masks[0], k + 1, cell) for k in object_ids]
 
 
-def training_turns(samples: list[tasks.Sample], k: int) -> tuple[list[list[tuple[str, str]]], list[list[list[int]]]]:
-    """Extra (question, answer) turns of each image and the evidence object ids of every turn of it
-    (the sample's own question first)."""
+def track_tokens(sample: tasks.Sample, track_ids: list[int], cell: int, first_frame: int = 0) -> list[np.ndarray]:
+    """Per track of ``track_ids``, the indices of the video's visual tokens it covers from
+    ``first_frame`` on. Qwen2.5-VL's video tokens come per temporal patch (frames 2t, 2t+1), each in
+    raster order of the ``cell`` px merged grid."""
+    per_patch = (sample.masks.shape[1] // cell) * (sample.masks.shape[2] // cell)
+    groups = []
+    for track in track_ids:
+        hits = [
+            (t // 2) * per_patch + _covered_cells(sample.masks[t], k + 1, cell)
+            for t in range(first_frame, len(sample.objects))
+            for k, o in enumerate(sample.objects[t])
+            if o.track == track
+        ]
+        groups.append(np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64))
+    return groups
+
+
+def training_turns(samples: list[tasks.Sample], k: int, cell: int = 14) -> tuple[list[list[tuple[str, str]]], list[list[tuple[str, list[np.ndarray]]]]]:
+    """Extra (question, answer) turns of each picture or video (the same as
+    :meth:`tasks.Sample.more_questions`), and for every turn (the sample's own question first) its
+    family and the visual tokens of each evidence object (``cell``: a visual token's side, pixels)."""
     turns, evidence = [], []
     for s in samples:
         rng = np.random.default_rng([0, s.index])
-        pairs = scenes.derive(rng, s.objects[0], k, skip={s.question}) if k else []
+        if s.is_video:
+            tracks, frames = s.meta["tracks"], s.meta["num_frames"]
+            pairs = videos.derive(rng, tracks, frames, k, skip={s.question}) if k else []
+            own = sorted({s.objects[t][j].track for t, j in s.evidence})
+            first = frames - 2 if s.family.startswith("now-") else 0
+            groups = [(s.family, track_tokens(s, own, cell, first))]
+            for q, _ in pairs:
+                start = frames - 2 if q.family.startswith("now-") else 0
+                groups.append((q.family, track_tokens(s, videos.oracle(q, tracks, frames)[1], cell, start)))
+        else:
+            pairs = scenes.derive(rng, s.objects[0], k, skip={s.question}) if k else []
+            groups = [(s.family, object_cells(s, [o for _, o in s.evidence], cell))]
+            groups += [(q.family, object_cells(s, scenes.oracle(q, s.objects[0])[1], cell)) for q, _ in pairs]
         turns.append([(q.text, a) for q, a in pairs])
-        evidence.append([[o for _, o in s.evidence]] + [scenes.oracle(q, s.objects[0])[1] for q, _ in pairs])
+        evidence.append(groups)
     return turns, evidence
 
 
@@ -277,26 +353,73 @@ def attribute_words(tokenizer) -> dict[int, tuple[str, str]]:
     return {vocab[w]: attr for w, attr in words.items() if w in vocab}
 
 
-def guide_loss(attentions, batch: dict, evidence, samples, visual_token_id: int, cell: int, words: dict, sink: bool) -> torch.Tensor:
+class AttentionTap:
+    """Keeps the inputs of some attention modules (forward pre-hooks), so their attention weights
+    can be recomputed for the few query rows a guide needs while the model itself runs SDPA
+    (reading weights from HF would need eager attention on every row: ~1/3 of a training step)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.inputs: dict[int, tuple] = {}
+        self.handles = [
+            m.register_forward_pre_hook(lambda mod, args, kwargs, i=i: self._keep(i, args, kwargs), with_kwargs=True)
+            for i, m in enumerate(modules)
+        ]
+
+    def _keep(self, index: int, args, kwargs) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.inputs[index] = (hidden, kwargs.get("position_embeddings"))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def lm_attention_rows(tap: AttentionTap, layer: int, key_mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[R, L] causal attention weights (mean over heads) of query ``positions`` of batch ``rows`` in LM
+    decoder layer ``layer``, recomputed from its Q/K projections and rotary embedding exactly as the
+    layer computes them (Llama and Qwen2 layouts; grouped-query heads). ``key_mask`` [B, L] is the
+    batch's attention mask (1 = real token)."""
+    attn = tap.modules[layer]
+    hidden, (cos, sin) = tap.inputs[layer]
+    B, L, _ = hidden.shape
+    d = attn.head_dim
+    cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)  # [1, L, d] when positions are shared
+    k = attn.k_proj(hidden).view(B, L, -1, d).transpose(1, 2)  # [B, KV, L, d]
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    q = attn.q_proj(hidden[rows, positions]).view(len(rows), -1, d)  # [R, H, d]
+    q = q * cos[rows, positions][:, None] + _rotate_half(q) * sin[rows, positions][:, None]
+    keys = k[rows].repeat_interleave(attn.num_key_value_groups, dim=1)  # [R, H, L, d]
+    logits = torch.einsum("rhd,rhld->rhl", q, keys) * attn.scaling
+    allowed = key_mask[rows].bool() & (torch.arange(L)[None] <= positions[:, None])
+    return torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).mean(dim=1)
+
+
+def guide_loss(attention_rows, num_layers: int, batch: dict, evidence, samples, visual_token_id: int, cell: int, words: dict, sink_families) -> torch.Tensor:
     """Attention guide: cross-entropy between a target attention distribution over regions and the
     attention mass on them (attention averaged over heads), averaged over guided positions.
 
     Two kinds of positions are guided. Every colour or shape word of a question, in the first layer,
     looks at the objects with that attribute (one hop: the query is the word itself). The position
-    that predicts each answer, in the middle layers, looks at the answer's evidence objects. With
-    ``sink`` each of the k objects is a region with target 1/(k+1) and the first real token (an
-    attention sink) takes the rest; without it the objects' union is one region with target 1 and a
-    position with no object on screen is skipped. ``attentions``: per layer [B, H, L, L].
+    that predicts each answer, in the middle layers, looks at the answer's evidence objects. For a
+    family in ``sink_families`` each of the k objects is a region with target 1/(k+1) and the first
+    real token (an attention sink) takes the rest; otherwise the objects' union is one region with
+    target 1 and a position with no object on screen is skipped. ``attention_rows(layer, rows,
+    positions)`` gives [R, L] attention weights of those query positions; ``evidence[row]`` lists
+    (family, visual-token indices of each evidence object) per answered turn (:func:`training_turns`).
     """
-    first = attentions[0].mean(dim=1)  # [B, L, L]
-    middle = torch.stack([attentions[i] for i in range(1, max(2, len(attentions) - 1))]).mean(dim=(0, 2))
     labels, ids, attention_mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
     length = ids.shape[1]
     regions = {"first": ([], [], [], []), "middle": ([], [], [], [])}  # rows, positions, [L] masks, targets
     guided = {"first": 0, "middle": 0}
 
-    def look(kind, row, pos, sample, objs, visual_pos, sink_pos):
-        cells = [c for c in object_cells(sample, objs, cell) if len(c)]
+    def look(kind, row, pos, groups, visual_pos, sink_pos, sink):
+        cells = [c for c in groups if len(c)]
         if sink:
             parts = [visual_pos[c] for c in cells] + [np.array([sink_pos])]
         elif cells:
@@ -314,22 +437,50 @@ def guide_loss(attentions, batch: dict, evidence, samples, visual_token_id: int,
         row_ids = ids[row].numpy()
         visual_pos = np.flatnonzero(row_ids == visual_token_id)
         sink_pos = int(np.flatnonzero(attention_mask[row].numpy())[0])
-        objects = sample.objects[0]
-        for pos in np.flatnonzero(np.isin(row_ids, list(words))):
-            kind, value = words[int(row_ids[pos])]
-            look("first", row, pos, sample, [k for k, o in enumerate(objects) if getattr(o, kind) == value], visual_pos, sink_pos)
+        if not sample.is_video:  # a word of a video question names objects in many frames: not guided
+            objects = sample.objects[0]
+            for pos in np.flatnonzero(np.isin(row_ids, list(words))):
+                kind, value = words[int(row_ids[pos])]
+                named = object_cells(sample, [k for k, o in enumerate(objects) if getattr(o, kind) == value], cell)
+                look("first", row, pos, named, visual_pos, sink_pos, False)
         labelled = labels[row].numpy() != -100
         starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
-        for start, objs in zip(starts, evidence[row]):
-            look("middle", row, start - 1, sample, objs, visual_pos, sink_pos)
-    total, count = first.new_zeros(()), 0
-    for attn, kind in ((first, "first"), (middle, "middle")):
-        rows, positions, masks, targets = regions[kind]
+        for start, (family, groups) in zip(starts, evidence[row]):
+            look("middle", row, start - 1, groups, visual_pos, sink_pos, family in sink_families)
+    total, count = torch.zeros(()), 0
+    layers = {"first": [0], "middle": list(range(1, max(2, num_layers - 1)))}
+    for kind, (rows, positions, masks, targets) in regions.items():
         if rows:
-            mass = (attn[torch.tensor(rows), torch.tensor(positions)] * torch.from_numpy(np.stack(masks))).sum(-1)
+            r, p = torch.tensor(rows), torch.tensor(positions)
+            attn = torch.stack([attention_rows(layer, r, p) for layer in layers[kind]]).mean(dim=0)
+            mass = (attn * torch.from_numpy(np.stack(masks))).sum(-1)
             total = total - (torch.tensor(targets) * torch.log(mass + 1e-6)).sum()
             count += guided[kind]
     return total / max(count, 1)
+
+
+def tower_guide_loss(tap: AttentionTap, samples: list[tasks.Sample], cell: int, goal: float = 1.0) -> torch.Tensor:
+    """``max(0, log(goal) - log(share))`` with ``share`` the part of the received attention (HiPrune's
+    score: mean over heads and all queries, CLS included) that falls on object tokens, averaged over
+    the tapped CLIP layers and images. Token 0 is CLS; patch tokens follow in raster order."""
+    from vlmopt.ops.received_attention import reference as received_attention
+
+    object_tokens = []
+    for s in samples:
+        cells = object_cells(s, list(range(len(s.objects[0]))), cell)
+        mask = torch.zeros(1 + (s.masks.shape[1] // cell) * (s.masks.shape[2] // cell))
+        if cells:
+            mask[1 + np.concatenate(cells)] = 1.0
+        object_tokens.append(mask)
+    object_tokens = torch.stack(object_tokens)  # [B, 1 + patches]
+    has_objects = object_tokens.sum(-1) > 0
+    losses = []
+    for index, attn in enumerate(tap.modules):
+        hidden, _ = tap.inputs[index]
+        received = received_attention(attn.q_proj(hidden), attn.k_proj(hidden), attn.num_heads, attn.scale)  # [B, S]
+        share = (received * object_tokens).sum(-1)
+        losses.append(torch.relu(math.log(goal) - torch.log(share[has_objects] + 1e-6)).mean())
+    return torch.stack(losses).mean()
 
 
 # ---------------------------------------------------------------- training loop
@@ -411,42 +562,73 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torc
     )
 
 
-def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, tap: VisionTap, cfg: TrainConfig, qwen: bool):
-    """(total loss, answer loss, aux loss, guide loss) of one batch."""
+@dataclass
+class Taps:
+    """The hooks one training run reads: vision-tower output (aux losses), LM attention inputs
+    (attention guide) and CLIP attention inputs at HiPrune's layers (tower guide); None where off."""
+
+    vision: VisionTap | None = None
+    lm: AttentionTap | None = None
+    tower: AttentionTap | None = None
+
+    @classmethod
+    def attach(cls, model, cfg: TrainConfig, qwen: bool) -> Taps:
+        vision = (model.model.visual if qwen else model.model.vision_tower) if cfg.aux_weight > 0 else None
+        lm_layers = model.model.language_model.layers
+        tower = None
+        if cfg.tower_guide_weight > 0 and not qwen:
+            from vlmopt.adapters import adapter_for
+            from vlmopt.passes.hiprune import HiPrune
+
+            object_layer, deep_layer = HiPrune(keep_ratio=1.0).layers(adapter_for(model))
+            blocks = model.model.vision_tower.encoder.layers
+            tower = AttentionTap([blocks[object_layer].self_attn, blocks[deep_layer].self_attn])
+        return cls(
+            vision=VisionTap(vision) if vision is not None else None,
+            lm=AttentionTap([layer.self_attn for layer in lm_layers]) if cfg.guide_weight > 0 else None,
+            tower=tower,
+        )
+
+    def remove(self) -> None:
+        for tap in (self.vision, self.lm, self.tower):
+            if tap is not None:
+                tap.remove()
+
+
+def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Taps, cfg: TrainConfig, qwen: bool):
+    """(total loss, answer loss, aux loss, guide loss, tower-guide loss) of one batch."""
     video = batch_samples[0].is_video
-    if video:
-        turns = [s.more_questions(cfg.extra_turns) for s in batch_samples] if cfg.extra_turns else None
-    else:
-        turns, evidence = training_turns(batch_samples, cfg.extra_turns)
+    cell = 28 if qwen else model.config.vision_config.patch_size
+    turns, evidence = training_turns(batch_samples, cfg.extra_turns, cell)
     batch = processing.encode(processor, batch_samples, answers=True, turns=turns)
     if not qwen:  # positions count real tokens only, as generate() makes them with left padding
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    guided = cfg.guide_weight > 0 and not video
-    out = model(**batch, output_attentions=guided)
+    out = model(**batch)
     lm = out.loss
-    if guided:
-        visual_id = model.config.image_token_id
+    total = lm
+    zero = torch.zeros(())
+    g = t = zero
+    if taps.lm is not None and (cfg.guide_videos or not video):
+        rows = lambda layer, r, p: lm_attention_rows(taps.lm, layer, batch["attention_mask"], r, p)
+        visual_id = model.config.video_token_id if video else model.config.image_token_id
         g = guide_loss(
-            out.attentions, batch, evidence, batch_samples, visual_id,
-            cell=28 if qwen else model.config.vision_config.patch_size, words=attribute_words(processor.tokenizer),
-            sink=cfg.guide_sink,
+            rows, len(taps.lm.modules), batch, evidence, batch_samples, visual_id,
+            cell=cell, words=attribute_words(processor.tokenizer), sink_families=cfg.guide_sink_families,
         )
-        lm_total = lm + cfg.guide_weight * g
-    else:
-        g = torch.zeros(())
-        lm_total = lm
+        total = total + cfg.guide_weight * g
+    if taps.tower is not None and not video:
+        t = tower_guide_loss(taps.tower, batch_samples, cell, cfg.tower_guide_share)
+        total = total + cfg.tower_guide_weight * t
     if aux is None:
-        return lm_total, lm.detach(), torch.zeros(()), g.detach()
-    vision = tap
+        return total, lm.detach(), zero, g.detach(), t.detach()
+    vision = taps.vision
     if qwen:
         tokens, cls, presence = vision.pooler_output, None, None
-        targets = aux_targets(batch_samples, cell=28)
     else:
         tokens = vision.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)
         cls, presence = vision.pooler_output, presence_targets(batch_samples)
-        targets = aux_targets(batch_samples, cell=model.config.vision_config.patch_size)
-    a = aux.loss(tokens, targets, cls, presence)
-    return lm_total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach()
+    a = aux.loss(tokens, aux_targets(batch_samples, cell=cell), cls, presence)
+    return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach()
 
 
 def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
@@ -462,25 +644,18 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters; {cfg}")
 
+    aux = None
     if cfg.aux_weight > 0:
-        if qwen:
-            aux = AuxHeads(model.config.text_config.hidden_size, None, coords=cfg.coord_aux)
-            tap = VisionTap(model.model.visual)
-        else:
-            aux = AuxHeads(model.config.vision_config.hidden_size, model.config.vision_config.hidden_size, coords=cfg.coord_aux)
-            tap = VisionTap(model.model.vision_tower)
-    else:
-        aux, tap = None, None
-    language_config = model.model.language_model.config
-    if cfg.guide_weight > 0:  # the guide reads attention weights, which SDPA does not return
-        language_config._attn_implementation = "eager"
+        text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
+        aux = AuxHeads(text, None, coords=cfg.coord_aux) if qwen else AuxHeads(vision, vision, coords=cfg.coord_aux)
+    taps = Taps.attach(model, cfg, qwen)
     params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
     opt = _optimizer(params, cfg)
     plan = step_plan(cfg)
     cursors = {name: 0 for name in task_objs}
     history = []
     model.train()
-    window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "n": 0, "t": time.time()}
+    window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "tower": 0.0, "n": 0, "t": time.time()}
     for step, task_name in enumerate(plan):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -492,7 +667,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
         size = cfg.batch_size if not task.video else cfg.video_batch_size
         batch_samples = [task.sample("train", cursors[task_name] + i) for i in range(size)]
         cursors[task_name] += size
-        loss, lm, a, g = forward_loss(model, processor, batch_samples, aux, tap, cfg, qwen)
+        loss, lm, a, g, tg = forward_loss(model, processor, batch_samples, aux, taps, cfg, qwen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -500,14 +675,15 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
         window["loss"] += float(lm)
         window["aux"] += float(a)
         window["guide"] += float(g)
+        window["tower"] += float(tg)
         window["n"] += 1
         if (step + 1) % 25 == 0:
             log(
                 f"step {step + 1}/{cfg.steps} lr {lr_at(step, cfg):.2e} answer-loss {window['loss'] / window['n']:.3f} "
-                f"aux {window['aux'] / window['n']:.3f} guide {window['guide'] / window['n']:.3f} ({(time.time() - window['t']) / window['n']:.2f} s/step, "
+                f"aux {window['aux'] / window['n']:.3f} guide {window['guide'] / window['n']:.3f} tower {window['tower'] / window['n']:.3f} ({(time.time() - window['t']) / window['n']:.2f} s/step, "
                 f"{(time.time() - began) / 60:.1f} min)"
             )
-            window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "n": 0, "t": time.time()}
+            window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "tower": 0.0, "n": 0, "t": time.time()}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
             point = {"step": step + 1, "minutes": round((time.time() - began) / 60, 2)}
@@ -516,12 +692,11 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
                     continue
                 r = evaluate(model, processor, t, "validation", n=cfg.eval_n, batch_size=16 if not t.video else 8)
                 point[name] = round(r.accuracy, 4)
+                families = ", ".join(f"{f} {100 * a:.0f}%" for f, a in r.per_family.items())
+                log(f"validation {name} at step {step + 1}: {100 * r.accuracy:.1f}% ({families})")
             history.append(point)
-            log(f"validation {point}")
             model.train()
-    if tap is not None:
-        tap.remove()
-    language_config._attn_implementation = "sdpa"
+    taps.remove()
     train_seconds = time.time() - began
     model.eval()
     return finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, log)
@@ -582,6 +757,10 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w for w in text.split(",") if w)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(PRESETS))
@@ -589,7 +768,8 @@ def main(argv: list[str] | None = None) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name not in ("model", "curriculum"):
             kind = type(getattr(PRESETS["tiny-llava"], f.name))
-            parser.add_argument("--" + f.name.replace("_", "-"), type=_flag if kind is bool else kind, default=None)
+            parse = {bool: _flag, tuple: _words}.get(kind, kind)
+            parser.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None)
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "curriculum") and getattr(args, f.name) is not None}
     cfg = dataclasses.replace(PRESETS[args.model], **overrides)
