@@ -141,7 +141,7 @@ PRESETS = {
     ),
     "tiny-qwen25vl": TrainConfig(
         model="tiny-qwen25vl", steps=1200, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
-        curriculum=((0, 4, 6),), eval_every=200, guide_videos=True,
+        curriculum=((0, 4, 6),), eval_every=200,
     ),
 }
 
