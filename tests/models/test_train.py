@@ -1,4 +1,4 @@
-"""Pieces of the reference-model training recipe: auxiliary targets, the attention guide, the CLI."""
+"""Pieces of the reference-model training recipe: auxiliary targets, the attention guides (LM, tower, videos), the CLI."""
 
 from __future__ import annotations
 

@@ -91,8 +91,9 @@ class TrainConfig:
     tower_guide_weight: float = 0.0
     """Weight of the vision-tower attention guide (LLaVA): at the tower's object and deep layers (the
     layers HiPrune reads by default) the attention each token receives, averaged over heads and
-    queries, is asked to fall on object tokens (-log of their share), as it does in pretrained CLIP
-    towers, whose object-centric attention is the premise of attention-based pruning. 0 disables it."""
+    queries, is asked to fall on object tokens (see ``tower_guide_share``). HiPrune builds on the
+    object-centric attention of pretrained CLIP towers, which a small tower trained from scratch on
+    these tasks does not develop by itself. 0 disables it."""
     tower_guide_share: float = 1.0
     """Share of the received attention that the tower guide asks object tokens to get: its loss is
     ``max(0, log(share goal) - log(share))``, silent once the goal is met (1.0: all of it)."""
@@ -375,25 +376,22 @@ class AttentionTap:
             h.remove()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def lm_attention_rows(tap: AttentionTap, layer: int, key_mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[R, L] causal attention weights (mean over heads) of query ``positions`` of batch ``rows`` in LM
     decoder layer ``layer``, recomputed from its Q/K projections and rotary embedding exactly as the
     layer computes them (Llama and Qwen2 layouts; grouped-query heads). ``key_mask`` [B, L] is the
     batch's attention mask (1 = real token)."""
+    from transformers.models.llama.modeling_llama import rotate_half  # Qwen2's is the same function
+
     attn = tap.modules[layer]
     hidden, (cos, sin) = tap.inputs[layer]
     B, L, _ = hidden.shape
     d = attn.head_dim
     cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)  # [1, L, d] when positions are shared
     k = attn.k_proj(hidden).view(B, L, -1, d).transpose(1, 2)  # [B, KV, L, d]
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     q = attn.q_proj(hidden[rows, positions]).view(len(rows), -1, d)  # [R, H, d]
-    q = q * cos[rows, positions][:, None] + _rotate_half(q) * sin[rows, positions][:, None]
+    q = q * cos[rows, positions][:, None] + rotate_half(q) * sin[rows, positions][:, None]
     keys = k[rows].repeat_interleave(attn.num_key_value_groups, dim=1)  # [R, H, L, d]
     logits = torch.einsum("rhd,rhld->rhl", q, keys) * attn.scaling
     allowed = key_mask[rows].bool() & (torch.arange(L)[None] <= positions[:, None])
