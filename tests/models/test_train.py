@@ -153,30 +153,61 @@ def test_recomputed_lm_attention_rows_equal_eager_weights(name):
     taps.remove()
 
 
-def test_tower_guide_moves_received_attention_onto_objects():
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
+def test_tower_guide_moves_received_attention_onto_objects(name):
     """A few gradient steps on the tower guide alone raise the share of received attention (HiPrune's
-    score at its default layers) that object tokens get."""
-    cfg = dataclasses.replace(train.PRESETS["tiny-llava"], tower_guide_weight=1.0)
-    model, processor, _ = train.build_model("tiny-llava", seed=3)
-    taps = train.Taps.attach(model, cfg, qwen=False)
+    score at its default layers; Qwen: dense per image, pooled per merge group, in raster order) that
+    object tokens get."""
+    qwen = name == "tiny-qwen25vl"
+    cfg = dataclasses.replace(train.PRESETS[name], tower_guide_weight=1.0)
+    model, processor, _ = train.build_model(name, seed=3)
+    taps = train.Taps.attach(model, cfg, qwen=qwen)
     assert len(taps.tower.modules) == 2
-    task = tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-llava"]["shapes"])
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
     samples = [task.sample("train", 100 + i) for i in range(2)]
-    pixels = processing.encode(processor, samples)["pixel_values"]
-    tower = model.model.vision_tower
+    batch = processing.encode(processor, samples)
+    tower = model.model.visual if qwen else model.model.vision_tower
+    window = train.qwen_windows(model, batch["image_grid_thw"]) if qwen else None
     opt = torch.optim.Adam(tower.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        tower(pixels)
-        loss = train.tower_guide_loss(taps.tower, samples, 14)
+        if qwen:
+            tower(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        else:
+            tower(batch["pixel_values"])
+        loss = train.tower_guide_loss(taps.tower, samples, 28 if qwen else 14, qwen=window)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss))
     taps.remove()
-    share = math.exp(-losses[-1])
     assert losses[-1] < losses[0] - 0.1, losses
-    assert 0.0 < share <= 1.0
+    assert 0.0 < math.exp(-losses[-1]) <= 1.0
+
+
+def test_qwen_tower_scores_are_the_passes_scores_in_raster_order():
+    """The guide's Qwen scores, mapped from window to raster order, equal the HiPrune pass's own
+    score function (window order) permuted by the tower's window index."""
+    from vlmopt.graph import functions as gf
+    from vlmopt.graph.layout import VisualLayout
+
+    cfg = dataclasses.replace(train.PRESETS["tiny-qwen25vl"], tower_guide_weight=1.0)
+    model, processor, _ = train.build_model("tiny-qwen25vl", seed=int(torch.randint(0, 1000, ()).item()))
+    taps = train.Taps.attach(model, cfg, qwen=True)
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
+    batch = processing.encode(processor, [task.sample("train", 7 + i) for i in range(2)])
+    grid = batch["image_grid_thw"]
+    with torch.no_grad():
+        model.model.visual(batch["pixel_values"], grid_thw=grid)
+        window = train.qwen_windows(model, grid)
+        attn = taps.tower.modules[0]
+        hidden, (cos, sin) = taps.tower.inputs[0]
+        mine = torch.cat(train._qwen_received(attn, hidden, (cos, sin), grid, window["window_index"], window["merge_unit"]))
+        merged = [(int(t), int(h) // 2, int(w) // 2) for t, h, w in grid.tolist()]
+        layout = VisualLayout.from_grids(2, 1, (0, 1), merged)
+        theirs = gf.qwen_received_attention(attn.qkv(hidden), cos, sin, layout, attn.num_heads, attn.scaling, window["merge_unit"])
+    taps.remove()
+    torch.testing.assert_close(mine[window["window_index"]], theirs, rtol=1e-5, atol=1e-7)
 
 
 def test_video_turns_point_at_the_evidence_tracks():

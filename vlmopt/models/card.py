@@ -178,9 +178,9 @@ def write_card(out_dir: Path, results: dict) -> None:
         + (
             f" A tower attention guide (weight {cfg['tower_guide_weight']}, training only) asks that at least "
             f"{100 * cfg.get('tower_guide_share', 1.0):.0f}% of the attention the visual tokens receive (mean over heads "
-            "and all queries), at the two CLIP layers HiPrune reads by default (object and deep layer), fall on object "
-            "tokens: object-centric attention is what the HiPrune paper observes in pretrained CLIP towers and builds on, "
-            "and a 6-layer tower trained from scratch on these tasks does not develop it by itself. The pruning passes "
+            "and all queries), at the two vision-tower layers HiPrune reads by default (object and deep layer), fall on "
+            "object tokens: object-centric attention is what the HiPrune paper observes in pretrained towers and builds "
+            "on, and a small tower trained from scratch on these tasks does not develop it by itself. The pruning passes "
             "are unchanged; RandomPrune and PoolPrune do not read attention."
             if cfg.get("tower_guide_weight")
             else ""

@@ -89,7 +89,7 @@ class TrainConfig:
     """Guide video turns too: each answer position looks at the visual tokens of its evidence tracks
     (in every frame they are on screen; the last temporal patch for "now" questions)."""
     tower_guide_weight: float = 0.0
-    """Weight of the vision-tower attention guide (LLaVA): at the tower's object and deep layers (the
+    """Weight of the vision-tower attention guide: at the tower's object and deep layers (the
     layers HiPrune reads by default) the attention each token receives, averaged over heads and
     queries, is asked to fall on object tokens (see ``tower_guide_share``). HiPrune builds on the
     object-centric attention of pretrained CLIP towers, which a small tower trained from scratch on
@@ -457,26 +457,66 @@ def guide_loss(attention_rows, num_layers: int, batch: dict, evidence, samples, 
     return total / max(count, 1)
 
 
-def tower_guide_loss(tap: AttentionTap, samples: list[tasks.Sample], cell: int, goal: float = 1.0) -> torch.Tensor:
-    """``max(0, log(goal) - log(share))`` with ``share`` the part of the received attention (HiPrune's
-    score: mean over heads and all queries, CLS included) that falls on object tokens, averaged over
-    the tapped CLIP layers and images. Token 0 is CLS; patch tokens follow in raster order."""
+def _object_token_mask(sample: tasks.Sample, cell: int, offset: int) -> torch.Tensor:
+    """[offset + tokens] 1.0 on the visual tokens (``cell`` px, raster order) an object covers; the
+    first ``offset`` entries (CLS) are 0."""
+    cells = object_cells(sample, list(range(len(sample.objects[0]))), cell)
+    mask = torch.zeros(offset + (sample.masks.shape[1] // cell) * (sample.masks.shape[2] // cell))
+    if cells:
+        mask[offset + np.concatenate(cells)] = 1.0
+    return mask
+
+
+def _qwen_received(attn: nn.Module, hidden: torch.Tensor, rotary, grid_thw: torch.Tensor, window_index: torch.Tensor, merge_unit: int) -> list[torch.Tensor]:
+    """Per image, [merged tokens] received attention of one Qwen2.5-VL vision block in raster order:
+    dense over the image's patches (windows ignored), pooled over each merge group, as HiPrune scores
+    it (:func:`vlmopt.graph.functions.qwen_received_attention`, differentiable here). ``hidden`` [P, D]
+    and ``rotary`` (cos, sin) are in the tower's window order; ``window_index`` maps it to raster."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
     from vlmopt.ops.received_attention import reference as received_attention
 
-    object_tokens = []
-    for s in samples:
-        cells = object_cells(s, list(range(len(s.objects[0]))), cell)
-        mask = torch.zeros(1 + (s.masks.shape[1] // cell) * (s.masks.shape[2] // cell))
-        if cells:
-            mask[1 + np.concatenate(cells)] = 1.0
-        object_tokens.append(mask)
-    object_tokens = torch.stack(object_tokens)  # [B, 1 + patches]
-    has_objects = object_tokens.sum(-1) > 0
+    patches = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
+    out, offset, group_offset = [], 0, 0
+    for t, h, w in grid_thw.tolist():
+        size, groups = t * h * w, t * h * w // merge_unit
+        scores = received_attention(q[offset : offset + size].reshape(1, size, -1), k[offset : offset + size].reshape(1, size, -1), attn.num_heads, attn.scaling)
+        pooled = scores.reshape(groups, merge_unit).mean(-1)
+        raster = torch.empty_like(pooled).index_put((window_index[group_offset : group_offset + groups] - group_offset,), pooled)
+        out.append(raster)
+        offset, group_offset = offset + size, group_offset + groups
+    return out
+
+
+def qwen_windows(model, grid_thw: torch.Tensor) -> dict:
+    """What :func:`tower_guide_loss` needs to read a Qwen2.5-VL tower's window-ordered blocks."""
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+    return {"grid_thw": grid_thw, "window_index": index, "merge_unit": visual.spatial_merge_unit}
+
+
+def tower_guide_loss(tap: AttentionTap, samples: list[tasks.Sample], cell: int, goal: float = 1.0, qwen: dict | None = None) -> torch.Tensor:
+    """``max(0, log(goal) - log(share))`` with ``share`` the part of the received attention (HiPrune's
+    score: mean over heads and all queries) that falls on object tokens, averaged over the tapped
+    layers and images. CLIP: token 0 is CLS, patch tokens follow in raster order. Qwen2.5-VL (``qwen``
+    = ``{"grid_thw", "window_index", "merge_unit"}`` of the batch): merged tokens, scores as
+    :func:`_qwen_received` computes them (single images only)."""
+    from vlmopt.ops.received_attention import reference as received_attention
+
+    masks = [_object_token_mask(s, cell, offset=0 if qwen else 1) for s in samples]
+    has_objects = torch.tensor([bool(m.sum() > 0) for m in masks])
     losses = []
     for index, attn in enumerate(tap.modules):
-        hidden, _ = tap.inputs[index]
-        received = received_attention(attn.q_proj(hidden), attn.k_proj(hidden), attn.num_heads, attn.scale)  # [B, S]
-        share = (received * object_tokens).sum(-1)
+        hidden, rotary = tap.inputs[index]
+        if qwen is None:
+            received = list(received_attention(attn.q_proj(hidden), attn.k_proj(hidden), attn.num_heads, attn.scale))
+        else:
+            received = _qwen_received(attn, hidden, rotary, qwen["grid_thw"], qwen["window_index"], qwen["merge_unit"])
+        share = torch.stack([(r * m).sum() / r.sum() for r, m in zip(received, masks)])
         losses.append(torch.relu(math.log(goal) - torch.log(share[has_objects] + 1e-6)).mean())
     return torch.stack(losses).mean()
 
@@ -574,13 +614,15 @@ class Taps:
         vision = (model.model.visual if qwen else model.model.vision_tower) if cfg.aux_weight > 0 else None
         lm_layers = model.model.language_model.layers
         tower = None
-        if cfg.tower_guide_weight > 0 and not qwen:
+        if cfg.tower_guide_weight > 0:
             from vlmopt.adapters import adapter_for
             from vlmopt.passes.hiprune import HiPrune
 
             object_layer, deep_layer = HiPrune(keep_ratio=1.0).layers(adapter_for(model))
-            blocks = model.model.vision_tower.encoder.layers
-            tower = AttentionTap([blocks[object_layer].self_attn, blocks[deep_layer].self_attn])
+            if qwen:
+                tower = AttentionTap([model.model.visual.blocks[i].attn for i in (object_layer, deep_layer)])
+            else:
+                tower = AttentionTap([model.model.vision_tower.encoder.layers[i].self_attn for i in (object_layer, deep_layer)])
         return cls(
             vision=VisionTap(vision) if vision is not None else None,
             lm=AttentionTap([layer.self_attn for layer in lm_layers]) if cfg.guide_weight > 0 else None,
@@ -615,7 +657,8 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
         )
         total = total + cfg.guide_weight * g
     if taps.tower is not None and not video:
-        t = tower_guide_loss(taps.tower, batch_samples, cell, cfg.tower_guide_share)
+        window = qwen_windows(model, batch["image_grid_thw"]) if qwen else None
+        t = tower_guide_loss(taps.tower, batch_samples, cell, cfg.tower_guide_share, window)
         total = total + cfg.tower_guide_weight * t
     if aux is None:
         return total, lm.detach(), zero, g.detach(), t.detach()
