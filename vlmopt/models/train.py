@@ -469,25 +469,19 @@ def _object_token_mask(sample: tasks.Sample, cell: int, offset: int) -> torch.Te
 
 def _qwen_received(attn: nn.Module, hidden: torch.Tensor, rotary, grid_thw: torch.Tensor, window_index: torch.Tensor, merge_unit: int) -> list[torch.Tensor]:
     """Per image, [merged tokens] received attention of one Qwen2.5-VL vision block in raster order:
-    dense over the image's patches (windows ignored), pooled over each merge group, as HiPrune scores
-    it (:func:`vlmopt.graph.functions.qwen_received_attention`, differentiable here). ``hidden`` [P, D]
-    and ``rotary`` (cos, sin) are in the tower's window order; ``window_index`` maps it to raster."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    HiPrune's score (:func:`vlmopt.graph.functions.qwen_received_attention`, with the op's
+    differentiable reference). ``hidden`` [P, D] and ``rotary`` (cos, sin) are in the tower's window
+    order; ``window_index`` maps merge groups to raster order."""
+    from vlmopt.graph import functions as gf
+    from vlmopt.graph.layout import VisualLayout
+    from vlmopt.ops.received_attention import reference
 
-    from vlmopt.ops.received_attention import reference as received_attention
-
-    patches = hidden.shape[0]
-    q, k, _ = attn.qkv(hidden).reshape(patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
-    out, offset, group_offset = [], 0, 0
-    for t, h, w in grid_thw.tolist():
-        size, groups = t * h * w, t * h * w // merge_unit
-        scores = received_attention(q[offset : offset + size].reshape(1, size, -1), k[offset : offset + size].reshape(1, size, -1), attn.num_heads, attn.scaling)
-        pooled = scores.reshape(groups, merge_unit).mean(-1)
-        raster = torch.empty_like(pooled).index_put((window_index[group_offset : group_offset + groups] - group_offset,), pooled)
-        out.append(raster)
-        offset, group_offset = offset + size, group_offset + groups
-    return out
+    side = int(merge_unit**0.5)
+    grids = tuple((t, h // side, w // side) for t, h, w in grid_thw.tolist())
+    layout = VisualLayout.from_grids(len(grids), 1, tuple(range(len(grids))), grids)
+    pooled = gf.qwen_received_attention(attn.qkv(hidden), *rotary, layout, attn.num_heads, attn.scaling, merge_unit, score=reference)
+    raster = torch.empty_like(pooled).index_put((window_index,), pooled)
+    return list(raster.split(list(layout.counts)))
 
 
 def qwen_windows(model, grid_thw: torch.Tensor) -> dict:
