@@ -1,10 +1,10 @@
-"""Which visual tokens does a LLaVA reference model need? The ceiling of any token-pruning pass on it.
+"""Which visual tokens does a reference model (LLaVA or Qwen2.5-VL) need? The ceiling of any token-pruning pass on it.
 
     python benchmarks/token_needs.py [--model tiny-llava] [--n 200] [--keep-ratio 0.333] [--json out.json]
 
 Part 1 drops visual tokens by hand, with the task generator's object masks as an oracle, and answers
 with the unmodified Hugging Face modules (vision features → LM with the kept tokens only, original
-position ids, greedy first answer token): all tokens; the tokens of every object plus a third of the
+positions, greedy first answer token): all tokens; the tokens of every object plus a third of the
 background; the object tokens only; the evidence objects' tokens only; all but one random token of an
 evidence object. If "objects only" keeps the accuracy, a pass loses accuracy only by dropping object
 tokens, and its *object-token recall* bounds its retention.
@@ -34,11 +34,16 @@ MODES = ("all tokens", "objects + 1/3 background", "objects only", "evidence obj
 
 
 def answer_with(model, tokenizer, batch: dict, keep: np.ndarray) -> str:
-    """Greedy first answer token when only visual tokens ``keep`` (indices into the image's tokens) reach the LM."""
+    """Greedy first answer token when only visual tokens ``keep`` (indices into the image's tokens) reach
+    the LM, each at its original position (Qwen2.5-VL: its M-RoPE (t, h, w) position)."""
     ids = batch["input_ids"][0]
     image_id = model.config.image_token_id
+    qwen = "image_grid_thw" in batch
     with torch.inference_mode():
-        feats = model.get_image_features(pixel_values=batch["pixel_values"])
+        if qwen:
+            feats = model.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+        else:
+            feats = model.get_image_features(pixel_values=batch["pixel_values"])
         feats = getattr(feats, "pooler_output", feats)
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
         embeds = model.get_input_embeddings()(ids).clone()
@@ -47,7 +52,13 @@ def answer_with(model, tokenizer, batch: dict, keep: np.ndarray) -> str:
         keep_mask = torch.ones(len(ids), dtype=torch.bool)
         keep_mask[visual] = False
         keep_mask[visual[torch.as_tensor(np.sort(keep), dtype=torch.long)]] = True
-        positions = torch.arange(len(ids))[keep_mask][None]
+        if qwen:
+            positions, _ = model.model.get_rope_index(
+                batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"]
+            )
+            positions = positions[:, :, keep_mask]
+        else:
+            positions = torch.arange(len(ids))[keep_mask][None]
         hidden = model.model.language_model(inputs_embeds=embeds[keep_mask][None], position_ids=positions).last_hidden_state
         return tokenizer.convert_ids_to_tokens(int(model.lm_head(hidden[:, -1]).argmax()))
 
@@ -74,7 +85,7 @@ def token_sets(sample: tasks.Sample, objects: np.ndarray, n_tokens: int, cell: i
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-llava", help="a LLaVA reference model's name or directory")
+    parser.add_argument("--model", default="tiny-llava", help="a reference model's name or directory")
     parser.add_argument("--n", type=int, default=200, help="test samples")
     parser.add_argument("--keep-ratio", type=float, default=1 / 3)
     parser.add_argument("--threads", type=int, default=1)
@@ -82,11 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, processor = models.load(args.model)
-    if type(model).__name__ != "LlavaForConditionalGeneration":
-        raise SystemExit(f"token_needs.py drops tokens by hand for LLaVA only; {args.model} is a {type(model).__name__}")
     task = models.task_for(args.model, "shapes")
-    cell = model.config.vision_config.patch_size
-    n_tokens = (model.config.vision_config.image_size // cell) ** 2
+    kind = type(model).__name__
+    if kind == "LlavaForConditionalGeneration":
+        cell = model.config.vision_config.patch_size
+        n_tokens = (model.config.vision_config.image_size // cell) ** 2
+    elif kind == "Qwen2_5_VLForConditionalGeneration":  # one token per 2×2 merge group of 14 px patches
+        vision = model.config.vision_config
+        cell = vision.patch_size * vision.spatial_merge_size
+        n_tokens = (task.config.size // cell) ** 2
+    else:
+        raise SystemExit(f"token_needs.py knows LLaVA and Qwen2.5-VL token grids; {args.model} is a {kind}")
     samples = task.samples("test", n=args.n)
     batches = [processing.encode(processor, [s]) for s in samples]
     objects = [object_tokens(s, cell) for s in samples]
