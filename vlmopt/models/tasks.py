@@ -215,9 +215,8 @@ class _VideoTask(Task):
         tracks, T, q = self._scene(rng, family, answer)
         _, evidence_ids = videos.oracle(q, tracks, T)
         frames, masks, objects = videos.render(rng, tracks, T, self.config.size)
-        evidence = [(t, k) for t, objs in enumerate(objects) for k, o in enumerate(objs) if o.track in evidence_ids]
-        if family.startswith("now-"):  # what is on screen now: the evidence is the last temporal patch
-            evidence = [(t, k) for t, k in evidence if t >= T - 2]
+        start = videos.evidence_start(family, T)
+        evidence = [(t, k) for t, objs in enumerate(objects) if t >= start for k, o in enumerate(objs) if o.track in evidence_ids]
         meta = {"params": q.params, "tracks": tracks, "num_frames": T}
         return Sample(self.name, split, index, family, q.text, answer, None, frames, objects, masks, evidence, meta)
 

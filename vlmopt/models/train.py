@@ -13,8 +13,8 @@ answer tokens only (one word + end token). Auxiliary losses speed the from-scrat
 * LLaVA only: which colours / shapes are in the image, from CLIP's pooled CLS output.
 
 Two training-only attention losses shape where the model looks (see :class:`TrainConfig`): the LM
-attention guide (question words and answer positions look at the objects concerned) and, for LLaVA,
-the tower attention guide (the received attention HiPrune scores with falls on objects at the
+attention guide (question words and answer positions look at the objects concerned) and the tower
+attention guide (the received attention HiPrune scores with falls on objects at the
 layers it reads). Both read attention weights without eager attention: the model runs SDPA and the
 guides recompute the rows they need from the layers' own Q/K projections (:class:`AttentionTap`).
 
@@ -330,12 +330,9 @@ def training_turns(samples: list[tasks.Sample], k: int, cell: int = 14) -> tuple
         if s.is_video:
             tracks, frames = s.meta["tracks"], s.meta["num_frames"]
             pairs = videos.derive(rng, tracks, frames, k, skip={s.question}) if k else []
-            own = sorted({s.objects[t][j].track for t, j in s.evidence})
-            first = frames - 2 if s.family.startswith("now-") else 0
-            groups = [(s.family, track_tokens(s, own, cell, first))]
-            for q, _ in pairs:
-                start = frames - 2 if q.family.startswith("now-") else 0
-                groups.append((q.family, track_tokens(s, videos.oracle(q, tracks, frames)[1], cell, start)))
+            asked = [(s.family, sorted({s.objects[t][j].track for t, j in s.evidence}))]
+            asked += [(q.family, videos.oracle(q, tracks, frames)[1]) for q, _ in pairs]
+            groups = [(f, track_tokens(s, ids, cell, videos.evidence_start(f, frames))) for f, ids in asked]
         else:
             pairs = scenes.derive(rng, s.objects[0], k, skip={s.question}) if k else []
             groups = [(s.family, object_cells(s, [o for _, o in s.evidence], cell))]
@@ -597,7 +594,7 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torc
 @dataclass
 class Taps:
     """The hooks one training run reads: vision-tower output (aux losses), LM attention inputs
-    (attention guide) and CLIP attention inputs at HiPrune's layers (tower guide); None where off."""
+    (attention guide) and vision-block attention inputs at HiPrune's layers (tower guide); None where off."""
 
     vision: VisionTap | None = None
     lm: AttentionTap | None = None

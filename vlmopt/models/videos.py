@@ -114,6 +114,12 @@ def _visible(tracks: list[Track], t: int) -> list[Track]:
     return [tr for tr in tracks if tr.start <= t < tr.end]
 
 
+def evidence_start(family: str, frames: int) -> int:
+    """First frame a question's evidence lies in: a ``now-*`` question is about what is on screen now,
+    the last temporal patch (2 frames); the others may be anywhere."""
+    return frames - 2 if family.startswith("now-") else 0
+
+
 def oracle(q: VideoQuestion, tracks: list[Track], frames: int) -> tuple[str, list[int]] | None:
     """(answer, evidence track ids) of ``q``, or None if ambiguous."""
     f, last = q.family, frames - 1
