@@ -3,7 +3,9 @@
 Every pass list runs on the same samples as the unpruned model (the baseline). Metrics:
 
 * ``accuracy``: share of right answers (greedy, 3 new tokens, scored by the task);
-* ``retention``: accuracy as a fraction of the baseline's;
+* ``retention``: accuracy as a fraction of the baseline's, with ``retention_ci``, its 95% paired
+  bootstrap interval (the samples resampled together for both runs), and the paired counts ``lost``
+  (right without the passes, wrong with them) and ``gained`` (the reverse);
 * ``loyalty``: share of samples answered exactly as the baseline answered them;
 * ``visual_tokens``: visual tokens reaching the LLM per sample (mean);
 * ``prefill_flops`` / ``llm_prefill_flops``: FLOPs of one prefill (the first sample), counted on
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 import vlmopt
@@ -49,14 +52,48 @@ class RunResult:
     """The LLM's share of those FLOPs."""
     prefill_seconds: float
     """Median batch-1 prefill time."""
+    retention_ci: tuple[float, float] = (1.0, 1.0)
+    """95% paired bootstrap interval of ``retention`` (see :func:`retention_interval`)."""
+    lost: int = 0
+    """Samples the baseline answered right and this run wrong."""
+    gained: int = 0
+    """Samples the baseline answered wrong and this run right."""
     per_family: dict[str, float] = field(default_factory=dict)
     """Accuracy per question family."""
     answers: list[str] = field(default_factory=list, repr=False)
+    """Per sample: the decoded answer (not in :meth:`summary`)."""
+    correct: list[bool] = field(default_factory=list, repr=False)
+    """Per sample: whether it was answered right (not in :meth:`summary`)."""
 
     def summary(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("answers")
+        out.pop("correct")
+        out["retention_ci"] = list(self.retention_ci)
         return out
+
+
+def retention_interval(
+    baseline_correct: Sequence[bool], run_correct: Sequence[bool], level: float = 0.95, resamples: int = 2000, seed: int = 0,
+) -> tuple[float, float]:
+    """Paired bootstrap interval of retention = sum(run_correct) / sum(baseline_correct).
+
+    Both lists hold one entry per sample (same samples, same order). Each of ``resamples`` draws
+    picks n samples with replacement and takes the ratio on them for both runs together, so the
+    interval reflects how often the two runs disagree, not the spread of either accuracy alone.
+    A draw where the baseline has no right answer counts as retention 1. Seeded: reproducible.
+    """
+    base = np.asarray(baseline_correct, dtype=np.int64)
+    run = np.asarray(run_correct, dtype=np.int64)
+    if base.shape != run.shape or base.ndim != 1 or base.size == 0:
+        raise ValueError(f"retention_interval needs two equal, non-empty 1-D lists; got {base.shape} and {run.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"retention_interval: level={level} must be in (0, 1)")
+    draws = np.random.default_rng(seed).integers(0, base.size, size=(resamples, base.size))
+    base_right, run_right = base[draws].sum(axis=1), run[draws].sum(axis=1)
+    ratios = np.where(base_right > 0, run_right / np.maximum(base_right, 1), 1.0)
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def sweep_lists(lists: list[list[str]], sweep: str | None) -> list[list[str]]:
@@ -145,10 +182,14 @@ def evaluate(
             per_family.setdefault(s.family, []).append(c)
         baseline = results[0] if results else None
         accuracy = sum(correct) / len(samples)
+        reference = baseline.correct if baseline else correct
         results.append(RunResult(
             passes=" + ".join(specs),
             accuracy=accuracy,
             retention=accuracy / baseline.accuracy if baseline and baseline.accuracy else 1.0,
+            retention_ci=retention_interval(reference, correct),
+            lost=sum(b and not c for b, c in zip(reference, correct)),
+            gained=sum(c and not b for b, c in zip(reference, correct)),
             loyalty=(sum(tasks.normalize(a) == tasks.normalize(b) for a, b in zip(answers, baseline.answers)) / len(samples))
             if baseline else 1.0,
             visual_tokens=kept / len(samples),
@@ -157,6 +198,7 @@ def evaluate(
             prefill_seconds=statistics.median(times),
             per_family={f: sum(v) / len(v) for f, v in sorted(per_family.items())},
             answers=answers,
+            correct=correct,
         ))
     return {"baseline": results[0], "runs": results[1:]}
 

@@ -62,10 +62,11 @@ def report_table(report: dict) -> str:
     for result in [report["baseline"]] + report["runs"]:
         rows.append([
             result.passes or "(none)", f"{100 * result.accuracy:.1f}", f"{100 * result.retention:.1f}",
+            f"{100 * result.retention_ci[0]:.1f}–{100 * result.retention_ci[1]:.1f}", f"{result.lost} / {result.gained}",
             f"{100 * result.loyalty:.1f}", f"{result.visual_tokens:.0f}", f"{result.prefill_flops / 1e9:.3f}",
             f"{result.llm_prefill_flops / 1e9:.3f}", f"{result.prefill_seconds * 1e3:.1f}",
         ])
     return markdown_table(
-        ["passes", "accuracy %", "retention %", "loyalty %", "visual tokens", "prefill GFLOPs", "LLM GFLOPs", "prefill ms"],
+        ["passes", "accuracy %", "retention %", "retention 95% CI", "lost / gained", "loyalty %", "visual tokens", "prefill GFLOPs", "LLM GFLOPs", "prefill ms"],
         rows,
     )
