@@ -69,7 +69,6 @@ class RunResult:
         out = dataclasses.asdict(self)
         out.pop("answers")
         out.pop("correct")
-        out["retention_ci"] = list(self.retention_ci)
         return out
 
 

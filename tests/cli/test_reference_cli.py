@@ -45,7 +45,8 @@ def test_eval_end_to_end_writes_the_documented_json(model_dir, tmp_path, capsys)
     assert hiprune["llm_prefill_flops"] < random["llm_prefill_flops"] < baseline["llm_prefill_flops"]
     for run in report["runs"]:
         assert 0.0 <= run["loyalty"] <= 1.0 and run["prefill_seconds"] > 0
-        assert round(6 * run["accuracy"]) - round(6 * baseline["accuracy"]) == run["gained"] - run["lost"]
+        n = report["n"]
+        assert round(n * run["accuracy"]) - round(n * baseline["accuracy"]) == run["gained"] - run["lost"]
         low, high = run["retention_ci"]
         assert 0.0 <= low <= high
     assert baseline["lost"] == baseline["gained"] == 0 and baseline["retention_ci"] == [1.0, 1.0]
