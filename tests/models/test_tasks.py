@@ -136,3 +136,39 @@ def test_vocabulary_covers_every_question():
                 s = task.sample("test", i)
                 ids = tok(s.question + " " + s.answer)["input_ids"]
                 assert unk not in ids, s.question
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_derived_turns_are_valid_and_unique(balanced):
+    task = tasks.get("shapes", size=224)
+    for index in range(40):
+        s = task.sample("train", index)
+        pairs = scenes.derive(np.random.default_rng(index), s.objects[0], 8, skip={s.question}, balanced=balanced)
+        texts = [q.text for q, _ in pairs]
+        assert len(set(texts)) == len(texts) and s.question not in texts
+        for q, answer in pairs:
+            assert scenes.oracle(q, s.objects[0])[0] == answer
+
+
+def test_balanced_turns_even_out_the_answers_a_picture_allows():
+    """Unbalanced, existence turns are mostly "yes" and counting turns mostly "one" (what random
+    pictures hold); balanced draws bring both closer to even without changing the families."""
+    task = tasks.get("shapes", size=224)
+    share = {}
+    for balanced in (False, True):
+        answers: dict[str, Counter] = {"count": Counter(), "exist": Counter()}
+        families = Counter()
+        for index in range(300):
+            s = task.sample("train", index)
+            for q, a in scenes.derive(np.random.default_rng([7, index]), s.objects[0], 8, balanced=balanced):
+                families[q.family] += 1
+                if q.family in answers:
+                    answers[q.family][a] += 1
+        share[balanced] = (
+            answers["exist"]["yes"] / sum(answers["exist"].values()),
+            answers["count"]["one"] / sum(answers["count"].values()),
+            families,
+        )
+    (yes0, one0, fam0), (yes1, one1, fam1) = share[False], share[True]
+    assert abs(yes1 - 0.5) < abs(yes0 - 0.5) and one1 < one0
+    assert set(fam0) == set(fam1)

@@ -26,15 +26,22 @@ def batch_of_scenes(llava_processor):
     return samples, evidence, batch
 
 
-def test_cell_targets_label_objects_and_grid_coordinates():
-    sample = tasks.get("shapes", size=224, grid=14).sample("train", 5)
+@pytest.mark.parametrize("index", [5, 12])  # 12: a counting scene with three objects of one kind
+def test_cell_targets_label_objects_and_grid_coordinates(index):
+    sample = tasks.get("shapes", size=224, grid=14).sample("train", index)
     t = train.cell_targets(sample, 0, 14)
-    assert t.shape == (5, 16, 16)
-    for k, o in enumerate(sample.objects[0]):
+    assert t.shape == (7, 16, 16)
+    objects = sample.objects[0]
+    for k, o in enumerate(objects):
         covered = (sample.masks[0].reshape(16, 14, 16, 14) == k + 1).mean(axis=(1, 3)) >= 0.5
         assert (t[0][covered] == train.COLOURS.index(o.colour) + 1).all()
         assert (t[1][covered] == train.SHAPES.index(o.shape) + 1).all()
-    assert t[2].sum() == len(sample.objects[0])  # one centre cell per object
+        assert (t[5][covered] == min(sum(p.colour == o.colour for p in objects), 4)).all()
+        assert (t[6][covered] == min(sum(p.shape == o.shape for p in objects), 4)).all()
+    assert ((t[5] > 0) == (t[0] > 0)).all() and ((t[6] > 0) == (t[0] > 0)).all()
+    if sample.family == "count":
+        assert max(t[5].max(), t[6].max()) == 3
+    assert t[2].sum() == len(objects)  # one centre cell per object
     assert t[3, 7, 0] == 0 and t[3, 7, 15] == train.COORD_SCALE and t[4, 15, 3] == train.COORD_SCALE
     assert (np.diff(t[3], axis=1) > 0).all() and (np.diff(t[4], axis=0) > 0).all()
 
@@ -73,7 +80,7 @@ def _guided_regions(samples, evidence, batch, llava_processor, sink):
 
 def _rows(maps):
     """``attention_rows`` over full per-layer maps [B, H, L, L]."""
-    return lambda layer, rows, positions: maps[layer].mean(dim=1)[rows, positions]
+    return lambda layer, rows, positions: maps[layer][rows, :, positions]
 
 
 ALL_FAMILIES = tuple(tasks.IMAGE_FAMILIES)
@@ -149,7 +156,7 @@ def test_recomputed_lm_attention_rows_equal_eager_weights(name):
     for layer, weights in enumerate(out.attentions):
         with torch.no_grad():
             mine = train.lm_attention_rows(taps.lm, layer, batch["attention_mask"], rows, positions)
-        torch.testing.assert_close(mine, weights.mean(dim=1)[rows, positions], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(mine, weights[rows, :, positions], atol=1e-6, rtol=1e-5)
     taps.remove()
 
 
@@ -224,3 +231,68 @@ def test_video_turns_point_at_the_evidence_tracks():
         for _, tracks in groups:
             for tokens in tracks:
                 assert len(tokens) and (labels[tokens, 0] > 0).all()
+
+
+def test_split_guide_wants_each_half_of_the_heads_on_one_object(llava_processor):
+    """A relative-position answer with ``split_families``: the first half of the heads on the
+    first-named object and the second half on the other is on target; the same attention with the
+    halves swapped, or every head on both objects, is not (averaged over heads, all three put all
+    their mass on the two objects, so the unsplit guide cannot tell them apart)."""
+    task = tasks.get("shapes", size=224, grid=14)
+    sample = next(s for s in (task.sample("train", i) for i in range(50)) if s.family == "position")
+    batch = processing.encode(llava_processor, [sample], answers=True)
+    evidence = [[("position", train.object_cells(sample, [k for _, k in sample.evidence], 14))]]
+    a, b = evidence[0][0][1]
+    assert len(a) and len(b) and not set(a) & set(b)
+    visual = llava_processor.tokenizer.convert_tokens_to_ids("<image>")
+    vpos = np.flatnonzero(batch["input_ids"][0].numpy() == visual)
+    L = batch["input_ids"].shape[1]
+    answer_pos = int(np.flatnonzero(batch["labels"][0].numpy() != -100)[0]) - 1
+    H = 6
+
+    def maps(first, second):
+        m = torch.full((1, H, L, L), 1e-9)
+        m[0, : H // 2, answer_pos, vpos[first]] = 1.0 / len(first)
+        m[0, H // 2 :, answer_pos, vpos[second]] = 1.0 / len(second)
+        return [m] * 4
+
+    both = np.concatenate([a, b])
+    loss = lambda m, split: float(
+        train.guide_loss(_rows(m), 4, batch, evidence, [sample], visual, 14, {}, (), ("position",) if split else ())
+    )
+    assert loss(maps(a, b), True) == pytest.approx(0.0, abs=1e-4)
+    assert loss(maps(b, a), True) > 10.0 and loss(maps(both, both), True) > 1.0
+    for m in (maps(a, b), maps(b, a), maps(both, both)):
+        assert loss(m, False) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(ValueError, match="pick one"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, guide_sink_families=("position",), guide_split_families=("position",))
+
+
+def test_read_question_guide_points_each_answer_at_its_own_question_words(batch_of_scenes, llava_processor):
+    """With ``read_question`` an answer position's first-layer attention belongs on the colour and
+    shape words of its own turn's question: on target the loss stays zero; on the other turns'
+    words it does not."""
+    samples, evidence, batch = batch_of_scenes
+    visual = llava_processor.tokenizer.convert_tokens_to_ids("<image>")
+    words = train.attribute_words(llava_processor.tokenizer)
+    on_target = _guided_regions(samples, evidence, batch, llava_processor, sink=False)
+    ids, labels = batch["input_ids"], batch["labels"]
+    first_own, first_other = on_target[0].clone(), on_target[0].clone()
+    for row in range(len(samples)):
+        word_pos = np.flatnonzero(np.isin(ids[row].numpy(), list(words)))
+        lab = labels[row].numpy() != -100
+        starts = np.flatnonzero(lab & ~np.concatenate([[False], lab[:-1]]))
+        bounds = [0, *starts]
+        for t, start in enumerate(starts):
+            own = word_pos[(word_pos > bounds[t]) & (word_pos < start)]
+            other = word_pos[(word_pos >= start)] if t + 1 < len(starts) else word_pos[word_pos < bounds[t]]
+            assert len(own)
+            first_own[row, :, start - 1, own] = 1.0 / len(own)
+            if len(other):
+                first_other[row, :, start - 1, other] = 1.0 / len(other)
+    own_maps = [first_own, *on_target[1:3], first_own]
+    other_maps = [first_other, *on_target[1:3], first_other]
+    args = (4, batch, evidence, samples, visual, 14, words, (), ())
+    assert float(train.guide_loss(_rows(own_maps), *args, read_question=True)) == pytest.approx(0.0, abs=1e-4)
+    assert float(train.guide_loss(_rows(other_maps), *args, read_question=True)) > 1.0
+    assert float(train.guide_loss(_rows(other_maps), *args, read_question=False)) == pytest.approx(0.0, abs=1e-4)

@@ -174,7 +174,25 @@ def write_card(out_dir: Path, results: dict) -> None:
             if cfg.get("guide_weight")
             else ""
         )
+        + (
+            " The answer position also looks, in the first LM layer, at its own question's colour and shape words "
+            "(so that later layers know what to look for)."
+            if cfg.get("guide_read_question")
+            else ""
+        )
+        + (
+            f" For {', '.join(cfg['guide_split_families'])} questions the answer-position guide splits the heads: the "
+            "first half look at the first-named object, the second half at the other."
+            if cfg.get("guide_split_families")
+            else ""
+        )
         + (" A probe regresses each visual token's grid row and column." if cfg.get("coord_aux") else "")
+        + (
+            " A probe classifies, on each object token, how many objects share its colour and how many its shape "
+            "(1, 2, 3, 4+), so that a counting question is answered by reading the named objects."
+            if cfg.get("count_aux")
+            else ""
+        )
         + (
             f" A tower attention guide (weight {cfg['tower_guide_weight']}, training only) asks that at least "
             f"{100 * cfg.get('tower_guide_share', 1.0):.0f}% of the attention the visual tokens receive (mean over heads "
@@ -185,7 +203,8 @@ def write_card(out_dir: Path, results: dict) -> None:
             if cfg.get("tower_guide_weight")
             else ""
         )
-        + f" Each image carries {cfg['extra_turns']} more question turns, their answers labelled too.",
+        + f" Each image carries {cfg['extra_turns']} more question turns, their answers labelled too"
+        + (", each drawn answer-first so the answers a picture allows come up evenly." if cfg.get("balanced_turns") else "."),
         "",
         f"Wall time: {results['train_minutes']:.1f} min of training + {results['eval_minutes']:.1f} min of "
         f"evaluation ({results['machine']}).",

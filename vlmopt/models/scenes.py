@@ -215,10 +215,15 @@ def build(rng: np.random.Generator, family: str, answer: str, config: ShapesConf
     raise RuntimeError(f"could not build a {family}={answer} scene in 100 tries (size {size})")
 
 
-def derive(rng: np.random.Generator, objects: list[Obj], k: int, skip: set[str] = frozenset()) -> list[tuple[Question, str]]:
+def derive(
+    rng: np.random.Generator, objects: list[Obj], k: int, skip: set[str] = frozenset(), balanced: bool = False
+) -> list[tuple[Question, str]]:
     """Up to ``k`` more valid (question, answer) pairs about ``objects`` (training: several turns per image).
 
     Families are drawn uniformly among those with a valid question; texts in ``skip`` are left out.
+    Within a family a question is drawn uniformly, or with ``balanced`` an answer is drawn uniformly
+    among the family's answers on this picture first (so "two" and "no" come up as often as "one"
+    and "yes" wherever the picture allows them).
     """
     present = {(o.colour, o.shape) for o in objects}
     pool: dict[str, list[Question]] = {f: [] for f in IMAGE_FAMILIES}
@@ -238,7 +243,13 @@ def derive(rng: np.random.Generator, objects: list[Obj], k: int, skip: set[str] 
     while len(out) < k and valid:
         family = sorted(valid)[int(rng.integers(len(valid)))]
         options = valid[family]
-        out.append(options.pop(int(rng.integers(len(options)))))
+        if balanced:
+            answers = sorted({a for _, a in options})
+            chosen = answers[int(rng.integers(len(answers)))]
+            picks = [i for i, (_, a) in enumerate(options) if a == chosen]
+            out.append(options.pop(picks[int(rng.integers(len(picks)))]))
+        else:
+            out.append(options.pop(int(rng.integers(len(options)))))
         if not options:
             del valid[family]
     return out

@@ -10,6 +10,8 @@ answer tokens only (one word + end token). Auxiliary losses speed the from-scrat
 
 * per visual token (LLaVA: CLIP patch features at the selected layer; Qwen: merged tokens): the
   colour and the shape of the object covering it (or "none"), and whether an object's centre is in it;
+  optionally its grid coordinates (``--coord-aux``) and how many objects share its colour and its
+  shape (``--count-aux``);
 * LLaVA only: which colours / shapes are in the image, from CLIP's pooled CLS output.
 
 Two training-only attention losses shape where the model looks (see :class:`TrainConfig`): the LM
@@ -85,6 +87,13 @@ class TrainConfig:
     Measured worse with ``coord_aux`` on tiny-llava, both for every family (2×2-patch objects: 31% at
     step 700 against 47%) and for ``count,exist`` (3×3-patch objects: 34% at step 400 against the
     shipped recipe's), so none by default."""
+    guide_split_families: tuple[str, ...] = ()
+    """Families whose answer-position guide splits the heads between two evidence objects: the first
+    half of the heads looks at the first-named object, the second half at the other, so a
+    relative-position answer gets each object's features (its place) apart, not their average."""
+    guide_read_question: bool = False
+    """Also guide each answer position in the first LM layer to look at its own question's colour and
+    shape words, so that from the second layer on it knows what it is asked and can look for it."""
     guide_videos: bool = False
     """Guide video turns too: each answer position looks at the visual tokens of its evidence tracks
     (in every frame they are on screen; the last temporal patch for "now" questions)."""
@@ -100,6 +109,15 @@ class TrainConfig:
     coord_aux: bool = False
     """Auxiliary probe: each visual token's grid row and column (regressed), so where a token is can be
     read from its features, not only from the LM's rotary positions (relative-position questions)."""
+    count_aux: bool = False
+    """Auxiliary probe: on each object token, how many objects of the picture share its colour and how
+    many share its shape (1, 2, 3, 4+). The tower then writes the count into every matching object's
+    tokens, so a counting question becomes the same lookup as a colour question (the answer position
+    reads the named objects); without it the LM must count from attention mass, which it does not learn."""
+    balanced_turns: bool = False
+    """Draw each extra turn's answer uniformly among the answers its family can give on that picture,
+    instead of a question uniformly: derived counting turns are otherwise mostly "one" and existence
+    turns mostly "yes", and the model learns the prior."""
     extra_turns: int = 5
     """More (question, answer) turns per picture, derived from its scene (answers are labelled too):
     several answers per image forward, which speeds learning up a lot. Evaluation is single-turn."""
@@ -130,15 +148,20 @@ class TrainConfig:
         if not 0 < self.tower_guide_share <= 1:
             raise ValueError(f"TrainConfig.tower_guide_share={self.tower_guide_share} must be in (0, 1]")
         known = set(scenes.IMAGE_FAMILIES) | set(videos.STREAM_FAMILIES) | set(videos.NEEDLE_FAMILIES)
-        unknown = sorted(set(self.guide_sink_families) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig.guide_sink_families: unknown families {unknown}; known: {sorted(known)}")
+        for name in ("guide_sink_families", "guide_split_families"):
+            unknown = sorted(set(getattr(self, name)) - known)
+            if unknown:
+                raise ValueError(f"TrainConfig.{name}: unknown families {unknown}; known: {sorted(known)}")
+        both = sorted(set(self.guide_sink_families) & set(self.guide_split_families))
+        if both:
+            raise ValueError(f"TrainConfig: families {both} are in both guide_sink_families and guide_split_families; pick one")
 
 
 PRESETS = {
     "tiny-llava": TrainConfig(
         model="tiny-llava", steps=1100, batch_size=16, extra_turns=8, curriculum=((0, 4, 6),), eval_every=100,
-        tower_guide_weight=0.5, tower_guide_share=0.5,
+        tower_guide_weight=0.5, tower_guide_share=0.5, coord_aux=True, count_aux=True, balanced_turns=True,
+        guide_split_families=("position",), guide_read_question=True,
     ),
     "tiny-qwen25vl": TrainConfig(
         model="tiny-qwen25vl", steps=1200, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
@@ -191,13 +214,18 @@ COORD_SCALE = 1000
 """Grid coordinates are stored in the integer target rows as ``round(COORD_SCALE * index / (side - 1))``."""
 
 
+COUNT_CLASSES = 5
+"""Same-colour / same-shape count classes of :func:`cell_targets`: 0 no object, 1, 2, 3, 4 or more."""
+
+
 def cell_targets(sample: tasks.Sample, frame: int, cell: int) -> np.ndarray:
-    """[5, gh, gw] int64 per ``cell`` px cell: colour (0 none, 1..6), shape (0 none, 1..6), centre (0/1),
-    column and row (0..COORD_SCALE)."""
+    """[7, gh, gw] int64 per ``cell`` px cell: colour (0 none, 1..6), shape (0 none, 1..6), centre (0/1),
+    column and row (0..COORD_SCALE), and how many objects of the frame share the colour, and the shape,
+    of the object covering the cell (0 none, else 1..4, 4 meaning 4 or more)."""
     mask = sample.masks[frame]
     objs = sample.objects[frame]
     gh, gw = mask.shape[0] // cell, mask.shape[1] // cell
-    out = np.zeros((5, gh, gw), np.int64)
+    out = np.zeros((7, gh, gw), np.int64)
     out[3] = np.round(COORD_SCALE * np.arange(gw) / max(gw - 1, 1))[None, :]
     out[4] = np.round(COORD_SCALE * np.arange(gh) / max(gh - 1, 1))[:, None]
     if not objs:
@@ -209,6 +237,9 @@ def cell_targets(sample: tasks.Sample, frame: int, cell: int) -> np.ndarray:
     colour = np.array([COLOURS.index(o.colour) + 1 for o in objs])
     shape = np.array([SHAPES.index(o.shape) + 1 for o in objs])
     out[0][hit], out[1][hit] = colour[best][hit], shape[best][hit]
+    same_colour = np.minimum((colour[:, None] == colour[None]).sum(1), COUNT_CLASSES - 1)
+    same_shape = np.minimum((shape[:, None] == shape[None]).sum(1), COUNT_CLASSES - 1)
+    out[5][hit], out[6][hit] = same_colour[best][hit], same_shape[best][hit]
     for o in objs:
         y, x = min(int(o.cy // cell), gh - 1), min(int(o.cx // cell), gw - 1)
         out[2, y, x] = 1
@@ -216,36 +247,38 @@ def cell_targets(sample: tasks.Sample, frame: int, cell: int) -> np.ndarray:
 
 
 def aux_targets(samples: list[tasks.Sample], cell: int) -> torch.Tensor:
-    """[N, 5] targets (see :func:`cell_targets`), one row per visual token in the model's order (videos:
-    per frame pair, the later frame's labels where it has an object, else the earlier frame's)."""
+    """[N, 7] targets (see :func:`cell_targets`), one row per visual token in the model's order (videos:
+    per frame pair, the later frame's object labels where it has an object, else the earlier frame's)."""
     rows = []
     for s in samples:
         if not s.is_video:
-            rows.append(cell_targets(s, 0, cell).reshape(5, -1).T)
+            rows.append(cell_targets(s, 0, cell).reshape(7, -1).T)
             continue
         T = len(s.objects)
         for t in range(0, T, 2):
             early = cell_targets(s, t, cell)
             late = cell_targets(s, min(t + 1, T - 1), cell)
-            merged = np.where(late[:2] > 0, late[:2], early[:2])
-            centre = np.maximum(early[2], late[2])
-            rows.append(np.concatenate([merged, centre[None], early[3:]]).reshape(5, -1).T)
+            merged = np.where(late[0] > 0, late, early)  # object labels (rows 0, 1, 5, 6) from one frame
+            merged[2] = np.maximum(early[2], late[2])
+            merged[3:5] = early[3:5]
+            rows.append(merged.reshape(7, -1).T)
     return torch.from_numpy(np.concatenate(rows))
 
 
 class AuxHeads(nn.Module):
     """Linear probes trained with the model and then thrown away."""
 
-    def __init__(self, token_dim: int, cls_dim: int | None, coords: bool = False) -> None:
+    def __init__(self, token_dim: int, cls_dim: int | None, coords: bool = False, counts: bool = False) -> None:
         super().__init__()
         self.colour = nn.Linear(token_dim, len(COLOURS) + 1)
         self.shape = nn.Linear(token_dim, len(SHAPES) + 1)
         self.centre = nn.Linear(token_dim, 1)
         self.presence = nn.Linear(cls_dim, len(COLOURS) + len(SHAPES)) if cls_dim else None
         self.coords = nn.Linear(token_dim, 2) if coords else None
+        self.counts = nn.Linear(token_dim, 2 * COUNT_CLASSES) if counts else None
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, cls: torch.Tensor | None, presence: torch.Tensor | None) -> torch.Tensor:
-        """``tokens`` [N, D] visual tokens, ``targets`` [N, 5]; ``cls`` [B, Dc], ``presence`` [B, 12]."""
+        """``tokens`` [N, D] visual tokens, ``targets`` [N, 7]; ``cls`` [B, Dc], ``presence`` [B, 12]."""
         weight = 1.0 + 3.0 * (targets[:, 0] > 0).float()  # objects are a few % of the tokens
         ce = nn.functional.cross_entropy
         loss = (ce(self.colour(tokens), targets[:, 0], reduction="none") * weight).mean()
@@ -258,6 +291,10 @@ class AuxHeads(nn.Module):
         if self.coords is not None:
             where = targets[:, 3:5].float() * (2.0 / COORD_SCALE) - 1.0  # column, row in [-1, 1]
             loss = loss + 4.0 * nn.functional.mse_loss(self.coords(tokens), where)
+        if self.counts is not None:
+            same_colour, same_shape = self.counts(tokens).split(COUNT_CLASSES, dim=-1)
+            loss = loss + (ce(same_colour, targets[:, 5], reduction="none") * weight).mean()
+            loss = loss + (ce(same_shape, targets[:, 6], reduction="none") * weight).mean()
         return loss
 
 
@@ -320,9 +357,11 @@ def track_tokens(sample: tasks.Sample, track_ids: list[int], cell: int, first_fr
     return groups
 
 
-def training_turns(samples: list[tasks.Sample], k: int, cell: int = 14) -> tuple[list[list[tuple[str, str]]], list[list[tuple[str, list[np.ndarray]]]]]:
+def training_turns(
+    samples: list[tasks.Sample], k: int, cell: int = 14, balanced: bool = False
+) -> tuple[list[list[tuple[str, str]]], list[list[tuple[str, list[np.ndarray]]]]]:
     """Extra (question, answer) turns of each picture or video (the same as
-    :meth:`tasks.Sample.more_questions`), and for every turn (the sample's own question first) its
+    :meth:`tasks.Sample.more_questions`; ``balanced``: see :func:`scenes.derive`), and for every turn (the sample's own question first) its
     family and the visual tokens of each evidence object (``cell``: a visual token's side, pixels)."""
     turns, evidence = [], []
     for s in samples:
@@ -334,7 +373,7 @@ def training_turns(samples: list[tasks.Sample], k: int, cell: int = 14) -> tuple
             asked += [(q.family, videos.oracle(q, tracks, frames)[1]) for q, _ in pairs]
             groups = [(f, track_tokens(s, ids, cell, videos.evidence_start(f, frames))) for f, ids in asked]
         else:
-            pairs = scenes.derive(rng, s.objects[0], k, skip={s.question}) if k else []
+            pairs = scenes.derive(rng, s.objects[0], k, skip={s.question}, balanced=balanced) if k else []
             groups = [(s.family, object_cells(s, [o for _, o in s.evidence], cell))]
             groups += [(q.family, object_cells(s, scenes.oracle(q, s.objects[0])[1], cell)) for q, _ in pairs]
         turns.append([(q.text, a) for q, a in pairs])
@@ -374,7 +413,7 @@ class AttentionTap:
 
 
 def lm_attention_rows(tap: AttentionTap, layer: int, key_mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[R, L] causal attention weights (mean over heads) of query ``positions`` of batch ``rows`` in LM
+    """[R, H, L] causal attention weights (per head) of query ``positions`` of batch ``rows`` in LM
     decoder layer ``layer``, recomputed from its Q/K projections and rotary embedding exactly as the
     layer computes them (Llama and Qwen2 layouts; grouped-query heads). ``key_mask`` [B, L] is the
     batch's attention mask (1 = real token)."""
@@ -392,10 +431,25 @@ def lm_attention_rows(tap: AttentionTap, layer: int, key_mask: torch.Tensor, row
     keys = k[rows].repeat_interleave(attn.num_key_value_groups, dim=1)  # [R, H, L, d]
     logits = torch.einsum("rhd,rhld->rhl", q, keys) * attn.scaling
     allowed = key_mask[rows].bool() & (torch.arange(L)[None] <= positions[:, None])
-    return torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).mean(dim=1)
+    return torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
 
-def guide_loss(attention_rows, num_layers: int, batch: dict, evidence, samples, visual_token_id: int, cell: int, words: dict, sink_families) -> torch.Tensor:
+def _head_weights(which: str, heads: int) -> torch.Tensor:
+    """[heads] averaging weights over all heads, or over the first or the second half of them."""
+    w = torch.zeros(heads)
+    if which == "all":
+        w[:] = 1.0
+    elif which == "first":
+        w[: heads // 2] = 1.0
+    else:
+        w[heads // 2 :] = 1.0
+    return w / w.sum()
+
+
+def guide_loss(
+    attention_rows, num_layers: int, batch: dict, evidence, samples, visual_token_id: int, cell: int, words: dict,
+    sink_families, split_families=(), read_question: bool = False,
+) -> torch.Tensor:
     """Attention guide: cross-entropy between a target attention distribution over regions and the
     attention mass on them (attention averaged over heads), averaged over guided positions.
 
@@ -403,29 +457,37 @@ def guide_loss(attention_rows, num_layers: int, batch: dict, evidence, samples, 
     looks at the objects with that attribute (one hop: the query is the word itself). The position
     that predicts each answer, in the middle layers, looks at the answer's evidence objects. For a
     family in ``sink_families`` each of the k objects is a region with target 1/(k+1) and the first
-    real token (an attention sink) takes the rest; otherwise the objects' union is one region with
-    target 1 and a position with no object on screen is skipped. ``attention_rows(layer, rows,
-    positions)`` gives [R, L] attention weights of those query positions; ``evidence[row]`` lists
-    (family, visual-token indices of each evidence object) per answered turn (:func:`training_turns`).
+    real token (an attention sink) takes the rest. For a family in ``split_families`` with two
+    evidence objects (relative position: the first-named object, then the other) the first half of
+    the heads put all their attention on the first object and the second half on the second, so the
+    two objects' features (where each is) reach the answer apart instead of averaged. Otherwise the
+    objects' union is one region with target 1 and a position with no object on screen is skipped.
+    With ``read_question`` the position that predicts each answer also looks, in the first layer, at
+    the colour and shape words of its own question (text tokens, not visual ones). ``attention_rows(layer, rows, positions)`` gives [R, H, L] attention weights of those query
+    positions; ``evidence[row]`` lists (family, visual-token indices of each evidence object) per
+    answered turn (:func:`training_turns`).
     """
     labels, ids, attention_mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
     length = ids.shape[1]
-    regions = {"first": ([], [], [], []), "middle": ([], [], [], [])}  # rows, positions, [L] masks, targets
+    regions = {"first": ([], [], [], [], []), "middle": ([], [], [], [], [])}  # rows, positions, [L] masks, targets, head sets
     guided = {"first": 0, "middle": 0}
 
-    def look(kind, row, pos, groups, visual_pos, sink_pos, sink):
+    def look(kind, row, pos, groups, visual_pos, sink_pos, family):
         cells = [c for c in groups if len(c)]
-        if sink:
-            parts = [visual_pos[c] for c in cells] + [np.array([sink_pos])]
+        if family in sink_families:
+            parts = [(visual_pos[c], 1.0 / (len(cells) + 1), "all") for c in cells]
+            parts.append((np.array([sink_pos]), 1.0 / (len(cells) + 1), "all"))
+        elif family in split_families and len(groups) == 2 and len(cells) == 2:
+            parts = [(visual_pos[cells[0]], 1.0, "first"), (visual_pos[cells[1]], 1.0, "second")]
         elif cells:
-            parts = [visual_pos[np.concatenate(cells)]]
+            parts = [(visual_pos[np.concatenate(cells)], 1.0, "all")]
         else:
             return
-        rows, positions, masks, targets = regions[kind]
-        for part in parts:
+        rows, positions, masks, targets, heads = regions[kind]
+        for part, target, which in parts:
             mask = np.zeros(length, np.float32)
             mask[part] = 1.0
-            rows.append(row), positions.append(pos), masks.append(mask), targets.append(1.0 / len(parts))
+            rows.append(row), positions.append(pos), masks.append(mask), targets.append(target), heads.append(which)
         guided[kind] += 1
 
     for row, sample in enumerate(samples):
@@ -437,18 +499,25 @@ def guide_loss(attention_rows, num_layers: int, batch: dict, evidence, samples, 
             for pos in np.flatnonzero(np.isin(row_ids, list(words))):
                 kind, value = words[int(row_ids[pos])]
                 named = object_cells(sample, [k for k, o in enumerate(objects) if getattr(o, kind) == value], cell)
-                look("first", row, pos, named, visual_pos, sink_pos, False)
+                look("first", row, pos, named, visual_pos, sink_pos, None)
         labelled = labels[row].numpy() != -100
         starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
+        word_pos = np.flatnonzero(np.isin(row_ids, list(words)))
+        previous = 0
         for start, (family, groups) in zip(starts, evidence[row]):
-            look("middle", row, start - 1, groups, visual_pos, sink_pos, family in sink_families)
+            look("middle", row, start - 1, groups, visual_pos, sink_pos, family)
+            asked = word_pos[(word_pos > previous) & (word_pos < start)]
+            if read_question and len(asked):
+                look("first", row, start - 1, [np.arange(len(asked))], asked, sink_pos, None)
+            previous = start
     total, count = torch.zeros(()), 0
     layers = {"first": [0], "middle": list(range(1, max(2, num_layers - 1)))}
-    for kind, (rows, positions, masks, targets) in regions.items():
+    for kind, (rows, positions, masks, targets, heads) in regions.items():
         if rows:
             r, p = torch.tensor(rows), torch.tensor(positions)
-            attn = torch.stack([attention_rows(layer, r, p) for layer in layers[kind]]).mean(dim=0)
-            mass = (attn * torch.from_numpy(np.stack(masks))).sum(-1)
+            attn = torch.stack([attention_rows(layer, r, p) for layer in layers[kind]]).mean(dim=0)  # [R, H, L]
+            weights = torch.stack([_head_weights(which, attn.shape[1]) for which in heads])  # [R, H]
+            mass = ((attn * torch.from_numpy(np.stack(masks))[:, None]).sum(-1) * weights).sum(-1)
             total = total - (torch.tensor(targets) * torch.log(mass + 1e-6)).sum()
             count += guided[kind]
     return total / max(count, 1)
@@ -630,7 +699,7 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
     """(total loss, answer loss, aux loss, guide loss, tower-guide loss) of one batch."""
     video = batch_samples[0].is_video
     cell = 28 if qwen else model.config.vision_config.patch_size
-    turns, evidence = training_turns(batch_samples, cfg.extra_turns, cell)
+    turns, evidence = training_turns(batch_samples, cfg.extra_turns, cell, balanced=cfg.balanced_turns)
     batch = processing.encode(processor, batch_samples, answers=True, turns=turns)
     if not qwen:  # positions count real tokens only, as generate() makes them with left padding
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -645,6 +714,7 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
         g = guide_loss(
             rows, len(taps.lm.modules), batch, evidence, batch_samples, visual_id,
             cell=cell, words=attribute_words(processor.tokenizer), sink_families=cfg.guide_sink_families,
+            split_families=cfg.guide_split_families, read_question=cfg.guide_read_question,
         )
         total = total + cfg.guide_weight * g
     if taps.tower is not None and not video:
@@ -679,7 +749,8 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     aux = None
     if cfg.aux_weight > 0:
         text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
-        aux = AuxHeads(text, None, coords=cfg.coord_aux) if qwen else AuxHeads(vision, vision, coords=cfg.coord_aux)
+        heads = {"coords": cfg.coord_aux, "counts": cfg.count_aux}
+        aux = AuxHeads(text, None, **heads) if qwen else AuxHeads(vision, vision, **heads)
     taps = Taps.attach(model, cfg, qwen)
     params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
     opt = _optimizer(params, cfg)
