@@ -1,0 +1,140 @@
+"""What a reference model's visual tokens encode, and where its answers look.
+
+    python benchmarks/model_probe.py [--model tiny-llava] [--n 320] [--json out.json]
+
+Two diagnostics of a trained reference model (LLaVA or Qwen2.5-VL), on fresh ``train``-split pictures
+(probes) and the recorded test split (attention):
+
+* **Linear probes** on the object tokens the LM receives (LLaVA: CLIP features at the selected layer;
+  Qwen: merged tokens): colour, shape, and how many objects share the token's colour and its shape
+  (:func:`vlmopt.models.train.cell_targets`). A logistic regression fitted on 70% of the tokens,
+  scored on the rest, against the majority class. Whatever a probe cannot read, an LM reading those
+  tokens cannot either.
+* **Answer-position attention**: per question family and LM layer, the attention mass (mean over
+  heads) that the position predicting the answer puts on the question's evidence objects and on all
+  objects. A model that answers by looking at the asked objects puts its middle layers' mass on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmopt import models
+from vlmopt.models import processing, train
+
+PROBES = {"colour": 0, "shape": 1, "same-colour count": 5, "same-shape count": 6}
+"""Probe name → row of :func:`vlmopt.models.train.cell_targets`."""
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 300, seed: int = 0) -> tuple[float, float]:
+    """(held-out accuracy, held-out majority rate) of a linear probe ``features`` [N, D] → ``labels`` [N]
+    fitted on a seeded random 70% of the rows."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.7 * len(labels))
+    fit, held = order[:cut], order[cut:]
+    head = torch.nn.Linear(features.shape[1], int(labels.max()) + 1)
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(features[fit]), labels[fit]).backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = (head(features[held]).argmax(-1) == labels[held]).float().mean().item()
+    majority = (labels[held] == labels[fit].mode().values).float().mean().item()
+    return accuracy, majority
+
+
+def _cell(model, qwen: bool) -> int:
+    return 28 if qwen else model.config.vision_config.patch_size
+
+
+def object_token_probes(model, processor, task, n: int, qwen: bool, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Probe accuracies on the object tokens of ``n`` fresh train-split pictures."""
+    tap = train.VisionTap(model.model.visual if qwen else model.model.vision_tower)
+    feats, targets = [], []
+    for start in range(0, n, batch_size):
+        samples = [task.sample("train", 900_000 + start + i) for i in range(min(batch_size, n - start))]
+        with torch.inference_mode():
+            model(**processing.encode(processor, samples))
+        tokens = tap.pooler_output if qwen else tap.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)
+        feats.append(tokens.float())
+        targets.append(train.aux_targets(samples, _cell(model, qwen)))
+    tap.remove()
+    features, labels = torch.cat(feats), torch.cat(targets)
+    on_object = labels[:, 0] > 0
+    out = {}
+    for name, row in PROBES.items():
+        accuracy, majority = probe_accuracy(features[on_object], labels[on_object, row])
+        out[name] = {"accuracy": round(accuracy, 4), "majority": round(majority, 4), "tokens": int(on_object.sum())}
+    return out
+
+
+def answer_attention(model, processor, task, n: int, qwen: bool, batch_size: int = 16) -> dict[str, dict[str, list[float]]]:
+    """Per family: mean attention mass of the answer position on the evidence objects and on all
+    objects, per LM layer, over the first ``n`` test samples."""
+    layers = model.model.language_model.layers
+    tap = train.AttentionTap([layer.self_attn for layer in layers])
+    visual_id, cell = model.config.image_token_id, _cell(model, qwen)
+    mass: dict[str, list[np.ndarray]] = defaultdict(list)
+    for start in range(0, n, batch_size):
+        samples = [task.sample("test", start + i) for i in range(min(batch_size, n - start))]
+        batch = processing.encode(processor, samples)
+        if not qwen:  # as generate() makes them with left padding
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            model(**batch)
+            L = batch["input_ids"].shape[1]
+            rows, last = torch.arange(len(samples)), torch.full((len(samples),), L - 1)
+            attn = torch.stack([train.lm_attention_rows(tap, i, batch["attention_mask"], rows, last).mean(1) for i in range(len(layers))], 1)
+        for i, s in enumerate(samples):
+            visual = np.flatnonzero(batch["input_ids"][i].numpy() == visual_id)
+            evidence = train.object_cells(s, [k for _, k in s.evidence], cell)
+            every = train.object_cells(s, list(range(len(s.objects[0]))), cell)
+            pick = lambda groups: visual[np.concatenate(groups)] if groups else np.zeros(0, np.int64)  # noqa: E731
+            mass[s.family].append(np.stack([attn[i][:, pick(evidence)].sum(-1).numpy(), attn[i][:, pick(every)].sum(-1).numpy()]))
+    tap.remove()
+    return {
+        family: {"evidence": np.round(np.mean(m, 0)[0], 3).tolist(), "objects": np.round(np.mean(m, 0)[1], 3).tolist()}
+        for family, m in mass.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-llava", help="a reference model's name or directory")
+    parser.add_argument("--n", type=int, default=320, help="pictures for the probes and test samples for the attention")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.n < 10:
+        parser.error(f"--n {args.n}: need at least 10 pictures to fit and score a probe")
+    torch.set_num_threads(args.threads)
+    model, processor = models.load(args.model)
+    model.eval()
+    qwen = "qwen" in type(model).__name__.lower()
+    task = models.task_for(args.model, "shapes")
+    result = {
+        "model": str(args.model),
+        "n": args.n,
+        "probes": object_token_probes(model, processor, task, args.n, qwen),
+        "answer_attention": answer_attention(model, processor, task, args.n, qwen),
+    }
+    print("| probe on object tokens | accuracy | majority |\n|---|---|---|")
+    for name, r in result["probes"].items():
+        print(f"| {name} | {100 * r['accuracy']:.1f}% | {100 * r['majority']:.1f}% |")
+    print("\n| family | answer attention on evidence, per LM layer | on all objects |\n|---|---|---|")
+    for family, r in result["answer_attention"].items():
+        print(f"| {family} | {' / '.join(f'{x:.2f}' for x in r['evidence'])} | {' / '.join(f'{x:.2f}' for x in r['objects'])} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""benchmarks/model_probe.py: the linear probe reads what is there and nothing that is not; the
+report runs end to end on a reference model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import model_probe
+
+
+def test_probe_reads_a_linear_label_and_not_noise():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    features = torch.randn(600, 16, generator=g)
+    readable = (features[:, 3] > 0).long() + 2 * (features[:, 7] > 0).long()
+    accuracy, majority = model_probe.probe_accuracy(features, readable)
+    assert accuracy > 0.8 and majority < 0.4
+    noise = torch.randint(0, 4, (600,), generator=g)
+    accuracy, majority = model_probe.probe_accuracy(features, noise)
+    assert accuracy < majority + 0.15
+
+
+def test_report_runs_on_tiny_llava(tmp_path, capsys):
+    result = model_probe.main(["--model", "tiny-llava", "--n", "20", "--json", str(tmp_path / "p.json")])
+    assert set(result["probes"]) == set(model_probe.PROBES)
+    for r in result["probes"].values():
+        assert 0.0 <= r["majority"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0 and r["tokens"] > 0
+    for r in result["answer_attention"].values():
+        assert len(r["evidence"]) == 4 and all(e <= o + 1e-6 for e, o in zip(r["evidence"], r["objects"]))
+    assert (tmp_path / "p.json").exists() and "| colour |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        model_probe.main(["--n", "3"])
