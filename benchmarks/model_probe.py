@@ -34,11 +34,13 @@ PROBES = {"colour": 0, "shape": 1, "same-colour count": 5, "same-shape count": 6
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 300, seed: int = 0) -> tuple[float, float]:
     """(held-out accuracy, held-out majority rate) of a linear probe ``features`` [N, D] → ``labels`` [N]
-    fitted on a seeded random 70% of the rows."""
+    fitted on a seeded random 70% of the rows (the split and the initialisation are seeded)."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     cut = int(0.7 * len(labels))
     fit, held = order[:cut], order[cut:]
-    head = torch.nn.Linear(features.shape[1], int(labels.max()) + 1)
+    with torch.random.fork_rng():  # a seeded initialisation, without touching the caller's generator
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(features.shape[1], int(labels.max()) + 1)
     opt = torch.optim.Adam(head.parameters(), 1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -50,10 +52,6 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 30
     return accuracy, majority
 
 
-def _cell(model, qwen: bool) -> int:
-    return 28 if qwen else model.config.vision_config.patch_size
-
-
 def object_token_probes(model, processor, task, n: int, qwen: bool, batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Probe accuracies on the object tokens of ``n`` fresh train-split pictures."""
     tap = train.VisionTap(model.model.visual if qwen else model.model.vision_tower)
@@ -62,9 +60,8 @@ def object_token_probes(model, processor, task, n: int, qwen: bool, batch_size: 
         samples = [task.sample("train", 900_000 + start + i) for i in range(min(batch_size, n - start))]
         with torch.inference_mode():
             model(**processing.encode(processor, samples))
-        tokens = tap.pooler_output if qwen else tap.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)
-        feats.append(tokens.float())
-        targets.append(train.aux_targets(samples, _cell(model, qwen)))
+        feats.append(tap.visual_tokens(model, qwen).float())
+        targets.append(train.aux_targets(samples, train.token_cell(model)))
     tap.remove()
     features, labels = torch.cat(feats), torch.cat(targets)
     on_object = labels[:, 0] > 0
@@ -80,7 +77,7 @@ def answer_attention(model, processor, task, n: int, qwen: bool, batch_size: int
     objects, per LM layer, over the first ``n`` test samples."""
     layers = model.model.language_model.layers
     tap = train.AttentionTap([layer.self_attn for layer in layers])
-    visual_id, cell = model.config.image_token_id, _cell(model, qwen)
+    visual_id, cell = model.config.image_token_id, train.token_cell(model)
     mass: dict[str, list[np.ndarray]] = defaultdict(list)
     for start in range(0, n, batch_size):
         samples = [task.sample("test", start + i) for i in range(min(batch_size, n - start))]
@@ -96,8 +93,8 @@ def answer_attention(model, processor, task, n: int, qwen: bool, batch_size: int
             visual = np.flatnonzero(batch["input_ids"][i].numpy() == visual_id)
             evidence = train.object_cells(s, [k for _, k in s.evidence], cell)
             every = train.object_cells(s, list(range(len(s.objects[0]))), cell)
-            pick = lambda groups: visual[np.concatenate(groups)] if groups else np.zeros(0, np.int64)  # noqa: E731
-            mass[s.family].append(np.stack([attn[i][:, pick(evidence)].sum(-1).numpy(), attn[i][:, pick(every)].sum(-1).numpy()]))
+            on = [visual[np.concatenate(g)] if g else np.zeros(0, np.int64) for g in (evidence, every)]
+            mass[s.family].append(np.stack([attn[i][:, positions].sum(-1).numpy() for positions in on]))
     tap.remove()
     return {
         family: {"evidence": np.round(np.mean(m, 0)[0], 3).tolist(), "objects": np.round(np.mean(m, 0)[1], 3).tolist()}

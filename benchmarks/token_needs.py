@@ -27,7 +27,7 @@ import vlmopt
 from vlmopt import models
 from vlmopt.adapters import adapter_for
 from vlmopt.models import processing, tasks
-from vlmopt.models.train import object_cells
+from vlmopt.models.train import object_cells, token_cell
 from vlmopt.viz import kept_tokens
 
 MODES = ("all tokens", "objects + 1/3 background", "objects only", "evidence objects only", "all but one evidence token")
@@ -95,15 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = models.load(args.model)
     task = models.task_for(args.model, "shapes")
     kind = type(model).__name__
-    if kind == "LlavaForConditionalGeneration":
-        cell = model.config.vision_config.patch_size
-        n_tokens = (model.config.vision_config.image_size // cell) ** 2
-    elif kind == "Qwen2_5_VLForConditionalGeneration":  # one token per 2×2 merge group of 14 px patches
-        vision = model.config.vision_config
-        cell = vision.patch_size * vision.spatial_merge_size
-        n_tokens = (task.config.size // cell) ** 2
-    else:
+    if kind not in ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
         raise SystemExit(f"token_needs.py knows LLaVA and Qwen2.5-VL token grids; {args.model} is a {kind}")
+    cell = token_cell(model)  # Qwen: one token per 2×2 merge group of 14 px patches
+    side = model.config.vision_config.image_size if kind == "LlavaForConditionalGeneration" else task.config.size
+    n_tokens = (side // cell) ** 2
     samples = task.samples("test", n=args.n)
     batches = [processing.encode(processor, [s]) for s in samples]
     objects = [object_tokens(s, cell) for s in samples]

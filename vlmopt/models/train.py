@@ -308,6 +308,13 @@ def presence_targets(samples: list[tasks.Sample]) -> torch.Tensor:
     return out
 
 
+def token_cell(model) -> int:
+    """Side, in pixels, of the image square one visual token of ``model`` covers: a CLIP patch for
+    LLaVA, a 2×2 merge group of patches for Qwen2.5-VL."""
+    vision = model.config.vision_config
+    return vision.patch_size * getattr(vision, "spatial_merge_size", 1)
+
+
 class VisionTap:
     """Keeps the vision tower's last output (a forward hook), for the auxiliary losses."""
 
@@ -318,6 +325,13 @@ class VisionTap:
     def _hook(self, module, args, output) -> None:
         # copy now: LLaVA / Qwen overwrite ``pooler_output`` of this object afterwards
         self.hidden_states, self.pooler_output = output.hidden_states, output.pooler_output
+
+    def visual_tokens(self, model, qwen: bool) -> torch.Tensor:
+        """[N, D] the visual tokens the auxiliary probes read, in :func:`aux_targets` order: Qwen's
+        merged tokens, LLaVA's CLIP patch features (no CLS) at the layer the projector reads."""
+        if qwen:
+            return self.pooler_output
+        return self.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)
 
     def remove(self) -> None:
         self.handle.remove()
@@ -463,7 +477,8 @@ def guide_loss(
     two objects' features (where each is) reach the answer apart instead of averaged. Otherwise the
     objects' union is one region with target 1 and a position with no object on screen is skipped.
     With ``read_question`` the position that predicts each answer also looks, in the first layer, at
-    the colour and shape words of its own question (text tokens, not visual ones). ``attention_rows(layer, rows, positions)`` gives [R, H, L] attention weights of those query
+    the colour and shape words of its own question (text tokens, not visual ones).
+    ``attention_rows(layer, rows, positions)`` gives [R, H, L] attention weights of those query
     positions; ``evidence[row]`` lists (family, visual-token indices of each evidence object) per
     answered turn (:func:`training_turns`).
     """
@@ -471,6 +486,15 @@ def guide_loss(
     length = ids.shape[1]
     regions = {"first": ([], [], [], [], []), "middle": ([], [], [], [], [])}  # rows, positions, [L] masks, targets, head sets
     guided = {"first": 0, "middle": 0}
+
+    def guide(kind, row, pos, parts):
+        """Guide query ``pos`` of ``row``: each part is (key positions, target mass, head set)."""
+        rows, positions, masks, targets, heads = regions[kind]
+        for part, target, which in parts:
+            mask = np.zeros(length, np.float32)
+            mask[part] = 1.0
+            rows.append(row), positions.append(pos), masks.append(mask), targets.append(target), heads.append(which)
+        guided[kind] += 1
 
     def look(kind, row, pos, groups, visual_pos, sink_pos, family):
         cells = [c for c in groups if len(c)]
@@ -483,32 +507,27 @@ def guide_loss(
             parts = [(visual_pos[np.concatenate(cells)], 1.0, "all")]
         else:
             return
-        rows, positions, masks, targets, heads = regions[kind]
-        for part, target, which in parts:
-            mask = np.zeros(length, np.float32)
-            mask[part] = 1.0
-            rows.append(row), positions.append(pos), masks.append(mask), targets.append(target), heads.append(which)
-        guided[kind] += 1
+        guide(kind, row, pos, parts)
 
     for row, sample in enumerate(samples):
         row_ids = ids[row].numpy()
         visual_pos = np.flatnonzero(row_ids == visual_token_id)
         sink_pos = int(np.flatnonzero(attention_mask[row].numpy())[0])
+        word_pos = np.flatnonzero(np.isin(row_ids, list(words)))
         if not sample.is_video:  # a word of a video question names objects in many frames: not guided
             objects = sample.objects[0]
-            for pos in np.flatnonzero(np.isin(row_ids, list(words))):
+            for pos in word_pos:
                 kind, value = words[int(row_ids[pos])]
                 named = object_cells(sample, [k for k, o in enumerate(objects) if getattr(o, kind) == value], cell)
                 look("first", row, pos, named, visual_pos, sink_pos, None)
         labelled = labels[row].numpy() != -100
         starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
-        word_pos = np.flatnonzero(np.isin(row_ids, list(words)))
         previous = 0
         for start, (family, groups) in zip(starts, evidence[row]):
             look("middle", row, start - 1, groups, visual_pos, sink_pos, family)
             asked = word_pos[(word_pos > previous) & (word_pos < start)]
             if read_question and len(asked):
-                look("first", row, start - 1, [np.arange(len(asked))], asked, sink_pos, None)
+                guide("first", row, start - 1, [(asked, 1.0, "all")])
             previous = start
     total, count = torch.zeros(()), 0
     layers = {"first": [0], "middle": list(range(1, max(2, num_layers - 1)))}
@@ -698,7 +717,7 @@ class Taps:
 def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Taps, cfg: TrainConfig, qwen: bool):
     """(total loss, answer loss, aux loss, guide loss, tower-guide loss) of one batch."""
     video = batch_samples[0].is_video
-    cell = 28 if qwen else model.config.vision_config.patch_size
+    cell = token_cell(model)
     turns, evidence = training_turns(batch_samples, cfg.extra_turns, cell, balanced=cfg.balanced_turns)
     batch = processing.encode(processor, batch_samples, answers=True, turns=turns)
     if not qwen:  # positions count real tokens only, as generate() makes them with left padding
@@ -724,12 +743,8 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
     if aux is None:
         return total, lm.detach(), zero, g.detach(), t.detach()
     vision = taps.vision
-    if qwen:
-        tokens, cls, presence = vision.pooler_output, None, None
-    else:
-        tokens = vision.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)
-        cls, presence = vision.pooler_output, presence_targets(batch_samples)
-    a = aux.loss(tokens, aux_targets(batch_samples, cell=cell), cls, presence)
+    cls, presence = (None, None) if qwen else (vision.pooler_output, presence_targets(batch_samples))
+    a = aux.loss(vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence)
     return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach()
 
 
