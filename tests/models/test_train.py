@@ -124,13 +124,129 @@ def test_sink_guide_sends_a_no_to_the_sink(llava_processor):
     assert float(train.guide_loss(_rows([elsewhere] * 4), 4, batch, evidence, [sample], visual, 14, no_words, ("count",))) == 0.0
 
 
+@pytest.mark.parametrize("name, source", [("tiny-llava", "projector"), ("tiny-qwen25vl", "lm")])
+def test_coordinate_probe_reads_the_tokens_it_is_pointed_at(name, source):
+    """``coord_aux_from`` moves the coordinate probe onto LLaVA's projector output or the LM's
+    second-layer input: one row per visual token there, and the probe gets a gradient."""
+    with pytest.raises(ValueError, match="needs coord_aux=True"):
+        train.TrainConfig(model=name, steps=1, batch_size=1, coord_aux_from=source)
+    with pytest.raises(ValueError, match="expected tower, projector or lm"):
+        train.TrainConfig(model=name, steps=1, batch_size=1, coord_aux=True, coord_aux_from="neck")
+    with pytest.raises(ValueError, match="LLaVA's"):
+        train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=1, coord_aux=True, coord_aux_from="projector")
+    cfg = train.TrainConfig(model=name, steps=1, batch_size=2, extra_turns=1, coord_aux=True, coord_aux_from=source)
+    model, processor, _ = train.build_model(name, seed=0)
+    qwen = name == "tiny-qwen25vl"
+    taps = train.Taps.attach(model, cfg, qwen=qwen)
+    text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
+    aux = train.AuxHeads(text, None, coords=True) if qwen else train.AuxHeads(vision, vision, coords=True, coord_dim=text)
+    task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
+    samples = [task.sample("train", 100 + i) for i in range(2)]
+    train.forward_loss(model, processor, samples, aux, taps, cfg, qwen=qwen)[0].backward()
+    assert (taps.projector is not None) == (source == "projector")
+    if source == "projector":
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        assert taps.projector.output.shape == (2, side**2, text)
+    assert aux.coords.in_features == text and aux.coords.weight.grad.abs().sum() > 0
+    taps.remove()
+
+
+def test_relation_targets_place_both_objects_at_each_position_answer(llava_processor):
+    """Every relative-position turn of a batch gets one target row, read at the position that
+    predicts its answer; the two objects' coordinates give back the answer word (the larger offset's
+    sign), and the aux loss trains the probe from the LM's residual stream."""
+    task = tasks.get("shapes", size=224, grid=14)
+    samples = [task.sample("train", 300 + i) for i in range(6)]
+    turns, evidence = train.training_turns(samples, 8, balanced=True)
+    batch = processing.encode(llava_processor, samples, answers=True, turns=turns)
+    rows, positions, where = train.relation_targets(batch["labels"], evidence, grid_w=16)
+    answers = [(r, a) for r, s in enumerate(samples) for a in [s.answer] + [a for _, a in turns[r]]]
+    families = [family for groups in evidence for family, _ in groups]
+    expected = [(r, a) for (r, a), family in zip(answers, families) if family == "position"]
+    assert len(rows) == len(expected) >= 3 and where.shape == (len(rows), 4)
+    assert where.abs().max() <= 1.0
+    for (row, pos), target, (want_row, answer) in zip(zip(rows, positions), where, expected):
+        assert row == want_row
+        dx, dy = float(target[0] - target[2]), float(target[1] - target[3])
+        relation = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+        assert relation == answer
+        assert batch["labels"][row, pos] == -100 and batch["labels"][row, pos + 1] != -100
+        assert llava_processor.tokenizer.decode(batch["labels"][row, pos + 1 : pos + 2]) == answer
+    with pytest.raises(ValueError, match="relation_aux needs"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, relation_aux=True, guide_weight=0.0)
+    cfg = train.TrainConfig(model="tiny-llava", steps=1, batch_size=6, extra_turns=8, balanced_turns=True, relation_aux=True)
+    model, processor, _ = train.build_model("tiny-llava", seed=0)
+    taps = train.Taps.attach(model, cfg, qwen=False)
+    text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
+    aux = train.AuxHeads(vision, vision, relation_dim=text)
+    train.forward_loss(model, processor, samples, aux, taps, cfg, qwen=False)[0].backward()
+    assert aux.relation.weight.grad.abs().sum() > 0
+    taps.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
+def test_background_dropout_hides_only_background_tokens_from_the_lm(name):
+    """Dropped tokens are background (no object covers them), some pictures lose some, and the LM
+    cannot see them: noise added to their embeddings leaves the answer logits unchanged, while the
+    same noise on kept tokens changes them. With nothing dropped the training forward (Qwen: M-RoPE
+    positions computed first, on the full mask) equals HF's own bit for bit."""
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        train.TrainConfig(model=name, steps=1, batch_size=1, background_dropout=1.5)
+    model, processor, _ = train.build_model(name, seed=0)
+    model.eval()
+    qwen = name == "tiny-qwen25vl"
+    task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
+    cell = train.token_cell(model)
+    samples = [task.sample("train", 500 + i) for i in range(6)]
+    turns, _ = train.training_turns(samples, 2, cell)
+    batch = processing.encode(processor, samples, answers=True, turns=turns)
+    visual_id = model.config.image_token_id
+    mask = train.drop_background(batch["attention_mask"], batch["input_ids"], samples, visual_id, cell, share=1.0)
+    assert torch.equal(mask, train.drop_background(batch["attention_mask"], batch["input_ids"], samples, visual_id, cell, share=1.0))
+    assert torch.equal(train.drop_background(batch["attention_mask"], batch["input_ids"], samples, visual_id, cell, share=0.0), batch["attention_mask"])
+    dropped = (batch["attention_mask"] == 1) & (mask == 0)
+    assert dropped.sum() > 0 and bool((batch["input_ids"][dropped] == visual_id).all())
+    for row, sample in enumerate(samples):
+        visual = np.flatnonzero(batch["input_ids"][row].numpy() == visual_id)
+        on_objects = np.concatenate(train.object_cells(sample, list(range(len(sample.objects[0]))), cell))
+        assert not dropped[row, visual[on_objects]].any()
+
+    if qwen:
+        positions = train.qwen_image_positions(model, batch)
+    else:
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
+
+    def logits(attention_mask, noise_on=None, position_ids=positions):
+        def add_noise(module, args, kwargs):
+            embeds = kwargs["inputs_embeds"]
+            noise = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+            return args, {**kwargs, "inputs_embeds": embeds + 5.0 * noise * noise_on[..., None]}
+
+        handle = model.model.language_model.register_forward_pre_hook(add_noise, with_kwargs=True) if noise_on is not None else None
+        with torch.no_grad():
+            out = model(**inputs, attention_mask=attention_mask, position_ids=position_ids).logits
+        if handle is not None:
+            handle.remove()
+        return out[batch["labels"] != -100]
+
+    if qwen:  # (LLaVA's training forward passes its left-padding positions either way)
+        with torch.no_grad():
+            plain = model(**inputs, attention_mask=batch["attention_mask"]).logits[batch["labels"] != -100]
+        assert torch.equal(logits(batch["attention_mask"]), plain)
+    clean = logits(mask)
+    torch.testing.assert_close(logits(mask, dropped.float()), clean, rtol=0, atol=1e-5)
+    kept_visual = ((mask == 1) & (batch["input_ids"] == visual_id)).float()
+    assert (logits(mask, kept_visual) - clean).abs().max() > 1e-2
+
+
 def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--model", "tiny-llava", "--coord-aux", "maybe"])
     assert "expected true or false" in capsys.readouterr().err
     cfg = train.TrainConfig(
         model="tiny-llava", steps=2, batch_size=2, extra_turns=1, curriculum=((0, 1, 2),), eval_every=2, eval_n=2, test_n=2,
-        warmup=1, coord_aux=True, tower_guide_weight=0.5,
+        warmup=1, coord_aux=True, coord_aux_from="projector", tower_guide_weight=0.5,
     )
     results = train.train(cfg, tmp_path / "m", log=lambda *a: None)
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "README.md").exists()

@@ -186,7 +186,29 @@ def write_card(out_dir: Path, results: dict) -> None:
             if cfg.get("guide_split_families")
             else ""
         )
-        + (" A probe regresses each visual token's grid row and column." if cfg.get("coord_aux") else "")
+        + (
+            " A probe regresses each visual token's grid row and column"
+            + {
+                "projector": " from the projector's output (the tokens the LM receives).",
+                "lm": " from the input of the LM's second layer (after one LM layer with its rotary positions).",
+            }.get(cfg.get("coord_aux_from", "tower"), ".")
+            if cfg.get("coord_aux")
+            else ""
+        )
+        + (
+            f" In {100 * cfg['background_dropout']:.0f}% of the training pictures part of the background is hidden from "
+            "the LM (each token no object covers is masked out of attention with a probability drawn per picture "
+            "from U[0, 0.9), positions kept), so that the answers rest on the objects, not on how much background "
+            "is left."
+            if cfg.get("background_dropout")
+            else ""
+        )
+        + (
+            " At the answer position of each relative-position turn, a probe regresses both named objects' grid "
+            "coordinates from the LM's residual stream after its last guided layer."
+            if cfg.get("relation_aux")
+            else ""
+        )
         + (
             " A probe classifies, on each object token, how many objects share its colour and how many its shape "
             "(1, 2, 3, 4+), so that a counting question is answered by reading the named objects."

@@ -109,6 +109,21 @@ class TrainConfig:
     coord_aux: bool = False
     """Auxiliary probe: each visual token's grid row and column (regressed), so where a token is can be
     read from its features, not only from the LM's rotary positions (relative-position questions)."""
+    coord_aux_from: str = "tower"
+    """Where that probe reads each visual token: ``tower`` (LLaVA: the CLIP features the projector
+    reads; Qwen: the merged tokens), ``projector`` (LLaVA: the projector's output, the tokens the LM
+    receives) or ``lm`` (the input of the LM's second layer: on Qwen, whose tower has rotary positions
+    only, one LM layer with M-RoPE is the first place a token can learn where it is). Measured on the
+    stop-11 tiny-llava: the coordinates are linear in the CLIP features (R² 0.96) but mostly gone after
+    the projector (0.39 column, 0.52 row), and relative-position answers stayed at chance."""
+    relation_aux: bool = False
+    """Auxiliary probe at the answer position of each relative-position turn: from the LM's residual
+    stream after its last guided layer (normalised, as the next layer reads it), regress the grid
+    column and row of both named objects (first-named, then the other). It asks the split heads to
+    carry each object's place into the answer, which the answer loss alone did not teach: on a
+    tiny-llava whose LM inputs carry the coordinates (R² 0.96) and whose split heads put 89–97% of
+    their attention on their object, the answer was linearly decodable there at 44% (majority 19%)
+    and the model answered at chance."""
     count_aux: bool = False
     """Auxiliary probe: on each object token, how many objects of the picture share its colour and how
     many share its shape (1, 2, 3, 4+). The tower then writes the count into every matching object's
@@ -118,6 +133,14 @@ class TrainConfig:
     """Draw each extra turn's answer uniformly among the answers its family can give on that picture,
     instead of a question uniformly: derived counting turns are otherwise mostly "one" and existence
     turns mostly "yes", and the model learns the prior."""
+    background_dropout: float = 0.0
+    """Share of training pictures in which part of the background is hidden from the LM: each
+    visual token no object covers is masked out of attention with a probability drawn per picture
+    from U[0, 0.9) (positions kept, as the pruning passes keep them). Measured on stop-12's
+    tiny-llava: its last, unguided LM layer put 59–72% of an existence answer's attention on
+    background tokens, and HiPrune at 1/3, which keeps every object token, cost 18 points of
+    existence. With it the answers rest on the objects whatever background is left; pruners that
+    drop object tokens still lose. 0 disables it."""
     extra_turns: int = 5
     """More (question, answer) turns per picture, derived from its scene (answers are labelled too):
     several answers per image forward, which speeds learning up a lot. Evaluation is single-turn."""
@@ -145,6 +168,18 @@ class TrainConfig:
         for name in ("lr", "aux_weight", "guide_weight", "tower_guide_weight", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.background_dropout <= 1:
+            raise ValueError(f"TrainConfig.background_dropout={self.background_dropout} must be in [0, 1]")
+        if self.relation_aux and (self.guide_weight <= 0 or self.aux_weight <= 0):
+            raise ValueError("TrainConfig.relation_aux needs guide_weight > 0 and aux_weight > 0 (it reads the guide's LM taps)")
+        if self.coord_aux_from not in ("tower", "projector", "lm"):
+            raise ValueError(f"TrainConfig.coord_aux_from={self.coord_aux_from!r}: expected tower, projector or lm")
+        if self.coord_aux_from != "tower" and not self.coord_aux:
+            raise ValueError("TrainConfig.coord_aux_from needs coord_aux=True (it moves that probe)")
+        if self.coord_aux_from == "projector" and self.model != "tiny-llava":
+            raise ValueError("TrainConfig.coord_aux_from='projector' is LLaVA's; Qwen's merged tokens are its projector output ('tower')")
+        if self.coord_aux_from == "lm" and self.guide_weight <= 0:
+            raise ValueError("TrainConfig.coord_aux_from='lm' needs guide_weight > 0 (it reads the guide's LM taps)")
         if not 0 < self.tower_guide_share <= 1:
             raise ValueError(f"TrainConfig.tower_guide_share={self.tower_guide_share} must be in (0, 1]")
         known = set(scenes.IMAGE_FAMILIES) | set(videos.STREAM_FAMILIES) | set(videos.NEEDLE_FAMILIES)
@@ -160,8 +195,8 @@ class TrainConfig:
 PRESETS = {
     "tiny-llava": TrainConfig(
         model="tiny-llava", steps=1100, batch_size=16, extra_turns=8, curriculum=((0, 4, 6),), eval_every=100,
-        tower_guide_weight=0.5, tower_guide_share=0.5, coord_aux=True, count_aux=True, balanced_turns=True,
-        guide_split_families=("position",), guide_read_question=True,
+        tower_guide_weight=0.5, tower_guide_share=0.5, coord_aux=True, coord_aux_from="projector", relation_aux=True,
+        count_aux=True, balanced_turns=True, background_dropout=0.5, guide_split_families=("position",), guide_read_question=True,
     ),
     "tiny-qwen25vl": TrainConfig(
         model="tiny-qwen25vl", steps=1200, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
@@ -268,17 +303,26 @@ def aux_targets(samples: list[tasks.Sample], cell: int) -> torch.Tensor:
 class AuxHeads(nn.Module):
     """Linear probes trained with the model and then thrown away."""
 
-    def __init__(self, token_dim: int, cls_dim: int | None, coords: bool = False, counts: bool = False) -> None:
+    def __init__(
+        self, token_dim: int, cls_dim: int | None, coords: bool = False, counts: bool = False,
+        coord_dim: int | None = None, relation_dim: int | None = None,
+    ) -> None:
         super().__init__()
+        self.relation = nn.Linear(relation_dim, 4) if relation_dim else None
         self.colour = nn.Linear(token_dim, len(COLOURS) + 1)
         self.shape = nn.Linear(token_dim, len(SHAPES) + 1)
         self.centre = nn.Linear(token_dim, 1)
         self.presence = nn.Linear(cls_dim, len(COLOURS) + len(SHAPES)) if cls_dim else None
-        self.coords = nn.Linear(token_dim, 2) if coords else None
+        self.coords = nn.Linear(coord_dim or token_dim, 2) if coords else None
         self.counts = nn.Linear(token_dim, 2 * COUNT_CLASSES) if counts else None
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, cls: torch.Tensor | None, presence: torch.Tensor | None) -> torch.Tensor:
-        """``tokens`` [N, D] visual tokens, ``targets`` [N, 7]; ``cls`` [B, Dc], ``presence`` [B, 12]."""
+    def loss(
+        self, tokens: torch.Tensor, targets: torch.Tensor, cls: torch.Tensor | None, presence: torch.Tensor | None,
+        coord_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``tokens`` [N, D] visual tokens, ``targets`` [N, 7]; ``cls`` [B, Dc], ``presence`` [B, 12];
+        ``coord_tokens`` [N, Dp] the same tokens elsewhere in the model, for the coordinate probe
+        (default: ``tokens``)."""
         weight = 1.0 + 3.0 * (targets[:, 0] > 0).float()  # objects are a few % of the tokens
         ce = nn.functional.cross_entropy
         loss = (ce(self.colour(tokens), targets[:, 0], reduction="none") * weight).mean()
@@ -290,12 +334,64 @@ class AuxHeads(nn.Module):
             loss = loss + nn.functional.binary_cross_entropy_with_logits(self.presence(cls), presence)
         if self.coords is not None:
             where = targets[:, 3:5].float() * (2.0 / COORD_SCALE) - 1.0  # column, row in [-1, 1]
-            loss = loss + 4.0 * nn.functional.mse_loss(self.coords(tokens), where)
+            coord_from = tokens if coord_tokens is None else coord_tokens
+            loss = loss + 4.0 * nn.functional.mse_loss(self.coords(coord_from), where)
         if self.counts is not None:
             same_colour, same_shape = self.counts(tokens).split(COUNT_CLASSES, dim=-1)
             loss = loss + (ce(same_colour, targets[:, 5], reduction="none") * weight).mean()
             loss = loss + (ce(same_shape, targets[:, 6], reduction="none") * weight).mean()
         return loss
+
+
+def relation_targets(labels: torch.Tensor, evidence, grid_w: int) -> tuple[list[int], list[int], torch.Tensor]:
+    """(batch rows, query positions, [R, 4] targets) of :attr:`TrainConfig.relation_aux`: for every
+    relative-position turn with both objects on screen, the position that predicts its answer and
+    the mean grid column and row of each object's tokens (first-named object first), in [-1, 1].
+    ``labels`` [B, L] (-100 off the answers), ``evidence`` as :func:`training_turns` returns it,
+    ``grid_w`` visual tokens per row."""
+    rows, positions, targets = [], [], []
+    scale = 2.0 / max(grid_w - 1, 1)
+    for row in range(labels.shape[0]):
+        labelled = labels[row].numpy() != -100
+        starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
+        for start, (family, groups) in zip(starts, evidence[row]):
+            if family != "position" or len(groups) != 2 or not all(len(g) for g in groups):
+                continue
+            first, other = [((g % grid_w).mean() * scale - 1.0, (g // grid_w).mean() * scale - 1.0) for g in groups]
+            rows.append(row), positions.append(int(start) - 1)
+            targets.append([*first, *other])
+    return rows, positions, torch.tensor(targets, dtype=torch.float32).reshape(-1, 4)
+
+
+BACKGROUND_DROP_MAX = 0.9
+"""Largest per-picture drop probability of :attr:`TrainConfig.background_dropout`."""
+
+
+def drop_background(attention_mask: torch.Tensor, input_ids: torch.Tensor, samples: list[tasks.Sample], visual_id: int, cell: int, share: float) -> torch.Tensor:
+    """``attention_mask`` [B, L] with some background visual tokens set to 0 (see
+    :attr:`TrainConfig.background_dropout`): a picture is chosen with probability ``share``, then
+    each of its visual tokens that no object covers (``object_cells``) is dropped with probability
+    U[0, BACKGROUND_DROP_MAX); seeded by each sample's index, so a run stays reproducible."""
+    mask = attention_mask.clone()
+    for row, sample in enumerate(samples):
+        rng = np.random.default_rng([1, sample.index])
+        if rng.random() >= share:
+            continue
+        visual = np.flatnonzero(input_ids[row].numpy() == visual_id)
+        cells = object_cells(sample, list(range(len(sample.objects[0]))), cell)
+        background = np.setdiff1d(np.arange(len(visual)), np.concatenate(cells) if cells else [])
+        drop = background[rng.random(len(background)) < rng.uniform(0, BACKGROUND_DROP_MAX)]
+        mask[row, visual[drop]] = 0
+    return mask
+
+
+def qwen_image_positions(model, batch: dict) -> torch.Tensor:
+    """[3, B, L] the M-RoPE positions Qwen2.5-VL computes for an image batch from its attention mask
+    (HF's own :meth:`compute_3d_position_ids`), to pass explicitly once the mask has holes."""
+    return model.model.compute_3d_position_ids(
+        input_ids=batch["input_ids"], image_grid_thw=batch["image_grid_thw"], video_grid_thw=None, inputs_embeds=None,
+        attention_mask=batch["attention_mask"], cache=None, mm_token_type_ids=batch["mm_token_type_ids"],
+    )
 
 
 def presence_targets(samples: list[tasks.Sample]) -> torch.Tensor:
@@ -332,6 +428,20 @@ class VisionTap:
         if qwen:
             return self.pooler_output
         return self.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class OutputTap:
+    """Keeps a module's last output tensor (a forward hook): LLaVA's projector, for the coordinate probe."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.output = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.output = output
 
     def remove(self) -> None:
         self.handle.remove()
@@ -687,6 +797,7 @@ class Taps:
     vision: VisionTap | None = None
     lm: AttentionTap | None = None
     tower: AttentionTap | None = None
+    projector: OutputTap | None = None
 
     @classmethod
     def attach(cls, model, cfg: TrainConfig, qwen: bool) -> Taps:
@@ -706,10 +817,11 @@ class Taps:
             vision=VisionTap(vision) if vision is not None else None,
             lm=AttentionTap([layer.self_attn for layer in lm_layers]) if cfg.guide_weight > 0 else None,
             tower=tower,
+            projector=OutputTap(model.model.multi_modal_projector) if cfg.coord_aux_from == "projector" and vision is not None else None,
         )
 
     def remove(self) -> None:
-        for tap in (self.vision, self.lm, self.tower):
+        for tap in (self.vision, self.lm, self.tower, self.projector):
             if tap is not None:
                 tap.remove()
 
@@ -722,6 +834,12 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
     batch = processing.encode(processor, batch_samples, answers=True, turns=turns)
     if not qwen:  # positions count real tokens only, as generate() makes them with left padding
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    if cfg.background_dropout > 0 and not video:  # after the positions: dropped tokens keep theirs
+        if qwen:  # M-RoPE positions come from the attention mask: compute them on the full one first
+            batch["position_ids"] = qwen_image_positions(model, batch)
+        batch["attention_mask"] = drop_background(
+            batch["attention_mask"], batch["input_ids"], batch_samples, model.config.image_token_id, cell, cfg.background_dropout
+        )
     out = model(**batch)
     lm = out.loss
     total = lm
@@ -744,7 +862,21 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
         return total, lm.detach(), zero, g.detach(), t.detach()
     vision = taps.vision
     cls, presence = (None, None) if qwen else (vision.pooler_output, presence_targets(batch_samples))
-    a = aux.loss(vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence)
+    coord_tokens = None
+    if cfg.coord_aux_from == "projector":
+        coord_tokens = taps.projector.output.flatten(0, 1)
+    elif cfg.coord_aux_from == "lm":
+        visual_id = model.config.video_token_id if video else model.config.image_token_id
+        coord_tokens = taps.lm.inputs[1][0][batch["input_ids"] == visual_id]
+    a = aux.loss(vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence, coord_tokens)
+    if aux.relation is not None and not video:
+        grid_w = batch_samples[0].masks.shape[2] // cell
+        rows, positions, where = relation_targets(batch["labels"], evidence, grid_w)
+        if rows:
+            layers = len(taps.lm.modules)
+            read_layer = min(max(2, layers - 1), layers - 1)  # the layer after the last guided one reads this
+            hidden = taps.lm.inputs[read_layer][0][torch.tensor(rows), torch.tensor(positions)]
+            a = a + 4.0 * nn.functional.mse_loss(aux.relation(hidden), where)
     return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach()
 
 
@@ -765,7 +897,12 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     if cfg.aux_weight > 0:
         text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
         heads = {"coords": cfg.coord_aux, "counts": cfg.count_aux}
-        aux = AuxHeads(text, None, **heads) if qwen else AuxHeads(vision, vision, **heads)
+        coord_dim = text if cfg.coord_aux_from != "tower" else None
+        relation_dim = text if cfg.relation_aux else None
+        if qwen:
+            aux = AuxHeads(text, None, relation_dim=relation_dim, **heads)
+        else:
+            aux = AuxHeads(vision, vision, coord_dim=coord_dim, relation_dim=relation_dim, **heads)
     taps = Taps.attach(model, cfg, qwen)
     params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
     opt = _optimizer(params, cfg)
