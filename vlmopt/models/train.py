@@ -343,6 +343,19 @@ class AuxHeads(nn.Module):
         return loss
 
 
+def answer_starts(labels_row: torch.Tensor) -> np.ndarray:
+    """Positions of the first token of each labelled answer in one row of ``labels`` [L] (-100 off
+    the answers), in turn order; the position before each predicts it."""
+    labelled = labels_row.numpy() != -100
+    return np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
+
+
+def guided_middle_layers(num_layers: int) -> list[int]:
+    """The LM layers whose answer positions the attention guide points at the evidence: all but the
+    first (it reads the question words) and the last, at least layer 1."""
+    return list(range(1, max(2, num_layers - 1)))
+
+
 def relation_targets(labels: torch.Tensor, evidence, grid_w: int) -> tuple[list[int], list[int], torch.Tensor]:
     """(batch rows, query positions, [R, 4] targets) of :attr:`TrainConfig.relation_aux`: for every
     relative-position turn with both objects on screen, the position that predicts its answer and
@@ -352,9 +365,7 @@ def relation_targets(labels: torch.Tensor, evidence, grid_w: int) -> tuple[list[
     rows, positions, targets = [], [], []
     scale = 2.0 / max(grid_w - 1, 1)
     for row in range(labels.shape[0]):
-        labelled = labels[row].numpy() != -100
-        starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
-        for start, (family, groups) in zip(starts, evidence[row]):
+        for start, (family, groups) in zip(answer_starts(labels[row]), evidence[row]):
             if family != "position" or len(groups) != 2 or not all(len(g) for g in groups):
                 continue
             first, other = [((g % grid_w).mean() * scale - 1.0, (g // grid_w).mean() * scale - 1.0) for g in groups]
@@ -630,8 +641,7 @@ def guide_loss(
                 kind, value = words[int(row_ids[pos])]
                 named = object_cells(sample, [k for k, o in enumerate(objects) if getattr(o, kind) == value], cell)
                 look("first", row, pos, named, visual_pos, sink_pos, None)
-        labelled = labels[row].numpy() != -100
-        starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
+        starts = answer_starts(labels[row])
         previous = 0
         for start, (family, groups) in zip(starts, evidence[row]):
             look("middle", row, start - 1, groups, visual_pos, sink_pos, family)
@@ -640,7 +650,7 @@ def guide_loss(
                 guide("first", row, start - 1, [(asked, 1.0, "all")])
             previous = start
     total, count = torch.zeros(()), 0
-    layers = {"first": [0], "middle": list(range(1, max(2, num_layers - 1)))}
+    layers = {"first": [0], "middle": guided_middle_layers(num_layers)}
     for kind, (rows, positions, masks, targets, heads) in regions.items():
         if rows:
             r, p = torch.tensor(rows), torch.tensor(positions)
@@ -874,7 +884,7 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
         rows, positions, where = relation_targets(batch["labels"], evidence, grid_w)
         if rows:
             layers = len(taps.lm.modules)
-            read_layer = min(max(2, layers - 1), layers - 1)  # the layer after the last guided one reads this
+            read_layer = min(guided_middle_layers(layers)[-1] + 1, layers - 1)  # reads the last guided layer's output
             hidden = taps.lm.inputs[read_layer][0][torch.tensor(rows), torch.tensor(positions)]
             a = a + 4.0 * nn.functional.mse_loss(aux.relation(hidden), where)
     return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach()
