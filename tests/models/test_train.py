@@ -138,8 +138,8 @@ def test_coordinate_probe_reads_the_tokens_it_is_pointed_at(name, source):
     model, processor, _ = train.build_model(name, seed=0)
     qwen = name == "tiny-qwen25vl"
     taps = train.Taps.attach(model, cfg, qwen=qwen)
-    text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
-    aux = train.AuxHeads(text, None, coords=True) if qwen else train.AuxHeads(vision, vision, coords=True, coord_dim=text)
+    text = model.config.text_config.hidden_size
+    aux = train.AuxHeads.for_model(model, cfg, qwen)
     task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
     samples = [task.sample("train", 100 + i) for i in range(2)]
     train.forward_loss(model, processor, samples, aux, taps, cfg, qwen=qwen)[0].backward()
@@ -177,8 +177,8 @@ def test_relation_targets_place_both_objects_at_each_position_answer(llava_proce
     cfg = train.TrainConfig(model="tiny-llava", steps=1, batch_size=6, extra_turns=8, balanced_turns=True, relation_aux=True)
     model, processor, _ = train.build_model("tiny-llava", seed=0)
     taps = train.Taps.attach(model, cfg, qwen=False)
-    text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
-    aux = train.AuxHeads(vision, vision, relation_dim=text)
+    aux = train.AuxHeads.for_model(model, cfg, qwen=False)
+    assert aux.relation.in_features == model.config.text_config.hidden_size and aux.coords is None
     train.forward_loss(model, processor, samples, aux, taps, cfg, qwen=False)[0].backward()
     assert aux.relation.weight.grad.abs().sum() > 0
     taps.remove()

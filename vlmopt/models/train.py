@@ -316,6 +316,19 @@ class AuxHeads(nn.Module):
         self.coords = nn.Linear(coord_dim or token_dim, 2) if coords else None
         self.counts = nn.Linear(token_dim, 2 * COUNT_CLASSES) if counts else None
 
+    @classmethod
+    def for_model(cls, model, cfg: TrainConfig, qwen: bool) -> AuxHeads:
+        """The probes ``cfg`` asks for, sized to where they read: Qwen's merged tokens (LM width, no
+        CLS), LLaVA's CLIP features and CLS; the coordinate probe off the tower and the relation
+        probe read LM-width tokens."""
+        text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
+        token_dim, cls_dim = (text, None) if qwen else (vision, vision)
+        return cls(
+            token_dim, cls_dim, coords=cfg.coord_aux, counts=cfg.count_aux,
+            coord_dim=text if cfg.coord_aux_from != "tower" else None,
+            relation_dim=text if cfg.relation_aux else None,
+        )
+
     def loss(
         self, tokens: torch.Tensor, targets: torch.Tensor, cls: torch.Tensor | None, presence: torch.Tensor | None,
         coord_tokens: torch.Tensor | None = None,
@@ -422,12 +435,26 @@ def token_cell(model) -> int:
     return vision.patch_size * getattr(vision, "spatial_merge_size", 1)
 
 
-class VisionTap:
+class OutputTap:
+    """Keeps a module's last output (a forward hook): LLaVA's projector, for the coordinate probe."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.output = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.output = output
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class VisionTap(OutputTap):
     """Keeps the vision tower's last output (a forward hook), for the auxiliary losses."""
 
     def __init__(self, module: nn.Module) -> None:
         self.hidden_states = self.pooler_output = None
-        self.handle = module.register_forward_hook(self._hook)
+        super().__init__(module)
 
     def _hook(self, module, args, output) -> None:
         # copy now: LLaVA / Qwen overwrite ``pooler_output`` of this object afterwards
@@ -439,23 +466,6 @@ class VisionTap:
         if qwen:
             return self.pooler_output
         return self.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-class OutputTap:
-    """Keeps a module's last output tensor (a forward hook): LLaVA's projector, for the coordinate probe."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.output = None
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output) -> None:
-        self.output = output
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 # ---------------------------------------------------------------- attention guide
@@ -903,16 +913,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters; {cfg}")
 
-    aux = None
-    if cfg.aux_weight > 0:
-        text, vision = model.config.text_config.hidden_size, model.config.vision_config.hidden_size
-        heads = {"coords": cfg.coord_aux, "counts": cfg.count_aux}
-        coord_dim = text if cfg.coord_aux_from != "tower" else None
-        relation_dim = text if cfg.relation_aux else None
-        if qwen:
-            aux = AuxHeads(text, None, relation_dim=relation_dim, **heads)
-        else:
-            aux = AuxHeads(vision, vision, coord_dim=coord_dim, relation_dim=relation_dim, **heads)
+    aux = AuxHeads.for_model(model, cfg, qwen) if cfg.aux_weight > 0 else None
     taps = Taps.attach(model, cfg, qwen)
     params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
     opt = _optimizer(params, cfg)
