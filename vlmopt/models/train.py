@@ -200,7 +200,8 @@ PRESETS = {
     ),
     "tiny-qwen25vl": TrainConfig(
         model="tiny-qwen25vl", steps=1200, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
-        curriculum=((0, 4, 6),), eval_every=200,
+        curriculum=((0, 4, 6),), eval_every=200, tower_guide_weight=0.5, tower_guide_share=0.5, count_aux=True,
+        balanced_turns=True, guide_read_question=True,
     ),
 }
 
