@@ -575,8 +575,13 @@ def lm_attention_rows(tap: AttentionTap, layer: int, key_mask: torch.Tensor, row
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     q = attn.q_proj(hidden[rows, positions]).view(len(rows), -1, d)  # [R, H, d]
     q = q * cos[rows, positions][:, None] + rotate_half(q) * sin[rows, positions][:, None]
-    keys = k[rows].repeat_interleave(attn.num_key_value_groups, dim=1)  # [R, H, L, d]
-    logits = torch.einsum("rhd,rhld->rhl", q, keys) * attn.scaling
+    kv, groups = k.shape[1], attn.num_key_value_groups
+    q = q.view(len(rows), kv, groups, d)  # head h reads key head h // groups
+    logits = q.new_empty(len(rows), kv, groups, L)
+    for b in rows.unique().tolist():  # one product per sequence: no per-row copy of its keys
+        sel = (rows == b).nonzero().squeeze(1)
+        logits[sel] = torch.einsum("rkgd,kld->rkgl", q[sel], k[b])
+    logits = logits.flatten(1, 2) * attn.scaling  # [R, H, L]
     allowed = key_mask[rows].bool() & (torch.arange(L)[None] <= positions[:, None])
     return torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
