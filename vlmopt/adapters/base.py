@@ -43,7 +43,7 @@ class CausalMask(nn.Module):
             config=self.config,
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            cache=cache,
             position_ids=None,
             **kwargs,
         )
@@ -114,7 +114,7 @@ class TextPipeline(nn.Module):
                     hidden,
                     attention_mask=masks[self.sliding_layers[index]],
                     position_embeddings=(cos, sin),
-                    past_key_values=cache,
+                    cache=cache,
                 )
             mark(hidden, seq_dim=(0, 1))
         with role("final_norm"):
