@@ -181,6 +181,12 @@ def write_card(out_dir: Path, results: dict) -> None:
             else ""
         )
         + (
+            " Video turns are guided too: each answer position looks at the visual tokens of its evidence objects "
+            "in every frame they are on screen (the last temporal patch for questions about now)."
+            if cfg.get("guide_videos") and cfg.get("guide_weight")
+            else ""
+        )
+        + (
             f" For {', '.join(cfg['guide_split_families'])} questions the answer-position guide splits the heads: the "
             "first half look at the first-named object, the second half at the other."
             if cfg.get("guide_split_families")

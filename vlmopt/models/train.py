@@ -98,7 +98,11 @@ class TrainConfig:
     shape words, so that from the second layer on it knows what it is asked and can look for it."""
     guide_videos: bool = False
     """Guide video turns too: each answer position looks at the visual tokens of its evidence tracks
-    (in every frame they are on screen; the last temporal patch for "now" questions)."""
+    (in every frame they are on screen; the last temporal patch for "now" questions). The
+    tiny-qwen25vl preset with it (and counting sink targets, 1,400 steps) answers 81.1% of the video
+    questions against 48.0% without (1,200 steps): the first object seen 97–99% against 18–19%,
+    needle 88.0% against 61.0%; validation at step 1,200 was already 70% / 88% (shapes-video /
+    needle) against 33% / 62%."""
     tower_guide_weight: float = 0.0
     """Weight of the vision-tower attention guide: at the tower's object and deep layers (the
     layers HiPrune reads by default) the attention each token receives, averaged over heads and
@@ -202,9 +206,9 @@ PRESETS = {
         guide_split_families=("position",), guide_read_question=True,
     ),
     "tiny-qwen25vl": TrainConfig(
-        model="tiny-qwen25vl", steps=1200, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
+        model="tiny-qwen25vl", steps=1400, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
         curriculum=((0, 4, 6),), eval_every=200, tower_guide_weight=0.5, tower_guide_share=0.5, count_aux=True,
-        balanced_turns=True, guide_read_question=True,
+        balanced_turns=True, guide_read_question=True, guide_videos=True, guide_sink_families=("count",),
     ),
 }
 
