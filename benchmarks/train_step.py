@@ -2,10 +2,10 @@
 
     python benchmarks/train_step.py --model tiny-llava [--steps 20] [--threads 2] [--json out.json]
 
-Runs the preset's own training step (:func:`vlmopt.models.train.forward_loss`, backward, AdamW) on
-fresh weights for ``--steps`` steps of each task the preset trains on (``shapes``; Qwen2.5-VL also
-``shapes-video`` and ``needle``, with their batch sizes), after two warm-up steps, and reports the
-median. With the preset's step plan it estimates the training time of a full run (validation and the
+Runs the preset's own training step (:meth:`vlmopt.models.train.Run.step`: losses, backward,
+clipping, AdamW) on fresh weights for ``--steps`` steps of each task the preset trains on
+(``shapes``; Qwen2.5-VL also ``shapes-video`` and ``needle``, with their batch sizes), after two
+warm-up steps, and reports the median. With the preset's step plan it estimates the training time of a full run (validation and the
 final evaluation not included). Run it on an otherwise idle machine: a second busy process on a
 2-core CPU slows every step.
 """
@@ -29,10 +29,7 @@ def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
     cfg = recipe.PRESETS[name]
     qwen = name == "tiny-qwen25vl"
     model, processor, _ = recipe.build_model(name, cfg.seed)
-    aux = recipe.AuxHeads.for_model(model, cfg, qwen) if cfg.aux_weight > 0 else None
-    taps = recipe.Taps.attach(model, cfg, qwen)
-    params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
-    optimizer = recipe._optimizer(params, cfg)
+    run = recipe.Run.start(model, cfg, qwen)
     model.train()
     medians = {}
     for task_name, task_config in recipe.TASK_CONFIGS[name].items():
@@ -41,14 +38,10 @@ def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
         times = []
         for step in range(steps + 2):
             begin = time.perf_counter()
-            samples = [task.sample("train", step * size + i) for i in range(size)]
-            loss, *_ = recipe.forward_loss(model, processor, samples, aux, taps, cfg, qwen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            run.step(model, processor, [task.sample("train", step * size + i) for i in range(size)])
             times.append(time.perf_counter() - begin)
         medians[task_name] = statistics.median(times[2:])
-    taps.remove()
+    run.taps.remove()
     return medians
 
 

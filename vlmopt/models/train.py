@@ -913,6 +913,35 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
     return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach()
 
 
+@dataclass
+class Run:
+    """What one training run updates besides the model: the auxiliary heads (None when off), the
+    hooks the losses read, every trained parameter and the optimiser."""
+
+    cfg: TrainConfig
+    qwen: bool
+    aux: AuxHeads | None
+    taps: Taps
+    params: list[tuple[str, nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+
+    @classmethod
+    def start(cls, model, cfg: TrainConfig, qwen: bool) -> Run:
+        aux = AuxHeads.for_model(model, cfg, qwen) if cfg.aux_weight > 0 else None
+        taps = Taps.attach(model, cfg, qwen)
+        params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
+        return cls(cfg, qwen, aux, taps, params, _optimizer(params, cfg))
+
+    def step(self, model, processor, batch_samples) -> tuple[torch.Tensor, ...]:
+        """One optimiser step on ``batch_samples``; (answer, aux, guide, tower-guide) losses, detached."""
+        loss, *parts = forward_loss(model, processor, batch_samples, self.aux, self.taps, self.cfg, self.qwen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in self.params], 1.0)
+        self.optimizer.step()
+        return tuple(parts)
+
+
 def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     """Train, evaluate and write the model directory; returns the ``eval.json`` dict."""
     from vlmopt.models.evaluate import evaluate
@@ -926,17 +955,14 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters; {cfg}")
 
-    aux = AuxHeads.for_model(model, cfg, qwen) if cfg.aux_weight > 0 else None
-    taps = Taps.attach(model, cfg, qwen)
-    params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
-    opt = _optimizer(params, cfg)
+    run = Run.start(model, cfg, qwen)
     plan = step_plan(cfg)
     cursors = {name: 0 for name in task_objs}
     history = []
     model.train()
     window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "tower": 0.0, "n": 0, "t": time.time()}
     for step, task_name in enumerate(plan):
-        for group in opt.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         if step % 10 == 0:
             governor.update()
@@ -946,11 +972,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
         size = cfg.batch_size if not task.video else cfg.video_batch_size
         batch_samples = [task.sample("train", cursors[task_name] + i) for i in range(size)]
         cursors[task_name] += size
-        loss, lm, a, g, tg = forward_loss(model, processor, batch_samples, aux, taps, cfg, qwen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-        opt.step()
+        lm, a, g, tg = run.step(model, processor, batch_samples)
         window["loss"] += float(lm)
         window["aux"] += float(a)
         window["guide"] += float(g)
@@ -975,7 +997,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
                 log(f"validation {name} at step {step + 1}: {100 * r.accuracy:.1f}% ({families})")
             history.append(point)
             model.train()
-    taps.remove()
+    run.taps.remove()
     train_seconds = time.time() - began
     model.eval()
     return finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, log)
