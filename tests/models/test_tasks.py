@@ -172,3 +172,31 @@ def test_balanced_turns_even_out_the_answers_a_picture_allows():
     (yes0, one0, fam0), (yes1, one1, fam1) = share[False], share[True]
     assert abs(yes1 - 0.5) < abs(yes0 - 0.5) and one1 < one0
     assert set(fam0) == set(fam1)
+
+
+def test_derived_turns_do_not_depend_on_the_process_string_hashing():
+    """Training turns are the same in every process (Python salts string hashes per process, so
+    iterating a set of colour/shape names would reorder them from run to run)."""
+    import os
+    import subprocess
+    import sys
+
+    start = int(np.random.default_rng().integers(0, 1000))
+    code = (
+        "import numpy as np\n"
+        "from vlmopt.models import scenes, tasks\n"
+        "task = tasks.get('shapes', size=224)\n"
+        f"for index in range({start}, {start + 12}):\n"
+        "    s = task.sample('train', index)\n"
+        "    for balanced in (False, True):\n"
+        "        print([q.text for q, _ in scenes.derive(np.random.default_rng(index), s.objects[0], 8, balanced=balanced)])\n"
+    )
+    outputs = {
+        seed: subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert outputs["1"].count("\n") == 24
+    assert outputs["1"] == outputs["2"] == outputs["3"]

@@ -225,7 +225,7 @@ def derive(
     among the family's answers on this picture first (so "two" and "no" come up as often as "one"
     and "yes" wherever the picture allows them).
     """
-    present = {(o.colour, o.shape) for o in objects}
+    present = sorted({(o.colour, o.shape) for o in objects})  # sorted: a set's order changes with each process's string hashing
     pool: dict[str, list[Question]] = {f: [] for f in IMAGE_FAMILIES}
     pool["colour"] = [question("colour", (s,)) for s in SHAPES]
     pool["shape"] = [question("shape", (c,)) for c in COLOURS]
