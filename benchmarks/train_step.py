@@ -27,18 +27,18 @@ def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
     """Median seconds per step of each task of ``name``'s preset."""
     torch.set_num_threads(threads)
     cfg = recipe.PRESETS[name]
-    qwen = name == "tiny-qwen25vl"
     model, processor, _ = recipe.build_model(name, cfg.seed)
-    run = recipe.Run.start(model, cfg, qwen)
+    run = recipe.Run.start(model, cfg)
     model.train()
     medians = {}
     for task_name, task_config in recipe.TASK_CONFIGS[name].items():
         task = tasks.TASKS[task_name](task_config)
-        size = cfg.video_batch_size if task.video else cfg.batch_size
-        times = []
-        for step in range(steps + 2):
+        times, cursor = [], 0
+        for _ in range(steps + 2):
             begin = time.perf_counter()
-            run.step(model, processor, [task.sample("train", step * size + i) for i in range(size)])
+            batch = recipe.training_batch(task, cfg, cursor)
+            cursor += len(batch)
+            run.step(model, processor, batch)
             times.append(time.perf_counter() - begin)
         medians[task_name] = statistics.median(times[2:])
     run.taps.remove()

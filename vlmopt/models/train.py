@@ -165,6 +165,11 @@ class TrainConfig:
     threads: int = 2
     """Most threads (``torch.set_num_threads``; 1 while other processes busy a core)."""
 
+    @property
+    def qwen(self) -> bool:
+        """Whether the run trains the Qwen2.5-VL reference model (M-RoPE, merged tokens, videos)."""
+        return self.model == "tiny-qwen25vl"
+
     def __post_init__(self) -> None:
         if self.model not in ("tiny-llava", "tiny-qwen25vl"):
             raise ValueError(f"TrainConfig.model={self.model!r}: expected tiny-llava or tiny-qwen25vl")
@@ -913,28 +918,34 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
     return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach()
 
 
+def training_batch(task, cfg: TrainConfig, start: int) -> list:
+    """The ``train``-split samples ``start, start + 1, ...`` of one step on ``task``: ``cfg.batch_size``
+    of them, ``cfg.video_batch_size`` for a video task."""
+    size = cfg.video_batch_size if task.video else cfg.batch_size
+    return [task.sample("train", start + i) for i in range(size)]
+
+
 @dataclass
 class Run:
     """What one training run updates besides the model: the auxiliary heads (None when off), the
     hooks the losses read, every trained parameter and the optimiser."""
 
     cfg: TrainConfig
-    qwen: bool
     aux: AuxHeads | None
     taps: Taps
     params: list[tuple[str, nn.Parameter]]
     optimizer: torch.optim.Optimizer
 
     @classmethod
-    def start(cls, model, cfg: TrainConfig, qwen: bool) -> Run:
-        aux = AuxHeads.for_model(model, cfg, qwen) if cfg.aux_weight > 0 else None
-        taps = Taps.attach(model, cfg, qwen)
+    def start(cls, model, cfg: TrainConfig) -> Run:
+        aux = AuxHeads.for_model(model, cfg, cfg.qwen) if cfg.aux_weight > 0 else None
+        taps = Taps.attach(model, cfg, cfg.qwen)
         params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
-        return cls(cfg, qwen, aux, taps, params, _optimizer(params, cfg))
+        return cls(cfg, aux, taps, params, _optimizer(params, cfg))
 
     def step(self, model, processor, batch_samples) -> tuple[torch.Tensor, ...]:
         """One optimiser step on ``batch_samples``; (answer, aux, guide, tower-guide) losses, detached."""
-        loss, *parts = forward_loss(model, processor, batch_samples, self.aux, self.taps, self.cfg, self.qwen)
+        loss, *parts = forward_loss(model, processor, batch_samples, self.aux, self.taps, self.cfg, self.cfg.qwen)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in self.params], 1.0)
@@ -948,14 +959,13 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
 
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
-    qwen = cfg.model == "tiny-qwen25vl"
     model, processor, arch = build_model(cfg.model, cfg.seed)
     task_cfgs = TASK_CONFIGS[cfg.model]
     task_objs = {name: tasks.TASKS[name](c) for name, c in task_cfgs.items()}
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters; {cfg}")
 
-    run = Run.start(model, cfg, qwen)
+    run = Run.start(model, cfg)
     plan = step_plan(cfg)
     cursors = {name: 0 for name in task_objs}
     history = []
@@ -969,9 +979,8 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
         task = task_objs[task_name]
         if task_name == "shapes":
             task = phase_task(task, step, cfg)
-        size = cfg.batch_size if not task.video else cfg.video_batch_size
-        batch_samples = [task.sample("train", cursors[task_name] + i) for i in range(size)]
-        cursors[task_name] += size
+        batch_samples = training_batch(task, cfg, cursors[task_name])
+        cursors[task_name] += len(batch_samples)
         lm, a, g, tg = run.step(model, processor, batch_samples)
         window["loss"] += float(lm)
         window["aux"] += float(a)
