@@ -244,6 +244,8 @@ def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--model", "tiny-llava", "--coord-aux", "maybe"])
     assert "expected true or false" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="rope_theta"):
+        dataclasses.replace(train.PRESETS["tiny-llava"], rope_theta=100.0)
     cfg = train.TrainConfig(
         model="tiny-llava", steps=2, batch_size=2, extra_turns=1, curriculum=((0, 1, 2),), eval_every=2, eval_n=2, test_n=2,
         warmup=1, coord_aux=True, coord_aux_from="projector", tower_guide_weight=0.5,

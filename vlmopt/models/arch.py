@@ -65,6 +65,13 @@ class QwenArch:
     """LM MLP width."""
     tokens_per_second: int = 2
     """M-RoPE temporal ids per second of video (with 2 fps, +2 per temporal patch)."""
+    text_rope_theta: float = 10000.0
+    """LM rotary base. M-RoPE gives the width section the lowest frequencies: at head dim 32 and base
+    10,000 one merged column turns a query by at most 0.0032 rad, so the LM cannot tell left from right."""
+
+    def __post_init__(self) -> None:
+        if self.text_rope_theta <= 1:
+            raise ValueError(f"QwenArch.text_rope_theta={self.text_rope_theta} must be > 1 (a rotary base)")
 
 
 def llava_config(arch: LlavaArch, tokenizer):
@@ -116,7 +123,7 @@ def qwen_config(arch: QwenArch, tokenizer):
             hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
             num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
             num_key_value_heads=arch.text_kv_heads, vocab_size=len(tokenizer), max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "mrope_section": mrope_section(head_dim), "rope_theta": 10000.0},
+            rope_parameters={"rope_type": "default", "mrope_section": mrope_section(head_dim), "rope_theta": float(arch.text_rope_theta)},
             bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
             tie_word_embeddings=False,
         ),

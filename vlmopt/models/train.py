@@ -162,6 +162,8 @@ class TrainConfig:
     """Test samples per task for the final numbers."""
     seed: int = 0
     """Seed of the weight initialisation."""
+    rope_theta: float = 10000.0
+    """LM rotary base of tiny-qwen25vl (``QwenArch.text_rope_theta``); tiny-llava keeps Llama's 10,000."""
     threads: int = 2
     """Most threads (``torch.set_num_threads``; 1 while other processes busy a core)."""
 
@@ -179,6 +181,10 @@ class TrainConfig:
         for name in ("lr", "aux_weight", "guide_weight", "tower_guide_weight", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        if self.rope_theta <= 1:
+            raise ValueError(f"TrainConfig.rope_theta={self.rope_theta} must be > 1 (a rotary base)")
+        if self.rope_theta != 10000.0 and not self.qwen:
+            raise ValueError("TrainConfig.rope_theta is tiny-qwen25vl's M-RoPE base; tiny-llava keeps 10,000")
         if not 0 <= self.background_dropout <= 1:
             raise ValueError(f"TrainConfig.background_dropout={self.background_dropout} must be in [0, 1]")
         if self.relation_aux and (self.guide_weight <= 0 or self.aux_weight <= 0):
@@ -228,8 +234,8 @@ TASK_CONFIGS = {
 """Task configs each model is trained and evaluated with (written to ``tasks.json``)."""
 
 
-def build_model(name: str, seed: int):
-    """(model, processor, arch) of a freshly initialised reference model."""
+def build_model(name: str, seed: int, rope_theta: float = 10000.0):
+    """(model, processor, arch) of a freshly initialised reference model (``rope_theta``: Qwen's LM rotary base)."""
     from transformers import (
         LlavaForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
@@ -241,7 +247,7 @@ def build_model(name: str, seed: int):
         processor = processing.build_processor("llava", arch.image_size)
         model = LlavaForConditionalGeneration(archs.llava_config(arch, processor.tokenizer))
     elif name == "tiny-qwen25vl":
-        arch = archs.QwenArch()
+        arch = archs.QwenArch(text_rope_theta=rope_theta)
         processor = processing.build_processor("qwen", arch.image_size, arch.video_size)
         model = Qwen2_5_VLForConditionalGeneration(archs.qwen_config(arch, processor.tokenizer))
     else:
@@ -959,7 +965,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
 
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
-    model, processor, arch = build_model(cfg.model, cfg.seed)
+    model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta)
     task_cfgs = TASK_CONFIGS[cfg.model]
     task_objs = {name: tasks.TASKS[name](c) for name, c in task_cfgs.items()}
     n_params = sum(p.numel() for p in model.parameters())
