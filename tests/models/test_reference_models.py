@@ -79,6 +79,12 @@ def test_fixed_set_accuracy_matches_the_record(reference, task_name):
     agree = sum(a == b for a, b in zip(result.correct, fixed["correct"]))
     assert agree >= fixed["n"] - TOLERANCE, (result.predictions, fixed["predictions"])
     assert abs(result.accuracy - fixed["accuracy"]) <= TOLERANCE / fixed["n"]
+    samples = task.samples("test", n=fixed["n"])
+    for family, by_answer in result.per_answer.items():
+        counts = {a: sum((s.family, s.answer) == (family, a) for s in samples) for a in by_answer}
+        assert set(by_answer) <= set(task.families[family]) and all(counts.values())
+        weighted = sum(by_answer[a] * counts[a] for a in by_answer) / sum(counts.values())
+        assert weighted == pytest.approx(result.per_family[family])
 
 
 def test_recorded_targets(reference, request):

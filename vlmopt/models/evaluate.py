@@ -29,6 +29,9 @@ class EvalResult:
     """Fraction of samples answered right."""
     per_family: dict[str, float]
     """Accuracy per question family."""
+    per_answer: dict[str, dict[str, float]]
+    """Accuracy per family and right answer: a family at chance because the model always gives one
+    answer shows as one answer right and the others at 0."""
     majority: dict[str, float]
     """Majority-answer rate per family (and "overall") of the same samples."""
     seconds: float
@@ -70,7 +73,7 @@ def evaluate(
     began = time.perf_counter()
     samples = task.samples(split, n=n, start=start)
     model.eval()
-    predictions, correct, families = [], [], []
+    predictions, correct, families, truths = [], [], [], []
     for i in range(0, n, batch_size):
         chunk = list(samples[i : i + batch_size])
         if text_only:
@@ -81,14 +84,19 @@ def evaluate(
         predictions += answers
         correct += [tasks.score(a, s) for a, s in zip(answers, chunk)]
         families += [s.family for s in chunk]
-    per_family = {}
+        truths += [s.answer for s in chunk]
+    by_answer: dict[str, dict[str, list[bool]]] = {}
+    for c, f, t in zip(correct, families, truths):
+        by_answer.setdefault(f, {}).setdefault(t, []).append(c)
+    per_family, per_answer = {}, {}
     for family in task.families:
-        hits = [c for c, f in zip(correct, families) if f == family]
-        if hits:
+        if family in by_answer:
+            hits = [c for group in by_answer[family].values() for c in group]
             per_family[family] = sum(hits) / len(hits)
+            per_answer[family] = {a: sum(g) / len(g) for a, g in sorted(by_answer[family].items())}
     return EvalResult(
         task=task.name, split=split, n=n, text_only=text_only, accuracy=sum(correct) / max(1, n),
-        per_family=per_family, majority=tasks.majority_rate(tasks.family_answers(task, split, n, start)),
+        per_family=per_family, per_answer=per_answer, majority=tasks.majority_rate(tasks.family_answers(task, split, n, start)),
         seconds=time.perf_counter() - began, predictions=predictions, correct=correct,
     )
 
