@@ -38,7 +38,7 @@ def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
             begin = time.perf_counter()
             batch = recipe.training_batch(task, cfg, cursor)
             cursor += len(batch)
-            run.step(model, processor, batch)
+            run.step(model, processor, batch, cfg.position_aids_from)  # every aid on, as most of a run
             times.append(time.perf_counter() - begin)
         medians[task_name] = statistics.median(times[2:])
     run.taps.remove()

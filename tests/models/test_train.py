@@ -184,6 +184,36 @@ def test_relation_targets_place_both_objects_at_each_position_answer(llava_proce
     taps.remove()
 
 
+def test_position_aids_wait_for_their_step(llava_processor):
+    """Before ``position_aids_from`` the coordinate and relation probes get no gradient and position
+    turns are guided like the other families (the guide loss of an unsplit config); from it, all act."""
+    with pytest.raises(ValueError, match="needs a position aid"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, position_aids_from=5)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, coord_aux=True, position_aids_from=-1)
+    cfg = train.TrainConfig(
+        model="tiny-llava", steps=1, batch_size=6, extra_turns=8, balanced_turns=True, coord_aux=True,
+        coord_aux_from="projector", relation_aux=True, guide_split_families=("position",), position_aids_from=3,
+    )
+    model, processor, _ = train.build_model("tiny-llava", seed=int(torch.randint(0, 1000, ()).item()))
+    taps = train.Taps.attach(model, cfg, qwen=False)
+    aux = train.AuxHeads.for_model(model, cfg, qwen=False)
+    task = tasks.get("shapes", size=224, grid=14)
+    samples = [task.sample("train", 300 + i) for i in range(6)]
+    loss = lambda c, on: train.forward_loss(model, processor, samples, aux, taps, c, qwen=False, position_aids=on)
+    off = loss(cfg, False)
+    off[0].backward()
+    assert aux.coords.weight.grad is None and aux.relation.weight.grad is None
+    assert aux.colour.weight.grad.abs().sum() > 0
+    unsplit = dataclasses.replace(cfg, guide_split_families=(), position_aids_from=0)
+    assert loss(unsplit, True)[3] == off[3]
+    on = loss(cfg, True)
+    on[0].backward()
+    assert aux.coords.weight.grad.abs().sum() > 0 and aux.relation.weight.grad.abs().sum() > 0
+    assert on[3] != off[3] and on[2] > off[2]
+    taps.remove()
+
+
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
 def test_background_dropout_hides_only_background_tokens_from_the_lm(name):
     """Dropped tokens are background (no object covers them), some pictures lose some, and the LM

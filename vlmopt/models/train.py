@@ -130,6 +130,11 @@ class TrainConfig:
     tiny-llava whose LM inputs carry the coordinates (R² 0.96) and whose split heads put 89–97% of
     their attention on their object, the answer was linearly decodable there at 44% (majority 19%)
     and the model answered at chance."""
+    position_aids_from: int = 0
+    """First step at which the position aids act (``coord_aux``, ``relation_aux``, the split guide of
+    ``guide_split_families``); before it their probes are idle and those families are guided like the
+    others. On from step 0 they cost tiny-qwen25vl most of its other families' accuracy (42–51% on
+    images against 76.8%), so a run may switch them on once those are learnt. 0: from the start."""
     count_aux: bool = False
     """Auxiliary probe: on each object token, how many objects of the picture share its colour and how
     many share its shape (1, 2, 3, 4+). The tower then writes the count into every matching object's
@@ -187,6 +192,10 @@ class TrainConfig:
             raise ValueError("TrainConfig.rope_theta is tiny-qwen25vl's M-RoPE base; tiny-llava keeps 10,000")
         if not 0 <= self.background_dropout <= 1:
             raise ValueError(f"TrainConfig.background_dropout={self.background_dropout} must be in [0, 1]")
+        if self.position_aids_from < 0:
+            raise ValueError(f"TrainConfig.position_aids_from={self.position_aids_from} must be >= 0")
+        if self.position_aids_from > 0 and not (self.coord_aux or self.relation_aux or self.guide_split_families):
+            raise ValueError("TrainConfig.position_aids_from needs a position aid to switch on (coord_aux, relation_aux or guide_split_families)")
         if self.relation_aux and (self.guide_weight <= 0 or self.aux_weight <= 0):
             raise ValueError("TrainConfig.relation_aux needs guide_weight > 0 and aux_weight > 0 (it reads the guide's LM taps)")
         if self.coord_aux_from not in ("tower", "projector", "lm"):
@@ -350,11 +359,11 @@ class AuxHeads(nn.Module):
 
     def loss(
         self, tokens: torch.Tensor, targets: torch.Tensor, cls: torch.Tensor | None, presence: torch.Tensor | None,
-        coord_tokens: torch.Tensor | None = None,
+        coord_tokens: torch.Tensor | None = None, coords: bool = True,
     ) -> torch.Tensor:
         """``tokens`` [N, D] visual tokens, ``targets`` [N, 7]; ``cls`` [B, Dc], ``presence`` [B, 12];
         ``coord_tokens`` [N, Dp] the same tokens elsewhere in the model, for the coordinate probe
-        (default: ``tokens``)."""
+        (default: ``tokens``); ``coords=False`` leaves that probe out (position aids not on yet)."""
         weight = 1.0 + 3.0 * (targets[:, 0] > 0).float()  # objects are a few % of the tokens
         ce = nn.functional.cross_entropy
         loss = (ce(self.colour(tokens), targets[:, 0], reduction="none") * weight).mean()
@@ -364,7 +373,7 @@ class AuxHeads(nn.Module):
         )
         if self.presence is not None and cls is not None:
             loss = loss + nn.functional.binary_cross_entropy_with_logits(self.presence(cls), presence)
-        if self.coords is not None:
+        if self.coords is not None and coords:
             where = targets[:, 3:5].float() * (2.0 / COORD_SCALE) - 1.0  # column, row in [-1, 1]
             coord_from = tokens if coord_tokens is None else coord_tokens
             loss = loss + 4.0 * nn.functional.mse_loss(self.coords(coord_from), where)
@@ -870,8 +879,11 @@ class Taps:
                 tap.remove()
 
 
-def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Taps, cfg: TrainConfig, qwen: bool):
-    """(total loss, answer loss, aux loss, guide loss, tower-guide loss) of one batch."""
+def forward_loss(
+    model, processor, batch_samples, aux: AuxHeads | None, taps: Taps, cfg: TrainConfig, qwen: bool, position_aids: bool = True
+):
+    """(total loss, answer loss, aux loss, guide loss, tower-guide loss) of one batch; ``position_aids=False``
+    leaves out the coordinate and relation probes and the split guide (``TrainConfig.position_aids_from``)."""
     video = batch_samples[0].is_video
     cell = token_cell(model)
     turns, evidence = training_turns(batch_samples, cfg.extra_turns, cell, balanced=cfg.balanced_turns)
@@ -895,7 +907,7 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
         g = guide_loss(
             rows, len(taps.lm.modules), batch, evidence, batch_samples, visual_id,
             cell=cell, words=attribute_words(processor.tokenizer), sink_families=cfg.guide_sink_families,
-            split_families=cfg.guide_split_families, read_question=cfg.guide_read_question,
+            split_families=cfg.guide_split_families if position_aids else (), read_question=cfg.guide_read_question,
         )
         total = total + cfg.guide_weight * g
     if taps.tower is not None and not video:
@@ -907,13 +919,13 @@ def forward_loss(model, processor, batch_samples, aux: AuxHeads | None, taps: Ta
     vision = taps.vision
     cls, presence = (None, None) if qwen else (vision.pooler_output, presence_targets(batch_samples))
     coord_tokens = None
-    if cfg.coord_aux_from == "projector":
+    if position_aids and cfg.coord_aux_from == "projector":
         coord_tokens = taps.projector.output.flatten(0, 1)
-    elif cfg.coord_aux_from == "lm":
+    elif position_aids and cfg.coord_aux_from == "lm":
         visual_id = model.config.video_token_id if video else model.config.image_token_id
         coord_tokens = taps.lm.inputs[1][0][batch["input_ids"] == visual_id]
-    a = aux.loss(vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence, coord_tokens)
-    if aux.relation is not None and not video:
+    a = aux.loss(vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence, coord_tokens, position_aids)
+    if aux.relation is not None and position_aids and not video:
         grid_w = batch_samples[0].masks.shape[2] // cell
         rows, positions, where = relation_targets(batch["labels"], evidence, grid_w)
         if rows:
@@ -949,9 +961,10 @@ class Run:
         params = list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else [])
         return cls(cfg, aux, taps, params, _optimizer(params, cfg))
 
-    def step(self, model, processor, batch_samples) -> tuple[torch.Tensor, ...]:
-        """One optimiser step on ``batch_samples``; (answer, aux, guide, tower-guide) losses, detached."""
-        loss, *parts = forward_loss(model, processor, batch_samples, self.aux, self.taps, self.cfg, self.cfg.qwen)
+    def step(self, model, processor, batch_samples, step: int) -> tuple[torch.Tensor, ...]:
+        """Optimiser step number ``step`` on ``batch_samples``; (answer, aux, guide, tower-guide) losses, detached."""
+        aids = step >= self.cfg.position_aids_from
+        loss, *parts = forward_loss(model, processor, batch_samples, self.aux, self.taps, self.cfg, self.cfg.qwen, aids)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in self.params], 1.0)
@@ -987,7 +1000,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
             task = phase_task(task, step, cfg)
         batch_samples = training_batch(task, cfg, cursors[task_name])
         cursors[task_name] += len(batch_samples)
-        lm, a, g, tg = run.step(model, processor, batch_samples)
+        lm, a, g, tg = run.step(model, processor, batch_samples, step)
         window["loss"] += float(lm)
         window["aux"] += float(a)
         window["guide"] += float(g)
