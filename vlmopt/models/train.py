@@ -167,7 +167,7 @@ class TrainConfig:
     """Test samples per task for the final numbers."""
     seed: int = 0
     """Seed of the weight initialisation."""
-    rope_theta: float = 10000.0
+    rope_theta: float = archs.QwenArch.text_rope_theta
     """LM rotary base of tiny-qwen25vl (``QwenArch.text_rope_theta``); tiny-llava keeps Llama's 10,000."""
     threads: int = 2
     """Most threads (``torch.set_num_threads``; 1 while other processes busy a core)."""
@@ -186,10 +186,10 @@ class TrainConfig:
         for name in ("lr", "aux_weight", "guide_weight", "tower_guide_weight", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
-        if self.rope_theta <= 1:
-            raise ValueError(f"TrainConfig.rope_theta={self.rope_theta} must be > 1 (a rotary base)")
-        if self.rope_theta != 10000.0 and not self.qwen:
-            raise ValueError("TrainConfig.rope_theta is tiny-qwen25vl's M-RoPE base; tiny-llava keeps 10,000")
+        if self.qwen:
+            archs.QwenArch(text_rope_theta=self.rope_theta)  # its check of the base
+        elif self.rope_theta != archs.QwenArch.text_rope_theta:
+            raise ValueError("TrainConfig.rope_theta is tiny-qwen25vl's M-RoPE base; tiny-llava keeps Llama's 10,000")
         if not 0 <= self.background_dropout <= 1:
             raise ValueError(f"TrainConfig.background_dropout={self.background_dropout} must be in [0, 1]")
         if self.position_aids_from < 0:
@@ -243,7 +243,7 @@ TASK_CONFIGS = {
 """Task configs each model is trained and evaluated with (written to ``tasks.json``)."""
 
 
-def build_model(name: str, seed: int, rope_theta: float = 10000.0):
+def build_model(name: str, seed: int, rope_theta: float = archs.QwenArch.text_rope_theta):
     """(model, processor, arch) of a freshly initialised reference model (``rope_theta``: Qwen's LM rotary base)."""
     from transformers import (
         LlavaForConditionalGeneration,
