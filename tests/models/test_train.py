@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 
 import numpy as np
 import pytest
 import torch
 
+from vlmopt import models
 from vlmopt.models import processing, tasks, train
 
 
@@ -283,6 +285,31 @@ def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     results = train.train(cfg, tmp_path / "m", log=lambda *a: None)
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "README.md").exists()
     assert results["history"][-1]["step"] == 2 and 0.0 <= results["test"]["shapes"]["full"]["accuracy"] <= 1.0
+    assert results["train_command"].endswith("(with TrainConfig.curriculum=((0, 1, 2),))")
+
+    # a fine-tuning run starts from those weights exactly, and refuses a model of another kind
+    with pytest.raises(ValueError, match="not a model directory"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, init_from=str(tmp_path / "nowhere"))
+    trained, _ = models.load(tmp_path / "m")
+    fresh, _, _ = train.build_model("tiny-llava", seed=1)
+    assert not torch.equal(fresh.lm_head.weight, trained.lm_head.weight)
+    train.start_from(fresh, tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True))
+    with pytest.raises(ValueError, match="same --model"):
+        train.start_from(train.build_model("tiny-qwen25vl", seed=0)[0], tmp_path / "m")
+
+
+def test_train_command_gives_back_its_config():
+    """A run's recorded command line, parsed, is the config that ran (threads aside: speed only)."""
+    cfg = dataclasses.replace(
+        train.PRESETS["tiny-qwen25vl"], steps=600, lr=5e-4, warmup=50, coord_aux=True, coord_aux_from="lm",
+        guide_split_families=("position", "count"), guide_sink_families=(), init_from="models/tiny-qwen25vl", threads=1,
+    )
+    command = train.train_command(cfg)
+    assert command.startswith("python -m vlmopt.models.train --model tiny-qwen25vl --steps 600 ")
+    parsed, out = train.parse_args(shlex.split(command)[3:])
+    assert parsed == dataclasses.replace(cfg, threads=train.PRESETS["tiny-qwen25vl"].threads) and out is None
+    assert train.train_command(train.PRESETS["tiny-llava"]) == "python -m vlmopt.models.train --model tiny-llava"
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -169,6 +170,10 @@ class TrainConfig:
     """Seed of the weight initialisation."""
     rope_theta: float = archs.QwenArch.text_rope_theta
     """LM rotary base of tiny-qwen25vl (``QwenArch.text_rope_theta``); tiny-llava keeps Llama's 10,000."""
+    init_from: str = ""
+    """Model directory whose weights start the run (fine-tuning: the same model, e.g. ``models/tiny-qwen25vl``,
+    with new aids or a shorter schedule); the auxiliary heads and the optimiser start fresh. Empty: a fresh
+    initialisation from ``seed``."""
     threads: int = 2
     """Most threads (``torch.set_num_threads``; 1 while other processes busy a core)."""
 
@@ -196,6 +201,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.position_aids_from={self.position_aids_from} must be >= 0")
         if self.position_aids_from > 0 and not (self.coord_aux or self.relation_aux or self.guide_split_families):
             raise ValueError("TrainConfig.position_aids_from needs a position aid to switch on (coord_aux, relation_aux or guide_split_families)")
+        if self.init_from and not (Path(self.init_from) / "config.json").exists():
+            raise ValueError(f"TrainConfig.init_from={self.init_from!r} is not a model directory (no config.json); pass e.g. models/{self.model}")
         if self.relation_aux and (self.guide_weight <= 0 or self.aux_weight <= 0):
             raise ValueError("TrainConfig.relation_aux needs guide_weight > 0 and aux_weight > 0 (it reads the guide's LM taps)")
         if self.coord_aux_from not in ("tower", "projector", "lm"):
@@ -972,6 +979,22 @@ class Run:
         return tuple(parts)
 
 
+def start_from(model, directory: Path) -> None:
+    """Copy the weights of the model saved in ``directory`` (loaded as users load it) into ``model``,
+    which must be the same architecture with the same sizes."""
+    from vlmopt import models
+
+    trained, _ = models.load(directory)
+    own, theirs = model.state_dict(), trained.state_dict()
+    mismatched = sorted(n for n in own.keys() & theirs.keys() if own[n].shape != theirs[n].shape)
+    if type(trained) is not type(model) or own.keys() != theirs.keys() or mismatched:
+        raise ValueError(
+            f"{directory} holds a {type(trained).__name__} that does not fit this {type(model).__name__} "
+            f"(parameters of other shapes: {mismatched[:3]}); pass a directory trained with the same --model"
+        )
+    model.load_state_dict(theirs)
+
+
 def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     """Train, evaluate and write the model directory; returns the ``eval.json`` dict."""
     from vlmopt.models.evaluate import evaluate
@@ -979,6 +1002,9 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
     model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta)
+    if cfg.init_from:
+        start_from(model, Path(cfg.init_from))
+        log(f"weights from {cfg.init_from}")
     task_cfgs = TASK_CONFIGS[cfg.model]
     task_objs = {name: tasks.TASKS[name](c) for name, c in task_cfgs.items()}
     n_params = sum(p.numel() for p in model.parameters())
@@ -1048,7 +1074,7 @@ def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds,
     model, processor = models.load(out_dir)
     results: dict = {
         "model": cfg.model,
-        "train_command": f"python -m vlmopt.models.train --model {cfg.model}",
+        "train_command": train_command(cfg),
         "train_config": dataclasses.asdict(cfg),
         "arch": dataclasses.asdict(arch),
         "parameters": n_params,
@@ -1078,6 +1104,23 @@ def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds,
     return results
 
 
+def train_command(cfg: TrainConfig) -> str:
+    """The command line that trains ``cfg``: its model's preset plus a flag for each field that differs
+    (``threads`` left out: it changes speed, not the result)."""
+    preset = PRESETS[cfg.model]
+    flags = []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("model", "threads") or value == getattr(preset, f.name):
+            continue
+        if f.name == "curriculum":  # no flag for it
+            continue
+        text = ",".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
+        flags.append(f" --{f.name.replace('_', '-')} {shlex.quote(text)}")
+    command = f"python -m vlmopt.models.train --model {cfg.model}" + "".join(flags)
+    return command if cfg.curriculum == preset.curriculum else f"{command} (with TrainConfig.curriculum={cfg.curriculum})"
+
+
 def _flag(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -1090,7 +1133,8 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(w for w in text.split(",") if w)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]:
+    """(config, output directory or None) of a command line: the model's preset with one flag per field."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path, default=None, help="model directory (default: models/<model>)")
@@ -1101,10 +1145,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None)
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "curriculum") and getattr(args, f.name) is not None}
-    cfg = dataclasses.replace(PRESETS[args.model], **overrides)
+    return dataclasses.replace(PRESETS[args.model], **overrides), args.out
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, out = parse_args(argv)
     from vlmopt import models
 
-    out = args.out or models.models_dir() / args.model
+    out = out or models.models_dir() / cfg.model
     results = train(cfg, out, log=lambda *a: print(*a, flush=True))
     print(json.dumps({k: v for k, v in results.items() if k != "history"}, indent=2)[:4000])
     sys.exit(0)
