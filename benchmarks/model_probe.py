@@ -10,6 +10,11 @@ Two diagnostics of a trained reference model (LLaVA or Qwen2.5-VL), on fresh ``t
   (:func:`vlmopt.models.train.cell_targets`). A logistic regression fitted on 70% of the tokens,
   scored on the rest, against the majority class. Whatever a probe cannot read, an LM reading those
   tokens cannot either.
+* **Where each visual token is**: the R² of a ridge regression of each visual token's grid column and
+  row (every token, background included) from the input of each LM layer's attention (layer 1: the
+  tokens the LM receives, normalised), fitted on 70% of the tokens and scored on the rest. A relative-position answer
+  needs the places of the objects it compares in the residual stream; M-RoPE alone puts them only
+  into attention scores.
 * **Answer-position attention**: per question family and LM layer, the attention mass (mean over
   heads) that the position predicting the answer puts on the question's evidence objects and on all
   objects. A model that answers by looking at the asked objects puts its middle layers' mass on them.
@@ -72,6 +77,49 @@ def object_token_probes(model, processor, task, n: int, qwen: bool, batch_size: 
     return out
 
 
+def ridge_r2(features: torch.Tensor, targets: torch.Tensor, seed: int = 0, ridge: float = 1e-2) -> list[float]:
+    """Held-out R² of a ridge regression ``features`` [N, D] → each column of ``targets`` [N, K], fitted
+    on a seeded random 70% of the rows (features standardised on that part)."""
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.7 * len(targets))
+    fit, held = order[:cut], order[cut:]
+    x = features.double()
+    mean, std = x[fit].mean(0), x[fit].std(0) + 1e-6
+    x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    y = targets.double()
+    gram = x[fit].T @ x[fit] + ridge * len(fit) * torch.eye(x.shape[1], dtype=x.dtype)
+    weights = torch.linalg.solve(gram, x[fit].T @ y[fit])
+    residual = ((x[held] @ weights - y[held]) ** 2).sum(0)
+    total = ((y[held] - y[fit].mean(0)) ** 2).sum(0)
+    return (1 - residual / total).tolist()
+
+
+def token_coordinates(model, processor, task, n: int, qwen: bool, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """R² of each visual token's grid column and row from the input of each LM layer's attention (layer
+    1: the tokens the LM receives, normalised), on ``n`` fresh train-split pictures."""
+    layers = model.model.language_model.layers
+    lm = train.AttentionTap([layer.self_attn for layer in layers])
+    visual_id = model.config.image_token_id
+    feats: dict[str, list[torch.Tensor]] = defaultdict(list)
+    targets = []
+    for start in range(0, n, batch_size):
+        samples = [task.sample("train", 900_000 + start + i) for i in range(min(batch_size, n - start))]
+        batch = processing.encode(processor, samples)
+        with torch.inference_mode():
+            model(**batch)
+        visual = batch["input_ids"] == visual_id
+        for i in range(len(layers)):
+            feats[f"LM layer {i + 1} input"].append(lm.inputs[i][0][visual].float())
+        targets.append(train.aux_targets(samples, train.token_cell(model))[:, 3:5].float())
+    lm.remove()
+    where = torch.cat(targets)
+    out = {}
+    for name, chunks in feats.items():
+        column, row = ridge_r2(torch.cat(chunks), where)
+        out[name] = {"column": round(column, 3), "row": round(row, 3)}
+    return out
+
+
 def answer_attention(model, processor, task, n: int, qwen: bool, batch_size: int = 16) -> dict[str, dict[str, list[float]]]:
     """Per family: mean attention mass of the answer position on the evidence objects and on all
     objects, per LM layer, over the first ``n`` test samples."""
@@ -120,11 +168,15 @@ def main(argv: list[str] | None = None) -> dict:
         "model": str(args.model),
         "n": args.n,
         "probes": object_token_probes(model, processor, task, args.n, qwen),
+        "coordinates": token_coordinates(model, processor, task, args.n, qwen),
         "answer_attention": answer_attention(model, processor, task, args.n, qwen),
     }
     print("| probe on object tokens | accuracy | majority |\n|---|---|---|")
     for name, r in result["probes"].items():
         print(f"| {name} | {100 * r['accuracy']:.1f}% | {100 * r['majority']:.1f}% |")
+    print("\n| visual tokens read at | R² of the grid column | R² of the grid row |\n|---|---|---|")
+    for name, r in result["coordinates"].items():
+        print(f"| {name} | {r['column']:.2f} | {r['row']:.2f} |")
     print("\n| family | answer attention on evidence, per LM layer | on all objects |\n|---|---|---|")
     for family, r in result["answer_attention"].items():
         print(f"| {family} | {' / '.join(f'{x:.2f}' for x in r['evidence'])} | {' / '.join(f'{x:.2f}' for x in r['objects'])} |")

@@ -24,6 +24,15 @@ def test_probe_reads_a_linear_label_and_not_noise():
     assert accuracy < majority + 0.15
 
 
+def test_ridge_r2_finds_a_linear_coordinate_and_not_noise():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    features = torch.randn(800, 24, generator=g)
+    column = features[:, 5] * 3.0 - features[:, 11] + 0.05 * torch.randn(800, generator=g)
+    noise = torch.randn(800, generator=g)
+    linear, unrelated = model_probe.ridge_r2(features, torch.stack([column, noise], 1))
+    assert linear > 0.95 and abs(unrelated) < 0.1
+
+
 def test_report_runs_on_tiny_llava(tmp_path, capsys):
     result = model_probe.main(["--model", "tiny-llava", "--n", "20", "--json", str(tmp_path / "p.json")])
     assert set(result["probes"]) == set(model_probe.PROBES)
@@ -31,6 +40,8 @@ def test_report_runs_on_tiny_llava(tmp_path, capsys):
         assert 0.0 <= r["majority"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0 and r["tokens"] > 0
     for r in result["answer_attention"].values():
         assert len(r["evidence"]) == 4 and all(e <= o + 1e-6 for e, o in zip(r["evidence"], r["objects"]))
+    assert [*result["coordinates"]] == [f"LM layer {i} input" for i in (1, 2, 3, 4)]
+    assert all(-1.0 <= r["column"] <= 1.0 and -1.0 <= r["row"] <= 1.0 for r in result["coordinates"].values())
     assert (tmp_path / "p.json").exists() and "| colour |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         model_probe.main(["--n", "3"])
