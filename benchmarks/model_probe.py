@@ -1,8 +1,8 @@
-"""What a reference model's visual tokens encode, and where its answers look.
+"""What a reference model's visual tokens encode, where its LM can find their places, and where its answers look.
 
     python benchmarks/model_probe.py [--model tiny-llava] [--n 320] [--json out.json]
 
-Two diagnostics of a trained reference model (LLaVA or Qwen2.5-VL), on fresh ``train``-split pictures
+Three diagnostics of a trained reference model (LLaVA or Qwen2.5-VL), on fresh ``train``-split pictures
 (probes) and the recorded test split (attention):
 
 * **Linear probes** on the object tokens the LM receives (LLaVA: CLIP features at the selected layer;

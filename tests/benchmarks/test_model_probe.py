@@ -1,5 +1,5 @@
-"""benchmarks/model_probe.py: the linear probe reads what is there and nothing that is not; the
-report runs end to end on a reference model."""
+"""benchmarks/model_probe.py: the linear and ridge probes read what is there and nothing that is not;
+the report runs end to end on a reference model."""
 
 from __future__ import annotations
 
