@@ -213,6 +213,8 @@ def test_position_aids_wait_for_their_step(llava_processor):
     on[0].backward()
     assert aux.coords.weight.grad.abs().sum() > 0 and aux.relation.weight.grad.abs().sum() > 0
     assert on[3] != off[3] and on[2] > off[2]
+    assert {"coords", "relation"} <= set(on[5]) and not {"coords", "relation"} & set(off[5])
+    assert math.isclose(sum(on[5].values()), float(on[2]), rel_tol=1e-5)
     taps.remove()
 
 
@@ -297,6 +299,19 @@ def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True))
     with pytest.raises(ValueError, match="same --model"):
         train.start_from(train.build_model("tiny-qwen25vl", seed=0)[0], tmp_path / "m")
+
+
+def test_loss_window_averages_each_aux_term_over_the_steps_that_had_it():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    answer, coords, relation = torch.rand(3, 4, generator=g).tolist()
+    window = train.LossWindow()
+    for i in range(4):
+        window.add(answer[i], coords[i], 0.0, 0.0, {"coords": coords[i], **({"relation": relation[i]} if i % 2 else {})})
+    assert math.isclose(window.mean("answer-loss"), sum(answer) / 4)
+    assert math.isclose(window.mean("aux relation"), (relation[1] + relation[3]) / 2)
+    line = window.report(2.0)
+    assert line.startswith(f"answer-loss {sum(answer) / 4:.3f} aux {sum(coords) / 4:.3f} (coords {sum(coords) / 4:.3f}, relation ")
+    assert line.endswith("s/step, 2.0 min)")
 
 
 def test_train_command_gives_back_its_config():

@@ -36,6 +36,7 @@ import platform
 import shlex
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,31 +365,36 @@ class AuxHeads(nn.Module):
             relation_dim=text if cfg.relation_aux else None,
         )
 
-    def loss(
+    def terms(
         self, tokens: torch.Tensor, targets: torch.Tensor, cls: torch.Tensor | None, presence: torch.Tensor | None,
         coord_tokens: torch.Tensor | None = None, coords: bool = True,
-    ) -> torch.Tensor:
-        """``tokens`` [N, D] visual tokens, ``targets`` [N, 7]; ``cls`` [B, Dc], ``presence`` [B, 12];
-        ``coord_tokens`` [N, Dp] the same tokens elsewhere in the model, for the coordinate probe
-        (default: ``tokens``); ``coords=False`` leaves that probe out (position aids not on yet)."""
+    ) -> dict[str, torch.Tensor]:
+        """Each probe's loss term, by name (their sum is the aux loss). ``tokens`` [N, D] visual tokens,
+        ``targets`` [N, 7]; ``cls`` [B, Dc], ``presence`` [B, 12]; ``coord_tokens`` [N, Dp] the same
+        tokens elsewhere in the model, for the coordinate probe (default: ``tokens``); ``coords=False``
+        leaves that probe out (position aids not on yet). A coordinate probe that reads nothing scores
+        about 4/3 (4 × the variance of a uniform place in [-1, 1])."""
         weight = 1.0 + 3.0 * (targets[:, 0] > 0).float()  # objects are a few % of the tokens
         ce = nn.functional.cross_entropy
-        loss = (ce(self.colour(tokens), targets[:, 0], reduction="none") * weight).mean()
-        loss = loss + (ce(self.shape(tokens), targets[:, 1], reduction="none") * weight).mean()
-        loss = loss + nn.functional.binary_cross_entropy_with_logits(
-            self.centre(tokens).squeeze(-1), targets[:, 2].float(), pos_weight=torch.tensor(10.0)
-        )
+        out = {
+            "colour": (ce(self.colour(tokens), targets[:, 0], reduction="none") * weight).mean(),
+            "shape": (ce(self.shape(tokens), targets[:, 1], reduction="none") * weight).mean(),
+            "centre": nn.functional.binary_cross_entropy_with_logits(
+                self.centre(tokens).squeeze(-1), targets[:, 2].float(), pos_weight=torch.tensor(10.0)
+            ),
+        }
         if self.presence is not None and cls is not None:
-            loss = loss + nn.functional.binary_cross_entropy_with_logits(self.presence(cls), presence)
+            out["presence"] = nn.functional.binary_cross_entropy_with_logits(self.presence(cls), presence)
         if self.coords is not None and coords:
             where = targets[:, 3:5].float() * (2.0 / COORD_SCALE) - 1.0  # column, row in [-1, 1]
             coord_from = tokens if coord_tokens is None else coord_tokens
-            loss = loss + 4.0 * nn.functional.mse_loss(self.coords(coord_from), where)
+            out["coords"] = 4.0 * nn.functional.mse_loss(self.coords(coord_from), where)
         if self.counts is not None:
             same_colour, same_shape = self.counts(tokens).split(COUNT_CLASSES, dim=-1)
-            loss = loss + (ce(same_colour, targets[:, 5], reduction="none") * weight).mean()
-            loss = loss + (ce(same_shape, targets[:, 6], reduction="none") * weight).mean()
-        return loss
+            out["counts"] = (ce(same_colour, targets[:, 5], reduction="none") * weight).mean() + (
+                ce(same_shape, targets[:, 6], reduction="none") * weight
+            ).mean()
+        return out
 
 
 def answer_starts(labels_row: torch.Tensor) -> np.ndarray:
@@ -889,7 +895,8 @@ class Taps:
 def forward_loss(
     model, processor, batch_samples, aux: AuxHeads | None, taps: Taps, cfg: TrainConfig, qwen: bool, position_aids: bool = True
 ):
-    """(total loss, answer loss, aux loss, guide loss, tower-guide loss) of one batch; ``position_aids=False``
+    """(total loss, answer loss, aux loss, guide loss, tower-guide loss, each aux term by name as a float)
+    of one batch; ``position_aids=False``
     leaves out the coordinate and relation probes and the split guide (``TrainConfig.position_aids_from``)."""
     video = batch_samples[0].is_video
     cell = token_cell(model)
@@ -922,7 +929,7 @@ def forward_loss(
         t = tower_guide_loss(taps.tower, batch_samples, cell, cfg.tower_guide_share, window)
         total = total + cfg.tower_guide_weight * t
     if aux is None:
-        return total, lm.detach(), zero, g.detach(), t.detach()
+        return total, lm.detach(), zero, g.detach(), t.detach(), {}
     vision = taps.vision
     cls, presence = (None, None) if qwen else (vision.pooler_output, presence_targets(batch_samples))
     coord_tokens = None
@@ -931,7 +938,7 @@ def forward_loss(
     elif position_aids and cfg.coord_aux_from == "lm":
         visual_id = model.config.video_token_id if video else model.config.image_token_id
         coord_tokens = taps.lm.inputs[1][0][batch["input_ids"] == visual_id]
-    a = aux.loss(vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence, coord_tokens, position_aids)
+    terms = aux.terms(vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence, coord_tokens, position_aids)
     if aux.relation is not None and position_aids and not video:
         grid_w = batch_samples[0].masks.shape[2] // cell
         rows, positions, where = relation_targets(batch["labels"], evidence, grid_w)
@@ -939,8 +946,9 @@ def forward_loss(
             layers = len(taps.lm.modules)
             read_layer = min(guided_middle_layers(layers)[-1] + 1, layers - 1)  # reads the last guided layer's output
             hidden = taps.lm.inputs[read_layer][0][torch.tensor(rows), torch.tensor(positions)]
-            a = a + 4.0 * nn.functional.mse_loss(aux.relation(hidden), where)
-    return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach()
+            terms["relation"] = 4.0 * nn.functional.mse_loss(aux.relation(hidden), where)
+    a = sum(terms.values())
+    return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach(), {k: float(v) for k, v in terms.items()}
 
 
 def training_batch(task, cfg: TrainConfig, start: int) -> list:
@@ -969,7 +977,8 @@ class Run:
         return cls(cfg, aux, taps, params, _optimizer(params, cfg))
 
     def step(self, model, processor, batch_samples, step: int) -> tuple[torch.Tensor, ...]:
-        """Optimiser step number ``step`` on ``batch_samples``; (answer, aux, guide, tower-guide) losses, detached."""
+        """Optimiser step number ``step`` on ``batch_samples``; (answer, aux, guide, tower-guide) losses, detached,
+        and the aux loss's terms by name."""
         aids = step >= self.cfg.position_aids_from
         loss, *parts = forward_loss(model, processor, batch_samples, self.aux, self.taps, self.cfg, self.cfg.qwen, aids)
         self.optimizer.zero_grad(set_to_none=True)
@@ -977,6 +986,34 @@ class Run:
         torch.nn.utils.clip_grad_norm_([p for _, p in self.params], 1.0)
         self.optimizer.step()
         return tuple(parts)
+
+
+class LossWindow:
+    """Mean losses over the steps since the last log line (each aux term over the steps that had it)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.steps, self.began = 0, time.time()
+
+    def add(self, answer, aux, guide, tower, aux_terms: dict[str, float]) -> None:
+        for name, value in {"answer-loss": answer, "aux": aux, "guide": guide, "tower": tower}.items():
+            self.sums[name] += float(value)
+        for name, value in aux_terms.items():
+            self.sums["aux " + name] += value
+            self.counts["aux " + name] += 1
+        self.steps += 1
+
+    def mean(self, name: str) -> float:
+        return self.sums[name] / (self.counts[name] if name in self.counts else max(self.steps, 1))
+
+    def report(self, minutes: float) -> str:
+        """``answer-loss A aux X (colour c, ...) guide G tower T (S s/step, M min)``; ``minutes`` since the run began."""
+        terms = ", ".join(f"{name[4:]} {self.mean(name):.3f}" for name in self.counts)
+        return (
+            f"answer-loss {self.mean('answer-loss'):.3f} aux {self.mean('aux'):.3f}{f' ({terms})' if terms else ''} "
+            f"guide {self.mean('guide'):.3f} tower {self.mean('tower'):.3f} ({(time.time() - self.began) / max(self.steps, 1):.2f} s/step, {minutes:.1f} min)"
+        )
 
 
 def start_from(model, directory: Path) -> None:
@@ -1015,7 +1052,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     cursors = {name: 0 for name in task_objs}
     history = []
     model.train()
-    window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "tower": 0.0, "n": 0, "t": time.time()}
+    window = LossWindow()
     for step, task_name in enumerate(plan):
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -1026,19 +1063,10 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
             task = phase_task(task, step, cfg)
         batch_samples = training_batch(task, cfg, cursors[task_name])
         cursors[task_name] += len(batch_samples)
-        lm, a, g, tg = run.step(model, processor, batch_samples, step)
-        window["loss"] += float(lm)
-        window["aux"] += float(a)
-        window["guide"] += float(g)
-        window["tower"] += float(tg)
-        window["n"] += 1
+        window.add(*run.step(model, processor, batch_samples, step))
         if (step + 1) % 25 == 0:
-            log(
-                f"step {step + 1}/{cfg.steps} lr {lr_at(step, cfg):.2e} answer-loss {window['loss'] / window['n']:.3f} "
-                f"aux {window['aux'] / window['n']:.3f} guide {window['guide'] / window['n']:.3f} tower {window['tower'] / window['n']:.3f} ({(time.time() - window['t']) / window['n']:.2f} s/step, "
-                f"{(time.time() - began) / 60:.1f} min)"
-            )
-            window = {"loss": 0.0, "aux": 0.0, "guide": 0.0, "tower": 0.0, "n": 0, "t": time.time()}
+            log(f"step {step + 1}/{cfg.steps} lr {lr_at(step, cfg):.2e} {window.report((time.time() - began) / 60)}")
+            window = LossWindow()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
             point = {"step": step + 1, "minutes": round((time.time() - began) / 60, 2)}
