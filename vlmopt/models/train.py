@@ -896,8 +896,8 @@ def forward_loss(
     model, processor, batch_samples, aux: AuxHeads | None, taps: Taps, cfg: TrainConfig, qwen: bool, position_aids: bool = True
 ):
     """(total loss, answer loss, aux loss, guide loss, tower-guide loss, each aux term by name as a float)
-    of one batch; ``position_aids=False``
-    leaves out the coordinate and relation probes and the split guide (``TrainConfig.position_aids_from``)."""
+    of one batch; ``position_aids=False`` leaves out the coordinate and relation probes and the split
+    guide (``TrainConfig.position_aids_from``)."""
     video = batch_samples[0].is_video
     cell = token_cell(model)
     turns, evidence = training_turns(batch_samples, cfg.extra_turns, cell, balanced=cfg.balanced_turns)
@@ -1005,6 +1005,7 @@ class LossWindow:
         self.steps += 1
 
     def mean(self, name: str) -> float:
+        """Mean of loss ``name`` (``answer-loss``, ``aux``, ``guide``, ``tower`` or ``aux <term>``)."""
         return self.sums[name] / (self.counts[name] if name in self.counts else max(self.steps, 1))
 
     def report(self, minutes: float) -> str:
@@ -1139,9 +1140,7 @@ def train_command(cfg: TrainConfig) -> str:
     flags = []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name in ("model", "threads") or value == getattr(preset, f.name):
-            continue
-        if f.name == "curriculum":  # no flag for it
+        if f.name in ("model", "threads", "curriculum") or value == getattr(preset, f.name):  # curriculum: no flag
             continue
         text = ",".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
         flags.append(f" --{f.name.replace('_', '-')} {shlex.quote(text)}")
