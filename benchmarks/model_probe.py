@@ -57,18 +57,31 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 30
     return accuracy, majority
 
 
-def object_token_probes(model, processor, task, n: int, qwen: bool, batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """Probe accuracies on the object tokens of ``n`` fresh train-split pictures."""
-    tap = train.VisionTap(model.model.visual if qwen else model.model.vision_tower)
-    feats, targets = [], []
+def train_picture_features(model, processor, task, n: int, qwen: bool, batch_size: int = 16):
+    """From one forward of each of ``n`` fresh train-split pictures: (the visual tokens the object
+    probes read [N, D], the input of each LM layer's attention at the visual tokens [N, Dt] per layer,
+    :func:`vlmopt.models.train.aux_targets` [N, 7]), rows in the same token order."""
+    vision = train.VisionTap(model.model.visual if qwen else model.model.vision_tower)
+    layers = model.model.language_model.layers
+    lm = train.AttentionTap([layer.self_attn for layer in layers])
+    tokens, lm_inputs, targets = [], [[] for _ in layers], []
     for start in range(0, n, batch_size):
         samples = [task.sample("train", 900_000 + start + i) for i in range(min(batch_size, n - start))]
+        batch = processing.encode(processor, samples)
         with torch.inference_mode():
-            model(**processing.encode(processor, samples))
-        feats.append(tap.visual_tokens(model, qwen).float())
+            model(**batch)
+        tokens.append(vision.visual_tokens(model, qwen).float())
+        visual = batch["input_ids"] == model.config.image_token_id
+        for i, chunks in enumerate(lm_inputs):
+            chunks.append(lm.inputs[i][0][visual].float())
         targets.append(train.aux_targets(samples, train.token_cell(model)))
-    tap.remove()
-    features, labels = torch.cat(feats), torch.cat(targets)
+    vision.remove()
+    lm.remove()
+    return torch.cat(tokens), [torch.cat(chunks) for chunks in lm_inputs], torch.cat(targets)
+
+
+def object_token_probes(features: torch.Tensor, labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Probe accuracies on the object tokens among ``features`` [N, D] (``labels`` [N, 7]: aux targets)."""
     on_object = labels[:, 0] > 0
     out = {}
     for name, row in PROBES.items():
@@ -94,29 +107,14 @@ def ridge_r2(features: torch.Tensor, targets: torch.Tensor, seed: int = 0, ridge
     return (1 - residual / total).tolist()
 
 
-def token_coordinates(model, processor, task, n: int, qwen: bool, batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """R² of each visual token's grid column and row from the input of each LM layer's attention (layer
-    1: the tokens the LM receives, normalised), on ``n`` fresh train-split pictures."""
-    layers = model.model.language_model.layers
-    lm = train.AttentionTap([layer.self_attn for layer in layers])
-    visual_id = model.config.image_token_id
-    feats: dict[str, list[torch.Tensor]] = defaultdict(list)
-    targets = []
-    for start in range(0, n, batch_size):
-        samples = [task.sample("train", 900_000 + start + i) for i in range(min(batch_size, n - start))]
-        batch = processing.encode(processor, samples)
-        with torch.inference_mode():
-            model(**batch)
-        visual = batch["input_ids"] == visual_id
-        for i in range(len(layers)):
-            feats[f"LM layer {i + 1} input"].append(lm.inputs[i][0][visual].float())
-        targets.append(train.aux_targets(samples, train.token_cell(model))[:, 3:5].float())
-    lm.remove()
-    where = torch.cat(targets)
+def token_coordinates(lm_inputs: list[torch.Tensor], labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    """R² of each visual token's grid column and row (``labels`` [N, 7]: aux targets) from the input of
+    each LM layer's attention (``lm_inputs``: [N, Dt] per layer; layer 1: the tokens the LM receives,
+    normalised)."""
     out = {}
-    for name, chunks in feats.items():
-        column, row = ridge_r2(torch.cat(chunks), where)
-        out[name] = {"column": round(column, 3), "row": round(row, 3)}
+    for i, features in enumerate(lm_inputs):
+        column, row = ridge_r2(features, labels[:, 3:5].float())
+        out[f"LM layer {i + 1} input"] = {"column": round(column, 3), "row": round(row, 3)}
     return out
 
 
@@ -164,11 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     qwen = "qwen" in type(model).__name__.lower()
     task = models.task_for(args.model, "shapes")
+    tokens, lm_inputs, labels = train_picture_features(model, processor, task, args.n, qwen)
     result = {
         "model": str(args.model),
         "n": args.n,
-        "probes": object_token_probes(model, processor, task, args.n, qwen),
-        "coordinates": token_coordinates(model, processor, task, args.n, qwen),
+        "probes": object_token_probes(tokens, labels),
+        "coordinates": token_coordinates(lm_inputs, labels),
         "answer_attention": answer_attention(model, processor, task, args.n, qwen),
     }
     print("| probe on object tokens | accuracy | majority |\n|---|---|---|")
