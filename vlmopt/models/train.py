@@ -1133,6 +1133,10 @@ def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds,
     return results
 
 
+NO_FLAG = ("model", "curriculum")
+"""``TrainConfig`` fields without a ``--flag`` of their own (``--model`` picks the preset)."""
+
+
 def train_command(cfg: TrainConfig) -> str:
     """The command line that trains ``cfg``: its model's preset plus a flag for each field that differs
     (``threads`` left out: it changes speed, not the result)."""
@@ -1140,7 +1144,7 @@ def train_command(cfg: TrainConfig) -> str:
     flags = []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name in ("model", "threads", "curriculum") or value == getattr(preset, f.name):  # curriculum: no flag
+        if f.name in NO_FLAG or f.name == "threads" or value == getattr(preset, f.name):
             continue
         text = ",".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
         flags.append(f" --{f.name.replace('_', '-')} {shlex.quote(text)}")
@@ -1166,12 +1170,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]
     parser.add_argument("--model", required=True, choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path, default=None, help="model directory (default: models/<model>)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in ("model", "curriculum"):
+        if f.name not in NO_FLAG:
             kind = type(getattr(PRESETS["tiny-llava"], f.name))
             parse = {bool: _flag, tuple: _words}.get(kind, kind)
             parser.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None)
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "curriculum") and getattr(args, f.name) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in NO_FLAG and getattr(args, f.name) is not None}
     return dataclasses.replace(PRESETS[args.model], **overrides), args.out
 
 
