@@ -299,6 +299,9 @@ def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True))
     with pytest.raises(ValueError, match="same --model"):
         train.start_from(train.build_model("tiny-qwen25vl", seed=0)[0], tmp_path / "m")
+    qwen_dir = models.path("tiny-qwen25vl")
+    with pytest.raises(ValueError, match="--rope-theta 10000.0"):
+        train.start_from(train.build_model("tiny-qwen25vl", seed=0, rope_theta=100.0)[0], qwen_dir)
 
 
 def test_loss_window_averages_each_aux_term_over_the_steps_that_had_it():

@@ -948,7 +948,7 @@ def forward_loss(
             hidden = taps.lm.inputs[read_layer][0][torch.tensor(rows), torch.tensor(positions)]
             terms["relation"] = 4.0 * nn.functional.mse_loss(aux.relation(hidden), where)
     a = sum(terms.values())
-    return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach(), {k: float(v) for k, v in terms.items()}
+    return total + cfg.aux_weight * a, lm.detach(), a.detach(), g.detach(), t.detach(), {k: float(v.detach()) for k, v in terms.items()}
 
 
 def training_batch(task, cfg: TrainConfig, start: int) -> list:
@@ -1029,6 +1029,13 @@ def start_from(model, directory: Path) -> None:
         raise ValueError(
             f"{directory} holds a {type(trained).__name__} that does not fit this {type(model).__name__} "
             f"(parameters of other shapes: {mismatched[:3]}); pass a directory trained with the same --model"
+        )
+    own_rope = getattr(model.config.get_text_config(), "rope_parameters", None)
+    their_rope = getattr(trained.config.get_text_config(), "rope_parameters", None)
+    if own_rope != their_rope:  # same shapes, other positions: the weights would be read wrongly
+        raise ValueError(
+            f"{directory} was trained with the LM rotary parameters {their_rope}, this run builds {own_rope}; "
+            f"pass --rope-theta {their_rope.get('rope_theta') if their_rope else '<its base>'} to fine-tune it"
         )
     model.load_state_dict(theirs)
 
