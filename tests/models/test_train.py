@@ -106,6 +106,35 @@ def test_guide_loss_is_least_on_its_target(batch_of_scenes, llava_processor, sin
     assert float(train.guide_loss(_rows(spread), 4, batch, evidence, samples, visual, 14, words, families)) > float(loss) + 1.0
 
 
+def test_sink_ratio_sets_the_share_of_each_object(llava_processor):
+    """With ratio r, the loss is least where each of the k objects holds r/(1 + k r) and the sink the rest."""
+    task = tasks.get("shapes", size=224, grid=14)
+    sample = next(s for s in (task.sample("train", i) for i in range(400)) if s.family == "count" and s.answer != "one")
+    batch = processing.encode(llava_processor, [sample], answers=True)
+    visual = llava_processor.tokenizer.convert_tokens_to_ids("<image>")
+    L = batch["input_ids"].shape[1]
+    answer_pos = int(np.flatnonzero(batch["labels"][0].numpy() != -100)[0]) - 1
+    groups = train.object_cells(sample, [index for _, index in sample.evidence], 14)
+    vpos = np.flatnonzero(batch["input_ids"][0].numpy() == visual)
+    ratio = float(torch.empty(()).uniform_(0.1, 3.0))
+    k = len(groups)
+
+    def attention(per_object):
+        maps = torch.full((1, 2, L, L), 1e-9)
+        for cells in groups:
+            maps[0, :, answer_pos, vpos[cells]] = per_object / len(cells)
+        maps[0, :, answer_pos, 0] = 1.0 - k * per_object
+        return _rows([maps] * 4)
+
+    def loss(per_object):
+        return float(train.guide_loss(attention(per_object), 4, batch, [[("count", groups)]], [sample], visual, 14, {}, ("count",), sink_ratio=ratio))
+
+    best = ratio / (1 + k * ratio)
+    assert loss(best) < min(loss(best * 0.8), loss(min(best * 1.2, 0.99 / k)))
+    with pytest.raises(ValueError, match="guide_sink_ratio"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, guide_sink_ratio=0.0)
+
+
 def test_sink_guide_sends_a_no_to_the_sink(llava_processor):
     task = tasks.get("shapes", size=224, grid=14)
     sample = next(s for s in (task.sample("train", i) for i in range(200)) if s.family == "exist" and s.answer == "no")

@@ -91,6 +91,11 @@ class TrainConfig:
     shipped recipe's), but over a full run it pays: the tiny-llava preset uses ``count,exist`` (with
     ``background_dropout=0.8`` and 1,400 steps: 98.4% on the test split, counting 95%, existence 97%;
     1,100 steps with ``background_dropout=0.5``: 91.6%, and HiPrune kept only 97.2% at 1/3)."""
+    guide_sink_ratio: float = 1.0
+    """Target attention of each object concerned per unit of the sink's in ``guide_sink_families``: with
+    ratio r each of k objects gets r/(1 + k r) and the sink 1/(1 + k r). 1 is the 1/(k+1) split; a
+    smaller r keeps the mass on the objects nearer linear in k (r = 0.25: 0.20 / 0.33 / 0.43 / 0.50 for
+    k = 1..4 against 0.50 / 0.67 / 0.75 / 0.80), so neighbouring counts lie further apart."""
     guide_split_families: tuple[str, ...] = ()
     """Families whose answer-position guide splits the heads between two evidence objects: the first
     half of the heads looks at the first-named object, the second half at the other, so a
@@ -196,6 +201,8 @@ class TrainConfig:
             archs.QwenArch(text_rope_theta=self.rope_theta)  # its check of the base
         elif self.rope_theta != archs.QwenArch.text_rope_theta:
             raise ValueError("TrainConfig.rope_theta is tiny-qwen25vl's M-RoPE base; tiny-llava keeps Llama's 10,000")
+        if not 0 < self.guide_sink_ratio <= 100:
+            raise ValueError(f"TrainConfig.guide_sink_ratio={self.guide_sink_ratio} must be in (0, 100] (object attention per unit of the sink's)")
         if not 0 <= self.background_dropout <= 1:
             raise ValueError(f"TrainConfig.background_dropout={self.background_dropout} must be in [0, 1]")
         if self.position_aids_from < 0:
@@ -639,7 +646,7 @@ def _head_weights(which: str, heads: int) -> torch.Tensor:
 
 def guide_loss(
     attention_rows, num_layers: int, batch: dict, evidence, samples, visual_token_id: int, cell: int, words: dict,
-    sink_families, split_families=(), read_question: bool = False,
+    sink_families, split_families=(), read_question: bool = False, sink_ratio: float = 1.0,
 ) -> torch.Tensor:
     """Attention guide: cross-entropy between a target attention distribution over regions and the
     attention mass on them (attention averaged over heads), averaged over guided positions.
@@ -647,8 +654,8 @@ def guide_loss(
     Two kinds of positions are guided. Every colour or shape word of a question, in the first layer,
     looks at the objects with that attribute (one hop: the query is the word itself). The position
     that predicts each answer, in the middle layers, looks at the answer's evidence objects. For a
-    family in ``sink_families`` each of the k objects is a region with target 1/(k+1) and the first
-    real token (an attention sink) takes the rest. For a family in ``split_families`` with two
+    family in ``sink_families`` each of the k objects is a region with target r/(1 + k r) and the first
+    real token (an attention sink) takes the rest (r = ``sink_ratio``; 1: 1/(k+1) each). For a family in ``split_families`` with two
     evidence objects (relative position: the first-named object, then the other) the first half of
     the heads put all their attention on the first object and the second half on the second, so the
     two objects' features (where each is) reach the answer apart instead of averaged. Otherwise the
@@ -676,8 +683,9 @@ def guide_loss(
     def look(kind, row, pos, groups, visual_pos, sink_pos, family):
         cells = [c for c in groups if len(c)]
         if family in sink_families:
-            parts = [(visual_pos[c], 1.0 / (len(cells) + 1), "all") for c in cells]
-            parts.append((np.array([sink_pos]), 1.0 / (len(cells) + 1), "all"))
+            share = 1.0 / (1.0 + len(cells) * sink_ratio)
+            parts = [(visual_pos[c], sink_ratio * share, "all") for c in cells]
+            parts.append((np.array([sink_pos]), share, "all"))
         elif family in split_families and len(groups) == 2 and len(cells) == 2:
             parts = [(visual_pos[cells[0]], 1.0, "first"), (visual_pos[cells[1]], 1.0, "second")]
         elif cells:
@@ -922,6 +930,7 @@ def forward_loss(
             rows, len(taps.lm.modules), batch, evidence, batch_samples, visual_id,
             cell=cell, words=attribute_words(processor.tokenizer), sink_families=cfg.guide_sink_families,
             split_families=cfg.guide_split_families if position_aids else (), read_question=cfg.guide_read_question,
+            sink_ratio=cfg.guide_sink_ratio,
         )
         total = total + cfg.guide_weight * g
     if taps.tower is not None and not video:
