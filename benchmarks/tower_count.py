@@ -29,12 +29,14 @@ import torch
 from vlmopt.models import processing, tasks, train
 
 
-def tower_tokens(model, qwen: bool, inputs: dict) -> torch.Tensor:
-    """[N, D] the visual tokens the recipe's probes read, in :func:`train.aux_targets` order."""
+def tower_tokens(model, tap: train.VisionTap, qwen: bool, inputs: dict) -> torch.Tensor:
+    """[N, D] the visual tokens the recipe's probes read (``tap`` on the tower picks them), in
+    :func:`train.aux_targets` order."""
     if qwen:
-        return model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
-    out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
-    return out.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)
+        model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    else:
+        model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+    return tap.visual_tokens(model, qwen)
 
 
 def count_curve(
@@ -53,6 +55,7 @@ def count_curve(
             raise ValueError(f"--full-attention {full_attention}: blocks are 0..{depth - 1}")
         model.model.visual.fullatt_block_indexes = full_attention
     tower = model.model.visual if qwen else model.model.vision_tower
+    tap = train.VisionTap(tower)
     task = tasks.TASKS["shapes"](train.TASK_CONFIGS[scene_of]["shapes"])
     cell = train.token_cell(model)
     width = model.config.text_config.hidden_size if qwen else model.config.vision_config.hidden_size
@@ -71,7 +74,7 @@ def count_curve(
         if step % every == 0 or step == steps:
             tower.eval()
             with torch.no_grad():
-                tokens = tower_tokens(model, qwen, held_inputs)
+                tokens = tower_tokens(model, tap, qwen, held_inputs)
                 same_colour, same_shape = heads.counts(tokens).split(train.COUNT_CLASSES, -1)
                 point = {
                     "step": step,
@@ -91,10 +94,11 @@ def count_curve(
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50)
         inputs, targets = pictures("train", step * batch_size, batch_size)
-        loss = sum(heads.terms(tower_tokens(model, qwen, inputs), targets, None, None).values())
+        loss = sum(heads.terms(tower_tokens(model, tap, qwen, inputs), targets, None, None).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    tap.remove()
     return curve
 
 

@@ -28,10 +28,11 @@ def test_full_attention_blocks_change_the_qwen_tower_output():
     model, processor, _ = train.build_model("tiny-qwen25vl", seed=int(torch.randint(0, 1000, ())))
     task = tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-llava"]["shapes"])
     inputs = processing.encode(processor, [task.sample("validation", int(torch.randint(0, 100, ())))])
+    tap = train.VisionTap(model.model.visual)
     with torch.no_grad():
-        windowed = tower_count.tower_tokens(model, True, inputs)
+        windowed = tower_count.tower_tokens(model, tap, True, inputs)
         model.model.visual.fullatt_block_indexes = list(range(model.config.vision_config.depth))
-        everywhere = tower_count.tower_tokens(model, True, inputs)
+        everywhere = tower_count.tower_tokens(model, tap, True, inputs)
     assert windowed.shape == everywhere.shape and not torch.allclose(windowed, everywhere, atol=1e-4)
     with pytest.raises(ValueError, match="blocks are 0..7"):
         tower_count.count_curve("tiny-qwen25vl", "tiny-llava", [3, 8], steps=1)
