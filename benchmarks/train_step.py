@@ -27,7 +27,7 @@ def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
     """Median seconds per step of each task of ``name``'s preset."""
     torch.set_num_threads(threads)
     cfg = recipe.PRESETS[name]
-    model, processor, _ = recipe.build_model(name, cfg.seed, cfg.rope_theta)
+    model, processor, _ = recipe.build_model(name, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved)
     run = recipe.Run.start(model, cfg)
     model.train()
     medians = {}

@@ -332,6 +332,12 @@ def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(ValueError, match=f"--rope-theta {shipped_base}"):
         other_base = train.build_model("tiny-qwen25vl", seed=0, rope_theta=shipped_base * 2)[0]
         train.start_from(other_base, models.path("tiny-qwen25vl"))
+    # another M-RoPE layout moves only visual tokens' rotary: a fine-tune may switch it
+    interleaved = train.build_model("tiny-qwen25vl", seed=0, mrope_interleaved=True)[0]
+    train.start_from(interleaved, models.path("tiny-qwen25vl"))
+    assert torch.equal(interleaved.lm_head.weight, models.load("tiny-qwen25vl")[0].lm_head.weight)
+    with pytest.raises(ValueError, match="mrope_interleaved"):
+        dataclasses.replace(train.PRESETS["tiny-llava"], mrope_interleaved=True)
 
 
 def test_loss_window_averages_each_aux_term_over_the_steps_that_had_it():

@@ -68,6 +68,12 @@ class QwenArch:
     text_rope_theta: float = 10000.0
     """LM rotary base. M-RoPE gives the width section the lowest frequencies: at head dim 32 and base
     10,000 one merged column turns a query by at most 0.0032 rad, so the LM cannot tell left from right."""
+    text_mrope_interleaved: bool = False
+    """Deal the LM's rotary pairs to (temporal, height, width) in turn, one pair each, instead of in
+    three contiguous sections: every axis then gets fast and slow frequencies (at base 10,000 a column
+    turns the fastest width pair by 0.32 rad, not 0.0032). Qwen3-VL's interleaved M-RoPE; the stock
+    Qwen2.5-VL code reads it from an ``mrope_section`` of ones. Text tokens (equal ids on the three
+    axes) turn the same either way."""
 
     def __post_init__(self) -> None:
         if self.text_rope_theta <= 1:
@@ -99,9 +105,13 @@ def llava_config(arch: LlavaArch, tokenizer):
     )
 
 
-def mrope_section(head_dim: int) -> list[int]:
-    """M-RoPE (temporal, height, width) split of ``head_dim / 2`` rotary pairs, Qwen's 1:1.5:1.5 ratio."""
+def mrope_section(head_dim: int, interleaved: bool = False) -> list[int]:
+    """M-RoPE split of ``head_dim / 2`` rotary pairs: (temporal, height, width) sections in Qwen's
+    1:1.5:1.5 ratio, or ``interleaved``: one pair per chunk, which Qwen2.5-VL's rotary assigns to the
+    axes in turn (chunk i goes to axis i mod 3)."""
     half = head_dim // 2
+    if interleaved:
+        return [1] * half
     section = [half // 4, (half - half // 4) // 2]
     return section + [half - sum(section)]
 
@@ -123,7 +133,7 @@ def qwen_config(arch: QwenArch, tokenizer):
             hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
             num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
             num_key_value_heads=arch.text_kv_heads, vocab_size=len(tokenizer), max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "mrope_section": mrope_section(head_dim), "rope_theta": float(arch.text_rope_theta)},
+            rope_parameters={"rope_type": "default", "mrope_section": mrope_section(head_dim, arch.text_mrope_interleaved), "rope_theta": float(arch.text_rope_theta)},
             bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
             tie_word_embeddings=False,
         ),

@@ -176,6 +176,8 @@ class TrainConfig:
     """Seed of the weight initialisation."""
     rope_theta: float = archs.QwenArch.text_rope_theta
     """LM rotary base of tiny-qwen25vl (``QwenArch.text_rope_theta``); tiny-llava keeps Llama's 10,000."""
+    mrope_interleaved: bool = archs.QwenArch.text_mrope_interleaved
+    """tiny-qwen25vl's LM deals its rotary pairs to the three M-RoPE axes in turn (``QwenArch.text_mrope_interleaved``)."""
     init_from: str = ""
     """Model directory whose weights start the run (fine-tuning: the same model, e.g. ``models/tiny-qwen25vl``,
     with new aids or a shorter schedule); the auxiliary heads and the optimiser start fresh. Empty: a fresh
@@ -199,8 +201,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
         if self.qwen:
             archs.QwenArch(text_rope_theta=self.rope_theta)  # its check of the base
-        elif self.rope_theta != archs.QwenArch.text_rope_theta:
-            raise ValueError("TrainConfig.rope_theta is tiny-qwen25vl's M-RoPE base; tiny-llava keeps Llama's 10,000")
+        elif self.rope_theta != archs.QwenArch.text_rope_theta or self.mrope_interleaved:
+            raise ValueError("TrainConfig.rope_theta and mrope_interleaved set tiny-qwen25vl's M-RoPE; tiny-llava keeps Llama's rotary")
         if not 0 < self.guide_sink_ratio <= 100:
             raise ValueError(f"TrainConfig.guide_sink_ratio={self.guide_sink_ratio} must be in (0, 100] (object attention per unit of the sink's)")
         if not 0 <= self.background_dropout <= 1:
@@ -258,8 +260,11 @@ TASK_CONFIGS = {
 """Task configs each model is trained and evaluated with (written to ``tasks.json``)."""
 
 
-def build_model(name: str, seed: int, rope_theta: float = archs.QwenArch.text_rope_theta):
-    """(model, processor, arch) of a freshly initialised reference model (``rope_theta``: Qwen's LM rotary base)."""
+def build_model(
+    name: str, seed: int, rope_theta: float = archs.QwenArch.text_rope_theta, mrope_interleaved: bool = False,
+):
+    """(model, processor, arch) of a freshly initialised reference model (``rope_theta``, ``mrope_interleaved``:
+    Qwen's LM rotary base and M-RoPE layout)."""
     from transformers import (
         LlavaForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
@@ -271,7 +276,7 @@ def build_model(name: str, seed: int, rope_theta: float = archs.QwenArch.text_ro
         processor = processing.build_processor("llava", arch.image_size)
         model = LlavaForConditionalGeneration(archs.llava_config(arch, processor.tokenizer))
     elif name == "tiny-qwen25vl":
-        arch = archs.QwenArch(text_rope_theta=rope_theta)
+        arch = archs.QwenArch(text_rope_theta=rope_theta, text_mrope_interleaved=mrope_interleaved)
         processor = processing.build_processor("qwen", arch.image_size, arch.video_size)
         model = Qwen2_5_VLForConditionalGeneration(archs.qwen_config(arch, processor.tokenizer))
     else:
@@ -1039,12 +1044,15 @@ def start_from(model, directory: Path) -> None:
             f"{directory} holds a {type(trained).__name__} that does not fit this {type(model).__name__} "
             f"(parameters of other shapes: {mismatched[:3]}); pass a directory trained with the same --model"
         )
-    own_rope = getattr(model.config.get_text_config(), "rope_parameters", None)
-    their_rope = getattr(trained.config.get_text_config(), "rope_parameters", None)
+    own_rope = dict(getattr(model.config.get_text_config(), "rope_parameters", None) or {})
+    their_rope = dict(getattr(trained.config.get_text_config(), "rope_parameters", None) or {})
+    # Another M-RoPE layout is a deliberate change (text ids are equal on the three axes, so text turns
+    # the same; only visual tokens move and the run re-learns them); another base turns every token.
+    own_rope.pop("mrope_section", None), their_rope.pop("mrope_section", None)
     if own_rope != their_rope:  # same shapes, other positions: the weights would be read wrongly
         raise ValueError(
             f"{directory} was trained with the LM rotary parameters {their_rope}, this run builds {own_rope}; "
-            f"pass --rope-theta {their_rope.get('rope_theta') if their_rope else '<its base>'} to fine-tune it"
+            f"pass --rope-theta {their_rope.get('rope_theta', '<its base>')} to fine-tune it"
         )
     model.load_state_dict(theirs)
 
@@ -1055,7 +1063,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
 
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
-    model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta)
+    model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved)
     if cfg.init_from:
         start_from(model, Path(cfg.init_from))
         log(f"weights from {cfg.init_from}")
