@@ -93,6 +93,26 @@ def _sink_text(cfg: dict) -> str:
     return f"; {which}, each of k objects gets 1/(k+1) of it and the first token (a sink) the rest, so the count stays readable."
 
 
+def _training_commands(results: dict) -> list[str]:
+    """The card's command block: the run's own command, preceded, for a fine-tune (``--init-from``), by the
+    command that trained the weights it started from, so the card gives the whole recipe."""
+    command, base = results["train_command"], results.get("init_from_command", "")
+    init_from = results["train_config"].get("init_from", "")
+    if not init_from:
+        return ["```", command, "```"]
+    if not base:
+        return [f"A fine-tune of the weights in `{init_from}`:", "", "```", command, "```"]
+    return [
+        f"Two stages: the first trains the weights this run started from (`{init_from}`), the second is this run, "
+        "whose schedule and numbers this card gives:",
+        "",
+        "```",
+        f"{base} --out stage1",
+        command.replace(f"--init-from {init_from}", "--init-from stage1"),
+        "```",
+    ]
+
+
 def write_card(out_dir: Path, results: dict) -> None:
     """Write ``out_dir/README.md`` from ``results`` (the ``eval.json`` dict)."""
     out_dir = Path(out_dir)
@@ -149,9 +169,7 @@ def write_card(out_dir: Path, results: dict) -> None:
         "",
         "## Training",
         "",
-        "```",
-        results["train_command"],
-        "```",
+        *_training_commands(results),
         "",
         f"{cfg['steps']} AdamW steps (peak lr {cfg['lr']}, {cfg['warmup']} warm-up steps, cosine decay), "
         f"{cfg['batch_size']} images per image step"

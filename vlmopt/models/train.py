@@ -1061,6 +1061,12 @@ def start_from(model, directory: Path) -> None:
     model.load_state_dict(theirs)
 
 
+def recorded_command(directory: Path) -> str:
+    """The command that trained the model in ``directory`` (its ``eval.json``), "" where none is recorded."""
+    record = Path(directory) / "eval.json"
+    return json.loads(record.read_text()).get("train_command", "") if record.exists() else ""
+
+
 def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     """Train, evaluate and write the model directory; returns the ``eval.json`` dict."""
     from vlmopt.models.evaluate import evaluate
@@ -1068,8 +1074,10 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
     model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved)
+    base_command = ""
     if cfg.init_from:
         start_from(model, Path(cfg.init_from))
+        base_command = recorded_command(Path(cfg.init_from))  # read now: the run may overwrite that directory
         log(f"weights from {cfg.init_from}")
     task_cfgs = TASK_CONFIGS[cfg.model]
     task_objs = {name: tasks.TASKS[name](c) for name, c in task_cfgs.items()}
@@ -1111,11 +1119,12 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     run.taps.remove()
     train_seconds = time.time() - began
     model.eval()
-    return finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, log)
+    return finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, base_command, log)
 
 
-def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds, history, n_params, log) -> dict:
-    """Save the model directory, then evaluate it and write ``eval.json`` and ``README.md``."""
+def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds, history, n_params, base_command, log) -> dict:
+    """Save the model directory, then evaluate it and write ``eval.json`` and ``README.md``
+    (``base_command``: the command that trained the ``--init-from`` weights, "" for none)."""
     from vlmopt.models.evaluate import evaluate
 
     began = time.time()
@@ -1132,6 +1141,7 @@ def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds,
     results: dict = {
         "model": cfg.model,
         "train_command": train_command(cfg),
+        "init_from_command": base_command,
         "train_config": dataclasses.asdict(cfg),
         "arch": dataclasses.asdict(arch),
         "parameters": n_params,
