@@ -508,6 +508,44 @@ def test_split_guide_wants_each_half_of_the_heads_on_one_object(llava_processor)
         train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, guide_sink_families=("position",), guide_split_families=("position",))
 
 
+def test_split_question_guide_gives_each_half_of_the_heads_one_objects_words(llava_processor):
+    """With ``split_question`` a relative-position answer reads, in the first layer, the first-named
+    object's colour and shape words with the first half of the heads and the other's with the second
+    half; the same reading with the halves swapped, or every head on all four words, is off target,
+    and without ``split_question`` all three are on it."""
+    task = tasks.get("shapes", size=224, grid=14)
+    rng = np.random.default_rng(int(torch.randint(0, 10_000, ()).item()))
+    sample = next(s for s in (task.sample("train", int(i)) for i in rng.permutation(200)) if s.family == "position")
+    batch = processing.encode(llava_processor, [sample], answers=True)
+    words = train.attribute_words(llava_processor.tokenizer)
+    ids = batch["input_ids"][0].numpy()
+    asked = np.flatnonzero(np.isin(ids, list(words)))
+    named = [w for w in sample.question.rstrip("?").split() if w in {value for _, value in words.values()}]
+    assert len(named) == 4 and [words[int(ids[k])][1] for k in asked] == named  # first-named colour, shape, then the other's
+    L, H = len(ids), 6
+    answer_pos = int(np.flatnonzero(batch["labels"][0].numpy() != -100)[0]) - 1
+
+    def maps(first, second):
+        m = torch.full((1, H, L, L), 1e-9)
+        m[0, : H // 2, answer_pos, first] = 1.0 / len(first)
+        m[0, H // 2 :, answer_pos, second] = 1.0 / len(second)
+        return [m] * 4
+
+    visual = llava_processor.tokenizer.convert_tokens_to_ids("<image>")
+    evidence = [[("position", train.object_cells(sample, [k for _, k in sample.evidence], 14))]]
+    loss = lambda m, split: float(
+        train.guide_loss(_rows(m), 4, batch, evidence, [sample], visual, 14, words, (), ("position",), read_question=True, split_question=split)
+    )
+    # the maps differ only in the answer's reading of its question: the differences are that guide's
+    own, other = asked[:2], asked[2:]
+    on, swapped, mixed = (loss(maps(x, y), True) for x, y in ((own, other), (other, own), (asked, asked)))
+    assert swapped > on + 2.0 and mixed > on + 0.05
+    unsplit = [loss(maps(x, y), False) for x, y in ((own, other), (other, own), (asked, asked))]
+    assert max(unsplit) - min(unsplit) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(ValueError, match="guide_split_question needs"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, guide_split_question=True)
+
+
 def test_read_question_guide_points_each_answer_at_its_own_question_words(batch_of_scenes, llava_processor):
     """With ``read_question`` an answer position's first-layer attention belongs on the colour and
     shape words of its own turn's question: on target the loss stays zero; on the other turns'

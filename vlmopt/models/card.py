@@ -211,6 +211,12 @@ def write_card(out_dir: Path, results: dict) -> None:
             else ""
         )
         + (
+            " In the first LM layer those answers read their question split the same way: the first half of the "
+            "heads the first-named object's colour and shape words, the second half the other's."
+            if cfg.get("guide_split_question")
+            else ""
+        )
+        + (
             " A probe regresses each visual token's grid row and column"
             + {
                 "projector": " from the projector's output (the tokens the LM receives).",

@@ -103,6 +103,11 @@ class TrainConfig:
     guide_read_question: bool = False
     """Also guide each answer position in the first LM layer to look at its own question's colour and
     shape words, so that from the second layer on it knows what it is asked and can look for it."""
+    guide_split_question: bool = False
+    """With ``guide_read_question``, an answer of a ``guide_split_families`` family reads its question
+    split like its objects: the first half of the heads the first-named object's words, the second
+    half the other's. Its next layer's split heads then each know which object to look for; read as
+    one mixture, "the red circle relative to the blue square" and its converse look the same."""
     guide_videos: bool = False
     """Guide video turns too: each answer position looks at the visual tokens of its evidence tracks
     (in every frame they are on screen; the last temporal patch for "now" questions). The
@@ -234,6 +239,8 @@ class TrainConfig:
             unknown = sorted(set(getattr(self, name)) - known)
             if unknown:
                 raise ValueError(f"TrainConfig.{name}: unknown families {unknown}; known: {sorted(known)}")
+        if self.guide_split_question and not (self.guide_read_question and self.guide_split_families):
+            raise ValueError("TrainConfig.guide_split_question needs guide_read_question and guide_split_families (it splits the first into the second's halves)")
         both = sorted(set(self.guide_sink_families) & set(self.guide_split_families))
         if both:
             raise ValueError(f"TrainConfig: families {both} are in both guide_sink_families and guide_split_families; pick one")
@@ -656,6 +663,7 @@ def _head_weights(which: str, heads: int) -> torch.Tensor:
 def guide_loss(
     attention_rows, num_layers: int, batch: dict, evidence, samples, visual_token_id: int, cell: int, words: dict,
     sink_families, split_families=(), read_question: bool = False, sink_ratio: float = 1.0,
+    split_question: bool = False,
 ) -> torch.Tensor:
     """Attention guide: cross-entropy between a target attention distribution over regions and the
     attention mass on them (attention averaged over heads), averaged over guided positions.
@@ -670,7 +678,9 @@ def guide_loss(
     two objects' features (where each is) reach the answer apart instead of averaged. Otherwise the
     objects' union is one region with target 1 and a position with no object on screen is skipped.
     With ``read_question`` the position that predicts each answer also looks, in the first layer, at
-    the colour and shape words of its own question (text tokens, not visual ones).
+    the colour and shape words of its own question (text tokens, not visual ones); with
+    ``split_question`` too, an answer of a family in ``split_families`` reads them split like its
+    objects: the first half of the heads the first-named object's words, the second half the other's.
     ``attention_rows(layer, rows, positions)`` gives [R, H, L] attention weights of those query
     positions; ``evidence[row]`` lists (family, visual-token indices of each evidence object) per
     answered turn (:func:`training_turns`).
@@ -719,7 +729,10 @@ def guide_loss(
         for start, (family, groups) in zip(starts, evidence[row]):
             look("middle", row, start - 1, groups, visual_pos, sink_pos, family)
             asked = word_pos[(word_pos > previous) & (word_pos < start)]
-            if read_question and len(asked):
+            if read_question and split_question and family in split_families and len(asked) >= 2:
+                half = len(asked) // 2  # the first-named object's words come first in the question
+                guide("first", row, start - 1, [(asked[:half], 1.0, "first"), (asked[half:], 1.0, "second")])
+            elif read_question and len(asked):
                 guide("first", row, start - 1, [(asked, 1.0, "all")])
             previous = start
     total, count = torch.zeros(()), 0
@@ -939,7 +952,7 @@ def forward_loss(
             rows, len(taps.lm.modules), batch, evidence, batch_samples, visual_id,
             cell=cell, words=attribute_words(processor.tokenizer), sink_families=cfg.guide_sink_families,
             split_families=cfg.guide_split_families if position_aids else (), read_question=cfg.guide_read_question,
-            sink_ratio=cfg.guide_sink_ratio,
+            sink_ratio=cfg.guide_sink_ratio, split_question=cfg.guide_split_question,
         )
         total = total + cfg.guide_weight * g
     if taps.tower is not None and not video:
