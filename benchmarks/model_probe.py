@@ -18,6 +18,11 @@ Three diagnostics of a trained reference model (LLaVA or Qwen2.5-VL), on fresh `
 * **Answer-position attention**: per question family and LM layer, the attention mass (mean over
   heads) that the position predicting the answer puts on the question's evidence objects and on all
   objects. A model that answers by looking at the asked objects puts its middle layers' mass on them.
+* **How a relative-position answer reads its two objects**, on fresh ``train``-split position
+  questions: per LM layer, the attention mass of the first and the second half of the heads on the
+  first-named object (A) and on the other (B), which the split guide asks to be (A, B); the R² of
+  both objects' grid columns and rows from the answer position's input to each layer; and a linear
+  probe of the answer itself there. They locate where the chain objects → places → answer breaks.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 from vlmopt import models
-from vlmopt.models import processing, train
+from vlmopt.models import processing, scenes, train
 
 PROBES = {"colour": 0, "shape": 1, "same-colour count": 5, "same-shape count": 6}
 """Probe name → row of :func:`vlmopt.models.train.cell_targets`."""
@@ -148,6 +153,55 @@ def answer_attention(model, processor, task, n: int, qwen: bool, batch_size: int
     }
 
 
+def position_reading(model, processor, task, n: int, batch_size: int = 16) -> dict[str, dict]:
+    """Per LM layer, over ``n`` fresh train-split relative-position questions: the mean attention mass
+    of each half of the heads on object A (first named) and B at the answer position, the held-out R²
+    of (column, row) of A and of B from that position's input to the layer (normalised), and a linear
+    probe's held-out accuracy on the answer from it."""
+    layers = model.model.language_model.layers
+    tap = train.AttentionTap([layer.self_attn for layer in layers])
+    visual_id, cell = model.config.image_token_id, train.token_cell(model)
+    samples = []
+    index = 950_000
+    while len(samples) < n:
+        s = task.sample("train", index)
+        index += 1
+        if s.family == "position":
+            samples.append(s)
+    halves, features, places, answers = [], [[] for _ in layers], [], []
+    for start in range(0, n, batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = processing.encode(processor, chunk)
+        with torch.inference_mode():
+            model(**batch)
+            L = batch["input_ids"].shape[1]
+            rows, last = torch.arange(len(chunk)), torch.full((len(chunk),), L - 1)
+            attn = torch.stack([train.lm_attention_rows(tap, i, batch["attention_mask"], rows, last) for i in range(len(layers))], 1)
+        H = attn.shape[2]
+        for i, s in enumerate(chunk):
+            visual = np.flatnonzero(batch["input_ids"][i].numpy() == visual_id)
+            side = int(round(len(visual) ** 0.5))
+            a, b = train.object_cells(s, [k for _, k in s.evidence], cell)
+            mass = [[attn[i, :, half, visual[g]].sum(-1).mean(-1).numpy() for g in (a, b)] for half in (slice(0, H // 2), slice(H // 2, H))]
+            halves.append(np.array(mass))  # [2 halves, 2 objects, layers]
+            places.append([v for g in (a, b) for v in (np.mean(g % side), np.mean(g // side))])
+            answers.append(scenes.DIRECTIONS.index(s.answer))
+        for k in range(len(layers)):
+            features[k].append(tap.inputs[k][0][:, -1].float())
+    tap.remove()
+    halves, places, answers = np.mean(halves, 0), torch.tensor(places), torch.tensor(answers)
+    out = {}
+    for k in range(len(layers)):
+        x = torch.cat(features[k])
+        out[f"LM layer {k + 1}"] = {
+            "first_half_on": {"A": round(float(halves[0, 0, k]), 3), "B": round(float(halves[0, 1, k]), 3)},
+            "second_half_on": {"A": round(float(halves[1, 0, k]), 3), "B": round(float(halves[1, 1, k]), 3)},
+            "input_r2": dict(zip(("A column", "A row", "B column", "B row"), (round(v, 3) for v in ridge_r2(x, places)))),
+            "answer_probe": round(probe_accuracy(x, answers)[0], 3),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava", help="a reference model's name or directory")
@@ -169,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "probes": object_token_probes(tokens, labels),
         "coordinates": token_coordinates(lm_inputs, labels),
         "answer_attention": answer_attention(model, processor, task, args.n, qwen),
+        "position_reading": position_reading(model, processor, task, args.n),
     }
     print("| probe on object tokens | accuracy | majority |\n|---|---|---|")
     for name, r in result["probes"].items():
@@ -179,6 +234,16 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| family | answer attention on evidence, per LM layer | on all objects |\n|---|---|---|")
     for family, r in result["answer_attention"].items():
         print(f"| {family} | {' / '.join(f'{x:.2f}' for x in r['evidence'])} | {' / '.join(f'{x:.2f}' for x in r['objects'])} |")
+    print(
+        "\n| position answers, LM layer | first half of the heads on A / B | second half on A / B "
+        "| R² at its input: A column, row / B column, row | answer probe |\n|---|---|---|---|---|"
+    )
+    for layer, r in result["position_reading"].items():
+        f, h, q = r["first_half_on"], r["second_half_on"], r["input_r2"]
+        print(
+            f"| {layer} | {f['A']:.2f} / {f['B']:.2f} | {h['A']:.2f} / {h['B']:.2f} "
+            f"| {q['A column']:.2f}, {q['A row']:.2f} / {q['B column']:.2f}, {q['B row']:.2f} | {100 * r['answer_probe']:.0f}% |"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlmopt import models
-from vlmopt.models import processing, tasks, train
+from vlmopt.models import processing, scenes, tasks, train
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,49 @@ def test_coordinate_probe_reads_the_tokens_it_is_pointed_at(name, source):
         assert taps.projector.output.shape == (2, side**2, text)
     assert aux.coords.in_features == text and aux.coords.weight.grad.abs().sum() > 0
     taps.remove()
+
+
+def test_neighbour_targets_list_what_lies_in_each_direction_of_each_object():
+    """On fresh pictures each object token's neighbour row marks exactly the colours and shapes of the
+    objects the generator's own relation puts in each direction of its object; background rows are 0;
+    the probe gets a gradient from object tokens and videos are refused."""
+    task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
+    start = int(torch.randint(0, 100_000, ()).item())
+    samples = [task.sample("train", start + i) for i in range(3)]
+    cell = 28
+    got = train.neighbour_targets(samples, cell).reshape(3, -1, len(scenes.DIRECTIONS), train.NEIGHBOUR_ATTRIBUTES)
+    labels = train.aux_targets(samples, cell).reshape(3, -1, 7)
+    marked = 0
+    for s, rows, lab in zip(samples, got, labels):
+        objs = s.objects[0]
+        covered = train.object_cells(s, list(range(len(objs))), cell)
+        for token in range(rows.shape[0]):
+            if lab[token, 0] == 0:
+                assert rows[token].sum() == 0
+                continue
+            owners = [o for o, cells in zip(objs, covered) if token in cells]
+            if len(owners) != 1:  # touched by two objects: the coverage decides, checked elsewhere
+                continue
+            owner = owners[0]
+            want = torch.zeros_like(rows[token])
+            for other in objs:
+                where = scenes.relation(other, owner) if other is not owner else None
+                if where:
+                    d = scenes.DIRECTIONS.index(where)
+                    want[d, train.COLOURS.index(other.colour)] = want[d, len(train.COLOURS) + train.SHAPES.index(other.shape)] = 1
+            assert torch.equal(rows[token], want)
+            marked += int(want.sum() > 0)
+    assert marked > 0
+    heads = train.AuxHeads(16, None, neighbours=True)
+    tokens = torch.randn(labels.shape[0] * labels.shape[1], 16)
+    terms = heads.terms(tokens, labels.reshape(-1, 7), None, None, neighbours=train.neighbour_targets(samples, cell))
+    terms["neighbours"].backward()
+    assert heads.neighbours.weight.grad.abs().sum() > 0
+    video = train.tasks.TASKS["shapes-video"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes-video"]).sample("train", 0)
+    with pytest.raises(ValueError, match="still pictures only"):
+        train.neighbour_targets([video], cell)
+    with pytest.raises(ValueError, match="neighbour_aux needs aux_weight"):
+        train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=1, neighbour_aux=True, aux_weight=0.0)
 
 
 def test_relation_targets_place_both_objects_at_each_position_answer(llava_processor):

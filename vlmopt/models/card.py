@@ -246,6 +246,12 @@ def write_card(out_dir: Path, results: dict) -> None:
             else ""
         )
         + (
+            " A probe tells, on each object token of a picture, which colours and which shapes lie left of, right of, "
+            "above and below its object, so that a relative-position question is answered by reading the named objects."
+            if cfg.get("neighbour_aux")
+            else ""
+        )
+        + (
             f" A tower attention guide (weight {cfg['tower_guide_weight']}, training only) asks that at least "
             f"{100 * cfg.get('tower_guide_share', 1.0):.0f}% of the attention the visual tokens receive (mean over heads "
             "and all queries), at the two vision-tower layers HiPrune reads by default (object and deep layer), fall on "

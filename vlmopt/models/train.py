@@ -143,8 +143,8 @@ class TrainConfig:
     their attention on their object, the answer was linearly decodable there at 44% (majority 19%)
     and the model answered at chance."""
     position_aids_from: int = 0
-    """First step at which the position aids act (``coord_aux``, ``relation_aux``, the split guide of
-    ``guide_split_families``); before it their probes are idle and those families are guided like the
+    """First step at which the position aids act (``coord_aux``, ``relation_aux``, ``neighbour_aux``, the
+    split guide of ``guide_split_families``); before it their probes are idle and those families are guided like the
     others. On from step 0 they cost tiny-qwen25vl most of its other families' accuracy (42–51% on
     images against 76.8%), so a run may switch them on once those are learnt. 0: from the start."""
     count_aux: bool = False
@@ -152,6 +152,14 @@ class TrainConfig:
     many share its shape (1, 2, 3, 4+). The tower then writes the count into every matching object's
     tokens, so a counting question becomes the same lookup as a colour question (the answer position
     reads the named objects); without it the LM must count from attention mass, which it does not learn."""
+    neighbour_aux: bool = False
+    """Auxiliary probe on each object token of a picture: which colours and which shapes lie left of,
+    right of, above and below its object (the generator's own :func:`scenes.relation`), 4 × 12
+    yes/no. The vision tower then writes the relations into the object tokens, the way a tower with
+    absolute positions can, and a relative-position answer becomes a lookup on the named objects: on
+    tiny-llava (100% on position) the answer position's input holds the second-named object's place
+    (R² 0.99) but hardly the first's (0.12), so it reads the relation off the objects, not from two
+    places. It needs only relative offsets, which Qwen's 2-D rotary tower has."""
     balanced_turns: bool = False
     """Draw each extra turn's answer uniformly among the answers its family can give on that picture,
     instead of a question uniformly: derived counting turns are otherwise mostly "one" and existence
@@ -218,7 +226,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.background_dropout={self.background_dropout} must be in [0, 1]")
         if self.position_aids_from < 0:
             raise ValueError(f"TrainConfig.position_aids_from={self.position_aids_from} must be >= 0")
-        if self.position_aids_from > 0 and not (self.coord_aux or self.relation_aux or self.guide_split_families):
+        if self.neighbour_aux and self.aux_weight <= 0:
+            raise ValueError("TrainConfig.neighbour_aux needs aux_weight > 0 (it is one of the auxiliary probes)")
+        if self.position_aids_from > 0 and not (self.coord_aux or self.relation_aux or self.guide_split_families or self.neighbour_aux):
             raise ValueError("TrainConfig.position_aids_from needs a position aid to switch on (coord_aux, relation_aux or guide_split_families)")
         if self.init_from and not (Path(self.init_from) / "config.json").exists():
             raise ValueError(f"TrainConfig.init_from={self.init_from!r} is not a model directory (no config.json); pass e.g. models/{self.model}")
@@ -359,14 +369,48 @@ def aux_targets(samples: list[tasks.Sample], cell: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(rows))
 
 
+NEIGHBOUR_ATTRIBUTES = len(COLOURS) + len(SHAPES)
+"""Per direction, one yes/no per colour and per shape in :func:`neighbour_targets`."""
+
+
+def neighbour_targets(samples: list[tasks.Sample], cell: int) -> torch.Tensor:
+    """[N, 4 × 12] float, one row per visual token of still pictures (raster order): for the object
+    covering the token (as :func:`cell_targets` assigns it), block ``d`` of :data:`scenes.DIRECTIONS`
+    marks the colours (first 6) and shapes (last 6) of the objects that are ``d`` of it by
+    :func:`scenes.relation`; rows of background tokens are all 0 (the probe skips them)."""
+    rows = []
+    for s in samples:
+        if s.is_video:
+            raise ValueError("neighbour_targets: still pictures only")
+        objs, mask = s.objects[0], s.masks[0]
+        gh, gw = mask.shape[0] // cell, mask.shape[1] // cell
+        per_object = np.zeros((len(objs), len(scenes.DIRECTIONS), NEIGHBOUR_ATTRIBUTES), np.float32)
+        for k, o in enumerate(objs):
+            for other in objs:
+                where = scenes.relation(other, o) if other is not o else None
+                if where is not None:
+                    d = scenes.DIRECTIONS.index(where)
+                    per_object[k, d, COLOURS.index(other.colour)] = 1.0
+                    per_object[k, d, len(COLOURS) + SHAPES.index(other.shape)] = 1.0
+        out = np.zeros((gh * gw, len(scenes.DIRECTIONS) * NEIGHBOUR_ATTRIBUTES), np.float32)
+        if objs:
+            cells = mask[: gh * cell, : gw * cell].reshape(gh, cell, gw, cell)
+            cover = np.stack([(cells == k + 1).mean(axis=(1, 3)) for k in range(len(objs))]).reshape(len(objs), -1)
+            hit = cover.max(0) >= 0.2
+            out[hit] = per_object.reshape(len(objs), -1)[cover.argmax(0)[hit]]
+        rows.append(out)
+    return torch.from_numpy(np.concatenate(rows))
+
+
 class AuxHeads(nn.Module):
     """Linear probes trained with the model and then thrown away."""
 
     def __init__(
         self, token_dim: int, cls_dim: int | None, coords: bool = False, counts: bool = False,
-        coord_dim: int | None = None, relation_dim: int | None = None,
+        coord_dim: int | None = None, relation_dim: int | None = None, neighbours: bool = False,
     ) -> None:
         super().__init__()
+        self.neighbours = nn.Linear(token_dim, len(scenes.DIRECTIONS) * NEIGHBOUR_ATTRIBUTES) if neighbours else None
         self.relation = nn.Linear(relation_dim, 4) if relation_dim else None
         self.colour = nn.Linear(token_dim, len(COLOURS) + 1)
         self.shape = nn.Linear(token_dim, len(SHAPES) + 1)
@@ -385,18 +429,19 @@ class AuxHeads(nn.Module):
         return cls(
             token_dim, cls_dim, coords=cfg.coord_aux, counts=cfg.count_aux,
             coord_dim=text if cfg.coord_aux_from != "tower" else None,
-            relation_dim=text if cfg.relation_aux else None,
+            relation_dim=text if cfg.relation_aux else None, neighbours=cfg.neighbour_aux,
         )
 
     def terms(
         self, tokens: torch.Tensor, targets: torch.Tensor, cls: torch.Tensor | None, presence: torch.Tensor | None,
-        coord_tokens: torch.Tensor | None = None, coords: bool = True,
+        coord_tokens: torch.Tensor | None = None, coords: bool = True, neighbours: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Each probe's loss term, by name (their sum is the aux loss). ``tokens`` [N, D] visual tokens,
         ``targets`` [N, 7]; ``cls`` [B, Dc], ``presence`` [B, 12]; ``coord_tokens`` [N, Dp] the same
         tokens elsewhere in the model, for the coordinate probe (default: ``tokens``); ``coords=False``
         leaves that probe out (position aids not on yet). A coordinate probe that reads nothing scores
-        about 4/3 (4 × the variance of a uniform place in [-1, 1])."""
+        about 4/3 (4 × the variance of a uniform place in [-1, 1]). ``neighbours`` [N, 48]
+        (:func:`neighbour_targets`, pictures only) feeds the neighbour probe, on object tokens."""
         weight = 1.0 + 3.0 * (targets[:, 0] > 0).float()  # objects are a few % of the tokens
         ce = nn.functional.cross_entropy
         out = {
@@ -412,6 +457,12 @@ class AuxHeads(nn.Module):
             where = targets[:, 3:5].float() * (2.0 / COORD_SCALE) - 1.0  # column, row in [-1, 1]
             coord_from = tokens if coord_tokens is None else coord_tokens
             out["coords"] = 4.0 * nn.functional.mse_loss(self.coords(coord_from), where)
+        if self.neighbours is not None and neighbours is not None:
+            on_object = targets[:, 0] > 0
+            if on_object.any():
+                out["neighbours"] = nn.functional.binary_cross_entropy_with_logits(
+                    self.neighbours(tokens[on_object]), neighbours[on_object]
+                ) * float(NEIGHBOUR_ATTRIBUTES)  # per direction summed over its 12 answers: each one is rare
         if self.counts is not None:
             same_colour, same_shape = self.counts(tokens).split(COUNT_CLASSES, dim=-1)
             out["counts"] = (ce(same_colour, targets[:, 5], reduction="none") * weight).mean() + (
@@ -969,7 +1020,10 @@ def forward_loss(
     elif position_aids and cfg.coord_aux_from == "lm":
         visual_id = model.config.video_token_id if video else model.config.image_token_id
         coord_tokens = taps.lm.inputs[1][0][batch["input_ids"] == visual_id]
-    terms = aux.terms(vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence, coord_tokens, position_aids)
+    neighbours = neighbour_targets(batch_samples, cell) if aux.neighbours is not None and position_aids and not video else None
+    terms = aux.terms(
+        vision.visual_tokens(model, qwen), aux_targets(batch_samples, cell=cell), cls, presence, coord_tokens, position_aids, neighbours
+    )
     if aux.relation is not None and position_aids and not video:
         grid_w = batch_samples[0].masks.shape[2] // cell
         rows, positions, where = relation_targets(batch["labels"], evidence, grid_w)
