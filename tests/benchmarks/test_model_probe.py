@@ -42,6 +42,11 @@ def test_report_runs_on_tiny_llava(tmp_path, capsys):
         assert len(r["evidence"]) == 4 and all(e <= o + 1e-6 for e, o in zip(r["evidence"], r["objects"]))
     assert [*result["coordinates"]] == [f"LM layer {i} input" for i in (1, 2, 3, 4)]
     assert all(-1.0 <= r["column"] <= 1.0 and -1.0 <= r["row"] <= 1.0 for r in result["coordinates"].values())
+    assert [*result["position_reading"]] == [f"LM layer {i}" for i in (1, 2, 3, 4)]
+    for r in result["position_reading"].values():
+        assert all(0.0 <= r[half][o] <= 1.0 for half in ("first_half_on", "second_half_on") for o in "AB")
+        assert r["first_half_on"]["A"] + r["first_half_on"]["B"] <= 1.0 + 1e-6 and 0.0 <= r["answer_probe"] <= 1.0
+    assert result["position_reading"]["LM layer 1"]["input_r2"]["A column"] < 0.5  # the LM's input holds no place of A
     assert (tmp_path / "p.json").exists() and "| colour |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         model_probe.main(["--n", "3"])
