@@ -382,16 +382,24 @@ def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(ValueError, match="mrope_interleaved"):
         dataclasses.replace(train.PRESETS["tiny-llava"], mrope_interleaved=True)
 
-    # a fine-tune records the command behind its starting weights, and its card gives both stages
-    assert results["init_from_command"] == "" and "stage1" not in (tmp_path / "m" / "README.md").read_text()
+    # a fine-tune records the commands behind its starting weights, and its card gives every stage
+    assert results["init_from_commands"] == [] and "stage1" not in (tmp_path / "m" / "README.md").read_text()
     tuned = train.train(
         dataclasses.replace(cfg, steps=1, eval_every=1, init_from=str(tmp_path / "m")), tmp_path / "tuned", log=lambda *a: None
     )
-    assert tuned["init_from_command"] == results["train_command"]
+    assert tuned["init_from_commands"] == [results["train_command"]]
     card_text = (tmp_path / "tuned" / "README.md").read_text()
-    assert f"{results['train_command']} --out stage1\n" in card_text
+    assert "Two stages" in card_text and f"{results['train_command']} --out stage1\n" in card_text
     assert tuned["train_command"].replace(f"--init-from {tmp_path / 'm'}", "--init-from stage1") in card_text
     assert f"--init-from {tmp_path / 'm'}" in tuned["train_command"]
+    again = train.train(
+        dataclasses.replace(cfg, steps=1, eval_every=1, init_from=str(tmp_path / "tuned")), tmp_path / "again", log=lambda *a: None
+    )
+    assert again["init_from_commands"] == [results["train_command"], tuned["train_command"]]
+    card_text = (tmp_path / "again" / "README.md").read_text()
+    middle = tuned["train_command"].replace(f"--init-from {tmp_path / 'm'}", "--init-from stage1") + " --out stage2\n"
+    last = again["train_command"].replace(f"--init-from {tmp_path / 'tuned'}", "--init-from stage2")
+    assert "Three stages" in card_text and middle in card_text and last + "\n" in card_text
 
 
 def test_loss_window_averages_each_aux_term_over_the_steps_that_had_it():

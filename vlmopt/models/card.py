@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import math
 from pathlib import Path
 
@@ -93,22 +94,31 @@ def _sink_text(cfg: dict) -> str:
     return f"; {which}, each of k objects gets 1/(k+1) of it and the first token (a sink) the rest, so the count stays readable."
 
 
+STAGE_WORDS = {2: "Two", 3: "Three", 4: "Four", 5: "Five"}
+
+
 def _training_commands(results: dict) -> list[str]:
     """The card's command block: the run's own command, preceded, for a fine-tune (``--init-from``), by the
-    command that trained the weights it started from, so the card gives the whole recipe."""
-    command, base = results["train_command"], results.get("init_from_command", "")
+    commands that trained the weights it started from, stage by stage, so the card gives the whole recipe
+    (each stage's ``--init-from`` renamed to the previous stage's ``--out``)."""
+    command, earlier = results["train_command"], list(results.get("init_from_commands", []))
     init_from = results["train_config"].get("init_from", "")
     if not init_from:
         return ["```", command, "```"]
-    if not base:
+    if not earlier:
         return [f"A fine-tune of the weights in `{init_from}`:", "", "```", command, "```"]
+    stages = [*earlier, command]
+    lines = []
+    for i, stage in enumerate(stages):
+        stage = re.sub(r"--init-from \S+", f"--init-from stage{i}", stage) if i else stage
+        lines.append(stage if i == len(stages) - 1 else f"{stage} --out stage{i + 1}")
+    count = STAGE_WORDS.get(len(stages), str(len(stages)))
     return [
-        f"Two stages: the first trains the weights this run started from (`{init_from}`), the second is this run, "
-        "whose schedule and numbers this card gives:",
+        f"{count} stages: each trains the weights the next starts from (this run started from `{init_from}`); "
+        "the last is this run, whose schedule and numbers this card gives:",
         "",
         "```",
-        f"{base} --out stage1",
-        command.replace(f"--init-from {init_from}", "--init-from stage1"),
+        *lines,
         "```",
     ]
 

@@ -1128,10 +1128,15 @@ def start_from(model, directory: Path) -> None:
     model.load_state_dict(theirs)
 
 
-def recorded_command(directory: Path) -> str:
-    """The command that trained the model in ``directory`` (its ``eval.json``), "" where none is recorded."""
+def recorded_commands(directory: Path) -> list[str]:
+    """The commands that trained the model in ``directory`` (its ``eval.json``), first stage first: the
+    ones behind its own starting weights, then its own; [] where none is recorded."""
     record = Path(directory) / "eval.json"
-    return json.loads(record.read_text()).get("train_command", "") if record.exists() else ""
+    if not record.exists():
+        return []
+    results = json.loads(record.read_text())
+    own = results.get("train_command", "")
+    return [*results.get("init_from_commands", []), own] if own else []
 
 
 def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
@@ -1141,10 +1146,10 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
     model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved)
-    base_command = ""
+    base_commands: list[str] = []
     if cfg.init_from:
         start_from(model, Path(cfg.init_from))
-        base_command = recorded_command(Path(cfg.init_from))  # read now: the run may overwrite that directory
+        base_commands = recorded_commands(Path(cfg.init_from))  # read now: the run may overwrite that directory
         log(f"weights from {cfg.init_from}")
     task_cfgs = TASK_CONFIGS[cfg.model]
     task_objs = {name: tasks.TASKS[name](c) for name, c in task_cfgs.items()}
@@ -1186,12 +1191,12 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     run.taps.remove()
     train_seconds = time.time() - began
     model.eval()
-    return finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, base_command, log)
+    return finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, base_commands, log)
 
 
-def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds, history, n_params, base_command, log) -> dict:
+def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds, history, n_params, base_commands, log) -> dict:
     """Save the model directory, then evaluate it and write ``eval.json`` and ``README.md``
-    (``base_command``: the command that trained the ``--init-from`` weights, "" for none)."""
+    (``base_commands``: the commands that trained the ``--init-from`` weights, first stage first; [] for none)."""
     from vlmopt.models.evaluate import evaluate
 
     began = time.time()
@@ -1208,7 +1213,7 @@ def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds,
     results: dict = {
         "model": cfg.model,
         "train_command": train_command(cfg),
-        "init_from_command": base_command,
+        "init_from_commands": base_commands,
         "train_config": dataclasses.asdict(cfg),
         "arch": dataclasses.asdict(arch),
         "parameters": n_params,
