@@ -225,6 +225,55 @@ def test_neighbour_targets_list_what_lies_in_each_direction_of_each_object():
         train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=1, neighbour_aux=True, aux_weight=0.0)
 
 
+def test_neighbour_guide_points_each_head_at_one_direction_of_the_objects():
+    """The tower relation guide on fresh pictures: with uniform attention each head's loss is -log of
+    the share of the image's patches its target holds (the objects in its direction, else its own
+    object), so the loss is that mean; it trains the block's projection; only Qwen has it."""
+    cfg = train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=2, neighbour_guide_weight=1.0)
+    model, processor, _ = train.build_model("tiny-qwen25vl", seed=0)
+    taps = train.Taps.attach(model, cfg, qwen=True)
+    task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
+    start = int(torch.randint(0, 100_000, ()).item())
+    samples = [task.sample("train", start + i) for i in range(2)]
+    batch = processing.encode(processor, samples)
+    model(**batch)
+    block = taps.relations.modules[0]
+    assert block is model.model.visual.blocks[max(model.model.visual.fullatt_block_indexes)].attn
+    hidden, rotary = taps.relations.inputs[0]
+    window = train.qwen_windows(model, batch["image_grid_thw"])
+    args = (hidden, rotary, samples, 28, window["window_index"], window["merge_unit"])
+    loss = train.neighbour_guide_loss(block, *args)
+    loss.backward()
+    assert torch.isfinite(loss) and block.qkv.weight.grad.abs().sum() > 0
+
+    class Uniform(torch.nn.Module):  # q = 0: every patch of the image gets the same attention
+        num_heads, scaling = block.num_heads, block.scaling
+
+        def qkv(self, x):
+            out = block.qkv(x).detach().clone()
+            out[:, : out.shape[1] // 3] = 0
+            return out
+
+    patches = hidden.shape[0] // len(samples)
+    expected = []
+    for s in samples:
+        objs = s.objects[0]
+        cells = train.object_cells(s, list(range(len(objs))), 28)
+        for o, own in enumerate(cells):
+            if not len(own):
+                continue
+            per_head = []
+            for h in range(block.num_heads):
+                there = [c for p, c in enumerate(cells) if p != o and scenes.relation(objs[p], objs[o]) == scenes.DIRECTIONS[h % 4]]
+                tokens = np.unique(np.concatenate(there)) if there else own
+                per_head.append(-math.log(4 * len(tokens) / patches + 1e-6))
+            expected.append(np.mean(per_head))
+    assert float(train.neighbour_guide_loss(Uniform(), *args)) == pytest.approx(np.mean(expected), rel=1e-4)
+    taps.remove()
+    with pytest.raises(ValueError, match="for tiny-qwen25vl"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, neighbour_guide_weight=1.0)
+
+
 def test_relation_targets_place_both_objects_at_each_position_answer(llava_processor):
     """Every relative-position turn of a batch gets one target row, read at the position that
     predicts its answer; the two objects' coordinates give back the answer word (the larger offset's
