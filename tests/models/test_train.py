@@ -106,6 +106,23 @@ def test_guide_loss_is_least_on_its_target(batch_of_scenes, llava_processor, sin
     assert float(train.guide_loss(_rows(spread), 4, batch, evidence, samples, visual, 14, words, families)) > float(loss) + 1.0
 
 
+def test_words_twice_guides_the_question_words_in_the_second_layer_too(batch_of_scenes, llava_processor):
+    """With ``words_twice`` a question word's attention belongs on its objects in the second layer as well:
+    maps on target in both layers cost nothing; the default maps (words on target in the first layer
+    only) then cost a lot, and nothing without it."""
+    samples, evidence, batch = batch_of_scenes
+    visual = llava_processor.tokenizer.convert_tokens_to_ids("<image>")
+    words = train.attribute_words(llava_processor.tokenizer)
+    first, middle, _, _ = _guided_regions(samples, evidence, batch, llava_processor, sink=False)
+    word_rows = torch.from_numpy(np.isin(batch["input_ids"].numpy(), list(words)))  # [B, L] query rows of question words
+    both = torch.where(word_rows[:, None, :, None], first, middle)
+    args = (_rows([first, both, middle, first]), 4, batch, evidence, samples, visual, 14, words, ())
+    assert float(train.guide_loss(*args, words_twice=True)) == pytest.approx(0.0, abs=1e-4)
+    default = (_rows([first, middle, middle, first]), *args[1:])
+    assert float(train.guide_loss(*default, words_twice=False)) == pytest.approx(0.0, abs=1e-4)
+    assert float(train.guide_loss(*default, words_twice=True)) > 1.0
+
+
 def test_sink_ratio_sets_the_share_of_each_object(llava_processor):
     """With ratio r, the loss is least where each of the k objects holds r/(1 + k r) and the sink the rest."""
     task = tasks.get("shapes", size=224, grid=14)

@@ -203,6 +203,11 @@ def write_card(out_dir: Path, results: dict) -> None:
             else ""
         )
         + (
+            " The question words look at their objects again in the second LM layer, where the objects' places first exist."
+            if cfg.get("guide_words_twice")
+            else ""
+        )
+        + (
             " The answer position also looks, in the first LM layer, at its own question's colour and shape words "
             "(so that later layers know what to look for)."
             if cfg.get("guide_read_question")

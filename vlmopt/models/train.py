@@ -108,6 +108,11 @@ class TrainConfig:
     split like its objects: the first half of the heads the first-named object's words, the second
     half the other's. Its next layer's split heads then each know which object to look for; read as
     one mixture, "the red circle relative to the blue square" and its converse look the same."""
+    guide_words_twice: bool = False
+    """Each colour or shape word of a question looks at its objects in the second LM layer too, not only
+    the first. On Qwen the objects' places exist from the second layer's input on (its tower has no
+    absolute positions; ``coord_aux_from='lm'``), so only there can a word pick up where its object
+    is; tiny-llava's words get them in the first layer, from CLIP's position embedding."""
     guide_videos: bool = False
     """Guide video turns too: each answer position looks at the visual tokens of its evidence tracks
     (in every frame they are on screen; the last temporal patch for "now" questions). The
@@ -725,13 +730,14 @@ def _head_weights(which: str, heads: int) -> torch.Tensor:
 def guide_loss(
     attention_rows, num_layers: int, batch: dict, evidence, samples, visual_token_id: int, cell: int, words: dict,
     sink_families, split_families=(), read_question: bool = False, sink_ratio: float = 1.0,
-    split_question: bool = False,
+    split_question: bool = False, words_twice: bool = False,
 ) -> torch.Tensor:
     """Attention guide: cross-entropy between a target attention distribution over regions and the
     attention mass on them (attention averaged over heads), averaged over guided positions.
 
-    Two kinds of positions are guided. Every colour or shape word of a question, in the first layer,
-    looks at the objects with that attribute (one hop: the query is the word itself). The position
+    Two kinds of positions are guided. Every colour or shape word of a question, in the first layer
+    (and the second with ``words_twice``), looks at the objects with that attribute (one hop: the
+    query is the word itself). The position
     that predicts each answer, in the middle layers, looks at the answer's evidence objects. For a
     family in ``sink_families`` each of the k objects is a region with target r/(1 + k r) and the first
     real token (an attention sink) takes the rest (r = ``sink_ratio``; 1: 1/(k+1) each). For a family in ``split_families`` with two
@@ -749,8 +755,8 @@ def guide_loss(
     """
     labels, ids, attention_mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
     length = ids.shape[1]
-    regions = {"first": ([], [], [], [], []), "middle": ([], [], [], [], [])}  # rows, positions, [L] masks, targets, head sets
-    guided = {"first": 0, "middle": 0}
+    regions = {kind: ([], [], [], [], []) for kind in ("words", "first", "middle")}  # rows, positions, [L] masks, targets, head sets
+    guided = {kind: 0 for kind in regions}
 
     def guide(kind, row, pos, parts):
         """Guide query ``pos`` of ``row``: each part is (key positions, target mass, head set)."""
@@ -785,7 +791,7 @@ def guide_loss(
             for pos in word_pos:
                 kind, value = words[int(row_ids[pos])]
                 named = object_cells(sample, [k for k, o in enumerate(objects) if getattr(o, kind) == value], cell)
-                look("first", row, pos, named, visual_pos, sink_pos, None)
+                look("words", row, pos, named, visual_pos, sink_pos, None)
         starts = answer_starts(labels[row])
         previous = 0
         for start, (family, groups) in zip(starts, evidence[row]):
@@ -798,7 +804,7 @@ def guide_loss(
                 guide("first", row, start - 1, [(asked, 1.0, "all")])
             previous = start
     total, count = torch.zeros(()), 0
-    layers = {"first": [0], "middle": guided_middle_layers(num_layers)}
+    layers = {"words": [0, 1] if words_twice else [0], "first": [0], "middle": guided_middle_layers(num_layers)}
     for kind, (rows, positions, masks, targets, heads) in regions.items():
         if rows:
             r, p = torch.tensor(rows), torch.tensor(positions)
@@ -1056,7 +1062,7 @@ def forward_loss(
             rows, len(taps.lm.modules), batch, evidence, batch_samples, visual_id,
             cell=cell, words=attribute_words(processor.tokenizer), sink_families=cfg.guide_sink_families,
             split_families=cfg.guide_split_families if position_aids else (), read_question=cfg.guide_read_question,
-            sink_ratio=cfg.guide_sink_ratio, split_question=cfg.guide_split_question,
+            sink_ratio=cfg.guide_sink_ratio, split_question=cfg.guide_split_question, words_twice=cfg.guide_words_twice,
         )
         total = total + cfg.guide_weight * g
     if taps.tower is not None and not video:
