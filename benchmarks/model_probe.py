@@ -21,8 +21,9 @@ Three diagnostics of a trained reference model (LLaVA or Qwen2.5-VL), on fresh `
 * **How a relative-position answer reads its two objects**, on fresh ``train``-split position
   questions: per LM layer, the attention mass of the first and the second half of the heads on the
   first-named object (A) and on the other (B), which the split guide asks to be (A, B); the R² of
-  both objects' grid columns and rows from the answer position's input to each layer; and a linear
-  probe of the answer itself there. They locate where the chain objects → places → answer breaks.
+  both objects' grid columns and rows from the answer position's input to each layer, and from the
+  two objects' shape words in the question (their inputs side by side); and a linear probe of the
+  answer itself at the answer position. They locate where the chain objects → places → answer breaks.
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ def answer_attention(model, processor, task, n: int, qwen: bool, batch_size: int
 def position_reading(model, processor, task, n: int, batch_size: int = 16) -> dict[str, dict]:
     """Per LM layer, over ``n`` fresh train-split relative-position questions: the mean attention mass
     of each half of the heads on object A (first named) and B at the answer position, the held-out R²
-    of (column, row) of A and of B from that position's input to the layer (normalised), and a linear
-    probe's held-out accuracy on the answer from it."""
+    of (column, row) of A and of B from that position's input to the layer (normalised) and from the
+    inputs at the two objects' shape words, and a linear probe's held-out accuracy on the answer from
+    the answer position's."""
     layers = model.model.language_model.layers
     tap = train.AttentionTap([layer.self_attn for layer in layers])
     visual_id, cell = model.config.image_token_id, train.token_cell(model)
@@ -168,7 +170,8 @@ def position_reading(model, processor, task, n: int, batch_size: int = 16) -> di
         index += 1
         if s.family == "position":
             samples.append(s)
-    halves, features, places, answers = [], [[] for _ in layers], [], []
+    words = train.attribute_words(processor.tokenizer)
+    halves, features, word_features, places, answers = [], [[] for _ in layers], [[] for _ in layers], [], []
     for start in range(0, n, batch_size):
         chunk = samples[start : start + batch_size]
         batch = processing.encode(processor, chunk)
@@ -186,8 +189,11 @@ def position_reading(model, processor, task, n: int, batch_size: int = 16) -> di
             halves.append(np.array(mass))  # [2 halves, 2 objects, layers]
             places.append([v for g in (a, b) for v in (np.mean(g % side), np.mean(g // side))])
             answers.append(scenes.DIRECTIONS.index(s.answer))
+        asked = [np.flatnonzero(np.isin(ids.numpy(), list(words))) for ids in batch["input_ids"]]  # A colour, A shape, B colour, B shape
+        shape_words = torch.tensor([[a[1], a[3]] for a in asked])  # [B, 2]: A's and B's shape word
         for k in range(len(layers)):
             features[k].append(tap.inputs[k][0][:, -1].float())
+            word_features[k].append(tap.inputs[k][0][torch.arange(len(chunk))[:, None], shape_words].flatten(1).float())
     tap.remove()
     halves, places, answers = np.mean(halves, 0), torch.tensor(places), torch.tensor(answers)
     out = {}
@@ -197,6 +203,9 @@ def position_reading(model, processor, task, n: int, batch_size: int = 16) -> di
             "first_half_on": {"A": round(float(halves[0, 0, k]), 3), "B": round(float(halves[0, 1, k]), 3)},
             "second_half_on": {"A": round(float(halves[1, 0, k]), 3), "B": round(float(halves[1, 1, k]), 3)},
             "input_r2": dict(zip(("A column", "A row", "B column", "B row"), (round(v, 3) for v in ridge_r2(x, places)))),
+            "shape_words_r2": dict(
+                zip(("A column", "A row", "B column", "B row"), (round(v, 3) for v in ridge_r2(torch.cat(word_features[k]), places)))
+            ),
             "answer_probe": round(probe_accuracy(x, answers)[0], 3),
         }
     return out
@@ -236,13 +245,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {family} | {' / '.join(f'{x:.2f}' for x in r['evidence'])} | {' / '.join(f'{x:.2f}' for x in r['objects'])} |")
     print(
         "\n| position answers, LM layer | first half of the heads on A / B | second half on A / B "
-        "| R² at its input: A column, row / B column, row | answer probe |\n|---|---|---|---|---|"
+        "| R² at its input: A column, row / B column, row | the same at the shape words | answer probe |\n|---|---|---|---|---|---|"
     )
     for layer, r in result["position_reading"].items():
-        f, h, q = r["first_half_on"], r["second_half_on"], r["input_r2"]
+        f, h, q, w = r["first_half_on"], r["second_half_on"], r["input_r2"], r["shape_words_r2"]
         print(
             f"| {layer} | {f['A']:.2f} / {f['B']:.2f} | {h['A']:.2f} / {h['B']:.2f} "
-            f"| {q['A column']:.2f}, {q['A row']:.2f} / {q['B column']:.2f}, {q['B row']:.2f} | {100 * r['answer_probe']:.0f}% |"
+            f"| {q['A column']:.2f}, {q['A row']:.2f} / {q['B column']:.2f}, {q['B row']:.2f} "
+            f"| {w['A column']:.2f}, {w['A row']:.2f} / {w['B column']:.2f}, {w['B row']:.2f} | {100 * r['answer_probe']:.0f}% |"
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -46,6 +46,7 @@ def test_report_runs_on_tiny_llava(tmp_path, capsys):
     for r in result["position_reading"].values():
         assert all(0.0 <= r[half][o] <= 1.0 for half in ("first_half_on", "second_half_on") for o in "AB")
         assert r["first_half_on"]["A"] + r["first_half_on"]["B"] <= 1.0 + 1e-6 and 0.0 <= r["answer_probe"] <= 1.0
+    assert [*result["position_reading"]["LM layer 2"]["shape_words_r2"]] == ["A column", "A row", "B column", "B row"]
     assert result["position_reading"]["LM layer 1"]["input_r2"]["A column"] < 0.5  # the LM's input holds no place of A
     assert (tmp_path / "p.json").exists() and "| colour |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
