@@ -107,12 +107,17 @@ class TrainConfig:
     """With ``guide_read_question``, an answer of a ``guide_split_families`` family reads its question
     split like its objects: the first half of the heads the first-named object's words, the second
     half the other's. Its next layer's split heads then each know which object to look for; read as
-    one mixture, "the red circle relative to the blue square" and its converse look the same."""
+    one mixture, "the red circle relative to the blue square" and its converse look the same. Measured
+    on tiny-qwen25vl (stage 2 + 1,000 steps with the position aids): position 35% on the test split,
+    against 25% (chance) without it."""
     guide_words_twice: bool = False
     """Each colour or shape word of a question looks at its objects in the second LM layer too, not only
     the first. On Qwen the objects' places exist from the second layer's input on (its tower has no
     absolute positions; ``coord_aux_from='lm'``), so only there can a word pick up where its object
-    is; tiny-llava's words get them in the first layer, from CLIP's position embedding."""
+    is; tiny-llava's words get them in the first layer, from CLIP's position embedding. Measured (600
+    more steps from the split-question run): the shape words then carry their objects' places (R²
+    0.37-0.61, none without), the first-named object's place reaches the answer (0.42 / 0.28 against
+    0.10 / 0.14) and position rose to 42.5% (n = 200) against 37% for the same steps without it."""
     guide_videos: bool = False
     """Guide video turns too: each answer position looks at the visual tokens of its evidence tracks
     (in every frame they are on screen; the last temporal patch for "now" questions). The
