@@ -82,6 +82,15 @@ def drop_first_token(scores: Tensor) -> Tensor:
     return scores[:, 1:].reshape(-1)
 
 
+def qwen_vision_qk(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
+    """(q, k), each [P, heads, head_dim], of a Qwen2.5-VL vision block from its fused projection ``qkv``
+    [P, 3·D], with the 2-D rotary applied as the block applies it."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    q, k, _ = qkv.reshape(qkv.shape[0], 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    return apply_rotary_pos_emb_vision(q, k, cos, sin)
+
+
 def qwen_received_attention(
     qkv: Tensor, cos: Tensor, sin: Tensor, layout: VisualLayout, num_heads: int, scale: float, merge_unit: int,
     score=ops.received_attention,
@@ -93,11 +102,7 @@ def qwen_received_attention(
     averaged over each merge group (one LLM token). ``score`` computes [N, S] received attention
     from q, k (the op; training passes its differentiable reference).
     """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
-    patches = qkv.shape[0]
-    q, k, _ = qkv.reshape(patches, 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = qwen_vision_qk(qkv, cos, sin, num_heads)
     scores, offset = [], 0
     for t, h, w in layout.grids:
         frame = h * w * merge_unit

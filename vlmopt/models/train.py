@@ -248,7 +248,9 @@ class TrainConfig:
         if self.neighbour_guide_weight > 0 and self.model != "tiny-qwen25vl":
             raise ValueError("TrainConfig.neighbour_guide_weight is for tiny-qwen25vl (a tower with windows and a few full-attention blocks)")
         if self.position_aids_from > 0 and not (self.coord_aux or self.relation_aux or self.guide_split_families or self.neighbour_aux):
-            raise ValueError("TrainConfig.position_aids_from needs a position aid to switch on (coord_aux, relation_aux or guide_split_families)")
+            raise ValueError(
+                "TrainConfig.position_aids_from needs a position aid to switch on (coord_aux, relation_aux, neighbour_aux or guide_split_families)"
+            )
         if self.init_from and not (Path(self.init_from) / "config.json").exists():
             raise ValueError(f"TrainConfig.init_from={self.init_from!r} is not a model directory (no config.json); pass e.g. models/{self.model}")
         if self.relation_aux and (self.guide_weight <= 0 or self.aux_weight <= 0):
@@ -890,11 +892,10 @@ def neighbour_guide_loss(
     vision block's normalised input in window order, ``rotary`` its (cos, sin); ``window_index`` [P /
     merge_unit] maps window order to the batch's merged tokens in raster order (one image per sample,
     each ``cell`` px merged token one token of :func:`object_cells`)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from vlmopt.graph.functions import qwen_vision_qk
 
     patches, heads = hidden.shape[0], attn.num_heads
-    q, k, _ = attn.qkv(hidden).reshape(patches, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
+    q, k = qwen_vision_qk(attn.qkv(hidden), *rotary, heads)
     where = torch.argsort(window_index)  # raster merged token -> its place in window order
     per_image = patches // merge_unit // len(samples)
     directions = [scenes.DIRECTIONS[h % len(scenes.DIRECTIONS)] for h in range(heads)]
@@ -903,8 +904,8 @@ def neighbour_guide_loss(
         objs = s.objects[0]
         cells = object_cells(s, list(range(len(objs))), cell)
         rows = lambda tokens: (where[torch.as_tensor(tokens, dtype=torch.long) + i * per_image][:, None] * merge_unit + torch.arange(merge_unit)).reshape(-1)
-        first = int(where[i * per_image : (i + 1) * per_image].min()) * merge_unit
-        keys = k[first : first + per_image * merge_unit]  # an image's patches are contiguous in window order
+        first = i * per_image * merge_unit  # windows never mix images: image i's patches are contiguous
+        keys = k[first : first + per_image * merge_unit]
         for o, own in enumerate(cells):
             if not len(own):
                 continue
@@ -1072,12 +1073,12 @@ def forward_loss(
             sink_ratio=cfg.guide_sink_ratio, split_question=cfg.guide_split_question, words_twice=cfg.guide_words_twice,
         )
         total = total + cfg.guide_weight * g
+    tower_guides = not video and (taps.tower is not None or taps.relations is not None)
+    window = qwen_windows(model, batch["image_grid_thw"]) if qwen and tower_guides else None  # both tower guides read it
     if taps.tower is not None and not video:
-        window = qwen_windows(model, batch["image_grid_thw"]) if qwen else None
         t = tower_guide_loss(taps.tower, batch_samples, cell, cfg.tower_guide_share, window)
         total = total + cfg.tower_guide_weight * t
     if taps.relations is not None and not video and position_aids:
-        window = qwen_windows(model, batch["image_grid_thw"])
         hidden, rotary = taps.relations.inputs[0]
         n = neighbour_guide_loss(taps.relations.modules[0], hidden, rotary, batch_samples, cell, window["window_index"], window["merge_unit"])
         total = total + cfg.neighbour_guide_weight * n
