@@ -186,7 +186,9 @@ class TrainConfig:
     tiny-llava: its last, unguided LM layer put 59–72% of an existence answer's attention on
     background tokens, and HiPrune at 1/3, which keeps every object token, cost 18 points of
     existence. With it the answers rest on the objects whatever background is left; pruners that
-    drop object tokens still lose. 0 disables it."""
+    drop object tokens still lose. 0 disables it. It does not help tiny-qwen25vl count: 1,100 steps
+    from the shipped model with the position aids answered count 65% (0.8) and 68% (0.5) against
+    the shipped 68% (test split, n = 500)."""
     extra_turns: int = 5
     """More (question, answer) turns per picture, derived from its scene (answers are labelled too):
     several answers per image forward, which speeds learning up a lot. Evaluation is single-turn."""
