@@ -33,6 +33,7 @@ MODEL_FILES = {
     "tokenizer_config.json": "tokenizer settings and special tokens",
     "processor_config.json": "image processor settings",
     "chat_template.jinja": "chat template (the training prompt format)",
+    "TRAINING.md": "training log: every recipe tried for this model, its command and its measured accuracy",
 }
 RESULTS = {
     ".png": "plot or picture written by the command in the README's section on it",

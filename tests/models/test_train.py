@@ -691,3 +691,29 @@ def test_read_question_guide_points_each_answer_at_its_own_question_words(batch_
     assert float(train.guide_loss(_rows(own_maps), *args, read_question=True)) == pytest.approx(0.0, abs=1e-4)
     assert float(train.guide_loss(_rows(other_maps), *args, read_question=True)) > 1.0
     assert float(train.guide_loss(_rows(other_maps), *args, read_question=False)) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_deeper_lm_starts_from_a_trained_model_with_its_exact_function():
+    """``lm_layers`` above the checkpoint's depth appends identity layers: on fresh pictures the deeper
+    model's logits equal the shipped model's bit for bit, its trained layers are copied, and the new
+    layers' other weights stay trainable (only their output projections are zeroed)."""
+    shipped, processor = models.load("tiny-qwen25vl")
+    depth = shipped.config.get_text_config().num_hidden_layers
+    deeper = train.build_model("tiny-qwen25vl", seed=0, mrope_interleaved=True, lm_layers=depth + 2)[0]
+    train.start_from(deeper, models.path("tiny-qwen25vl"))
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
+    start = int(torch.randint(0, 100_000, ()).item())
+    batch = processing.encode(processor, [task.sample("test", start + i) for i in range(2)])
+    shipped.eval(), deeper.eval()
+    with torch.no_grad():
+        assert torch.equal(deeper(**batch).logits, shipped(**batch).logits)
+    new = deeper.model.language_model.layers[depth]
+    assert torch.count_nonzero(new.self_attn.o_proj.weight) == 0 and torch.count_nonzero(new.mlp.down_proj.weight) == 0
+    assert torch.count_nonzero(new.self_attn.q_proj.weight) > 0 and torch.count_nonzero(new.mlp.up_proj.weight) > 0
+    assert train.lm_layers_appended(shipped, deeper) == set()
+    with pytest.raises(ValueError, match="same --model"):  # a shallower model cannot take a deeper one's weights
+        train.start_from(train.build_model("tiny-qwen25vl", seed=0, lm_layers=depth - 1)[0], models.path("tiny-qwen25vl"))
+    with pytest.raises(ValueError, match="lm_layers=1 must be at least 2"):
+        train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=1, lm_layers=1)
+    with pytest.raises(ValueError, match="tiny-qwen25vl's LM depth"):
+        train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, lm_layers=depth + 2)

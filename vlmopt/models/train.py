@@ -212,9 +212,12 @@ class TrainConfig:
     74.2% → 83.0%, ``needle`` 88.0% → 87.6%; relative position stayed at chance (26% → 25%). From random
     weights with the preset it was behind the preset's own run at step 1,200 (validation: images 75.0%,
     ``needle`` 60.9%), so it is a stage-2 switch, not the preset's default."""
+    lm_layers: int = archs.QwenArch.text_layers
+    """LM decoder layers of tiny-qwen25vl (``QwenArch.text_layers``). With ``init_from`` a shallower model, its
+    layers start the run and the extra ones are appended as identities (their output projections zeroed)."""
     init_from: str = ""
     """Model directory whose weights start the run (fine-tuning: the same model, e.g. ``models/tiny-qwen25vl``,
-    with new aids or a shorter schedule); the auxiliary heads and the optimiser start fresh. Empty: a fresh
+    with new aids or a shorter schedule, or a deeper LM: ``lm_layers``); the auxiliary heads and the optimiser start fresh. Empty: a fresh
     initialisation from ``seed``."""
     threads: int = 2
     """Most threads (``torch.set_num_threads``; 1 while other processes busy a core)."""
@@ -237,6 +240,10 @@ class TrainConfig:
             archs.QwenArch(text_rope_theta=self.rope_theta)  # its check of the base
         elif self.rope_theta != archs.QwenArch.text_rope_theta or self.mrope_interleaved:
             raise ValueError("TrainConfig.rope_theta and mrope_interleaved set tiny-qwen25vl's M-RoPE; tiny-llava keeps Llama's rotary")
+        if self.lm_layers < 2:
+            raise ValueError(f"TrainConfig.lm_layers={self.lm_layers} must be at least 2 (the guides read a first and a middle layer)")
+        if not self.qwen and self.lm_layers != archs.QwenArch.text_layers:
+            raise ValueError("TrainConfig.lm_layers sets tiny-qwen25vl's LM depth; tiny-llava keeps its own")
         if not 0 < self.guide_sink_ratio <= 100:
             raise ValueError(f"TrainConfig.guide_sink_ratio={self.guide_sink_ratio} must be in (0, 100] (object attention per unit of the sink's)")
         if not 0 <= self.background_dropout <= 1:
@@ -306,9 +313,10 @@ TASK_CONFIGS = {
 
 def build_model(
     name: str, seed: int, rope_theta: float = archs.QwenArch.text_rope_theta, mrope_interleaved: bool = False,
+    lm_layers: int = archs.QwenArch.text_layers,
 ):
-    """(model, processor, arch) of a freshly initialised reference model (``rope_theta``, ``mrope_interleaved``:
-    Qwen's LM rotary base and M-RoPE layout)."""
+    """(model, processor, arch) of a freshly initialised reference model (``rope_theta``, ``mrope_interleaved``,
+    ``lm_layers``: Qwen's LM rotary base, M-RoPE layout and depth)."""
     from transformers import (
         LlavaForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
@@ -320,7 +328,7 @@ def build_model(
         processor = processing.build_processor("llava", arch.image_size)
         model = LlavaForConditionalGeneration(archs.llava_config(arch, processor.tokenizer))
     elif name == "tiny-qwen25vl":
-        arch = archs.QwenArch(text_rope_theta=rope_theta, text_mrope_interleaved=mrope_interleaved)
+        arch = archs.QwenArch(text_rope_theta=rope_theta, text_mrope_interleaved=mrope_interleaved, text_layers=lm_layers)
         processor = processing.build_processor("qwen", arch.image_size, arch.video_size)
         model = Qwen2_5_VLForConditionalGeneration(archs.qwen_config(arch, processor.tokenizer))
     else:
@@ -1179,11 +1187,19 @@ class LossWindow:
 
 def start_from(model, directory: Path) -> None:
     """Copy the weights of the model saved in ``directory`` (loaded as users load it) into ``model``,
-    which must be the same architecture with the same sizes."""
+    which must be the same architecture with the same sizes, or with more LM layers: those are appended
+    after the trained ones as identities (attention and MLP output projections zeroed), so the run starts
+    from the trained model's exact function."""
     from vlmopt import models
 
     trained, _ = models.load(directory)
     own, theirs = model.state_dict(), trained.state_dict()
+    appended = lm_layers_appended(model, trained)
+    if appended:
+        theirs = {**theirs, **{n: own[n] for n in own.keys() - theirs.keys() if lm_layer_index(n) in appended}}
+        for n in theirs:
+            if lm_layer_index(n) in appended and n.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+                theirs[n] = torch.zeros_like(own[n])
     mismatched = sorted(n for n in own.keys() & theirs.keys() if own[n].shape != theirs[n].shape)
     if type(trained) is not type(model) or own.keys() != theirs.keys() or mismatched:
         raise ValueError(
@@ -1203,6 +1219,19 @@ def start_from(model, directory: Path) -> None:
     model.load_state_dict(theirs)
 
 
+def lm_layer_index(name: str) -> int | None:
+    """The LM decoder layer a parameter name belongs to (``...language_model.layers.<i>....``); None elsewhere."""
+    head, found, tail = name.partition("language_model.layers.")
+    return int(tail.split(".", 1)[0]) if found else None
+
+
+def lm_layers_appended(model, trained) -> set[int]:
+    """Indices of ``model``'s LM layers beyond ``trained``'s (empty when it is not deeper)."""
+    ours = model.config.get_text_config().num_hidden_layers
+    theirs = trained.config.get_text_config().num_hidden_layers
+    return set(range(theirs, ours)) if ours > theirs else set()
+
+
 def recorded_commands(directory: Path) -> list[str]:
     """The commands that trained the model in ``directory`` (its ``eval.json``), first stage first: the
     ones behind its own starting weights, then its own; [] where none is recorded."""
@@ -1220,7 +1249,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
 
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
-    model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved)
+    model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved, cfg.lm_layers)
     base_commands: list[str] = []
     if cfg.init_from:
         start_from(model, Path(cfg.init_from))
