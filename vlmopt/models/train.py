@@ -1196,10 +1196,9 @@ def start_from(model, directory: Path) -> None:
     own, theirs = model.state_dict(), trained.state_dict()
     appended = lm_layers_appended(model, trained)
     if appended:
-        theirs = {**theirs, **{n: own[n] for n in own.keys() - theirs.keys() if lm_layer_index(n) in appended}}
-        for n in theirs:
-            if lm_layer_index(n) in appended and n.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
-                theirs[n] = torch.zeros_like(own[n])
+        silenced = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # an appended layer adds nothing yet
+        fresh = {n: torch.zeros_like(w) if n.endswith(silenced) else w for n, w in own.items() if lm_layer_index(n) in appended}
+        theirs = {**theirs, **{n: w for n, w in fresh.items() if n not in theirs}}
     mismatched = sorted(n for n in own.keys() & theirs.keys() if own[n].shape != theirs[n].shape)
     if type(trained) is not type(model) or own.keys() != theirs.keys() or mismatched:
         raise ValueError(
