@@ -1197,8 +1197,7 @@ def start_from(model, directory: Path) -> None:
     appended = lm_layers_appended(model, trained)
     if appended:
         silenced = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # an appended layer adds nothing yet
-        fresh = {n: torch.zeros_like(w) if n.endswith(silenced) else w for n, w in own.items() if lm_layer_index(n) in appended}
-        theirs = {**theirs, **{n: w for n, w in fresh.items() if n not in theirs}}
+        theirs = {**theirs, **{n: torch.zeros_like(w) if n.endswith(silenced) else w for n, w in own.items() if lm_layer_index(n) in appended}}
     mismatched = sorted(n for n in own.keys() & theirs.keys() if own[n].shape != theirs[n].shape)
     if type(trained) is not type(model) or own.keys() != theirs.keys() or mismatched:
         raise ValueError(
@@ -1220,7 +1219,7 @@ def start_from(model, directory: Path) -> None:
 
 def lm_layer_index(name: str) -> int | None:
     """The LM decoder layer a parameter name belongs to (``...language_model.layers.<i>....``); None elsewhere."""
-    head, found, tail = name.partition("language_model.layers.")
+    _, found, tail = name.partition("language_model.layers.")
     return int(tail.split(".", 1)[0]) if found else None
 
 
