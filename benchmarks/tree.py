@@ -1,72 +1,68 @@
-"""Print the repository's file tree with each file's one-line summary (for the README).
+"""Print the short repository tree the README shows: the folders and the files a newcomer opens first.
 
     python benchmarks/tree.py
 
-The summary is the first line of a Python module's docstring, or of a Markdown file's first
-paragraph; other files get a short description from the table below.
+The list is curated (one line each), not generated from ``git ls-files``; every path in it must
+exist, so ``tests/test_docs.py`` fails when a listed file moves or disappears. Exits with status 1,
+naming them on stderr, when some do not.
 """
 
 from __future__ import annotations
 
-import ast
-import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OTHER = {
-    "pyproject.toml": "package metadata, dependencies, extras, console script, pytest markers",
-    "README.md": "this file",
-    ".ci/run": "CI: install from scratch, run the README's test command",
-    ".gitignore": "ignored build outputs",
-    "vlmopt/py.typed": "marks the package as typed (PEP 561)",
-}
+
+#: (path, what it holds); a trailing ``/`` marks a folder.
+ENTRIES: tuple[tuple[str, str], ...] = (
+    ("vlmopt/compiler.py", "vlmopt.compile: check the passes, capture the graphs, apply the passes"),
+    ("vlmopt/runtime.py", "CompiledVLM: runs the stage graphs like the HF model (forward, generate)"),
+    ("vlmopt/adapters/", "one per HF VLM class: the traceable pipelines, node roles, eager planning"),
+    ("vlmopt/graph/", "capture (capture.py), VLMGraph, GraphEditor (edit.py), diff"),
+    ("vlmopt/passes/", "one pass per file; base.py owns the shared visual-token pruning"),
+    ("vlmopt/passes/hiprune.py", "HiPrune: a scoring function on top of base.py"),
+    ("vlmopt/ops/", "one vlmopt:: custom op per file: op, fake, reference, FLOPs, ONNX"),
+    ("vlmopt/kernels/", "Triton kernels behind the ops on CUDA, imported lazily"),
+    ("vlmopt/export/", "ONNX export checked by onnxruntime, its runtime, TensorRT engines and check"),
+    ("vlmopt/cli/", "the vlmopt command line, one module per subcommand"),
+    ("vlmopt/flops.py", "prefill FLOPs per stage, counted on fake tensors"),
+    ("vlmopt/evaluation.py", "the harness behind vlmopt eval: accuracy, retention, cost"),
+    ("vlmopt/models/", "reference models: loading, synthetic tasks, processors, evaluator"),
+    ("models/tiny-llava/", "a shipped reference model: HF checkpoint, model card, training log"),
+    ("models/tiny-qwen25vl/", "the same for Qwen2.5-VL"),
+    ("models/train/", "training of the reference models: python -m models.train"),
+    ("models/bench/", "research benchmarks on the reference models (python -m models.bench.<name>)"),
+    ("benchmarks/", "core.py, export.py, this tree (tree.py), results/ (measured numbers)"),
+    ("docs/", "reference models, evaluation, export, benchmarks: every number with its command"),
+    ("tests/", "mirrors the package; golden graph diffs in tests/passes/golden/"),
+    (".ci/run", "CI: install from scratch, then the test command"),
+)
 
 
-MODEL_FILES = {
-    "README.md": "model card: architecture, prompt, training, measured accuracy per question family, targets",
-    "config.json": "Hugging Face model config",
-    "generation_config.json": "greedy decoding defaults and special token ids",
-    "model.safetensors": "weights (float32)",
-    "eval.json": "every number of the model card, the validation curve and the fixed test set tests/models re-checks",
-    "tasks.json": "the task configs the model was trained and evaluated with",
-    "tokenizer.json": "word-level tokenizer",
-    "tokenizer_config.json": "tokenizer settings and special tokens",
-    "processor_config.json": "image processor settings",
-    "chat_template.jinja": "chat template (the training prompt format)",
-    "TRAINING.md": "training log: every recipe tried for this model, its command and its measured accuracy",
-}
-RESULTS = {
-    ".png": "plot or picture written by the command in the README's section on it",
-    ".json": "measured numbers (--json output of the command in the README)",
-}
+def missing(entries: tuple[tuple[str, str], ...] = ENTRIES) -> list[str]:
+    """Listed paths that do not exist (a folder must exist as a folder)."""
+    return [
+        path
+        for path, _ in entries
+        if not ((ROOT / path).is_dir() if path.endswith("/") else (ROOT / path).is_file())
+    ]
 
 
-def summary(path: Path) -> str:
-    rel = path.relative_to(ROOT).as_posix()
-    if rel in OTHER:
-        return OTHER[rel]
-    if rel.startswith("models/"):
-        return MODEL_FILES.get(path.name, "")
-    if rel.startswith("benchmarks/results/"):
-        return RESULTS.get(path.suffix, "")
-    if path.suffix == ".py":
-        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        paragraph = " ".join(doc.strip().split("\n\n")[0].split())
-        return paragraph.split(". ")[0].rstrip(".") if paragraph else ""
-    if path.suffix in (".md", ".txt"):
-        for line in path.read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                return line.strip()[:100]
-    return ""
+def render(entries: tuple[tuple[str, str], ...] = ENTRIES) -> str:
+    """The tree as the README shows it: one ``path  description`` line per entry."""
+    width = max(len(path) for path, _ in entries) + 2
+    return "\n".join(f"{path:<{width}}{description}" for path, description in entries) + "\n"
 
 
-def main() -> None:
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in sorted(files):
-        if rel.endswith((".safetensors", ".json")) and rel.startswith("models/"):
-            continue
-        print(f"{rel:<48} {summary(ROOT / rel)}")
+def main() -> int:
+    sys.stdout.write(render())
+    gone = missing()
+    if gone:
+        print(f"tree.py: listed but missing: {', '.join(gone)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
