@@ -3,7 +3,6 @@
 import pytest
 
 import vlmopt
-from vlmopt import configs
 from vlmopt.passes import PoolPrune, RandomPrune
 
 

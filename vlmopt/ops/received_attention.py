@@ -49,15 +49,10 @@ def _(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
     return q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-def flop_count(q_shape, k_shape, num_heads: int, *args, **kwargs) -> int:
+def flop_formula(q_shape, k_shape, num_heads: int, *args, **kwargs) -> int:
+    """2·N·S²·(H·D): the QKᵀ product (registered with the FLOP counter by :mod:`vlmopt.flops`)."""
     batch, seq, width = q_shape
     return 2 * batch * seq * seq * width
-
-
-def register_flops() -> None:
-    from torch.utils.flop_counter import register_flop_formula
-
-    register_flop_formula(torch.ops.vlmopt.received_attention)(flop_count)
 
 
 def onnx_translation():
