@@ -40,6 +40,8 @@ class HiPrune(VisualTokenPrune):
     """Keep anchors, buffers and registers chosen by the vision tower's attention.
 
     Position policy: kept tokens keep their original position ids; see :class:`VisualTokenPrune`.
+    A CLS token fed to the LLM (LLaVA, strategy ``full``) is always kept, on top of the budget; the
+    grid tokens' scores leave the CLS column out (it is never a grid neighbour).
     """
 
     needs_grid: ClassVar[bool] = True
