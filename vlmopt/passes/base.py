@@ -168,10 +168,17 @@ class VisualSite:
     def grid_part(self, chain: Inserter) -> tuple[VisualSite, fx.Node]:
         """This site without each input's leading non-grid tokens (CLS), and the index [T_grid] of
         the grid tokens among the current ones."""
-        grid_index = chain(gf.grid_index, self.tokens, self.layout, role="visual_grid", stage="vision", name="grid_index")
-        tokens = chain(torch.index_select, self.tokens, 0, grid_index, role="visual_grid", stage="vision", name="grid_tokens")
+        grid_index = chain(
+            gf.grid_index, self.tokens, self.layout, role="visual_grid", stage="vision", name="grid_index"
+        )
+        tokens = chain(
+            torch.index_select, self.tokens, 0, grid_index, role="visual_grid", stage="vision", name="grid_tokens"
+        )
+        positions = chain(
+            torch.index_select, self.positions, 0, grid_index, role="visual_grid", stage="vision", name="grid_positions"
+        )
         layout = chain(gf.layout_grid, self.layout, role="visual_grid", stage="vision", name="grid_layout")
-        return VisualSite(self.editor, self.adapter, tokens, self.positions, layout), grid_index
+        return VisualSite(self.editor, self.adapter, tokens, positions, layout), grid_index
 
     def with_leading(
         self, grid_index: fx.Node, kept: tuple[fx.Node, fx.Node, fx.Node], chain: Inserter
@@ -179,8 +186,13 @@ class VisualSite:
         """(tokens, keep, layout) of a method that pruned :meth:`grid_part`, with every input's
         leading tokens put back in front of its kept grid tokens."""
         tokens, keep, layout = kept
-        full_layout = chain(gf.layout_with_leading, layout, self.layout, role="prune_layout", stage="vision", name="kept_full_layout")
-        keep = chain(gf.keep_with_leading, keep, grid_index, self.layout, layout, role="prune_select", stage="vision", name="keep_with_leading")
+        full_layout = chain(
+            gf.layout_with_leading, layout, self.layout, role="prune_layout", stage="vision", name="kept_full_layout"
+        )
+        keep = chain(
+            gf.keep_with_leading, keep, grid_index, self.layout, layout,
+            role="prune_select", stage="vision", name="keep_with_leading",
+        )
         tokens = chain(
             gf.tokens_with_leading, self.tokens, tokens, self.layout, layout,
             role="visual_tokens", stage="vision", name="tokens_with_leading",
