@@ -16,6 +16,7 @@ from vlmopt.cli.common import (
     load_model,
     markdown_table,
     pass_lists,
+    positive_int,
 )
 
 DEFAULT_PASSES = ["random_prune:keep_ratio=0.5", "pool_prune:keep_ratio=0.25"]
@@ -40,7 +41,7 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--questions", type=int, default=4, help="reference models: test questions shown one by one")
     parser.add_argument("--n", type=int, default=100, help="reference models: test samples in the evaluation table")
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefill repeats")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed prefill repeats")
     parser.set_defaults(run=run)
 
 
@@ -68,7 +69,7 @@ def run_reference(args: argparse.Namespace, loaded) -> int:
 def run(args: argparse.Namespace) -> int:
     import vlmopt
     from vlmopt import configs
-    from vlmopt.measure import prefill_runner, time_prefill, visual_tokens
+    from vlmopt.measure import measure, prefill_runner, visual_tokens
 
     args.model = args.model or default_model()
     loaded = load_model(args.model)
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         compiled = vlmopt.compile(model, passes=passes)
         total, kept = visual_tokens(compiled, batch)
         report = vlmopt.flops(compiled, batch)
-        timing = time_prefill(prefill_runner(compiled, batch), repeats=args.repeats)
+        timing = measure(prefill_runner(compiled, batch), repeats=args.repeats)
         ids = compiled.generate(**batch, max_new_tokens=args.max_new_tokens)
         new = ids[0, batch["input_ids"].shape[1] :].tolist()
         text = loaded.processor.decode(new) if loaded.processor is not None else " ".join(map(str, new))
