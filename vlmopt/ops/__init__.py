@@ -9,6 +9,8 @@ pays, a Triton kernel in :mod:`vlmopt.kernels`. Each op file also names its ONNX
 from . import (
     gather_sequence,
     hiprune_select,
+    kcenter_select,
+    last_token_attention,
     merge_visual,
     pool_tokens,
     random_scores,
@@ -20,6 +22,8 @@ from . import (
 __all__ = [
     "gather_sequence",
     "hiprune_select",
+    "kcenter_select",
+    "last_token_attention",
     "merge_visual",
     "pool_tokens",
     "random_scores",
