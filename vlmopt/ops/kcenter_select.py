@@ -29,7 +29,8 @@ FLOPs      : 2·B·N·D·k for the coverage updates, + 3·B·N·D for the normal
              it is not counted.
 Kernels    : the reference keeps a running [B, N] min-distance vector (O(k·N·D), one small matmul
              per step); on CUDA the Triton kernel in :mod:`vlmopt.kernels.kcenter_select` runs all k
-             steps of a row in one program, without a launch per step.
+             steps of a row in one program, without a launch per step (the reference where triton
+             is not installed).
 ONNX       : unrolled over the static ``k`` (≈ 6 nodes per pick): ``ArgMax`` (first maximum, as
              here), ``ScatterElements`` of −1 at the pick, ``GatherElements`` of its similarity row,
              ``Min``; the anchors' coverage is one ``MatMul`` [B, N, N] + ``Where`` + ``ReduceMin``,
@@ -38,6 +39,8 @@ ONNX       : unrolled over the static ``k`` (≈ 6 nodes per pick): ``ArgMax`` (
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +115,7 @@ def reference(x: Tensor, candidates: Tensor, anchors: Tensor, k: int) -> Tensor:
 def kcenter_select(x: Tensor, candidates: Tensor, anchors: Tensor, k: int) -> Tensor:
     _check(x, candidates, anchors, k)
     _check_available(candidates, anchors, k)
-    if x.is_cuda and k:
+    if x.is_cuda and k and importlib.util.find_spec("triton") is not None:  # same picks without it, one launch per step
         from vlmopt.kernels.kcenter_select import kcenter_select_triton
 
         return kcenter_select_triton(x, candidates, anchors, k)
