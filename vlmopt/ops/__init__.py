@@ -15,6 +15,8 @@ from types import ModuleType
 from . import (
     gather_sequence,
     hiprune_select,
+    kcenter_select,
+    last_token_attention,
     merge_visual,
     pool_tokens,
     random_scores,
@@ -27,6 +29,8 @@ __all__ = [
     "op_modules",
     "gather_sequence",
     "hiprune_select",
+    "kcenter_select",
+    "last_token_attention",
     "merge_visual",
     "pool_tokens",
     "random_scores",
