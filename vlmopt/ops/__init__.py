@@ -7,8 +7,11 @@ pays, a Triton kernel in :mod:`vlmopt.kernels`. Each op file also names its ONNX
 """
 
 from . import (
+    apbv_attention,
+    apbv_compress,
     gather_sequence,
     hiprune_select,
+    lse_merge,
     merge_visual,
     pool_tokens,
     random_scores,
@@ -18,8 +21,11 @@ from . import (
 )
 
 __all__ = [
+    "apbv_attention",
+    "apbv_compress",
     "gather_sequence",
     "hiprune_select",
+    "lse_merge",
     "merge_visual",
     "pool_tokens",
     "random_scores",
