@@ -87,10 +87,11 @@ def test_apbv_question_block_merged_across_hosts_is_exact():
         outs.append(out)
         lses.append(lse)
     out, lse = lse_merge(torch.stack(outs), torch.stack(lses))
-    everything = list(range(context + question))
-    want, want_lse = apbv_attention(q, k[:, :, everything], v[:, :, everything], 0, context, dim**-0.5)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    # the question row i sees the whole context and question tokens 0..i (bottom-right causal)
+    visible = torch.arange(context + question)[None, :] <= context + torch.arange(question)[:, None]
+    want, want_lse = attend(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), visible)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_opcheck_and_flops():
