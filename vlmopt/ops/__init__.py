@@ -13,10 +13,13 @@ import pkgutil
 from types import ModuleType
 
 from . import (
+    apbv_attention,
+    apbv_compress,
     gather_sequence,
     hiprune_select,
     kcenter_select,
     last_token_attention,
+    lse_merge,
     merge_visual,
     pool_tokens,
     random_scores,
@@ -27,10 +30,13 @@ from . import (
 
 __all__ = [
     "op_modules",
+    "apbv_attention",
+    "apbv_compress",
     "gather_sequence",
     "hiprune_select",
     "kcenter_select",
     "last_token_attention",
+    "lse_merge",
     "merge_visual",
     "pool_tokens",
     "random_scores",
