@@ -17,10 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Ops whose formula is registered already (each op once; op files imported later still get theirs).
-_REGISTERED: set[str] = set()
-
-
 def _sdpa_cpu_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
     batch, heads, q_len, head_dim = query.shape
     k_len, v_dim = key.shape[-2], value.shape[-1]
@@ -30,17 +26,17 @@ def _sdpa_cpu_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
 def register_flop_formulas() -> None:
     """Give the CPU flash-attention kernel and every ``vlmopt::`` op whose file defines a
     ``flop_formula`` their FLOP formulas (each once)."""
-    from torch.utils.flop_counter import register_flop_formula
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     from vlmopt.ops import op_modules
 
-    if "aten::_scaled_dot_product_flash_attention_for_cpu" not in _REGISTERED:
-        register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(_sdpa_cpu_flops)
-        _REGISTERED.add("aten::_scaled_dot_product_flash_attention_for_cpu")
+    sdpa_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if sdpa_cpu not in flop_registry:  # registered once per process; a newer torch may bring its own
+        register_flop_formula(sdpa_cpu, get_raw=True)(_sdpa_cpu_flops)
     for name, module in op_modules().items():
-        if module.flop_formula is not None and f"vlmopt::{name}" not in _REGISTERED:
-            register_flop_formula(getattr(torch.ops.vlmopt, name))(module.flop_formula)
-            _REGISTERED.add(f"vlmopt::{name}")
+        op = getattr(torch.ops.vlmopt, name)
+        if module.flop_formula is not None and op not in flop_registry:
+            register_flop_formula(op)(module.flop_formula)
 
 
 @dataclass

@@ -86,10 +86,11 @@ def test_opcheck_and_flops():
     q, k = random_inputs(1, 2, 4, 2, 3, 17, 8)
     torch.library.opcheck(torch.ops.vlmopt.apbv_compress.default, (q, k, 6, 5))
 
-    from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+    from torch.utils.flop_counter import FlopCounterMode
 
-    if torch.ops.vlmopt.apbv_compress not in flop_registry:
-        register_flop_formula(torch.ops.vlmopt.apbv_compress)(module.flop_formula)
+    from vlmopt.flops import register_flop_formulas
+
+    register_flop_formulas()  # the formula comes from the op file, as vlmopt.flops finds it
     counter = FlopCounterMode(display=False)
     with counter:
         apbv_compress(q, k, 6, 5)
@@ -108,7 +109,7 @@ def test_onnx_translation_matches_the_op(tmp_path):
             return torch.ops.vlmopt.apbv_compress(q, k, 6, 5), torch.ops.vlmopt.apbv_compress(q, k, 17, 1)
 
     path = tmp_path / "apbv_compress.onnx"
-    torch.onnx.export(Compress().eval(), random_inputs(0, 2, 4, 2, 3, 17, 8), dynamo=True, custom_translation_table=translation_table(), opset_version=18).save(path)
+    torch.onnx.export(Compress().eval(), random_inputs(0, 2, 4, 2, 3, 17, 8), dynamo=True, custom_translation_table=translation_table(Compress(), random_inputs(0, 2, 4, 2, 3, 17, 8), "compress"), opset_version=18).save(path)
     assert check_tensorrt(path).ok, check_tensorrt(path).format()
     session = ort_session(path)
     for seed in (1, 2):
