@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models import train
+from models.train import tower_guide
 from vlmopt import models as reference
 from vlmopt.models import processing, scenes, tasks
 from vlmopt.models.render import COLOURS, SHAPES
@@ -568,7 +569,7 @@ def test_qwen_tower_scores_are_the_passes_scores_in_raster_order():
         window = train.qwen_windows(model, grid)
         attn = taps.tower.modules[0]
         hidden, (cos, sin) = taps.tower.inputs[0]
-        mine = torch.cat(train._qwen_received(attn, hidden, (cos, sin), grid, window["window_index"], window["merge_unit"]))
+        mine = torch.cat(tower_guide._qwen_received(attn, hidden, (cos, sin), grid, window["window_index"], window["merge_unit"]))
         merged = [(int(t), int(h) // 2, int(w) // 2) for t, h, w in grid.tolist()]
         layout = VisualLayout.from_grids(2, 1, (0, 1), merged)
         theirs = gf.qwen_received_attention(attn.qkv(hidden), cos, sin, layout, attn.num_heads, attn.scaling, window["merge_unit"])
