@@ -134,7 +134,7 @@ def write_card(out_dir: Path, results: dict) -> None:
         *_intro_section(results["model"]),
         *_architecture_section(results, size_mb),
         *_prompt_section(results["model"]),
-        *_training_section(results, task_configs),
+        *_training_section(results, task_configs, (out_dir / "TRAINING.md").exists()),
         *_accuracy_section(results),
         *_targets_section(results),
         *_validation_section(results),
@@ -199,8 +199,10 @@ def _prompt_section(name: str) -> list[str]:
     ]
 
 
-def _training_section(results: dict, task_configs: dict) -> list[str]:
-    """The commands that trained the model, its schedule and losses in prose, wall time and tasks."""
+def _training_section(results: dict, task_configs: dict, training_notes: bool) -> list[str]:
+    """The commands that trained the model, its schedule and losses in prose, wall time and tasks
+    (``training_notes``: the directory has a ``TRAINING.md``, which the section points to)."""
+    notes = ["`TRAINING.md` says what each training option was measured to do.", ""] if training_notes else []
     return [
         "## Training",
         "",
@@ -208,6 +210,7 @@ def _training_section(results: dict, task_configs: dict) -> list[str]:
         "",
         _schedule_text(results["train_config"]) + _losses_text(results["train_config"], results["model"]),
         "",
+        *notes,
         f"Wall time: {results['train_minutes']:.1f} min of training + {results['eval_minutes']:.1f} min of "
         f"evaluation ({results['machine']}).",
         "",
