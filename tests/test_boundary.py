@@ -147,3 +147,14 @@ def test_the_wheel_ships_the_toolkit_without_the_training_code(tmp_path):
     training = {"vlmopt/models/train.py", "vlmopt/models/arch.py", "vlmopt/models/card.py"}
     bench = ("model_probe.py", "tower_count.py", "token_needs.py", "train_step.py")
     assert not [n for n in names if n in training or n.startswith("vlmopt/models/train/") or n.endswith(bench)]
+
+
+def test_demo_without_reference_models_says_where_they_are_and_falls_back(tmp_path, monkeypatch, capsys):
+    """An installed vlmopt has no ``models/`` beside it: ``vlmopt demo`` says where the reference models
+    are and runs a random-weight model instead."""
+    from vlmopt.cli.demo import default_model
+
+    monkeypatch.setenv("VLMOPT_MODELS", str(tmp_path))
+    assert default_model() == "tiny-llava-random"
+    note = capsys.readouterr().err
+    assert str(tmp_path) in note and "models/ directory of a vlmopt checkout" in note and "tiny-llava-random" in note
