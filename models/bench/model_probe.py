@@ -213,7 +213,7 @@ def position_reading(model, processor, task, n: int, batch_size: int = 16) -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m models.bench.model_probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava", help="a reference model's name or directory")
     parser.add_argument("--n", type=int, default=320, help="pictures for the probes and test samples for the attention")
     parser.add_argument("--threads", type=int, default=1)

@@ -84,7 +84,7 @@ def token_sets(sample: tasks.Sample, objects: np.ndarray, n_tokens: int, cell: i
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m models.bench.token_needs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava", help="a reference model's name or directory")
     parser.add_argument("--n", type=int, default=200, help="test samples")
     parser.add_argument("--keep-ratio", type=float, default=1 / 3)

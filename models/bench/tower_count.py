@@ -104,7 +104,7 @@ def count_curve(
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models.bench.tower_count", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(train.PRESETS))
     parser.add_argument("--scene", choices=sorted(train.TASK_CONFIGS), default=None, help="whose shapes pictures (default: the model's)")
     parser.add_argument("--full-attention", default=None, help="Qwen blocks with full attention, e.g. 0,1,2,3,4,5,6,7")

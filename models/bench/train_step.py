@@ -46,7 +46,7 @@ def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m models.bench.train_step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(recipe.PRESETS))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per task (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=2)
