@@ -33,7 +33,7 @@ MODEL_FILES = {
     "tokenizer_config.json": "tokenizer settings and special tokens",
     "processor_config.json": "image processor settings",
     "chat_template.jinja": "chat template (the training prompt format)",
-    "TRAINING.md": "training log: every recipe tried for this model, its command and its measured accuracy",
+    "TRAINING.md": "how the model was trained: what each training option was measured to do, the recipes tried and their accuracy",
 }
 RESULTS = {
     ".png": "plot or picture written by the command in the README's section on it",
@@ -45,7 +45,7 @@ def summary(path: Path) -> str:
     rel = path.relative_to(ROOT).as_posix()
     if rel in OTHER:
         return OTHER[rel]
-    if rel.startswith("models/"):
+    if rel.startswith("models/") and path.suffix != ".py":  # a model directory's files; the training code has docstrings
         return MODEL_FILES.get(path.name, "")
     if rel.startswith("benchmarks/results/"):
         return RESULTS.get(path.suffix, "")

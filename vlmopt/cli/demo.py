@@ -24,12 +24,21 @@ REFERENCE_PASSES = ["hiprune:keep_ratio=1/3", "random_prune:keep_ratio=1/3", "po
 
 
 def default_model() -> str:
-    """``tiny-llava`` where its weights are shipped, else the random-weight ``tiny-llava-random``."""
+    """``tiny-llava`` where its weights are shipped, else the random-weight ``tiny-llava-random`` (saying
+    where the reference models were looked for and how to point at them)."""
+    import sys
+
     from vlmopt import models
 
     try:
         models.path("tiny-llava")
     except Exception:  # noqa: BLE001 - any failure to find the weights means: use the random config
+        print(
+            f"no reference model in {models.models_dir()}: the reference models (tiny-llava, tiny-qwen25vl) are in "
+            "the models/ directory of a vlmopt checkout; pass --model <that directory>/tiny-llava or set "
+            "VLMOPT_MODELS=<that directory>. Using the random-weight tiny-llava-random instead.",
+            file=sys.stderr,
+        )
         return "tiny-llava-random"
     return "tiny-llava"
 
