@@ -15,28 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 import vlmopt
 from vlmopt import configs
-from vlmopt.measure import hf_prefill_runner, prefill_runner
+from vlmopt.measure import hf_prefill_runner, measure, prefill_runner
 
 
 def compile_time(repeats: int = 5) -> dict:
     model = configs.build(configs.qwen25vl_7b_shape(width=0.02))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        vlmopt.compile(model)
-        times.append(time.perf_counter() - start)
+    timing = measure(lambda: vlmopt.compile(model), repeats=repeats, warmup=0)
     text, vision = model.config.text_config, model.config.vision_config
     return {
         "model": f"qwen2.5-vl-7b-shape at width 0.02 ({text.num_hidden_layers} decoder layers, {vision.depth} vision blocks)",
-        "compile_seconds_median": statistics.median(times),
-        "compile_seconds_all": times,
+        "compile_seconds_median": timing.median_s,
+        "compile_seconds_all": list(timing.samples_s),
     }
 
 
@@ -46,25 +40,15 @@ def prefill_ratio(name: str, config, image_grid, repeats: int) -> dict:
     batch = configs.synthetic_batch(model, spec, image_grids=[image_grid] if image_grid else None)
     compiled = vlmopt.compile(model)
     runners = {"hf": hf_prefill_runner(model, batch), "vlmopt": prefill_runner(compiled, batch)}
-    times = {key: [] for key in runners}
-    with torch.inference_mode():
-        for run in runners.values():
-            run(), run()
-        for repeat in range(repeats):
-            # ABBA order: neither side always runs first (caches, CPU frequency drift).
-            order = ["hf", "vlmopt"] if repeat % 2 == 0 else ["vlmopt", "hf"]
-            for key in order:
-                start = time.perf_counter()
-                runners[key]()
-                times[key].append(time.perf_counter() - start)
-    hf, ours = statistics.median(times["hf"]), statistics.median(times["vlmopt"])
+    times = measure(runners, repeats=repeats, warmup=2)  # alternating ABBA, medians
+    hf, ours = times["hf"].median_s, times["vlmopt"].median_s
     return {
         "model": name,
         "tokens": int(batch["input_ids"].shape[1]),
         "hf_seconds": hf,
         "vlmopt_seconds": ours,
         "ratio": ours / hf,
-        "ratio_of_minimums": min(times["vlmopt"]) / min(times["hf"]),
+        "ratio_of_minimums": times["vlmopt"].min_s / times["hf"].min_s,
     }
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from vlmopt import configs
 from vlmopt.cli.common import load_model
 from vlmopt.export import ExportConfig, OnnxVLM, export_onnx
 from vlmopt.export.graphs import one_image_batch
-from vlmopt.measure import prefill_runner
+from vlmopt.measure import measure, prefill_runner
 
 DEFAULT_PASSES = ["", "random_prune:keep_ratio=0.5", "pool_prune:keep_ratio=0.25", "hiprune:keep_ratio=0.33"]
 
@@ -49,7 +48,7 @@ def default_models() -> list[str]:
     return found
 
 
-def measure(name: str, passes: list[str], repeats: int, out: Path, threads: int) -> dict:
+def measure_model(name: str, passes: list[str], repeats: int, out: Path, threads: int) -> dict:
     loaded = load_model(name)
     model = loaded.model
     torch.set_num_threads(threads)
@@ -62,19 +61,11 @@ def measure(name: str, passes: list[str], repeats: int, out: Path, threads: int)
     vlm = OnnxVLM(out, threads=threads)
     feeds = {k: v.numpy() for k, v in batch.items()}
     runners = {"pytorch": prefill_runner(compiled, batch), "onnxruntime": lambda: vlm.prefill(vlm.plan(**feeds))}
-    times = {key: [] for key in runners}
+    times = measure(runners, repeats=repeats, warmup=2)  # alternating ABBA
     with torch.inference_mode():
-        for run in runners.values():
-            run(), run()
-        for repeat in range(repeats):
-            order = list(runners) if repeat % 2 == 0 else list(runners)[::-1]
-            for key in order:
-                begin = time.perf_counter()
-                runners[key]()
-                times[key].append(time.perf_counter() - begin)
         expected = runners["pytorch"]()["logits"].numpy()
     got = runners["onnxruntime"]()["logits"]
-    torch_ms, ort_ms = (statistics.median(times[k]) * 1e3 for k in ("pytorch", "onnxruntime"))
+    torch_ms, ort_ms = (times[k].median_s * 1e3 for k in ("pytorch", "onnxruntime"))
     return {
         "model": name,
         "passes": manifest["passes"],
@@ -106,7 +97,7 @@ def main() -> None:
         for spec in args.passes if args.passes is not None else DEFAULT_PASSES:
             passes = [p for p in spec.split("+") if p]
             with tempfile.TemporaryDirectory() as out:
-                row = measure(name, passes, args.repeats, Path(out), args.threads)
+                row = measure_model(name, passes, args.repeats, Path(out), args.threads)
             rows.append(row)
             sizes = ", ".join(f"{g} {b / 2**20:.2f} MiB" for g, b in row["onnx_bytes"].items())
             print(f"{name} [{' + '.join(passes) or 'no passes'}]: export {row['export_seconds']:.1f} s ({sizes}); "

@@ -36,3 +36,18 @@ def test_meta_device_model_counts_without_memory():
     assert report.by_stage["vision"] > 0 and report.llm > 0
     real = vlmopt.flops(configs.build(configs.qwen25vl_config()), batch)
     assert real.by_stage == report.by_stage
+
+
+def test_op_formulas_come_from_the_op_files():
+    """HiPrune's scoring adds its projections and the received-attention formula of its op file."""
+    from vlmopt.ops import received_attention
+
+    model = configs.build(configs.llava_config(), seed=0)
+    batch = configs.synthetic_batch(model)
+    base = vlmopt.flops(model, batch)
+    pruned = vlmopt.flops(vlmopt.compile(model, ["hiprune:keep_ratio=0.5,object_layer=0,deep_layer=1"]), batch)
+    vision = model.config.vision_config
+    images, seq, width = 1, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size
+    projections = 2 * 2 * images * seq * width * width  # q and k of one block
+    attention = received_attention.flop_formula((images, seq, width), (images, seq, width), vision.num_attention_heads)
+    assert pruned.by_stage["vision"] - base.by_stage["vision"] == 2 * (projections + attention)

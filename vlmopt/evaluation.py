@@ -10,13 +10,13 @@ Every pass list runs on the same samples as the unpruned model (the baseline). M
 * ``visual_tokens``: visual tokens reaching the LLM per sample (mean);
 * ``prefill_flops`` / ``llm_prefill_flops``: FLOPs of one prefill (the first sample), counted on
   fake tensors;
-* ``prefill_seconds``: median wall time of a batch-1 prefill over the first samples.
+* ``prefill_seconds``: median wall time of a batch-1 prefill over the first samples (each timed
+  once, after one warm-up).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +29,7 @@ import torch
 import vlmopt
 from vlmopt import passes as passes_module
 from vlmopt.errors import PassConfigError
-from vlmopt.measure import prefill_runner
+from vlmopt.measure import measure, prefill_runner
 
 
 @dataclass
@@ -167,14 +167,9 @@ def evaluate(
             if bar:
                 bar.advance(batch["input_ids"].shape[0])
         flops = vlmopt.flops(compiled, singles[0])
-        times = []
-        with torch.inference_mode():
-            prefill_runner(compiled, singles[0])()
-            for single in singles:
-                run = prefill_runner(compiled, single)
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
+        runners = [prefill_runner(compiled, single) for single in singles]
+        turn = iter(range(1 + len(runners)))  # one warm-up on the first sample, then each sample once
+        timing = measure(lambda: runners[next(turn) % len(runners)](), repeats=len(runners), warmup=1)
         correct = [tasks.score(a, s) for a, s in zip(answers, samples)]
         per_family: dict[str, list[bool]] = {}
         for c, s in zip(correct, samples):
@@ -194,7 +189,7 @@ def evaluate(
             visual_tokens=kept / len(samples),
             prefill_flops=flops.total,
             llm_prefill_flops=flops.llm,
-            prefill_seconds=statistics.median(times),
+            prefill_seconds=timing.median_s,
             per_family={f: sum(v) / len(v) for f, v in sorted(per_family.items())},
             answers=answers,
             correct=correct,

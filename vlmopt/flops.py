@@ -2,8 +2,10 @@
 
 The prefill graph runs under ``FakeTensorMode`` (no arithmetic, no memory for activations) inside
 ``torch.utils.flop_counter.FlopCounterMode``; each node's FLOPs go to the stage its role belongs to.
-PyTorch has no FLOP formula for the CPU flash-attention kernel that SDPA dispatches to, so one is
-registered here (``4·b·h·s_q·s_k·d``, causal or not, like PyTorch's other SDPA formulas).
+The ``vlmopt::`` ops' formulas come from their op files (``flop_formula``, found by
+:func:`vlmopt.ops.op_modules`). PyTorch has no FLOP formula for the CPU flash-attention kernel that
+SDPA dispatches to, so one is registered here (``4·b·h·s_q·s_k·d``, causal or not, like PyTorch's
+other SDPA formulas).
 """
 
 from __future__ import annotations
@@ -15,27 +17,26 @@ from typing import Any
 import torch
 from torch import nn
 
-_REGISTERED = False
+def _sdpa_cpu_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    batch, heads, q_len, head_dim = query.shape
+    k_len, v_dim = key.shape[-2], value.shape[-1]
+    return 2 * batch * heads * q_len * k_len * head_dim + 2 * batch * heads * q_len * k_len * v_dim
 
 
 def register_flop_formulas() -> None:
-    """Give the CPU flash-attention kernel and the ``vlmopt::`` ops that compute FLOP formulas (once)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from torch.utils.flop_counter import register_flop_formula
+    """Give the CPU flash-attention kernel and every ``vlmopt::`` op whose file defines a
+    ``flop_formula`` their FLOP formulas (each once)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    from vlmopt.ops import received_attention
+    from vlmopt.ops import op_modules
 
-    received_attention.register_flops()
-
-    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
-    def _sdpa_cpu_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
-        batch, heads, q_len, head_dim = query.shape
-        k_len, v_dim = key.shape[-2], value.shape[-1]
-        return 2 * batch * heads * q_len * k_len * head_dim + 2 * batch * heads * q_len * k_len * v_dim
-
-    _REGISTERED = True
+    sdpa_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if sdpa_cpu not in flop_registry:  # registered once per process; a newer torch may bring its own
+        register_flop_formula(sdpa_cpu, get_raw=True)(_sdpa_cpu_flops)
+    for name, module in op_modules().items():
+        op = getattr(torch.ops.vlmopt, name)
+        if module.flop_formula is not None and op not in flop_registry:
+            register_flop_formula(op)(module.flop_formula)
 
 
 @dataclass

@@ -4,35 +4,71 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 from vlmopt.runtime import CompiledVLM
 
 
-@dataclass
-class PrefillTiming:
-    """Wall-clock prefill times of one batch."""
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock times of the timed runs of one callable."""
 
-    median_s: float
-    """Median over the timed repeats, in seconds."""
-    repeats: int
-    """Timed repeats (after one untimed warm-up)."""
+    samples_s: tuple[float, ...]
+    """Seconds of every timed run, in the order they ran."""
+    warmup: int
+    """Untimed runs before them."""
+
+    @property
+    def median_s(self) -> float:
+        """Median seconds (what vlmopt reports)."""
+        return statistics.median(self.samples_s)
+
+    @property
+    def min_s(self) -> float:
+        """Fastest run, in seconds."""
+        return min(self.samples_s)
+
+    @property
+    def repeats(self) -> int:
+        """Number of timed runs."""
+        return len(self.samples_s)
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median: how noisy the runs were."""
+        return (max(self.samples_s) - min(self.samples_s)) / self.median_s if self.median_s else 0.0
 
 
-def time_prefill(run, repeats: int = 5, warmup: int = 2) -> PrefillTiming:
-    """Time ``run()`` (one prefill) ``repeats`` times after ``warmup`` runs; median seconds."""
+@overload
+def measure(run: Callable[[], Any], repeats: int = ..., warmup: int = ...) -> Timing: ...
+@overload
+def measure(run: Mapping[str, Callable[[], Any]], repeats: int = ..., warmup: int = ...) -> dict[str, Timing]: ...
+def measure(run, repeats: int = 5, warmup: int = 2):
+    """Time ``run()`` ``repeats`` times after ``warmup`` untimed runs, under ``torch.inference_mode``.
+
+    ``run`` may be a mapping of names to callables: they are then timed side by side, alternating
+    in ABBA order (repeat r runs them forwards when r is even, backwards when odd) so that none of
+    them always runs first (caches, CPU frequency drift), and a Timing per name comes back.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"measure: repeats={repeats} must be ≥ 1 and warmup={warmup} ≥ 0")
+    runs = dict(run) if isinstance(run, Mapping) else {"": run}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(warmup):
-            run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return PrefillTiming(statistics.median(times), repeats)
+            for call in runs.values():
+                call()
+        for repeat in range(repeats):
+            for name in list(runs)[:: 1 if repeat % 2 == 0 else -1]:
+                start = time.perf_counter()
+                runs[name]()
+                samples[name].append(time.perf_counter() - start)
+    timings = {name: Timing(tuple(times), warmup) for name, times in samples.items()}
+    return timings if isinstance(run, Mapping) else timings[""]
 
 
 def prefill_runner(compiled: CompiledVLM, batch: dict[str, Any], logits_to_keep: int = 1):

@@ -39,11 +39,14 @@ class CompiledVLM(nn.Module):
     returns; ``generate`` returns token ids like HF's ``generate`` (prompt + new tokens).
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, graph: VLMGraph, passes: list[Pass], backend: str) -> None:
+    def __init__(
+        self, model: nn.Module, adapter: Adapter, graph: VLMGraph, passes: list[Pass], backend: str, training: bool = False
+    ) -> None:
         super().__init__()
         self.graph = graph
         self.passes = tuple(passes)
         self.backend = backend
+        self.training_graph = training
         self.stages = nn.ModuleDict(graph.stages)
         self.adapter = adapter
         self.config = model.config
@@ -54,9 +57,24 @@ class CompiledVLM(nn.Module):
 
             require_torch_tensorrt()
 
-    def __repr__(self) -> str:
+    @property
+    def lossless(self) -> bool:
+        """Is every pass bit-exact as configured (so outputs equal the HF model's)? True with no passes."""
+        return all(p.is_lossless for p in self.passes)
+
+    @property
+    def query_aware(self) -> bool:
+        """Does any pass read the question (so a prefix cannot be reused across questions)?"""
+        return any(p.query_aware for p in self.passes)
+
+    def describe_passes(self) -> str:
+        """The passes as specs, with what they promise: ``random_prune:keep_ratio=0.5 (lossy, query-agnostic)``."""
         specs = ", ".join(p.spec() for p in self.passes) or "no passes"
-        return f"CompiledVLM({type(self.adapter.model).__name__}; {specs}; backend={self.backend})"
+        kinds = ("lossless" if self.lossless else "lossy", "query-aware" if self.query_aware else "query-agnostic")
+        return f"{specs} ({', '.join(kinds)})"
+
+    def __repr__(self) -> str:
+        return f"CompiledVLM({type(self.adapter.model).__name__}; {self.describe_passes()}; backend={self.backend})"
 
     # ----- running the graphs ------------------------------------------------------------------
     def run_stage(self, stage: str, inputs: dict[str, Any], cache, logits_to_keep: int) -> dict[str, Tensor]:
@@ -93,8 +111,7 @@ class CompiledVLM(nn.Module):
         if layout is None:
             return 0
         for item in self.passes:
-            if hasattr(item, "output_layout"):
-                layout = item.output_layout(layout)
+            layout = item.output_layout(layout)
         return layout.total
 
     # ----- HF-style API -------------------------------------------------------------------------

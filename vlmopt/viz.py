@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlmopt.graph.edit import GraphEditor
 from vlmopt.graph.probe import run_with_probes
 from vlmopt.ops.hiprune_select import ANCHOR, BUFFER, REGISTER
 from vlmopt.runtime import CompiledVLM
@@ -42,21 +43,26 @@ def kept_tokens(compiled: CompiledVLM, batch: dict[str, Any]) -> KeptTokens:
         raise ValueError("the batch has no visual input on a token grid to draw")
     module = compiled.stages[prompt.stage]
     merge = next(n for n in module.graph.nodes if n.meta.get("role") == "merge")
-    wanted = {merge.args[2].name, "token_kinds"}
+    slots_node = GraphEditor(module).input_of(merge, "positions")
+    wanted = {slots_node.name, "token_kinds"}
     inputs = dict(prompt.inputs, cache=None, logits_to_keep=1)
     with torch.inference_mode():
         _, values = run_with_probes(module, inputs, lambda n: n.name in wanted)
     slots = prompt.inputs["visual_positions"]
-    kept_slots = values[merge.args[2].name]
-    kept_global = torch.searchsorted(slots, kept_slots).numpy()
+    kept_global = torch.searchsorted(slots, values[slots_node.name]).numpy()
+    layout = prompt.layout
+    starts = np.cumsum((0,) + layout.counts[:-1])
+    leading = np.zeros(len(kept_global), dtype=bool)  # a CLS token kept in front of a grid is not drawn
+    for start, lead in zip(starts, layout.leading):
+        leading |= (kept_global >= start) & (kept_global < start + lead)
+    kept_grid = kept_global[~leading]
     kinds = values.get("token_kinds")
-    kinds = kinds.numpy() if kinds is not None else np.full(len(kept_global), -1)
-    grids, kept, kind_lists, offset = list(prompt.layout.grids), [], [], 0
-    for count in prompt.layout.counts:
-        mine = (kept_global >= offset) & (kept_global < offset + count)
-        kept.append(kept_global[mine] - offset)
+    kinds = kinds.numpy() if kinds is not None else np.full(len(kept_grid), -1)
+    grids, kept, kind_lists = list(layout.grids), [], []
+    for start, lead, count in zip(starts, layout.leading, layout.counts):
+        mine = (kept_grid >= start + lead) & (kept_grid < start + count)
+        kept.append(kept_grid[mine] - start - lead)
         kind_lists.append(kinds[mine])
-        offset += count
     return KeptTokens(grids, kept, kind_lists)
 
 

@@ -15,7 +15,8 @@ from vlmopt.cli import main
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from vlmopt.models import processing, train
+    from models import train
+    from vlmopt.models import processing
 
     model, processor, _ = train.build_model("tiny-llava", seed=1)
     out = tmp_path_factory.mktemp("models") / "tiny-llava"

@@ -65,7 +65,8 @@ def _save(model, processor, directory: Path) -> Path:
 @pytest.fixture(scope="session")
 def llava_with_processor(tmp_path_factory) -> Path:
     """A checkpoint directory: tiny LLaVA (56 px images, 16 tokens) with the reference processor."""
-    from vlmopt.models import arch, processing
+    from models import arch
+    from vlmopt.models import processing
 
     processor = processing.build_processor("llava", image_size=56)
     shape = arch.LlavaArch(
@@ -79,7 +80,8 @@ def llava_with_processor(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen_with_processor(tmp_path_factory) -> Path:
     """A checkpoint directory: tiny Qwen2.5-VL (≤ 112 px images) with the reference processor."""
-    from vlmopt.models import arch, processing
+    from models import arch
+    from vlmopt.models import processing
 
     processor = processing.build_processor("qwen", image_size=QWEN_IMAGE)
     shape = arch.QwenArch(

@@ -61,7 +61,7 @@ def test_large_weights_go_to_external_data(tmp_path):
     generator = torch.Generator().manual_seed(4)
     example = (torch.randn(2, 6, 8, generator=generator), torch.randn(3, 16, generator=generator), torch.tensor([1, 4, 9]))
     spec = GraphSpec("merge", Merge().eval(), ["embeds", "features", "slots"], ["merged"], example)
-    entry = export_graph(spec, tmp_path, translation_table(), ExportConfig(external_data_mb=0))
+    entry = export_graph(spec, tmp_path, translation_table(spec.module, example, spec.name), ExportConfig(external_data_mb=0))
     assert entry["external_data"] and all((tmp_path / f).exists() for f in entry["external_data"])
     assert entry["max_abs_error"] < 1e-5
 
@@ -119,10 +119,10 @@ def test_a_wrong_translation_fails_the_export_loudly(tmp_path):
 
         return op.Identity(embeds)
 
-    table = translation_table()
-    table[torch.ops.vlmopt.merge_visual.default] = forgets_the_features
     generator = torch.Generator().manual_seed(5)
     example = (torch.randn(2, 6, 8, generator=generator), torch.randn(3, 8, generator=generator), torch.tensor([1, 4, 9]))
     spec = GraphSpec("merge", Merge().eval(), ["embeds", "features", "slots"], ["merged"], example)
+    table = translation_table(spec.module, example, spec.name)
+    table[torch.ops.vlmopt.merge_visual.default] = forgets_the_features
     with pytest.raises(VerificationError, match=r"(?s)merge.onnx: onnxruntime disagrees with PyTorch.*merged: max \|ort - torch\| = .* exceeds atol"):
         export_graph(spec, tmp_path, table, ExportConfig())

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from models import card
 from vlmopt import models
-from vlmopt.models import card, evaluate
+from vlmopt.models import evaluate
 
 TOLERANCE = 2
 """Answers (out of the fixed set) that may flip between machines (float summation order)."""
@@ -29,7 +30,7 @@ def _shipped(name: str) -> bool:
 def reference(request):
     name = request.param
     if not _shipped(name):
-        pytest.skip(f"{name} weights are not in {models.models_dir()} (train it: python -m vlmopt.models.train --model {name})")
+        pytest.skip(f"{name} weights are not in {models.models_dir()} (train it: python -m models.train --model {name})")
     model, processor = models.load(name)
     record = json.loads((models.path(name) / "eval.json").read_text())
     return name, model, processor, record

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from vlmopt.ops.received_attention import received_attention
+from vlmopt.ops import received_attention as module
+from vlmopt.ops.received_attention import received_attention, reference
 
 
 def dense_column_means(q, k, heads, scale):
@@ -29,6 +30,42 @@ def test_matches_dense_softmax_column_means(shape):
     assert scores.dtype == torch.float32 and scores.shape == (n, s)
     torch.testing.assert_close(scores.double(), dense_column_means(q, k, heads, dim**-0.5), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(scores.sum(-1), torch.ones(n), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, block_elements",
+    [
+        ((1, 1031, 2, 8), module.BLOCK_ELEMENTS),  # real block size: 2 blocks of 508 query rows + 15
+        ((3, 37, 3, 4), 37 * 3 * 5),  # 5 query rows of all heads per block, last block ragged (2 rows)
+        ((5, 11, 2, 6), 2 * 11 * 11 * 2),  # two whole sequences per block, the last one alone
+        ((2, 19, 1, 5), 1),  # one query row per block
+    ],
+)
+def test_streamed_blocks_match_dense(shape, block_elements, monkeypatch):
+    """The reference streams query blocks (running column sums); every blocking agrees with dense."""
+    n, s, heads, dim = shape
+    monkeypatch.setattr(module, "BLOCK_ELEMENTS", block_elements)
+    generator = torch.Generator().manual_seed(1000 + s)
+    q = torch.randn(n, s, heads * dim, generator=generator) * 3
+    k = torch.randn(n, s, heads * dim, generator=generator) * 3
+    scores = reference(q, k, heads, 0.7 * dim**-0.5)
+    torch.testing.assert_close(scores.double(), dense_column_means(q, k, heads, 0.7 * dim**-0.5), rtol=1e-5, atol=1e-8)
+
+
+def test_reference_is_differentiable_and_handles_bf16():
+    """Training backpropagates through the reference; bf16 inputs are scored in float32."""
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 29, 12, generator=generator, requires_grad=True)
+    k = torch.randn(2, 29, 12, generator=generator, requires_grad=True)
+    weights = torch.rand(2, 29, generator=generator)
+    (reference(q, k, 3, 0.5) * weights).sum().backward()
+    q2, k2 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    (dense_column_means(q2, k2, 3, 0.5) * weights.double()).sum().backward()
+    torch.testing.assert_close(q.grad.double(), q2.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(k.grad.double(), k2.grad, rtol=1e-4, atol=1e-7)
+    low = reference(q.detach().bfloat16(), k.detach().bfloat16(), 3, 0.5)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), dense_column_means(q.detach().bfloat16().float(), k.detach().bfloat16().float(), 3, 0.5))
 
 
 def test_opcheck():

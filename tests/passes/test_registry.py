@@ -3,7 +3,6 @@
 import pytest
 
 import vlmopt
-from vlmopt import configs
 from vlmopt.passes import PoolPrune, RandomPrune
 
 
@@ -53,10 +52,7 @@ def test_bad_configs_name_the_field(spec, message):
         vlmopt.passes.parse(spec)
 
 
-def test_pool_prune_needs_a_grid(llava_clip):
-    full = configs.build(configs.llava_config(strategy="full"))
-    with pytest.raises(vlmopt.IncompatiblePassError, match="CLS token"):
-        vlmopt.compile(full, passes=[PoolPrune(keep_ratio=0.5)])
+def test_pool_prune_needs_the_whole_grid(llava_clip):
     with pytest.raises(vlmopt.IncompatiblePassError, match="must come before RandomPrune"):
         vlmopt.compile(llava_clip, passes=[RandomPrune(keep_ratio=0.5), PoolPrune(keep_ratio=0.5)])
 

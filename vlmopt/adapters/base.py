@@ -8,9 +8,10 @@ only see tensors and static ints.
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,11 @@ from torch import Tensor, nn
 from vlmopt.errors import InputError, UnsupportedModelError
 from vlmopt.graph import functions as gf
 from vlmopt.graph.capture import mark, role
+
+if TYPE_CHECKING:
+    from torch import fx
+
+    from vlmopt.graph.edit import GraphEditor
 
 SUPPORTED_TEXT_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen2_5_VLTextModel")
 
@@ -126,6 +132,49 @@ class TextPipeline(nn.Module):
         return {"logits": logits, "attention_mask": attention_mask}
 
 
+@dataclass(frozen=True)
+class VisionQK:
+    """Queries and keys of one vision block, as the block computes them (rotary applied, if any).
+
+    ``q`` and ``k`` hold P × (heads·head_dim) values in the tower's token order, every visual input's
+    frames one after the other (LLaVA: [N, S, H·D]; Qwen2.5-VL: [P, H, D] in window order); a frame
+    is ``leading`` tokens then its grid, ``merge`` tower tokens per visual token.
+    """
+
+    q: fx.Node
+    k: fx.Node
+    heads: int
+    """Attention heads of the block."""
+    scale: float
+    """Softmax scale the block uses (1/√head_dim)."""
+    leading: int
+    """Tower tokens before each frame's grid (CLIP's CLS: 1), which no visual grid token matches."""
+    merge: int
+    """Tower tokens merged into one visual token (Qwen2.5-VL's 2×2 merger: 4; LLaVA: 1)."""
+    frames: fx.Node
+    """The graph's input :class:`~vlmopt.graph.layout.VisualLayout`, whose grids are the tower's frames."""
+    order: fx.Node | None
+    """[T] index taking per-visual-token values from the tower's order to the visual tokens' order
+    (Qwen2.5-VL's reverse window index); None when the orders agree."""
+
+
+@dataclass(frozen=True)
+class DecoderQK:
+    """Queries and keys of one decoder layer, from its input hidden states."""
+
+    q: fx.Node
+    """[B, heads, S, head_dim]."""
+    k: fx.Node
+    """[B, kv_heads, S, head_dim] (grouped-query attention: each serves heads // kv_heads query heads)."""
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    """Softmax scale the layer uses."""
+    rope: bool
+    """Are the layer's rotary embeddings (1-D RoPE or M-RoPE, as the rotary node made them) applied?"""
+
+
 @dataclass
 class Prompt:
     """A batch of prompts planned for the graphs."""
@@ -182,11 +231,50 @@ class Adapter(ABC):
     def feature_block(self) -> int:
         """Index of the deepest vision block whose output reaches the LLM."""
 
+    leading_tokens: int = 0
+    """Tokens each visual input feeds the LLM before its grid (a CLS token); pruning always keeps them."""
+
     @abstractmethod
-    def insert_received_attention(self, editor, block: int):
-        """Insert nodes computing, from vision block ``block``'s own Q/K, the attention each visual
-        token receives (:mod:`vlmopt.ops.received_attention`); return the [T] node aligned with the
-        graph's visual tokens."""
+    def insert_vision_qk(self, editor: GraphEditor, block: int, role: str = "attention_score") -> VisionQK:
+        """Insert nodes computing vision block ``block``'s queries and keys from its input, as the block
+        computes them (its rotary embedding applied, where the tower has one)."""
+
+    # ----- LLM facts passes use ------------------------------------------------------------
+    def decoder_layer_nodes(self, graph: fx.GraphModule) -> list[fx.Node]:
+        """The decoder-layer nodes of a stage graph, by layer index."""
+        nodes = [n for n in graph.graph.nodes if n.meta.get("role") == "decoder_layer"]
+        return sorted(nodes, key=lambda n: n.meta["index"])
+
+    def cache_input(self, graph: fx.GraphModule) -> fx.Node:
+        """The stage graph's KV-cache input (a ``DynamicCache`` the decoder layers fill)."""
+        return next(n for n in graph.graph.nodes if n.op == "placeholder" and n.target == "cache")
+
+    def insert_decoder_qk(
+        self, editor: GraphEditor, layer: int, rope: bool = True, role: str = "attention_score"
+    ) -> DecoderQK:
+        """Insert nodes computing decoder layer ``layer``'s queries and keys from its input hidden
+        states, with the layer's rotary embedding (``rope``) or without."""
+        nodes = self.decoder_layer_nodes(editor.module)
+        if not 0 <= layer < len(nodes):
+            raise ValueError(f"the language model has decoder layers 0..{len(nodes) - 1}, not {layer}")
+        node = nodes[layer]
+        hidden = editor.input_of(node, "hidden_states")
+        cos, sin = editor.input_of(node, "position_embeddings")
+        order = editor.order()
+        chain = editor.chain(max((hidden, cos, sin), key=order.__getitem__))
+        attention = self.text_model.layers[layer].self_attn
+        heads, kv_heads = self.text_config.num_attention_heads, self.text_config.num_key_value_heads
+        prefix, name = f"layers.{layer}", f"layer_{layer}"
+        normed = chain.module(f"{prefix}.input_layernorm", hidden, role=role, stage="llm", name=f"{name}_norm")
+        q = chain.module(f"{prefix}.self_attn.q_proj", normed, role=role, stage="llm", name=f"{name}_q_proj")
+        k = chain.module(f"{prefix}.self_attn.k_proj", normed, role=role, stage="llm", name=f"{name}_k_proj")
+        qk = chain(
+            gf.decoder_qk, q, k, cos if rope else None, sin if rope else None, attention.head_dim,
+            role=role, stage="llm", name=f"{name}_qk",
+        )
+        q = chain(operator.getitem, qk, 0, role=role, stage="llm", name=f"{name}_q")
+        k = chain(operator.getitem, qk, 1, role=role, stage="llm", name=f"{name}_k")
+        return DecoderQK(q, k, heads, kv_heads, attention.head_dim, attention.scaling, rope)
 
     # ----- planning -----------------------------------------------------------------------
     @abstractmethod

@@ -6,7 +6,7 @@ the ``default`` strategy, concatenate several layers for a list) → flat visual
 projector → token embedding → ``vlmopt::merge_visual`` → LLM.
 
 Visual tokens: one image is ``(image_size / patch_size)²`` tokens on a square grid (``+1`` CLS and
-no grid with the ``full`` strategy). Positions are 1-D RoPE ids [B, S]: ``arange`` for ``forward``,
+a leading CLS token before the grid with the ``full`` strategy and a CLIP tower). Positions are 1-D RoPE ids [B, S]: ``arange`` for ``forward``,
 the count of real tokens (left padding) for ``generate``, exactly as HF makes them.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlmopt.adapters.base import Adapter, Prompt, TextPipeline
+from vlmopt.adapters.base import Adapter, Prompt, TextPipeline, VisionQK
 from vlmopt.errors import InputError, UnsupportedModelError
 from vlmopt.graph import functions as gf
 from vlmopt.graph.capture import mark, role
@@ -95,9 +95,11 @@ class LlavaAdapter(Adapter):
             raise UnsupportedModelError(
                 "vision_feature_select_strategy='default' drops a CLS token, but SigLIP has none; use 'full'"
             )
-        self.tokens_per_image = self.grid_size**2 + (int(has_cls) if not self.drop_cls else 0)
-        # Tokens form a square grid unless a CLS token rides along (strategy 'full' with CLIP).
-        self.grid = (1, self.grid_size, self.grid_size) if self.tokens_per_image == self.grid_size**2 else None
+        self.has_cls = has_cls
+        # The 'full' strategy with CLIP feeds the CLS token too, in front of each image's grid.
+        self.leading_tokens = int(has_cls and not self.drop_cls)
+        self.tokens_per_image = self.leading_tokens + self.grid_size**2
+        self.grid = (1, self.grid_size, self.grid_size)
 
     @property
     def text_model(self) -> nn.Module:
@@ -114,22 +116,20 @@ class LlavaAdapter(Adapter):
     def feature_block(self) -> int:
         return max(self.feature_layers) - 1
 
-    def insert_received_attention(self, editor, block: int):
+    def insert_vision_qk(self, editor, block: int, role: str = "attention_score") -> VisionQK:
         if not 0 <= block <= self.feature_block:
             raise ValueError(f"vision layer {block} does not feed the LLM (layers 0..{self.feature_block} do)")
-        source = editor.one("vision_block", block).args[0]
+        source = editor.input_of(editor.one("vision_block", block), "hidden_states")
         attention = self.model.model.vision_tower.encoder.layers[block].self_attn
         prefix = f"vision_layers.{block}"
         chain = editor.chain(source)
-        normed = chain.module(f"{prefix}.layer_norm1", source, role="prune_score", stage="vision", name=f"vision_{block}_norm")
-        q = chain.module(f"{prefix}.self_attn.q_proj", normed, role="prune_score", stage="vision", name=f"vision_{block}_q")
-        k = chain.module(f"{prefix}.self_attn.k_proj", normed, role="prune_score", stage="vision", name=f"vision_{block}_k")
-        scores = chain(
-            gf.received_attention, q, k, attention.num_heads, attention.scale,
-            role="prune_score", stage="vision", name=f"vision_{block}_received",
+        normed = chain.module(f"{prefix}.layer_norm1", source, role=role, stage="vision", name=f"vision_{block}_norm")
+        q = chain.module(f"{prefix}.self_attn.q_proj", normed, role=role, stage="vision", name=f"vision_{block}_q")
+        k = chain.module(f"{prefix}.self_attn.k_proj", normed, role=role, stage="vision", name=f"vision_{block}_k")
+        return VisionQK(
+            q, k, attention.num_heads, attention.scale, leading=int(self.has_cls), merge=1,
+            frames=editor.placeholder("layout"), order=None,
         )
-        flatten = gf.drop_first_token if self.drop_cls else torch.flatten
-        return chain(flatten, scores, role="prune_score", stage="vision", name=f"vision_{block}_scores")
 
     def plan(self, batch: dict[str, Any], for_generation: bool) -> Prompt:
         input_ids: Tensor = batch["input_ids"]
@@ -158,9 +158,7 @@ class LlavaAdapter(Adapter):
                 "build inputs with the model's processor"
             )
         rows = tuple(int(image_slots[i * self.tokens_per_image]) // seq_len for i in range(num_images))
-        counts = (self.tokens_per_image,) * num_images
-        grids = (self.grid,) * num_images if self.grid else None
-        layout = VisualLayout(size, seq_len, rows, counts, grids)
+        layout = VisualLayout.from_grids(size, seq_len, rows, (self.grid,) * num_images, (self.leading_tokens,) * num_images)
         inputs = {
             "input_ids": input_ids,
             "pixel_values": pixel_values,

@@ -16,12 +16,13 @@ Positions are M-RoPE ids [3, B, S]; decoding continues at the last prompt positi
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vlmopt.adapters.base import Adapter, Prompt, TextPipeline
+from vlmopt.adapters.base import Adapter, Prompt, TextPipeline, VisionQK
 from vlmopt.errors import InputError
 from vlmopt.graph import functions as gf
 from vlmopt.graph.capture import mark, role
@@ -108,26 +109,25 @@ class Qwen25VLAdapter(Adapter):
     def feature_block(self) -> int:
         return self.vision_config.depth - 1
 
-    def insert_received_attention(self, editor, block: int):
+    def insert_vision_qk(self, editor, block: int, role: str = "attention_score") -> VisionQK:
         if not 0 <= block < self.vision_depth:
             raise ValueError(f"the vision tower has blocks 0..{self.vision_depth - 1}, not {block}")
         node = editor.one("vision_block", block)
-        source = node.args[0]
-        cos, sin = node.kwargs["position_embeddings"]
+        source = editor.input_of(node, "hidden_states")
+        cos, sin = editor.input_of(node, "position_embeddings")
         order = editor.order()
         chain = editor.chain(max((source, cos, sin), key=order.__getitem__))
         attention = self.model.model.visual.blocks[block].attn
         prefix = f"blocks.{block}"
-        normed = chain.module(f"{prefix}.norm1", source, role="prune_score", stage="vision", name=f"vision_{block}_norm")
-        qkv = chain.module(f"{prefix}.attn.qkv", normed, role="prune_score", stage="vision", name=f"vision_{block}_qkv")
-        scores = chain(
-            gf.qwen_received_attention, qkv, cos, sin, editor.placeholder("layout"), attention.num_heads,
-            attention.scaling, self.model.model.visual.spatial_merge_unit,
-            role="prune_score", stage="vision", name=f"vision_{block}_received",
-        )
-        return chain(
-            torch.index_select, scores, 0, editor.placeholder("reverse_index"),
-            role="prune_score", stage="vision", name=f"vision_{block}_scores",
+        normed = chain.module(f"{prefix}.norm1", source, role=role, stage="vision", name=f"vision_{block}_norm")
+        qkv = chain.module(f"{prefix}.attn.qkv", normed, role=role, stage="vision", name=f"vision_{block}_qkv")
+        qk = chain(gf.qwen_vision_qk, qkv, cos, sin, attention.num_heads, role=role, stage="vision", name=f"vision_{block}_qk")
+        q = chain(operator.getitem, qk, 0, role=role, stage="vision", name=f"vision_{block}_q")
+        k = chain(operator.getitem, qk, 1, role=role, stage="vision", name=f"vision_{block}_k")
+        merge = self.model.model.visual.spatial_merge_unit
+        return VisionQK(
+            q, k, attention.num_heads, attention.scaling, leading=0, merge=merge, frames=editor.placeholder("layout"),
+            order=editor.placeholder("reverse_index"),
         )
 
     def token_types(self, input_ids: Tensor, given: Tensor | None) -> Tensor:

@@ -12,7 +12,7 @@ import argparse
 import inspect
 import json
 
-from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists
+from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists, positive_int
 
 #: Inputs of each shape: (image grid for Qwen or None, text before, question length).
 BENCH_CONFIGS = {
@@ -34,7 +34,10 @@ def add_parsers(subparsers) -> None:
                         help="a 7B-shaped config (measured at --width) or a tiny random one")
     add_passes_argument(parser)
     parser.add_argument("--width", type=float, default=0.125, help="width scale for the timed runs (1.0 = real)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefill repeats per pass list")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed prefill repeats per pass list")
+    parser.add_argument("--threads", type=positive_int,
+                        help="PyTorch CPU threads for the timed runs (default: PyTorch's; on a shared machine 1 is "
+                        "steadier)")
     parser.add_argument("--json", help="write the results to this file")
     parser.set_defaults(run=run)
 
@@ -48,17 +51,17 @@ def _batch(model, config: str):
     return configs.synthetic_batch(model, spec, image_grids=grid, seed=0)
 
 
-def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> dict:
+def bench_report(config: str, lists: list[list[str]], width: float, repeats: int) -> dict:
     import torch
 
     import vlmopt
     from vlmopt import configs
     from vlmopt.measure import (
         cache_bytes,
+        measure,
         peak_prefill_bytes,
         prefill_runner,
         time_by_role,
-        time_prefill,
     )
 
     make = configs.CONFIGS[config]
@@ -75,7 +78,7 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
         prompt = compiled.plan(small_batch, for_generation=True)
         total, kept = prompt.layout.total, compiled.visual_tokens_kept(prompt)
         run = prefill_runner(compiled, small_batch)
-        timing = time_prefill(run, repeats=repeats, warmup=1)
+        timing = measure(run, repeats=repeats, warmup=1)
         roles = time_by_role(compiled, small_batch, repeats=max(1, repeats // 2))
         graph_seconds = sum(roles.values())
         overhead = sum(seconds for role, seconds in roles.items() if role in PASS_ROLES)
@@ -87,8 +90,10 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
             "llm_prefill_flops": flops.llm,
             "flops_by_stage": flops.by_stage,
             "prefill_seconds": timing.median_s,
+            "prefill_seconds_all": list(timing.samples_s),
             "pass_overhead_seconds": overhead,
             "pass_overhead_share": overhead / graph_seconds if graph_seconds else 0.0,
+            "time_by_role": dict(sorted(roles.items(), key=lambda item: -item[1])),
             "peak_bytes": peak_prefill_bytes(run),
             "kv_bytes": cache_bytes(full_cache),
         })
@@ -103,8 +108,12 @@ def measure(config: str, lists: list[list[str]], width: float, repeats: int) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     lists = pass_lists(args.passes)
-    report = measure(args.config, lists, args.width, args.repeats)
+    report = bench_report(args.config, lists, args.width, args.repeats)
     rows = []
     for entry in [report["baseline"]] + report["runs"]:
         def ratio(key):

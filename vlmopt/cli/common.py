@@ -63,6 +63,17 @@ def load_model(name: str) -> LoadedModel:
     return LoadedModel(name, model, processor)
 
 
+def positive_int(text: str) -> int:
+    """``argparse`` type of counts (--n, --repeats): an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub-flavoured Markdown table."""
 

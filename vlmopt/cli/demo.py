@@ -16,6 +16,7 @@ from vlmopt.cli.common import (
     load_model,
     markdown_table,
     pass_lists,
+    positive_int,
 )
 
 DEFAULT_PASSES = ["random_prune:keep_ratio=0.5", "pool_prune:keep_ratio=0.25"]
@@ -23,12 +24,21 @@ REFERENCE_PASSES = ["hiprune:keep_ratio=1/3", "random_prune:keep_ratio=1/3", "po
 
 
 def default_model() -> str:
-    """``tiny-llava`` where its weights are shipped, else the random-weight ``tiny-llava-random``."""
+    """``tiny-llava`` where its weights are shipped, else the random-weight ``tiny-llava-random`` (saying
+    where the reference models were looked for and how to point at them)."""
+    import sys
+
     from vlmopt import models
 
     try:
         models.path("tiny-llava")
     except Exception:  # noqa: BLE001 - any failure to find the weights means: use the random config
+        print(
+            f"no reference model in {models.models_dir()}: the reference models (tiny-llava, tiny-qwen25vl) are in "
+            "the models/ directory of a vlmopt checkout; pass --model <that directory>/tiny-llava or set "
+            "VLMOPT_MODELS=<that directory>. Using the random-weight tiny-llava-random instead.",
+            file=sys.stderr,
+        )
         return "tiny-llava-random"
     return "tiny-llava"
 
@@ -40,7 +50,7 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--questions", type=int, default=4, help="reference models: test questions shown one by one")
     parser.add_argument("--n", type=int, default=100, help="reference models: test samples in the evaluation table")
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefill repeats")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed prefill repeats")
     parser.set_defaults(run=run)
 
 
@@ -68,7 +78,7 @@ def run_reference(args: argparse.Namespace, loaded) -> int:
 def run(args: argparse.Namespace) -> int:
     import vlmopt
     from vlmopt import configs
-    from vlmopt.measure import prefill_runner, time_prefill, visual_tokens
+    from vlmopt.measure import measure, prefill_runner, visual_tokens
 
     args.model = args.model or default_model()
     loaded = load_model(args.model)
@@ -82,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         compiled = vlmopt.compile(model, passes=passes)
         total, kept = visual_tokens(compiled, batch)
         report = vlmopt.flops(compiled, batch)
-        timing = time_prefill(prefill_runner(compiled, batch), repeats=args.repeats)
+        timing = measure(prefill_runner(compiled, batch), repeats=args.repeats)
         ids = compiled.generate(**batch, max_new_tokens=args.max_new_tokens)
         new = ids[0, batch["input_ids"].shape[1] :].tolist()
         text = loaded.processor.decode(new) if loaded.processor is not None else " ".join(map(str, new))

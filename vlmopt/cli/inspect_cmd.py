@@ -36,8 +36,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     stages = list(compiled.graph.stages) if args.stage == "all" else [args.stage]
     for stage in stages:
         module = compiled.graph[stage]
-        print(f"# stage: {stage} ({len(module.graph.nodes)} nodes; passes: "
-              f"{', '.join(p.spec() for p in compiled.passes) or 'none'})")
+        print(f"# stage: {stage} ({len(module.graph.nodes)} nodes; passes: {compiled.describe_passes()})")
         if args.code:
             print(module.code.strip())
         else:

@@ -89,9 +89,9 @@ def export_onnx(
     start = time.perf_counter()
     with torch.no_grad():
         graphs, layout, split = build_graphs(compiled, processor, config)
-    table = translation_table()
     entries = {}
     for spec in graphs:
+        table = translation_table(spec.module, spec.example, spec.name)
         entries[spec.name] = export_graph(spec, out, table, config)
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -9,7 +9,10 @@ position ids is what keeps pruned tokens at their original positions.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -19,6 +22,35 @@ from vlmopt.graph.capture import STAGE_OF_ROLE
 
 #: Roles whose nodes are rebuilt, not gathered, when the sequence shrinks after them.
 REBUILT_ROLES = ("causal_mask",)
+
+_CURRENT_PASS: ContextVar[str | None] = ContextVar("vlmopt_current_pass", default=None)
+
+
+@contextmanager
+def inserting_for(pass_name: str):
+    """Tag every node a :class:`GraphEditor` inserts inside the block with ``meta["pass"] = pass_name``
+    (``compile`` wraps each pass's ``apply`` in it, so errors can name the pass behind a node)."""
+    token = _CURRENT_PASS.set(pass_name)
+    try:
+        yield
+    finally:
+        _CURRENT_PASS.reset(token)
+
+
+def parameter_names(module: fx.GraphModule, node: fx.Node) -> list[str]:
+    """Parameter names of what ``node`` calls, in order: a torch op's ``_schema``, else the Python
+    signature (of the submodule's ``forward`` for ``call_module``)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = target.default
+    if isinstance(target, torch._ops.OpOverload):
+        return [argument.name for argument in target._schema.arguments]
+    function = module.get_submodule(target).forward if node.op == "call_module" else target
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        raise LookupError(f"{node.name}: cannot read the parameter names of {target!r}") from None
+    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 class GraphEditor:
@@ -59,6 +91,33 @@ class GraphEditor:
     def order(self) -> dict[fx.Node, int]:
         return {node: i for i, node in enumerate(self.graph.nodes)}
 
+    # ----- arguments by name --------------------------------------------------------------
+    def _position(self, node: fx.Node, name: str) -> int:
+        names = parameter_names(self.module, node)
+        if name not in names:
+            raise LookupError(f"{node.name} calls {node.target!r}, which has no parameter {name!r} ({', '.join(names)})")
+        return names.index(name)
+
+    def input_of(self, node: fx.Node, name: str) -> Any:
+        """The argument ``node`` passes as parameter ``name`` (positionally or as keyword)."""
+        if name in node.kwargs:
+            return node.kwargs[name]
+        position = self._position(node, name)
+        if position < len(node.args):
+            return node.args[position]
+        raise LookupError(f"{node.name} does not pass {name!r} (it takes the default)")
+
+    def set_input(self, node: fx.Node, name: str, value: Any) -> None:
+        """Make ``node`` pass ``value`` as parameter ``name``, where it passed it before."""
+        if name in node.kwargs:
+            node.update_kwarg(name, value)
+            return
+        position = self._position(node, name)
+        if position < len(node.args):
+            node.update_arg(position, value)
+        else:
+            node.update_kwarg(name, value)
+
     # ----- inserting ----------------------------------------------------------------------
     def insert(
         self,
@@ -79,6 +138,7 @@ class GraphEditor:
         node.meta.update(meta)
         node.meta["role"] = role
         node.meta["stage"] = stage or STAGE_OF_ROLE.get(role, after.meta.get("stage", "llm"))
+        self._tag(node)
         return node
 
     def insert_module(self, after: fx.Node, target: str, args: tuple, *, role: str, stage: str, name: str | None = None) -> fx.Node:
@@ -87,7 +147,14 @@ class GraphEditor:
         with self.graph.inserting_after(after):
             node = self.graph.create_node("call_module", target, args, {}, name=name)
         node.meta.update(role=role, stage=stage)
+        self._tag(node)
         return node
+
+    @staticmethod
+    def _tag(node: fx.Node) -> None:
+        current = _CURRENT_PASS.get()
+        if current is not None:
+            node.meta["pass"] = current
 
     def chain(self, after: fx.Node) -> Inserter:
         """An :class:`Inserter` that appends nodes one after the other, starting after ``after``."""
@@ -135,6 +202,7 @@ class GraphEditor:
                 with self.graph.inserting_after(cursor):
                     rebuilt = self.graph.node_copy(node, lambda arg: gathered.get(arg, arg))
                 rebuilt.meta = dict(node.meta)
+                self._tag(rebuilt)
                 gathered[node] = cursor = rebuilt
         created = set(gathered.values()) | {index}
         for old, new in gathered.items():

@@ -30,12 +30,53 @@ def keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:
 
 
 def layout_keep(layout: VisualLayout, keep_ratio: float | None, num_tokens: int | None) -> VisualLayout:
-    """The layout after keeping a fixed number of tokens of every visual input."""
-    return layout.with_counts(tuple(keep_count(c, keep_ratio, num_tokens) for c in layout.counts))
+    """The layout after keeping a fixed number of grid tokens of every visual input (leading kept)."""
+    kept = (lead + keep_count(c, keep_ratio, num_tokens) for lead, c in zip(layout.leading, layout.grid_counts))
+    return layout.with_counts(tuple(kept))
+
+
+def layout_grid(layout: VisualLayout) -> VisualLayout:
+    """The layout of the grid tokens alone (each input's leading tokens left out)."""
+    return layout.grid_only()
+
+
+def layout_with_leading(kept: VisualLayout, layout: VisualLayout) -> VisualLayout:
+    """``kept`` (a pruned grid-only layout) with ``layout``'s leading tokens back in front."""
+    return kept.with_leading_of(layout)
+
+
+def grid_index(tokens: Tensor, layout: VisualLayout) -> Tensor:
+    """[T_grid] indices of the grid tokens among the visual ``tokens`` [T, D] (leading tokens skipped)."""
+    parts, offset = [], 0
+    for lead, count in zip(layout.leading, layout.counts):
+        parts.append(torch.arange(offset + lead, offset + count, device=tokens.device))
+        offset += count
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=tokens.device)
+
+
+def keep_with_leading(keep: Tensor, grid: Tensor, layout: VisualLayout, kept: VisualLayout) -> Tensor:
+    """[T'] indices into the [T] visual tokens: each input's leading tokens, then its kept grid tokens.
+
+    ``keep`` [sum(kept.counts)] indexes the grid tokens, ``grid`` [T_grid] maps them to [T].
+    """
+    parts, offset, start = [], 0, 0
+    for lead, count, budget in zip(layout.leading, layout.counts, kept.counts):
+        parts += [torch.arange(offset, offset + lead, device=keep.device), grid[keep[start : start + budget]]]
+        offset, start = offset + count, start + budget
+    return torch.cat(parts) if parts else keep
+
+
+def tokens_with_leading(tokens: Tensor, kept_tokens: Tensor, layout: VisualLayout, kept: VisualLayout) -> Tensor:
+    """[T', D]: each input's leading rows of ``tokens`` [T, D], then its rows of ``kept_tokens``."""
+    parts, offset, start = [], 0, 0
+    for lead, count, budget in zip(layout.leading, layout.counts, kept.counts):
+        parts += [tokens[offset : offset + lead], kept_tokens[start : start + budget]]
+        offset, start = offset + count, start + budget
+    return torch.cat(parts) if parts else kept_tokens
 
 
 def layout_pool(layout: VisualLayout, keep_ratio: float) -> VisualLayout:
-    """The layout after spatial pooling of every frame's grid."""
+    """The layout after spatial pooling of every frame's grid (leading tokens kept)."""
     if layout.grids is None:
         raise ValueError("layout_pool needs token grids; an earlier pass already pruned the visual tokens")
     return layout.with_grids(tuple(pooled_grid(g, keep_ratio) for g in layout.grids))
@@ -77,11 +118,6 @@ def received_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Te
     return ops.received_attention(q, k, num_heads, scale)
 
 
-def drop_first_token(scores: Tensor) -> Tensor:
-    """[N, S] → [N·(S-1)]: drop the CLS column and flatten, matching the visual tokens."""
-    return scores[:, 1:].reshape(-1)
-
-
 def qwen_vision_qk(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
     """(q, k), each [P, heads, head_dim], of a Qwen2.5-VL vision block from its fused projection ``qkv``
     [P, 3·D], with the 2-D rotary applied as the block applies it."""
@@ -120,3 +156,45 @@ def hiprune_select(
     """(kept indices [T'], kinds [T']) — HiPrune's selection with ``round(alpha · N' / 5)`` anchors."""
     anchors = [min(budget, int(alpha * budget / 5 + 0.5)) for budget in kept.counts]
     return ops.hiprune_select(object_scores, deep_scores, layout.flat_grids, list(kept.counts), anchors)
+
+
+def decoder_qk(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None, head_dim: int) -> tuple[Tensor, Tensor]:
+    """(q [B, H, S, D], k [B, H_kv, S, D]) from a decoder layer's projections [B, S, ··D], with the
+    layer's rotary embedding (cos, sin [B, S, D]; 1-D RoPE or M-RoPE) applied when given."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    batch, seq = q.shape[:2]
+    q = q.view(batch, seq, -1, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, -1, head_dim).transpose(1, 2)
+    if cos is None:
+        return q, k
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def vision_received_attention(
+    q: Tensor, k: Tensor, layout: VisualLayout, num_heads: int, scale: float, leading: int, merge: int,
+    score=ops.received_attention,
+) -> Tensor:
+    """[T_grid] attention each grid visual token receives in one vision block, in the tower's order.
+
+    ``q``, ``k`` hold the block's queries and keys of every frame (see
+    :class:`vlmopt.adapters.base.VisionQK`): attention is dense per image or frame (windows
+    ignored, inputs never mixed), every query votes, the ``leading`` columns (CLS) are dropped,
+    and the scores of the ``merge`` tower tokens of one visual token are averaged. Frames of one size
+    go through ``score`` (the op; training passes its differentiable reference) together.
+    """
+    sizes = [(t, leading + h * w * merge) for t, h, w in layout.grids]
+    total = sum(t * size for t, size in sizes)
+    q, k = q.reshape(total, -1), k.reshape(total, -1)
+    scores, offset, first = [], 0, 0
+    while first < len(sizes):
+        size, last = sizes[first][1], first
+        while last < len(sizes) and sizes[last][1] == size:
+            last += 1
+        frames = sum(t for t, _ in sizes[first:last])
+        block = slice(offset, offset + frames * size)
+        received = score(q[block].reshape(frames, size, -1), k[block].reshape(frames, size, -1), num_heads, scale)
+        scores.append(received[:, leading:].reshape(-1))
+        offset, first = offset + frames * size, last
+    flat = torch.cat(scores)
+    return flat if merge == 1 else flat.reshape(-1, merge).mean(-1)

@@ -28,16 +28,26 @@ class VisualLayout:
     """Number of visual tokens of each input, as they flow at this point of the graph."""
     grids: tuple[Grid, ...] | None
     """(t, h, w) token grid of each input in raster order, or None once tokens no longer form grids."""
+    leading: tuple[int, ...] | None = None
+    """Tokens of each input before its grid (a CLS token), counted in ``counts``; None = none."""
 
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.counts):
             raise ValueError(f"VisualLayout: {len(self.rows)} rows for {len(self.counts)} inputs")
-        if self.grids is not None and tuple(t * h * w for t, h, w in self.grids) != self.counts:
-            raise ValueError(f"VisualLayout: grids {self.grids} do not match counts {self.counts}")
+        leading = (0,) * len(self.counts) if self.leading is None else tuple(self.leading)
+        if len(leading) != len(self.counts) or any(lead < 0 or lead > c for lead, c in zip(leading, self.counts)):
+            raise ValueError(f"VisualLayout: leading tokens {leading} do not fit counts {self.counts}")
+        object.__setattr__(self, "leading", leading)
+        if self.grids is not None and tuple(lead + t * h * w for lead, (t, h, w) in zip(leading, self.grids)) != self.counts:
+            raise ValueError(f"VisualLayout: grids {self.grids} (after {leading} leading tokens) do not match counts {self.counts}")
 
     @classmethod
-    def from_grids(cls, batch: int, seq_len: int, rows: tuple[int, ...], grids: tuple[Grid, ...]) -> VisualLayout:
-        return cls(batch, seq_len, tuple(rows), tuple(t * h * w for t, h, w in grids), tuple(grids))
+    def from_grids(
+        cls, batch: int, seq_len: int, rows: tuple[int, ...], grids: tuple[Grid, ...], leading: tuple[int, ...] | None = None
+    ) -> VisualLayout:
+        lead = leading or (0,) * len(grids)
+        counts = tuple(a + t * h * w for a, (t, h, w) in zip(lead, grids))
+        return cls(batch, seq_len, tuple(rows), counts, tuple(grids), leading)
 
     @property
     def total(self) -> int:
@@ -50,11 +60,28 @@ class VisualLayout:
             raise ValueError("the visual tokens no longer form grids (an earlier pass pruned them)")
         return [d for grid in self.grids for d in grid]
 
+    @property
+    def grid_counts(self) -> tuple[int, ...]:
+        """Tokens of each input after its leading tokens."""
+        return tuple(c - lead for c, lead in zip(self.counts, self.leading))
+
     def with_counts(self, counts: tuple[int, ...]) -> VisualLayout:
+        """The layout with ``counts`` tokens per input (leading tokens included); grids are gone."""
         return replace(self, counts=tuple(counts), grids=None)
 
     def with_grids(self, grids: tuple[Grid, ...]) -> VisualLayout:
-        return replace(self, counts=tuple(t * h * w for t, h, w in grids), grids=tuple(grids))
+        """The layout with new grids after the same leading tokens."""
+        counts = tuple(lead + t * h * w for lead, (t, h, w) in zip(self.leading, grids))
+        return replace(self, counts=counts, grids=tuple(grids))
+
+    def grid_only(self) -> VisualLayout:
+        """The layout of the grid tokens alone (leading tokens removed)."""
+        return replace(self, counts=self.grid_counts, leading=None)
+
+    def with_leading_of(self, other: VisualLayout) -> VisualLayout:
+        """This grid-only layout with ``other``'s leading tokens put back in front of each input."""
+        counts = tuple(c + lead for c, lead in zip(self.counts, other.leading))
+        return replace(self, counts=counts, leading=other.leading)
 
     def tokens_per_row(self) -> list[int]:
         per_row = [0] * self.batch

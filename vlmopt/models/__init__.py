@@ -1,4 +1,5 @@
-"""Reference VLMs trained on synthetic tasks, shipped in the repository's ``models/`` directory.
+"""Reference VLMs trained on synthetic tasks, shipped in the repository's ``models/`` directory: how to
+load them, their tasks and inputs, and the evaluation harness that scores them.
 
 >>> from vlmopt import models
 >>> model, processor = models.load("tiny-llava")          # LlavaForConditionalGeneration, eval mode
@@ -11,6 +12,10 @@
 Models: ``tiny-llava`` (images) and ``tiny-qwen25vl`` (images and videos). Tasks: ``shapes``,
 ``shapes-video``, ``needle`` (see :mod:`vlmopt.models.tasks`). Submodules load lazily; importing this
 package imports nothing beyond the standard library (torch/transformers come with :func:`load`).
+
+The code that trained the models (``python -m models.train``) and the research benchmarks about them
+(``models.bench``) are in the repository's top-level ``models`` package, which runs from a checkout
+and is not installed with vlmopt.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ MODEL_NAMES = ("tiny-llava", "tiny-qwen25vl")
 """Reference models shipped in ``models/``."""
 TASK_NAMES = ("shapes", "shapes-video", "needle")
 """Synthetic tasks (:mod:`vlmopt.models.tasks`)."""
-_SUBMODULES = ("arch", "evaluate", "processing", "render", "scenes", "tasks", "train", "videos")
+_SUBMODULES = ("evaluate", "processing", "render", "scenes", "tasks", "videos")
 
 
 def models_dir() -> Path:

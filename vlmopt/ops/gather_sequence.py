@@ -64,6 +64,10 @@ def _backward(ctx, grad: Tensor):
 gather_sequence.register_autograd(_backward, setup_context=_setup_context)
 
 
+#: A gather, no arithmetic.
+flop_formula = None
+
+
 def onnx_translation():
     """The op in standard ONNX (onnxscript, trace-only; imported lazily): ``GatherElements`` + ``Where``."""
     from onnxscript import opset18 as op

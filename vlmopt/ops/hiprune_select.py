@@ -108,6 +108,10 @@ def neighbour_table(t: int, h: int, w: int) -> Tensor:
     return torch.stack(columns, dim=1)
 
 
+#: Top-k selection and neighbour bookkeeping, no arithmetic worth counting.
+flop_formula = None
+
+
 def onnx_translation():
     """The op in standard ONNX (onnxscript, trace-only; imported lazily).
 

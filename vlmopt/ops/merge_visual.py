@@ -60,6 +60,10 @@ def _backward(ctx, grad: Tensor):
 merge_visual.register_autograd(_backward, setup_context=_setup_context)
 
 
+#: A scatter, no arithmetic.
+flop_formula = None
+
+
 def onnx_translation():
     """The op in standard ONNX (onnxscript, trace-only; imported lazily): one ``ScatterND``."""
     from onnxscript import opset18 as op

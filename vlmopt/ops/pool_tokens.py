@@ -74,6 +74,10 @@ def pooling_matrix(grid: list[int], out_grid: list[int]) -> Tensor:
     return reference(torch.eye(t * h * w), list(grid), list(out_grid))[0]
 
 
+#: Averaging windows of tokens: negligible next to the model, not counted.
+flop_formula = None
+
+
 def onnx_translation():
     """The op in standard ONNX (onnxscript, trace-only; imported lazily): per input, ``Slice`` +
     ``MatMul`` with a constant pooling matrix; the anchors are a constant."""

@@ -39,6 +39,10 @@ def _(like: Tensor, counts: list[int], seed: int) -> Tensor:
     return like.new_empty((sum(counts),), dtype=torch.float32)
 
 
+#: Random numbers, no arithmetic worth counting.
+flop_formula = None
+
+
 def onnx_translation():
     """The op in standard ONNX (onnxscript, trace-only; imported lazily): a constant.
 

@@ -50,6 +50,10 @@ def _(visual_positions: Tensor, kept_positions: Tensor, batch: int, seq_len: int
     return visual_positions.new_empty((batch, out_len))
 
 
+#: Index bookkeeping, no arithmetic worth counting.
+flop_formula = None
+
+
 def onnx_translation():
     """The op in standard ONNX (onnxscript, trace-only; imported lazily): ``ScatterND`` for the flags,
     ``TopK(sorted=1)`` for the kept slots, a second ``TopK`` to put them in ascending order."""

@@ -48,6 +48,10 @@ def _(scores: Tensor, counts: list[int], keep: list[int]) -> Tensor:
     return scores.new_empty((sum(keep),), dtype=torch.long)
 
 
+#: Index bookkeeping, no arithmetic worth counting.
+flop_formula = None
+
+
 def onnx_translation():
     """The op in standard ONNX (onnxscript, trace-only; imported lazily): ``Slice`` + ``TopK(sorted=1)``.
 

@@ -40,14 +40,19 @@ def snake_case(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
+#: Where a pass works, in pipeline order: ``vision`` (before the LLM), ``llm`` (inside it), ``kv``
+#: (the KV cache between steps) and ``train`` (the training graph).
+PASS_STAGES = ("vision", "llm", "kv", "train")
+
+
 @dataclass(frozen=True)
 class Pass:
     """Base of every pass. Subclasses are frozen dataclasses whose fields are their config."""
 
     stage: ClassVar[str] = "vision"
-    """Where the pass works: ``vision`` (before the LLM), ``llm``, ``kv`` (the cache) or ``train``."""
+    """Where the pass works: one of :data:`PASS_STAGES`; ``compile`` checks their order."""
     lossless: ClassVar[bool] = False
-    """Does the compiled model still give bit-exact logits?"""
+    """Does the compiled model still give bit-exact logits, whatever the config?"""
     families: ClassVar[tuple[str, ...]] = ALL_FAMILIES
     """Model families (adapter ``family``) the pass supports."""
     query_aware: ClassVar[bool] = False
@@ -55,10 +60,26 @@ class Pass:
     paper: ClassVar[str] = ""
     """Link to the method's paper."""
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.stage not in PASS_STAGES:
+            raise TypeError(f"{cls.__name__}.stage must be one of {', '.join(PASS_STAGES)}, got {cls.stage!r}")
+
     @classmethod
     def name(cls) -> str:
         """Registry key: the snake_case of the class name."""
         return snake_case(cls.__name__)
+
+    @classmethod
+    def lossless_settings(cls) -> tuple[Pass, ...]:
+        """Configs of this pass whose compiled model is bit-exact with the original (tested for every
+        registered pass); ``()`` when there are none."""
+        return ()
+
+    @property
+    def is_lossless(self) -> bool:
+        """Is this config bit-exact: the class is lossless, or the config is one of its lossless settings?"""
+        return self.lossless or self in type(self).lossless_settings()
 
     def spec(self) -> str:
         """The CLI spec that rebuilds this pass, e.g. ``random_prune:keep_ratio=0.5,seed=0``."""
@@ -79,9 +100,37 @@ class Pass:
                 f"{type(self).__name__} supports {', '.join(self.families)} models; this one is {adapter.family}"
             )
 
+    def output_layout(self, layout):
+        """The :class:`VisualLayout` of the tokens reaching the LLM after this pass, for an input
+        layout (no graph run); unchanged unless the pass prunes visual tokens."""
+        return layout
+
     def apply(self, graph: VLMGraph) -> None:
         """Rewrite ``graph`` in place."""
         raise NotImplementedError
+
+
+def check_stages(passes: Sequence[Pass], training: bool) -> None:
+    """Refuse pass lists whose stages cannot compose (:class:`IncompatiblePassError` naming the fix)."""
+    for position, item in enumerate(passes):
+        name = type(item).__name__
+        if item.stage == "train" and not training:
+            raise IncompatiblePassError(
+                f"{name} is a train-stage pass: it only runs in a training graph; compile with training=True "
+                f"or drop {name} for inference"
+            )
+        for earlier in passes[:position]:
+            other = type(earlier).__name__
+            if item.stage == "vision" and earlier.stage in ("llm", "kv"):
+                raise IncompatiblePassError(
+                    f"{name} (vision stage) comes after {other} ({earlier.stage} stage): vision-stage passes "
+                    f"rewrite the visual tokens before the LLM; list {name} before {other}"
+                )
+            if item.stage == "kv" and earlier.stage == "kv":
+                raise IncompatiblePassError(
+                    f"{other} and {name} are both kv-stage passes, and a model has one KV-cache manager; "
+                    "keep one of them"
+                )
 
 
 def check_range(owner: str, field: str, value, low, high, *, low_open: bool = False, integer: bool = False) -> None:
@@ -105,7 +154,7 @@ class VisualSite:
     tokens: fx.Node
     """Current visual tokens [T, D]: what the projector (LLaVA) or the merge (Qwen) reads."""
     positions: fx.Node
-    """Current flat sequence slots [T] of those tokens (the merge's third argument)."""
+    """Current flat sequence slots [T] of those tokens (the merge's ``positions``)."""
     layout: fx.Node
     """Current :class:`VisualLayout` (the graph input, or the last pass's pruned layout)."""
 
@@ -113,8 +162,42 @@ class VisualSite:
     def find(cls, editor: GraphEditor, adapter: Adapter) -> VisualSite:
         merge = editor.one("merge")
         index = editor.last("sequence_index")
-        layout = index.args[3] if index is not None else editor.placeholder("layout")
-        return cls(editor, adapter, editor.last("visual_tokens"), merge.args[2], layout)
+        layout = editor.input_of(index, "kept") if index is not None else editor.placeholder("layout")
+        return cls(editor, adapter, editor.last("visual_tokens"), editor.input_of(merge, "positions"), layout)
+
+    def grid_part(self, chain: Inserter) -> tuple[VisualSite, fx.Node]:
+        """This site without each input's leading non-grid tokens (CLS), and the index [T_grid] of
+        the grid tokens among the current ones."""
+        grid_index = chain(
+            gf.grid_index, self.tokens, self.layout, role="visual_grid", stage="vision", name="grid_index"
+        )
+        tokens = chain(
+            torch.index_select, self.tokens, 0, grid_index, role="visual_grid", stage="vision", name="grid_tokens"
+        )
+        positions = chain(
+            torch.index_select, self.positions, 0, grid_index, role="visual_grid", stage="vision", name="grid_positions"
+        )
+        layout = chain(gf.layout_grid, self.layout, role="visual_grid", stage="vision", name="grid_layout")
+        return VisualSite(self.editor, self.adapter, tokens, positions, layout), grid_index
+
+    def with_leading(
+        self, grid_index: fx.Node, kept: tuple[fx.Node, fx.Node, fx.Node], chain: Inserter
+    ) -> tuple[fx.Node, fx.Node, fx.Node]:
+        """(tokens, keep, layout) of a method that pruned :meth:`grid_part`, with every input's
+        leading tokens put back in front of its kept grid tokens."""
+        tokens, keep, layout = kept
+        full_layout = chain(
+            gf.layout_with_leading, layout, self.layout, role="prune_layout", stage="vision", name="kept_full_layout"
+        )
+        keep = chain(
+            gf.keep_with_leading, keep, grid_index, self.layout, layout,
+            role="prune_select", stage="vision", name="keep_with_leading",
+        )
+        tokens = chain(
+            gf.tokens_with_leading, self.tokens, tokens, self.layout, layout,
+            role="visual_tokens", stage="vision", name="tokens_with_leading",
+        )
+        return tokens, keep, full_layout
 
     def update(self, tokens: fx.Node, keep: fx.Node, layout: fx.Node, chain: Inserter) -> None:
         """Route the kept ``tokens`` on; ``keep`` [T'] indexes the current tokens whose slots they take."""
@@ -124,7 +207,7 @@ class VisualSite:
         )
         editor.replace_uses(self.tokens, tokens, after=positions)
         merge = editor.one("merge")
-        merge.update_arg(2, positions)
+        editor.set_input(merge, "positions", positions)
         index = editor.last("sequence_index")
         if index is None:
             visual_positions = editor.placeholder("visual_positions")
@@ -139,8 +222,8 @@ class VisualSite:
             )
             editor.reroute_sequence(merge, index)
         else:
-            index.update_arg(1, positions)
-            index.update_arg(3, layout)
+            editor.set_input(index, "kept_positions", positions)
+            editor.set_input(index, "kept", layout)
 
 
 @dataclass(frozen=True)
@@ -150,6 +233,10 @@ class VisualTokenPrune(Pass):
     Position policy: kept tokens keep their original position ids (1-D or M-RoPE); text tokens
     never move; decoding continues at the unpruned length. Causal attention over the kept tokens is
     unchanged because they stay in their original order.
+
+    Leading non-grid tokens (the CLS token a LLaVA with ``vision_feature_select_strategy='full'``
+    feeds its LLM) are always kept, on top of the budget: ``keep_ratio`` and ``num_tokens`` count
+    grid tokens only, and a method sees (and scores) the grid tokens only.
     """
 
     stage: ClassVar[str] = "vision"
@@ -158,9 +245,9 @@ class VisualTokenPrune(Pass):
     """Does the method read the tokens' spatial grid (so it must see the tower's own tokens)?"""
 
     keep_ratio: float | None = None
-    """Fraction of each visual input's tokens to keep, in (0, 1]."""
+    """Fraction of each visual input's grid tokens to keep, in (0, 1]."""
     num_tokens: int | None = None
-    """Absolute number of tokens to keep per visual input (instead of ``keep_ratio``), ≥ 1."""
+    """Absolute number of grid tokens to keep per visual input (instead of ``keep_ratio``), ≥ 1."""
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -171,23 +258,20 @@ class VisualTokenPrune(Pass):
         if self.num_tokens is not None:
             check_range(owner, "num_tokens", self.num_tokens, 1, 10**9, integer=True)
 
+    @classmethod
+    def lossless_settings(cls) -> tuple[Pass, ...]:
+        return (cls(keep_ratio=1.0),)
+
     def check(self, adapter: Adapter, before: Sequence[Pass]) -> None:
         super().check(adapter, before)
-        if self.needs_grid:
-            if getattr(adapter, "grid", True) is None:
-                raise IncompatiblePassError(
-                    f"{type(self).__name__} needs the visual tokens on a grid; this LLaVA keeps the CLS token "
-                    "(vision_feature_select_strategy='full')"
-                )
-            earlier = [p for p in before if isinstance(p, VisualTokenPrune)]
-            if earlier:
-                raise IncompatiblePassError(
-                    f"{type(self).__name__} reads the tokens' grid, so it must come before "
-                    f"{type(earlier[0]).__name__}, which removes tokens from it"
-                )
+        earlier = [p for p in before if isinstance(p, VisualTokenPrune)]
+        if self.needs_grid and earlier:
+            raise IncompatiblePassError(
+                f"{type(self).__name__} reads the tokens' grid, so it must come before "
+                f"{type(earlier[0]).__name__}, which removes tokens from it"
+            )
 
     def output_layout(self, layout):
-        """The :class:`VisualLayout` this pass leaves, for a given input layout (no graph run)."""
         return gf.layout_keep(layout, self.keep_ratio, self.num_tokens)
 
     def apply(self, graph: VLMGraph) -> None:
@@ -195,13 +279,17 @@ class VisualTokenPrune(Pass):
         site = VisualSite.find(editor, graph.adapter)
         order = editor.order()
         chain = editor.chain(max((site.tokens, site.positions, site.layout), key=order.__getitem__))
-        tokens, keep, layout = self.prune(site, chain)
+        if graph.adapter.leading_tokens:
+            grid, grid_index = site.grid_part(chain)
+            tokens, keep, layout = site.with_leading(grid_index, self.prune(grid, chain), chain)
+        else:
+            tokens, keep, layout = self.prune(site, chain)
         site.update(tokens, keep, layout, chain)
         editor.finish()
 
     def prune(self, site: VisualSite, chain: Inserter) -> tuple[fx.Node, fx.Node, fx.Node]:
-        """Insert the method; return (kept tokens [T', D], their indices into the current tokens [T'],
-        the new layout). The default keeps the top-scoring tokens of :meth:`score`."""
+        """Insert the method on grid tokens; return (kept tokens [T', D], their indices into the site's
+        tokens [T'], the new layout). The default keeps the top-scoring tokens of :meth:`score`."""
         layout = chain(
             gf.layout_keep, site.layout, self.keep_ratio, self.num_tokens, role="prune_layout", stage="vision",
             name="kept_layout",

@@ -40,6 +40,8 @@ class HiPrune(VisualTokenPrune):
     """Keep anchors, buffers and registers chosen by the vision tower's attention.
 
     Position policy: kept tokens keep their original position ids; see :class:`VisualTokenPrune`.
+    A CLS token fed to the LLM (LLaVA, strategy ``full``) is always kept, on top of the budget; the
+    grid tokens' scores leave the CLS column out (it is never a grid neighbour).
     """
 
     needs_grid: ClassVar[bool] = True
@@ -77,13 +79,23 @@ class HiPrune(VisualTokenPrune):
                     f"HiPrune.{name}={value}, but only vision blocks 0..{adapter.feature_block} feed this model's LLM"
                 )
 
-    def prune(self, site: VisualSite, chain: Inserter) -> tuple[fx.Node, fx.Node, fx.Node]:
-        adapter = site.adapter
-        object_layer, deep_layer = self.layers(adapter)
-        object_scores = adapter.insert_received_attention(site.editor, object_layer)
-        deep_scores = (
-            object_scores if deep_layer == object_layer else adapter.insert_received_attention(site.editor, deep_layer)
+    def received_attention(self, site: VisualSite, block: int) -> fx.Node:
+        """[T] attention each (grid) visual token receives in vision block ``block`` (§3.1): the
+        column means of the block's attention, from its own queries and keys."""
+        qk = site.adapter.insert_vision_qk(site.editor, block, role="prune_score")
+        chain = site.editor.chain(max((qk.q, qk.k), key=site.editor.order().__getitem__))
+        scores = chain(
+            gf.vision_received_attention, qk.q, qk.k, qk.frames, qk.heads, qk.scale, qk.leading, qk.merge,
+            role="prune_score", stage="vision", name=f"vision_{block}_received",
         )
+        if qk.order is None:
+            return scores
+        return chain(torch.index_select, scores, 0, qk.order, role="prune_score", stage="vision", name=f"vision_{block}_scores")
+
+    def prune(self, site: VisualSite, chain: Inserter) -> tuple[fx.Node, fx.Node, fx.Node]:
+        object_layer, deep_layer = self.layers(site.adapter)
+        object_scores = self.received_attention(site, object_layer)
+        deep_scores = object_scores if deep_layer == object_layer else self.received_attention(site, deep_layer)
         layout = chain(
             gf.layout_keep, site.layout, self.keep_ratio, self.num_tokens, role="prune_layout", stage="vision",
             name="kept_layout",

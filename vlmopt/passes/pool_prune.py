@@ -20,7 +20,8 @@ class PoolPrune(VisualTokenPrune):
 
     The kept count per frame is ``h'·w'`` with ``h' = round(h·√r)`` (at least 1): close to, not always
     exactly, ``round(r·h·w)`` — e.g. 196 of 576 tokens at r = 1/3. Each pooled token takes the
-    position id of the top-left token of its window.
+    position id of the top-left token of its window. A CLS token fed to the LLM (LLaVA, strategy
+    ``full``) is kept as it is, on top of the pooled grid.
     """
 
     needs_grid: ClassVar[bool] = True

@@ -1,6 +1,6 @@
 """Which visual tokens does a reference model (LLaVA or Qwen2.5-VL) need? The ceiling of any token-pruning pass on it.
 
-    python benchmarks/token_needs.py [--model tiny-llava] [--n 200] [--keep-ratio 0.333] [--json out.json]
+    python -m models.bench.token_needs [--model tiny-llava] [--n 200] [--keep-ratio 0.333] [--json out.json]
 
 Part 1 drops visual tokens by hand, with the task generator's object masks as an oracle, and answers
 with the unmodified Hugging Face modules (vision features → LM with the kept tokens only, original
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 import vlmopt
-from vlmopt import models
+from models.train import object_cells, token_cell
+from vlmopt import models as reference
 from vlmopt.adapters import adapter_for
 from vlmopt.models import processing, tasks
-from vlmopt.models.train import object_cells, token_cell
 from vlmopt.viz import kept_tokens
 
 MODES = ("all tokens", "objects + 1/3 background", "objects only", "evidence objects only", "all but one evidence token")
@@ -84,7 +84,7 @@ def token_sets(sample: tasks.Sample, objects: np.ndarray, n_tokens: int, cell: i
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m models.bench.token_needs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava", help="a reference model's name or directory")
     parser.add_argument("--n", type=int, default=200, help="test samples")
     parser.add_argument("--keep-ratio", type=float, default=1 / 3)
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, processor = models.load(args.model)
-    task = models.task_for(args.model, "shapes")
+    model, processor = reference.load(args.model)
+    task = reference.task_for(args.model, "shapes")
     kind = type(model).__name__
     if kind not in ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
         raise SystemExit(f"token_needs.py knows LLaVA and Qwen2.5-VL token grids; {args.model} is a {kind}")

@@ -1,16 +1,12 @@
-"""benchmarks/model_probe.py: the linear and ridge probes read what is there and nothing that is not;
+"""models/bench/model_probe.py: the linear and ridge probes read what is there and nothing that is not;
 the report runs end to end on a reference model."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import model_probe
+from models.bench import model_probe
 
 
 def test_probe_reads_a_linear_label_and_not_noise():

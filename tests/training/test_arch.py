@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
 
-from vlmopt.models import arch as archs
+from models import arch as archs
 from vlmopt.models import processing
 
 

@@ -1,12 +1,12 @@
 """Can a reference model's vision tower learn to count, given the answer on every object token?
 
-    python benchmarks/tower_count.py --model tiny-qwen25vl [--scene tiny-llava] [--full-attention 0,1,2,3,4,5,6,7]
+    python -m models.bench.tower_count --model tiny-qwen25vl [--scene tiny-llava] [--full-attention 0,1,2,3,4,5,6,7]
         [--steps 1500] [--json out.json]
 
 Trains a freshly initialised vision tower (LLaVA: CLIP, read at the layer the projector reads; Qwen:
 windowed ViT + 2×2 merger) alone, no LM, with the training recipe's probes on its visual tokens:
 colour, shape, centre and, per object token, how many objects of the picture share its colour and
-its shape (:func:`vlmopt.models.train.cell_targets`; classes 1, 2, 3, 4+). Every ``--every`` steps it
+its shape (:func:`models.train.cell_targets`; classes 1, 2, 3, 4+). Every ``--every`` steps it
 reports the held-out accuracy of the colour and the two count probes on the object tokens of 48
 ``validation`` pictures, against the majority count.
 
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from vlmopt.models import processing, tasks, train
+from models import train
+from vlmopt.models import processing, tasks
 
 
 def tower_tokens(model, tap: train.VisionTap, qwen: bool, inputs: dict) -> torch.Tensor:
@@ -103,7 +104,7 @@ def count_curve(
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models.bench.tower_count", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(train.PRESETS))
     parser.add_argument("--scene", choices=sorted(train.TASK_CONFIGS), default=None, help="whose shapes pictures (default: the model's)")
     parser.add_argument("--full-attention", default=None, help="Qwen blocks with full attention, e.g. 0,1,2,3,4,5,6,7")

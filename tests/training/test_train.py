@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from vlmopt import models
-from vlmopt.models import processing, scenes, tasks, train
+from models import train
+from models.train import tower_guide
+from vlmopt import models as reference
+from vlmopt.models import processing, scenes, tasks
+from vlmopt.models.render import COLOURS, SHAPES
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,8 @@ def test_cell_targets_label_objects_and_grid_coordinates(index):
     objects = sample.objects[0]
     for k, o in enumerate(objects):
         covered = (sample.masks[0].reshape(16, 14, 16, 14) == k + 1).mean(axis=(1, 3)) >= 0.5
-        assert (t[0][covered] == train.COLOURS.index(o.colour) + 1).all()
-        assert (t[1][covered] == train.SHAPES.index(o.shape) + 1).all()
+        assert (t[0][covered] == COLOURS.index(o.colour) + 1).all()
+        assert (t[1][covered] == SHAPES.index(o.shape) + 1).all()
         assert (t[5][covered] == min(sum(p.colour == o.colour for p in objects), 4)).all()
         assert (t[6][covered] == min(sum(p.shape == o.shape for p in objects), 4)).all()
     assert ((t[5] > 0) == (t[0] > 0)).all() and ((t[6] > 0) == (t[0] > 0)).all()
@@ -98,7 +101,7 @@ def test_guide_loss_is_least_on_its_target(batch_of_scenes, llava_processor, sin
     loss = train.guide_loss(_rows(on_target), 4, batch, evidence, samples, visual, 14, words, families)
     if sink:
         # on target, each guided position costs the entropy of its target: log(k + 1) for k objects
-        assert 0.0 < float(loss) < math.log(len(train.SHAPES) + 1)
+        assert 0.0 < float(loss) < math.log(len(SHAPES) + 1)
     else:
         assert float(loss) == pytest.approx(0.0, abs=1e-4)
     B, L = batch["input_ids"].shape
@@ -188,7 +191,7 @@ def test_coordinate_probe_reads_the_tokens_it_is_pointed_at(name, source):
     taps = train.Taps.attach(model, cfg, qwen=qwen)
     text = model.config.text_config.hidden_size
     aux = train.AuxHeads.for_model(model, cfg, qwen)
-    task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
     samples = [task.sample("train", 100 + i) for i in range(2)]
     train.forward_loss(model, processor, samples, aux, taps, cfg, qwen=qwen)[0].backward()
     assert (taps.projector is not None) == (source == "projector")
@@ -203,7 +206,7 @@ def test_neighbour_targets_list_what_lies_in_each_direction_of_each_object():
     """On fresh pictures each object token's neighbour row marks exactly the colours and shapes of the
     objects the generator's own relation puts in each direction of its object; background rows are 0;
     the probe gets a gradient from object tokens and videos are refused."""
-    task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
     start = int(torch.randint(0, 100_000, ()).item())
     samples = [task.sample("train", start + i) for i in range(3)]
     cell = 28
@@ -226,7 +229,7 @@ def test_neighbour_targets_list_what_lies_in_each_direction_of_each_object():
                 where = scenes.relation(other, owner) if other is not owner else None
                 if where:
                     d = scenes.DIRECTIONS.index(where)
-                    want[d, train.COLOURS.index(other.colour)] = want[d, len(train.COLOURS) + train.SHAPES.index(other.shape)] = 1
+                    want[d, COLOURS.index(other.colour)] = want[d, len(COLOURS) + SHAPES.index(other.shape)] = 1
             assert torch.equal(rows[token], want)
             marked += int(want.sum() > 0)
     assert marked > 0
@@ -235,7 +238,7 @@ def test_neighbour_targets_list_what_lies_in_each_direction_of_each_object():
     terms = heads.terms(tokens, labels.reshape(-1, 7), None, None, neighbours=train.neighbour_targets(samples, cell))
     terms["neighbours"].backward()
     assert heads.neighbours.weight.grad.abs().sum() > 0
-    video = train.tasks.TASKS["shapes-video"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes-video"]).sample("train", 0)
+    video = tasks.TASKS["shapes-video"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes-video"]).sample("train", 0)
     with pytest.raises(ValueError, match="still pictures only"):
         train.neighbour_targets([video], cell)
     with pytest.raises(ValueError, match="neighbour_aux needs aux_weight"):
@@ -249,7 +252,7 @@ def test_neighbour_guide_points_each_head_at_one_direction_of_the_objects():
     cfg = train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=2, neighbour_guide_weight=1.0)
     model, processor, _ = train.build_model("tiny-qwen25vl", seed=0)
     taps = train.Taps.attach(model, cfg, qwen=True)
-    task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
     start = int(torch.randint(0, 100_000, ()).item())
     samples = [task.sample("train", start + i) for i in range(2)]
     batch = processing.encode(processor, samples)
@@ -367,7 +370,7 @@ def test_background_dropout_hides_only_background_tokens_from_the_lm(name):
     model, processor, _ = train.build_model(name, seed=0)
     model.eval()
     qwen = name == "tiny-qwen25vl"
-    task = train.tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
+    task = tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
     cell = train.token_cell(model)
     samples = [task.sample("train", 500 + i) for i in range(6)]
     turns, _ = train.training_turns(samples, 2, cell)
@@ -430,21 +433,21 @@ def test_training_cli_runs_and_rejects_bad_flags(tmp_path, capsys):
     # a fine-tuning run starts from those weights exactly, and refuses a model of another kind
     with pytest.raises(ValueError, match="not a model directory"):
         train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, init_from=str(tmp_path / "nowhere"))
-    trained, _ = models.load(tmp_path / "m")
+    trained, _ = reference.load(tmp_path / "m")
     fresh, _, _ = train.build_model("tiny-llava", seed=1)
     assert not torch.equal(fresh.lm_head.weight, trained.lm_head.weight)
     train.start_from(fresh, tmp_path / "m")
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True))
     with pytest.raises(ValueError, match="same --model"):
         train.start_from(train.build_model("tiny-qwen25vl", seed=0)[0], tmp_path / "m")
-    shipped_base = models.load("tiny-qwen25vl")[0].config.get_text_config().rope_parameters["rope_theta"]
+    shipped_base = reference.load("tiny-qwen25vl")[0].config.get_text_config().rope_parameters["rope_theta"]
     with pytest.raises(ValueError, match=f"--rope-theta {shipped_base}"):
         other_base = train.build_model("tiny-qwen25vl", seed=0, rope_theta=shipped_base * 2)[0]
-        train.start_from(other_base, models.path("tiny-qwen25vl"))
+        train.start_from(other_base, reference.path("tiny-qwen25vl"))
     # another M-RoPE layout moves only visual tokens' rotary: a fine-tune may switch it
     interleaved = train.build_model("tiny-qwen25vl", seed=0, mrope_interleaved=True)[0]
-    train.start_from(interleaved, models.path("tiny-qwen25vl"))
-    assert torch.equal(interleaved.lm_head.weight, models.load("tiny-qwen25vl")[0].lm_head.weight)
+    train.start_from(interleaved, reference.path("tiny-qwen25vl"))
+    assert torch.equal(interleaved.lm_head.weight, reference.load("tiny-qwen25vl")[0].lm_head.weight)
     with pytest.raises(ValueError, match="mrope_interleaved"):
         dataclasses.replace(train.PRESETS["tiny-llava"], mrope_interleaved=True)
 
@@ -488,10 +491,10 @@ def test_train_command_gives_back_its_config():
         guide_split_families=("position", "count"), guide_sink_families=(), init_from="models/tiny-qwen25vl", threads=1,
     )
     command = train.train_command(cfg)
-    assert command.startswith("python -m vlmopt.models.train --model tiny-qwen25vl --steps 600 ")
+    assert command.startswith("python -m models.train --model tiny-qwen25vl --steps 600 ")
     parsed, out = train.parse_args(shlex.split(command)[3:])
     assert parsed == dataclasses.replace(cfg, threads=train.PRESETS["tiny-qwen25vl"].threads) and out is None
-    assert train.train_command(train.PRESETS["tiny-llava"]) == "python -m vlmopt.models.train --model tiny-llava"
+    assert train.train_command(train.PRESETS["tiny-llava"]) == "python -m models.train --model tiny-llava"
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
@@ -566,7 +569,7 @@ def test_qwen_tower_scores_are_the_passes_scores_in_raster_order():
         window = train.qwen_windows(model, grid)
         attn = taps.tower.modules[0]
         hidden, (cos, sin) = taps.tower.inputs[0]
-        mine = torch.cat(train._qwen_received(attn, hidden, (cos, sin), grid, window["window_index"], window["merge_unit"]))
+        mine = torch.cat(tower_guide._qwen_received(attn, hidden, (cos, sin), grid, window["window_index"], window["merge_unit"]))
         merged = [(int(t), int(h) // 2, int(w) // 2) for t, h, w in grid.tolist()]
         layout = VisualLayout.from_grids(2, 1, (0, 1), merged)
         theirs = gf.qwen_received_attention(attn.qkv(hidden), cos, sin, layout, attn.num_heads, attn.scaling, window["merge_unit"])
@@ -697,10 +700,10 @@ def test_a_deeper_lm_starts_from_a_trained_model_with_its_exact_function():
     """``lm_layers`` above the checkpoint's depth appends identity layers: on fresh pictures the deeper
     model's logits equal the shipped model's bit for bit, its trained layers are copied, and the new
     layers' other weights stay trainable (only their output projections are zeroed)."""
-    shipped, processor = models.load("tiny-qwen25vl")
+    shipped, processor = reference.load("tiny-qwen25vl")
     depth = shipped.config.get_text_config().num_hidden_layers
     deeper = train.build_model("tiny-qwen25vl", seed=0, mrope_interleaved=True, lm_layers=depth + 2)[0]
-    train.start_from(deeper, models.path("tiny-qwen25vl"))
+    train.start_from(deeper, reference.path("tiny-qwen25vl"))
     task = tasks.TASKS["shapes"](train.TASK_CONFIGS["tiny-qwen25vl"]["shapes"])
     start = int(torch.randint(0, 100_000, ()).item())
     batch = processing.encode(processor, [task.sample("test", start + i) for i in range(2)])
@@ -712,7 +715,7 @@ def test_a_deeper_lm_starts_from_a_trained_model_with_its_exact_function():
     assert torch.count_nonzero(new.self_attn.q_proj.weight) > 0 and torch.count_nonzero(new.mlp.up_proj.weight) > 0
     assert train.lm_layers_appended(shipped, deeper) == set()
     with pytest.raises(ValueError, match="same --model"):  # a shallower model cannot take a deeper one's weights
-        train.start_from(train.build_model("tiny-qwen25vl", seed=0, lm_layers=depth - 1)[0], models.path("tiny-qwen25vl"))
+        train.start_from(train.build_model("tiny-qwen25vl", seed=0, lm_layers=depth - 1)[0], reference.path("tiny-qwen25vl"))
     with pytest.raises(ValueError, match="lm_layers=1 must be at least 2"):
         train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=1, lm_layers=1)
     with pytest.raises(ValueError, match="tiny-qwen25vl's LM depth"):

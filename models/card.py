@@ -126,13 +126,25 @@ def _training_commands(results: dict) -> list[str]:
 def write_card(out_dir: Path, results: dict) -> None:
     """Write ``out_dir/README.md`` from ``results`` (the ``eval.json`` dict)."""
     out_dir = Path(out_dir)
-    name = results["model"]
     weights = out_dir / "model.safetensors"
     size_mb = weights.stat().st_size / 2**20 if weights.exists() else float("nan")
-    cfg = results["train_config"]
     configs_file = out_dir / "tasks.json"
     task_configs = json.loads(configs_file.read_text()) if configs_file.exists() else {}
     lines = [
+        *_intro_section(results["model"]),
+        *_architecture_section(results, size_mb),
+        *_prompt_section(results["model"]),
+        *_training_section(results, task_configs, (out_dir / "TRAINING.md").exists()),
+        *_accuracy_section(results),
+        *_targets_section(results),
+        *_validation_section(results),
+    ]
+    (out_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _intro_section(name: str) -> list[str]:
+    """Title, what the model is, and how to load it."""
+    return [
         f"# {name}",
         "",
         f"A small {ARCH_TEXT[name]}, trained from random initialisation by vlmopt on seeded synthetic "
@@ -146,6 +158,12 @@ def write_card(out_dir: Path, results: dict) -> None:
         "inputs = models.processing.encode(processor, [task.samples('test', n=1)[0]])",
         "```",
         "",
+    ]
+
+
+def _architecture_section(results: dict, size_mb: float) -> list[str]:
+    """Parameter count, weight file size and every architecture setting."""
+    return [
         "## Architecture",
         "",
         f"{results['parameters'] / 1e6:.2f}M parameters, float32 weights ({size_mb:.1f} MiB `model.safetensors`).",
@@ -154,131 +172,45 @@ def write_card(out_dir: Path, results: dict) -> None:
         "|---|---|",
         *[f"| `{k}` | {v} |" for k, v in results["arch"].items()],
         "",
-        "## Prompt",
-        "",
     ]
+
+
+def _prompt_section(name: str) -> list[str]:
+    """The prompt format the model was trained on (and, for Qwen, how its videos are processed)."""
+    lines = ["## Prompt", ""]
     if name == "tiny-llava":
-        lines += [
+        return lines + [
             "`USER: <image>\\n{question} ASSISTANT:` → ` {answer}</s>` (the tokenizer adds `<s>`; the processor "
             "expands `<image>` to 256 tokens). The processor's chat template produces the same text.",
-        ]
-    else:
-        lines += [
-            "`<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n` "
-            "→ `{answer}<|im_end|>` (`<|video_pad|>` for videos). 448 px images give 32×32 patches → 256 merged "
-            "tokens; 112 px video frames give 16 tokens per frame pair.",
             "",
-            "Videos: transformers' `Qwen2VLVideoProcessor` needs torchvision. Without it, `AutoProcessor` "
-            "cannot build `Qwen2_5_VLProcessor` at all; `vlmopt.models.load` / `processing.load_processor` then "
-            "build it without the video processor, and `processing.encode` makes `pixel_values_videos`, "
-            "`video_grid_thw` and `second_per_grid_ts` with the HF layout (`processing.qwen_video_inputs`, "
-            "checked against the HF source in `tests/models/test_processing.py`). With torchvision installed, "
-            "`AutoProcessor.from_pretrained` loads the full processor from these files.",
         ]
-    lines += [
+    return lines + [
+        "`<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n` "
+        "→ `{answer}<|im_end|>` (`<|video_pad|>` for videos). 448 px images give 32×32 patches → 256 merged "
+        "tokens; 112 px video frames give 16 tokens per frame pair.",
         "",
+        "Videos: transformers' `Qwen2VLVideoProcessor` needs torchvision. Without it, `AutoProcessor` "
+        "cannot build `Qwen2_5_VLProcessor` at all; `vlmopt.models.load` / `processing.load_processor` then "
+        "build it without the video processor, and `processing.encode` makes `pixel_values_videos`, "
+        "`video_grid_thw` and `second_per_grid_ts` with the HF layout (`processing.qwen_video_inputs`, "
+        "checked against the HF source in `tests/models/test_processing.py`). With torchvision installed, "
+        "`AutoProcessor.from_pretrained` loads the full processor from these files.",
+        "",
+    ]
+
+
+def _training_section(results: dict, task_configs: dict, training_notes: bool) -> list[str]:
+    """The commands that trained the model, its schedule and losses in prose, wall time and tasks
+    (``training_notes``: the directory has a ``TRAINING.md``, which the section points to)."""
+    notes = ["`TRAINING.md` says what each training option was measured to do.", ""] if training_notes else []
+    return [
         "## Training",
         "",
         *_training_commands(results),
         "",
-        f"{cfg['steps']} AdamW steps (peak lr {cfg['lr']}, {cfg['warmup']} warm-up steps, cosine decay), "
-        f"{cfg['batch_size']} images per image step"
-        + (
-            f", {cfg['video_batch_size']} videos every {cfg['video_every']}nd step from step {cfg['video_from']} "
-            "(alternating `shapes-video` and `needle`)"
-            if cfg["video_every"]
-            else ""
-        )
-        + f", weight-init seed {cfg['seed']}. Data are rendered on the fly from the `train` split of the seeded "
-        "generator (`vlmopt.models.tasks`). The language-model loss covers only the answer tokens; auxiliary "
-        f"losses (weight {cfg['aux_weight']}) on the visual tokens — the colour, shape and centre of the object "
-        "under each token" + (", and which colours/shapes the image holds from CLIP's pooled CLS" if name == "tiny-llava" else "")
-        + " — speed the from-scratch vision tower up; their heads are discarded."
-        + (
-            f" An attention guide (weight {cfg['guide_weight']}, training only) asks each colour or shape word of a "
-            "question, in the first LM layer, and each answer position, in the middle LM layers, to put their "
-            "attention on the visual tokens of the objects concerned"
-            + _sink_text(cfg)
-            if cfg.get("guide_weight")
-            else ""
-        )
-        + (
-            " The question words look at their objects again in the second LM layer, where the objects' places first exist."
-            if cfg.get("guide_words_twice")
-            else ""
-        )
-        + (
-            " The answer position also looks, in the first LM layer, at its own question's colour and shape words "
-            "(so that later layers know what to look for)."
-            if cfg.get("guide_read_question")
-            else ""
-        )
-        + (
-            " Video turns are guided too: each answer position looks at the visual tokens of its evidence objects "
-            "in every frame they are on screen (the last temporal patch for questions about now)."
-            if cfg.get("guide_videos") and cfg.get("guide_weight")
-            else ""
-        )
-        + (
-            f" For {', '.join(cfg['guide_split_families'])} questions the answer-position guide splits the heads: the "
-            "first half look at the first-named object, the second half at the other."
-            if cfg.get("guide_split_families")
-            else ""
-        )
-        + (
-            " In the first LM layer those answers read their question split the same way: the first half of the "
-            "heads the first-named object's colour and shape words, the second half the other's."
-            if cfg.get("guide_split_question")
-            else ""
-        )
-        + (
-            " A probe regresses each visual token's grid row and column"
-            + {
-                "projector": " from the projector's output (the tokens the LM receives).",
-                "lm": " from the input of the LM's second layer (after one LM layer with its rotary positions).",
-            }.get(cfg.get("coord_aux_from", "tower"), ".")
-            if cfg.get("coord_aux")
-            else ""
-        )
-        + (
-            f" In {100 * cfg['background_dropout']:.0f}% of the training pictures part of the background is hidden from "
-            "the LM (each token no object covers is masked out of attention with a probability drawn per picture "
-            "from U[0, 0.9), positions kept), so that the answers rest on the objects, not on how much background "
-            "is left."
-            if cfg.get("background_dropout")
-            else ""
-        )
-        + (
-            " At the answer position of each relative-position turn, a probe regresses both named objects' grid "
-            "coordinates from the LM's residual stream after its last guided layer."
-            if cfg.get("relation_aux")
-            else ""
-        )
-        + (
-            " A probe classifies, on each object token, how many objects share its colour and how many its shape "
-            "(1, 2, 3, 4+), so that a counting question is answered by reading the named objects."
-            if cfg.get("count_aux")
-            else ""
-        )
-        + (
-            " A probe tells, on each object token of a picture, which colours and which shapes lie left of, right of, "
-            "above and below its object, so that a relative-position question is answered by reading the named objects."
-            if cfg.get("neighbour_aux")
-            else ""
-        )
-        + (
-            f" A tower attention guide (weight {cfg['tower_guide_weight']}, training only) asks that at least "
-            f"{100 * cfg.get('tower_guide_share', 1.0):.0f}% of the attention the visual tokens receive (mean over heads "
-            "and all queries), at the two vision-tower layers HiPrune reads by default (object and deep layer), fall on "
-            "object tokens: object-centric attention is what the HiPrune paper observes in pretrained towers and builds "
-            "on, and a small tower trained from scratch on these tasks does not develop it by itself. The pruning passes "
-            "are unchanged; RandomPrune and PoolPrune do not read attention."
-            if cfg.get("tower_guide_weight")
-            else ""
-        )
-        + f" Each image carries {cfg['extra_turns']} more question turns, their answers labelled too"
-        + (", each drawn answer-first so the answers a picture allows come up evenly." if cfg.get("balanced_turns") else "."),
+        _schedule_text(results["train_config"]) + _losses_text(results["train_config"], results["model"]),
         "",
+        *notes,
         f"Wall time: {results['train_minutes']:.1f} min of training + {results['eval_minutes']:.1f} min of "
         f"evaluation ({results['machine']}).",
         "",
@@ -286,6 +218,116 @@ def write_card(out_dir: Path, results: dict) -> None:
         "",
         *[f"- `{t}`: {_task_text(t, task_configs.get(t, {}))}." for t in results["test"]],
         "",
+    ]
+
+
+def _schedule_text(cfg: dict) -> str:
+    """Optimiser steps, learning rate, batches and seed."""
+    videos = (
+        f", {cfg['video_batch_size']} videos every {cfg['video_every']}nd step from step {cfg['video_from']} "
+        "(alternating `shapes-video` and `needle`)"
+        if cfg["video_every"]
+        else ""
+    )
+    return (
+        f"{cfg['steps']} AdamW steps (peak lr {cfg['lr']}, {cfg['warmup']} warm-up steps, cosine decay), "
+        f"{cfg['batch_size']} images per image step{videos}, weight-init seed {cfg['seed']}. Data are rendered on "
+        "the fly from the `train` split of the seeded generator (`vlmopt.models.tasks`)."
+    )
+
+
+def _losses_text(cfg: dict, name: str) -> str:
+    """One sentence per loss and training aid the run used, in the order the config lists them."""
+    cls = ", and which colours/shapes the image holds from CLIP's pooled CLS" if name == "tiny-llava" else ""
+    text = (
+        " The language-model loss covers only the answer tokens; auxiliary "
+        f"losses (weight {cfg['aux_weight']}) on the visual tokens — the colour, shape and centre of the object "
+        f"under each token{cls} — speed the from-scratch vision tower up; their heads are discarded."
+    )
+    if cfg.get("guide_weight"):
+        text += (
+            f" An attention guide (weight {cfg['guide_weight']}, training only) asks each colour or shape word of a "
+            "question, in the first LM layer, and each answer position, in the middle LM layers, to put their "
+            "attention on the visual tokens of the objects concerned" + _sink_text(cfg)
+        )
+    text += "".join(sentence for key, sentence in _AID_SENTENCES if cfg.get(key) and (key != "guide_videos" or cfg.get("guide_weight")))
+    if cfg.get("guide_split_families"):
+        text += (
+            f" For {', '.join(cfg['guide_split_families'])} questions the answer-position guide splits the heads: the "
+            "first half look at the first-named object, the second half at the other."
+        )
+    if cfg.get("guide_split_question"):
+        text += (
+            " In the first LM layer those answers read their question split the same way: the first half of the "
+            "heads the first-named object's colour and shape words, the second half the other's."
+        )
+    return text + _probe_text(cfg) + _tower_guide_text(cfg) + (
+        f" Each image carries {cfg['extra_turns']} more question turns, their answers labelled too"
+        + (", each drawn answer-first so the answers a picture allows come up evenly." if cfg.get("balanced_turns") else ".")
+    )
+
+
+_AID_SENTENCES = (
+    ("guide_words_twice", " The question words look at their objects again in the second LM layer, where the objects' places first exist."),
+    ("guide_read_question", " The answer position also looks, in the first LM layer, at its own question's colour and shape words "
+     "(so that later layers know what to look for)."),
+    ("guide_videos", " Video turns are guided too: each answer position looks at the visual tokens of its evidence objects "
+     "in every frame they are on screen (the last temporal patch for questions about now)."),
+)
+"""(config key, sentence) of the guide options that add one fixed sentence when on."""
+
+
+def _probe_text(cfg: dict) -> str:
+    """The coordinate, background-dropout, relation, count and neighbour aids, where on."""
+    text = ""
+    if cfg.get("coord_aux"):
+        text += " A probe regresses each visual token's grid row and column" + {
+            "projector": " from the projector's output (the tokens the LM receives).",
+            "lm": " from the input of the LM's second layer (after one LM layer with its rotary positions).",
+        }.get(cfg.get("coord_aux_from", "tower"), ".")
+    if cfg.get("background_dropout"):
+        text += (
+            f" In {100 * cfg['background_dropout']:.0f}% of the training pictures part of the background is hidden from "
+            "the LM (each token no object covers is masked out of attention with a probability drawn per picture "
+            "from U[0, 0.9), positions kept), so that the answers rest on the objects, not on how much background "
+            "is left."
+        )
+    if cfg.get("relation_aux"):
+        text += (
+            " At the answer position of each relative-position turn, a probe regresses both named objects' grid "
+            "coordinates from the LM's residual stream after its last guided layer."
+        )
+    if cfg.get("count_aux"):
+        text += (
+            " A probe classifies, on each object token, how many objects share its colour and how many its shape "
+            "(1, 2, 3, 4+), so that a counting question is answered by reading the named objects."
+        )
+    if cfg.get("neighbour_aux"):
+        text += (
+            " A probe tells, on each object token of a picture, which colours and which shapes lie left of, right of, "
+            "above and below its object, so that a relative-position question is answered by reading the named objects."
+        )
+    return text
+
+
+def _tower_guide_text(cfg: dict) -> str:
+    """The vision-tower attention guide, where on."""
+    if not cfg.get("tower_guide_weight"):
+        return ""
+    return (
+        f" A tower attention guide (weight {cfg['tower_guide_weight']}, training only) asks that at least "
+        f"{100 * cfg.get('tower_guide_share', 1.0):.0f}% of the attention the visual tokens receive (mean over heads "
+        "and all queries), at the two vision-tower layers HiPrune reads by default (object and deep layer), fall on "
+        "object tokens: object-centric attention is what the HiPrune paper observes in pretrained towers and builds "
+        "on, and a small tower trained from scratch on these tasks does not develop it by itself. The pruning passes "
+        "are unchanged; RandomPrune and PoolPrune do not read attention."
+    )
+
+
+def _accuracy_section(results: dict) -> list[str]:
+    """Per task, the accuracy table per question family and the commands that measure it."""
+    name = results["model"]
+    lines = [
         "## Accuracy (test split)",
         "",
         "Greedy `generate(max_new_tokens=3)`, first word compared with the answer (`tasks.score`). The "
@@ -306,8 +348,13 @@ def write_card(out_dir: Path, results: dict) -> None:
         if control:
             lines.append(f"python -m vlmopt.models.evaluate --model {name} --task {task} --n {full['n']} --text-only")
         lines += ["```", ""]
+    return lines
+
+
+def _targets_section(results: dict) -> list[str]:
+    """The project's targets, measured, and what it means to ship below them."""
     checks = targets(results)
-    lines += [
+    lines = [
         "### Project targets",
         "",
         "| target | measured | goal | met |",
@@ -322,10 +369,16 @@ def write_card(out_dir: Path, results: dict) -> None:
             "say so wherever they are reported.",
             "",
         ]
-    lines += [
+    return lines + [
         "`eval.json` holds these numbers, the validation curve and a fixed small test set "
         "(`fixed`: first test samples, with each prediction) that `tests/models` re-checks.",
         "",
+    ]
+
+
+def _validation_section(results: dict) -> list[str]:
+    """The validation curve recorded during training."""
+    lines = [
         "## Validation during training",
         "",
         "| step | minutes | " + " | ".join(results["test"]) + " |",
@@ -334,4 +387,4 @@ def write_card(out_dir: Path, results: dict) -> None:
     for point in results["history"]:
         cells = [_pct(point[t]) if t in point else "–" for t in results["test"]]
         lines.append(f"| {point['step']} | {point['minutes']} | " + " | ".join(cells) + " |")
-    (out_dir / "README.md").write_text("\n".join(lines) + "\n")
+    return lines

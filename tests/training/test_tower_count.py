@@ -1,19 +1,16 @@
-"""benchmarks/tower_count.py: a tower trained alone learns what one patch shows (colour) within a few
+"""models/bench/tower_count.py: a tower trained alone learns what one patch shows (colour) within a few
 steps; ``--full-attention`` really changes which Qwen blocks see the whole image; bad blocks are refused."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import tower_count
-
-from vlmopt.models import processing, tasks, train
+from models import train
+from models.bench import tower_count
+from vlmopt.models import processing, tasks
 
 
 def test_colour_probe_learns_on_a_tower_trained_alone(tmp_path):

@@ -1,8 +1,8 @@
 """Seconds per optimiser step of a reference model's training preset, per kind of step.
 
-    python benchmarks/train_step.py --model tiny-llava [--steps 20] [--threads 2] [--json out.json]
+    python -m models.bench.train_step --model tiny-llava [--steps 20] [--threads 2] [--json out.json]
 
-Runs the preset's own training step (:meth:`vlmopt.models.train.Run.step`: losses, backward,
+Runs the preset's own training step (:meth:`models.train.Run.step`: losses, backward,
 clipping, AdamW) on fresh weights for ``--steps`` steps of each task the preset trains on
 (``shapes``; Qwen2.5-VL also ``shapes-video`` and ``needle``, with their batch sizes), after two
 warm-up steps, and reports the median. With the preset's step plan it estimates the training time of a full run (validation and the
@@ -19,8 +19,8 @@ import time
 
 import torch
 
+from models import train as recipe
 from vlmopt.models import tasks
-from vlmopt.models import train as recipe
 
 
 def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
@@ -46,7 +46,7 @@ def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m models.bench.train_step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(recipe.PRESETS))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per task (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=2)

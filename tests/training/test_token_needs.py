@@ -1,19 +1,14 @@
-"""benchmarks/token_needs.py: its hand-pruned forward is the model's own when every token is kept."""
+"""models/bench/token_needs.py: its hand-pruned forward is the model's own when every token is kept."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from models.bench import token_needs
 from vlmopt import models
 from vlmopt.models import processing
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import token_needs
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])

@@ -1,17 +1,13 @@
-"""benchmarks/train_step.py: times each kind of step of a training preset and estimates a full run."""
+"""models/bench/train_step.py: times each kind of step of a training preset and estimates a full run."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from vlmopt.models import train as recipe
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import train_step
+from models import train as recipe
+from models.bench import train_step
 
 
 def test_times_every_task_of_the_preset_and_estimates_the_run(tmp_path, capsys):

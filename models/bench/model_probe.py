@@ -1,13 +1,13 @@
 """What a reference model's visual tokens encode, where its LM can find their places, and where its answers look.
 
-    python benchmarks/model_probe.py [--model tiny-llava] [--n 320] [--json out.json]
+    python -m models.bench.model_probe [--model tiny-llava] [--n 320] [--json out.json]
 
 Three diagnostics of a trained reference model (LLaVA or Qwen2.5-VL), on fresh ``train``-split pictures
 (probes) and the recorded test split (attention):
 
 * **Linear probes** on the object tokens the LM receives (LLaVA: CLIP features at the selected layer;
   Qwen: merged tokens): colour, shape, and how many objects share the token's colour and its shape
-  (:func:`vlmopt.models.train.cell_targets`). A logistic regression fitted on 70% of the tokens,
+  (:func:`models.train.cell_targets`). A logistic regression fitted on 70% of the tokens,
   scored on the rest, against the majority class. Whatever a probe cannot read, an LM reading those
   tokens cannot either.
 * **Where each visual token is**: the R² of a ridge regression of each visual token's grid column and
@@ -36,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmopt import models
-from vlmopt.models import processing, scenes, train
+from models import train
+from vlmopt import models as reference
+from vlmopt.models import processing, scenes
 
 PROBES = {"colour": 0, "shape": 1, "same-colour count": 5, "same-shape count": 6}
-"""Probe name → row of :func:`vlmopt.models.train.cell_targets`."""
+"""Probe name → row of :func:`models.train.cell_targets`."""
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 300, seed: int = 0) -> tuple[float, float]:
@@ -66,7 +67,7 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 30
 def train_picture_features(model, processor, task, n: int, qwen: bool, batch_size: int = 16):
     """From one forward of each of ``n`` fresh train-split pictures: (the visual tokens the object
     probes read [N, D], the input of each LM layer's attention at the visual tokens [N, Dt] per layer,
-    :func:`vlmopt.models.train.aux_targets` [N, 7]), rows in the same token order."""
+    :func:`models.train.aux_targets` [N, 7]), rows in the same token order."""
     vision = train.VisionTap(model.model.visual if qwen else model.model.vision_tower)
     layers = model.model.language_model.layers
     lm = train.AttentionTap([layer.self_attn for layer in layers])
@@ -212,7 +213,7 @@ def position_reading(model, processor, task, n: int, batch_size: int = 16) -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m models.bench.model_probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava", help="a reference model's name or directory")
     parser.add_argument("--n", type=int, default=320, help="pictures for the probes and test samples for the attention")
     parser.add_argument("--threads", type=int, default=1)
@@ -221,10 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.n < 10:
         parser.error(f"--n {args.n}: need at least 10 pictures to fit and score a probe")
     torch.set_num_threads(args.threads)
-    model, processor = models.load(args.model)
+    model, processor = reference.load(args.model)
     model.eval()
     qwen = "qwen" in type(model).__name__.lower()
-    task = models.task_for(args.model, "shapes")
+    task = reference.task_for(args.model, "shapes")
     tokens, lm_inputs, labels = train_picture_features(model, processor, task, args.n, qwen)
     result = {
         "model": str(args.model),

@@ -1,0 +1,9 @@
+"""Analyses of a model's hidden states that guide where passes act (no graph rewriting here).
+
+:mod:`vlmopt.analysis.entropy` — truncated matrix entropy of a token subset's hidden states (HalfV's
+stage analysis, arXiv 2604.16462).
+"""
+
+from .entropy import truncated_matrix_entropy
+
+__all__ = ["truncated_matrix_entropy"]
