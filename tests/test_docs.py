@@ -11,10 +11,6 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MAX_README_BYTES = 15_000
 
-#: Paths that a parallel change adds (training and research benchmarks move under ``models/``, each
-#: reference model gets a training log). Until it is merged they may be missing; nothing else may.
-PENDING_PATHS = frozenset({"models/train", "models/bench", "models/tiny-llava/TRAINING.md"})
-
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -51,8 +47,7 @@ def test_every_relative_link_points_to_a_file_in_the_repository():
             if not path.is_relative_to(ROOT):
                 broken.append(f"{page.name}: {target} (outside the repository)")
                 continue
-            rel = path.relative_to(ROOT).as_posix()
-            if not path.exists() and rel not in PENDING_PATHS:
+            if not path.exists():
                 broken.append(f"{page.name}: {target}")
     assert not broken, "broken links: " + "; ".join(broken)
 
@@ -72,7 +67,7 @@ def test_readme_tree_is_the_output_of_tree_py():
 
 def test_every_tree_entry_exists():
     tree = load_tree()
-    gone = set(tree.missing()) - {p + "/" for p in PENDING_PATHS} - PENDING_PATHS
+    gone = tree.missing()
     assert not gone, f"benchmarks/tree.py lists paths that do not exist: {sorted(gone)}"
 
 
