@@ -12,7 +12,7 @@ import argparse
 import inspect
 import json
 
-from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists, positive_int
+from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists, positive_int, unit_fraction
 
 #: Inputs of each shape: (image grid for Qwen or None, text before, question length).
 BENCH_CONFIGS = {
@@ -33,7 +33,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="llava-1.5-7b-shape",
                         help="a 7B-shaped config (measured at --width) or a tiny random one")
     add_passes_argument(parser)
-    parser.add_argument("--width", type=float, default=0.125, help="width scale for the timed runs (1.0 = real)")
+    parser.add_argument("--width", type=unit_fraction, default=0.125,
+                        help="width scale for the timed runs, in (0, 1] (1 = real)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed prefill repeats per pass list")
     parser.add_argument("--threads", type=positive_int,
                         help="PyTorch CPU threads for the timed runs (default: PyTorch's; on a shared machine 1 is "
