@@ -55,7 +55,7 @@ def test_eval_end_to_end_writes_the_documented_json(model_dir, tmp_path, capsys)
 
 def test_eval_refuses_a_bad_sample_count(model_dir, capsys):
     assert main(["eval", "--model", str(model_dir), "--n", "0"]) == 2
-    assert "--n must be ≥ 1" in capsys.readouterr().err
+    assert "argument --n: must be ≥ 1, got 0" in capsys.readouterr().err
 
 
 def test_demo_on_a_reference_model_shows_questions_and_the_eval_table(model_dir, capsys):

@@ -52,7 +52,7 @@ def test_export_errors_are_clear(tmp_path, capsys):
     corrupt.mkdir()
     (corrupt / "config.json").write_text("{this is not json")
     message = _error(capsys, ["export", "--model", str(corrupt), "--out", out])
-    assert "cannot load the model" in message and "corrupt" in message
+    assert "config.json is not valid JSON (line 1 column 2" in message and "re-save the model" in message
     message = _error(capsys, ["export", "--model", "tiny-llava-random", "--passes", "prune_everything:keep_ratio=0.5", "--out", out])
     assert "unknown pass 'prune_everything'" in message and "random_prune" in message
     blocker = tmp_path / "a-file"

@@ -35,7 +35,7 @@ def test_matches_dense_softmax_column_means(shape):
 @pytest.mark.parametrize(
     "shape, block_elements",
     [
-        ((1, 1031, 2, 8), module.BLOCK_ELEMENTS),  # real block size: 2 blocks of 508 query rows + 15
+        ((1, 1031, 2, 8), module.BLOCK_ELEMENTS),  # the real block size: 8 blocks of 127 query rows + 15
         ((3, 37, 3, 4), 37 * 3 * 5),  # 5 query rows of all heads per block, last block ragged (2 rows)
         ((5, 11, 2, 6), 2 * 11 * 11 * 2),  # two whole sequences per block, the last one alone
         ((2, 19, 1, 5), 1),  # one query row per block

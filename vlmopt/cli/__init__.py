@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from vlmopt.cli import bench, demo, eval_cmd, export_cmd, inspect_cmd, run_cmd, viz_cmd
@@ -10,8 +9,10 @@ from vlmopt.cli import bench, demo, eval_cmd, export_cmd, inspect_cmd, run_cmd, 
 SUBCOMMANDS = (demo, inspect_cmd, eval_cmd, bench, viz_cmd, export_cmd, run_cmd)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmopt", description="Compiler passes that make VLMs cheaper to run.")
+def build_parser():
+    from vlmopt.cli.common import Parser
+
+    parser = Parser(prog="vlmopt", description="Compiler passes that make VLMs cheaper to run.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.add_parsers(subparsers)
@@ -19,9 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); the exit status: 0 done, 2 bad
+    input (one line on stderr: ``vlmopt <verb>: error: <problem and fix>``), others per verb."""
     from vlmopt.errors import VlmoptError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # usage errors (status 2) and --help (0): a status, also in-process
+        return exit.code if isinstance(exit.code, int) else 2
     try:
         return args.run(args)
     except (VlmoptError, FileNotFoundError) as error:

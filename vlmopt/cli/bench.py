@@ -3,7 +3,7 @@
 FLOPs and KV-cache bytes are counted at the real model's full width on fake tensors (no memory, no
 arithmetic); prefill time and peak memory are measured for real at ``--width`` (a scaled-down width
 that runs on a CPU, same depth, heads and token counts). Every pass list is measured in the same
-run as the baseline (no passes), and reported as ratios against it.
+run as the baseline (no passes), timed alternately with it (ABBA), and reported as ratios against it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import inspect
 import json
 
-from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists, positive_int
+from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists, positive_int, unit_fraction
 
 #: Inputs of each shape: (image grid for Qwen or None, text before, question length).
 BENCH_CONFIGS = {
@@ -33,7 +33,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="llava-1.5-7b-shape",
                         help="a 7B-shaped config (measured at --width) or a tiny random one")
     add_passes_argument(parser)
-    parser.add_argument("--width", type=float, default=0.125, help="width scale for the timed runs (1.0 = real)")
+    parser.add_argument("--width", type=unit_fraction, default=0.125,
+                        help="width scale for the timed runs, in (0, 1] (1 = real)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed prefill repeats per pass list")
     parser.add_argument("--threads", type=positive_int,
                         help="PyTorch CPU threads for the timed runs (default: PyTorch's; on a shared machine 1 is "
@@ -52,8 +53,6 @@ def _batch(model, config: str):
 
 
 def bench_report(config: str, lists: list[list[str]], width: float, repeats: int) -> dict:
-    import torch
-
     import vlmopt
     from vlmopt import configs
     from vlmopt.measure import (
@@ -69,16 +68,15 @@ def bench_report(config: str, lists: list[list[str]], width: float, repeats: int
     full = configs.build(make(), device="meta")
     small = configs.build(make(width=width) if scalable else make())
     full_batch, small_batch = _batch(full, config), _batch(small, config)
-    results = []
-    for passes in [[]] + lists:
+    results, runners = [], {}
+    for index, passes in enumerate([[]] + lists):
         compiled_full = vlmopt.compile(full, passes=passes)
         full_cache = compiled_full.new_cache()
         flops = vlmopt.flops(compiled_full, full_batch, cache=full_cache)
         compiled = vlmopt.compile(small, passes=passes)
         prompt = compiled.plan(small_batch, for_generation=True)
         total, kept = prompt.layout.total, compiled.visual_tokens_kept(prompt)
-        run = prefill_runner(compiled, small_batch)
-        timing = measure(run, repeats=repeats, warmup=1)
+        run = runners[str(index)] = prefill_runner(compiled, small_batch)
         roles = time_by_role(compiled, small_batch, repeats=max(1, repeats // 2))
         graph_seconds = sum(roles.values())
         overhead = sum(seconds for role, seconds in roles.items() if role in PASS_ROLES)
@@ -89,16 +87,18 @@ def bench_report(config: str, lists: list[list[str]], width: float, repeats: int
             "prefill_flops": flops.total,
             "llm_prefill_flops": flops.llm,
             "flops_by_stage": flops.by_stage,
-            "prefill_seconds": timing.median_s,
-            "prefill_seconds_all": list(timing.samples_s),
             "pass_overhead_seconds": overhead,
             "pass_overhead_share": overhead / graph_seconds if graph_seconds else 0.0,
             "time_by_role": dict(sorted(roles.items(), key=lambda item: -item[1])),
             "peak_bytes": peak_prefill_bytes(run),
             "kv_bytes": cache_bytes(full_cache),
         })
-        del compiled
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    # Every pass list is timed side by side with the baseline, alternating (ABBA): a load that comes
+    # and goes on a shared machine then slows all lists alike instead of whichever ran at the time.
+    timings = measure(runners, repeats=repeats, warmup=1)
+    for index, entry in enumerate(results):
+        entry["prefill_seconds"] = timings[str(index)].median_s
+        entry["prefill_seconds_all"] = list(timings[str(index)].samples_s)
     baseline, runs = results[0], results[1:]
     for entry in runs:
         for key in ("prefill_flops", "llm_prefill_flops", "prefill_seconds", "peak_bytes", "kv_bytes"):

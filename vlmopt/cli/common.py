@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from vlmopt.errors import VlmoptError
+from vlmopt.errors import InputError, VlmoptError
 
 
 @dataclass
@@ -45,21 +46,67 @@ def add_passes_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def pass_lists(specs: list[str]) -> list[list[str]]:
-    """``--passes`` values as lists of pass specs (``a+b`` is one list of two passes)."""
-    return [[part for part in spec.split("+") if part.strip()] for spec in specs]
+    """``--passes`` values as lists of pass specs (``a+b`` is one list of two passes), each spec
+    checked now (unknown pass, bad option or value: a clear error before any model is loaded)."""
+    from vlmopt import passes
+
+    lists = [[part for part in spec.split("+") if part.strip()] for spec in specs]
+    for specs_of_list in lists:
+        for spec in specs_of_list:
+            passes.parse(spec)
+    return lists
+
+
+def model_directory(name: str) -> Path | None:
+    """The directory of model ``name`` after checking it holds a readable ``config.json``; None for a
+    random-weight config name. Raises :class:`InputError` naming the problem and the fix."""
+    from vlmopt import configs, models
+
+    if name in configs.CONFIGS:
+        return None
+    known = f"pass a Hugging Face model directory, one of {', '.join(models.MODEL_NAMES)}, or a random config ({', '.join(configs.CONFIGS)})"
+    try:
+        directory = models.path(name)
+    except FileNotFoundError as error:
+        raise InputError(f"{error}; or a random config ({', '.join(configs.CONFIGS)})") from None
+    if not directory.is_dir():
+        raise InputError(f"{directory} is a file, not a model directory; {known}")
+    config = directory / "config.json"
+    if not config.is_file():
+        raise InputError(f"{directory} is not a model directory (no config.json); {known}")
+    try:
+        content = json.loads(config.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"{config} is not valid JSON (line {error.lineno} column {error.colno}: {error.msg}); re-download or re-save the model"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read {config} ({error}); re-download or re-save the model") from None
+    if not isinstance(content, dict) or "model_type" not in content:
+        raise InputError(f"{config} has no \"model_type\"; it is not a Hugging Face model config, re-download or re-save the model")
+    return directory
 
 
 def load_model(name: str) -> LoadedModel:
     """A random-weight config by name, or a reference model / local checkpoint with its processor."""
     from vlmopt import configs
 
-    if name in configs.CONFIGS:
+    directory = model_directory(name)
+    if directory is None:
         return LoadedModel(name, configs.build(configs.CONFIGS[name]()))
+    from vlmopt import models
+
     try:
-        from vlmopt import models
-    except ImportError as error:  # pragma: no cover - the package ships vlmopt.models
-        raise VlmoptError(f"cannot load {name!r}: {error}") from error
-    model, processor = models.load(name)
+        model, processor = models.load(directory)
+    except VlmoptError:
+        raise
+    except Exception as error:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, safetensors errors...
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise VlmoptError(
+            f"cannot load the model {name!r} ({type(error).__name__}: {first_line}); the directory is incomplete or "
+            "corrupt: it needs config.json, the weights (model.safetensors) and, for text prompts, the processor "
+            "files written by save_pretrained"
+        ) from None
     return LoadedModel(name, model, processor)
 
 
@@ -71,6 +118,18 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """``argparse`` type of fractions in (0, 1] such as ``--width``; ``1/8`` reads as 0.125."""
+    try:
+        numerator, _, denominator = text.partition("/")
+        value = float(numerator) / float(denominator) if denominator else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number such as 0.125 or 1/8") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -87,6 +146,9 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def fail(message: str) -> int:
-    print(f"vlmopt: error: {message}", file=sys.stderr)
-    return 2
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``vlmopt <verb>: error: <problem>`` plus where to
+    read the usage (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

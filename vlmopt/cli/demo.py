@@ -47,9 +47,9 @@ def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="compare a model with and without passes on one prompt")
     add_model_argument(parser, default=None, required=False)
     add_passes_argument(parser)
-    parser.add_argument("--questions", type=int, default=4, help="reference models: test questions shown one by one")
-    parser.add_argument("--n", type=int, default=100, help="reference models: test samples in the evaluation table")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--questions", type=positive_int, default=4, help="reference models: test questions shown one by one")
+    parser.add_argument("--n", type=positive_int, default=100, help="reference models: test samples in the evaluation table")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed prefill repeats")
     parser.set_defaults(run=run)
 
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmopt.measure import measure, prefill_runner, visual_tokens
 
     args.model = args.model or default_model()
+    pass_lists(args.passes)  # an unknown pass or a bad option fails before the model loads
     loaded = load_model(args.model)
     if loaded.processor is not None:
         return run_reference(args, loaded)

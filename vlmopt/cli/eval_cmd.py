@@ -10,7 +10,9 @@ from vlmopt.cli.common import (
     add_passes_argument,
     load_model,
     markdown_table,
+    model_directory,
     pass_lists,
+    positive_int,
 )
 
 
@@ -19,9 +21,9 @@ def add_parsers(subparsers) -> None:
     add_model_argument(parser, default="tiny-llava")
     add_passes_argument(parser)
     parser.add_argument("--task", default="shapes", help="task name (shapes, shapes-video, needle)")
-    parser.add_argument("--n", type=int, default=500, help="number of test samples")
+    parser.add_argument("--n", type=positive_int, default=500, help="number of test samples")
     parser.add_argument("--seed", type=int, help="draw a fresh test set from this seed (default: the recorded split)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--sweep", help="vary one field of every pass, e.g. keep_ratio=1,0.5,0.33,0.22,0.11")
     parser.add_argument("--plot", help="draw accuracy against FLOPs to this PNG (needs matplotlib)")
     parser.add_argument("--json", help="write the results to this file")
@@ -33,13 +35,23 @@ def run(args: argparse.Namespace) -> int:
     from vlmopt.errors import InputError
     from vlmopt.evaluation import evaluate, plot, sweep_lists
 
+    # Everything that can be checked without the weights is checked before loading them.
+    if args.task not in models.TASK_NAMES:
+        raise InputError(f"unknown task {args.task!r}; known tasks: {', '.join(sorted(models.TASK_NAMES))}")
+    lists = sweep_lists(pass_lists(args.passes), args.sweep)
+    if model_directory(args.model) is None:
+        raise InputError(f"{args.model} is a random-weight config without a processor; eval needs a reference model "
+                         "(tiny-llava, tiny-qwen25vl) or a local checkpoint")
+    try:
+        task = models.task_for(args.model, args.task)
+    except KeyError:
+        file = models.path(args.model) / "tasks.json"
+        trained = sorted(json.loads(file.read_text())) if file.exists() else []
+        raise InputError(f"{args.model} was not trained on task {args.task!r} ({file}); its tasks: "
+                         f"{', '.join(trained) or 'none'}") from None
     loaded = load_model(args.model)
     if loaded.processor is None:
         raise InputError(f"{args.model} has no processor; eval needs a reference model or a local checkpoint")
-    if args.n < 1:
-        raise InputError(f"--n must be ≥ 1, got {args.n}")
-    lists = sweep_lists(pass_lists(args.passes), args.sweep)
-    task = models.task_for(args.model, args.task)
     samples = task.samples("test", n=args.n, seed=args.seed)
     report = evaluate(loaded.model, loaded.processor, samples, lists, batch_size=args.batch_size)
     source = "recorded test split" if args.seed is None else f"fresh samples, seed {args.seed}"

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlmopt.cli.common import markdown_table, pass_lists
+from vlmopt.cli.common import load_model, markdown_table, model_directory, pass_lists
 
 EXIT_ENGINES_NOT_BUILT = 3
 
@@ -100,9 +100,10 @@ def run_export(args: argparse.Namespace) -> int:
         opset=args.opset, image_size=args.image_size, max_batch=args.max_batch, max_sequence=args.max_sequence,
         verify=not args.no_verify,
     )
+    model_directory(args.model)  # a missing or corrupt model directory fails before any work
     require_onnx()
     out = writable_directory(args.out)
-    loaded = load_model_clearly(args.model)
+    loaded = load_model(args.model)
     manifest = export_onnx(loaded.model, out, passes=resolved, config=config, processor=loaded.processor, model_name=args.model)
     print_summary(manifest, out)
     ready = print_trt_check(out, manifest, verbose=args.check == "trt" or args.format == "trt")
@@ -125,23 +126,6 @@ def run_export(args: argparse.Namespace) -> int:
     for entry in engines.values():
         print(f"engine {entry['file']}: {entry['bytes'] / 2**20:.1f} MiB, {entry['precision']}, built in {entry['build_seconds']:.1f} s")
     return 0
-
-
-def load_model_clearly(name: str):
-    """:func:`vlmopt.cli.common.load_model` with a clear error for a missing or corrupt model directory."""
-    from vlmopt.cli.common import load_model
-    from vlmopt.errors import VlmoptError
-
-    try:
-        return load_model(name)
-    except (VlmoptError, FileNotFoundError):
-        raise
-    except Exception as error:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, JSONDecodeError, safetensors errors...
-        raise VlmoptError(
-            f"cannot load the model {name!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "the directory is incomplete or corrupt: it needs config.json, the weights (model.safetensors) and, for "
-            "text prompts, the processor files written by save_pretrained"
-        ) from None
 
 
 def print_summary(manifest: dict, out: Path) -> None:

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmopt.cli.common import pass_lists
+from vlmopt.cli.common import load_model, pass_lists, positive_int
 from vlmopt.cli.export_cmd import add_pass_list_argument
 
 
@@ -31,7 +31,7 @@ def add_parsers(subparsers) -> None:
     _add_common(run)
     run.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                      help="auto: TensorRT engines when built and runnable here, else onnxruntime")
-    run.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    run.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
     run.set_defaults(run=run_run)
 
     generate = subparsers.add_parser("generate", help="generate text with the compiled PyTorch model")
@@ -90,7 +90,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import vlmopt
     from vlmopt import passes as passes_module
-    from vlmopt.cli.export_cmd import load_model_clearly
     from vlmopt.errors import InputError
     from vlmopt.export.inputs import encode_prompt, load_image
 
@@ -101,7 +100,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if len(lists) > 1:
         raise InputError("generate takes one pass list (join several passes with '+')")
     resolved = [passes_module.parse(spec) for spec in (lists[0] if lists else [])]
-    loaded = load_model_clearly(args.model)
+    loaded = load_model(args.model)
     if loaded.processor is None:
         raise InputError(
             f"{args.model} is a random-weight config without a tokenizer or processor; pass a reference model "

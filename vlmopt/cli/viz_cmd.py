@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from vlmopt.cli.common import add_model_argument, add_passes_argument, load_model, pass_lists
 
@@ -23,24 +24,25 @@ def run(args: argparse.Namespace) -> int:
     from vlmopt.errors import InputError
     from vlmopt.viz import visualise
 
-    loaded = load_model(args.model)
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise InputError(f"--out {out}: " + ("is a directory" if out.is_dir() else f"the directory {out.parent} does not exist")
+                         + "; pass the path of a PNG file in an existing directory")
     passes = (pass_lists(args.passes) or [[]])[0]
+    if args.image:
+        from vlmopt.export.inputs import load_image
+
+        image = load_image(args.image)  # a missing or unreadable file fails before the model loads
+    loaded = load_model(args.model)
     compiled = vlmopt.compile(loaded.model, passes=passes)
     if loaded.processor is None:
         if args.image:
             raise InputError(f"{args.model} is a random-weight config without a processor; pass a model with one")
         batch = configs.synthetic_batch(loaded.model)
     else:
-        from PIL import Image
-
         from vlmopt.models import processing
 
-        if args.image:
-            try:
-                image = Image.open(args.image).convert("RGB")
-            except OSError as error:
-                raise InputError(f"cannot read image {args.image!r}: {error}") from error
-        else:
+        if not args.image:
             from vlmopt import models
 
             image = models.task_for(args.model, "shapes").samples("test", n=1)[0].pil_image()

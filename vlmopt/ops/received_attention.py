@@ -23,10 +23,11 @@ import torch
 from torch import Tensor
 
 
-#: Floats in one block of logits of the reference, [sequences, H, Bq, S]: 2^20 (4 MiB) was fastest
-#: on a 2 MiB-L2 CPU at S = 4,096 and S = 577 (blocks 4× smaller or larger: 10-40% slower; a whole
-#: 4,096² matrix per head: ~5× slower, it leaves the caches between matmul, softmax and sum).
-BLOCK_ELEMENTS = 2**20
+#: Floats in one block of logits of the reference, [sequences, H, Bq, S]: 2^18 (1 MiB, one core's L2
+#: here). Measured on the 2-core CPU, one thread, with other jobs running (median ms at S = 4,096 /
+#: S = 577, H = 16): 2^16: 5,382 / 62; 2^18: 2,201 / 58; 2^19: 2,097 / 60; 2^20: 2,159 / 137; one
+#: whole S×S matrix per head (the former reference): 9,372 / 68.
+BLOCK_ELEMENTS = 2**18
 
 
 def reference(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
