@@ -148,10 +148,12 @@ class VlmoptLMM(lmms):
         return results
 
     def loglikelihood(self, requests) -> list[GenerationResult]:
-        """(log P(continuation | context), whether greedy decoding gives the continuation) per request.
+        """(−log P(continuation | context), whether greedy decoding gives the continuation) per request.
 
-        Returned wrapped in ``GenerationResult`` (text = the pair): lmms-eval 0.7.3's evaluator turns
-        any bare tuple a model returns into its string, which its loglikelihood scoring cannot read.
+        The first item is a loss (summed over the continuation's tokens), as lmms-eval's models return
+        and its ``multiple_choice`` scoring expects (it takes the argmin). The pairs come wrapped in
+        ``GenerationResult`` (text = the pair): lmms-eval 0.7.3's evaluator turns any bare tuple a model
+        returns into its string, which its scoring cannot read.
         """
         results: list[GenerationResult | None] = [None] * len(requests)
         for chunk, _ in self._batches(requests, lambda args: None):
@@ -262,7 +264,7 @@ class VlmoptLMM(lmms):
             target = batch["input_ids"][row, -n:]
             scores = logprobs[row, keep - n - 1 : keep - 1]
             total = float(scores.gather(-1, target[:, None]).sum())
-            out.append((total, bool((scores.argmax(-1) == target).all())))
+            out.append((-total, bool((scores.argmax(-1) == target).all())))
         return out
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,8 @@
   video task), images stored as PNG, so pixels are exactly the ones ``vlmopt eval`` renders;
 * ``vlmopt_shapes.yaml``: the task (``--include_path out --tasks vlmopt_shapes``): greedy, 3 new
   tokens, the question as the prompt text, like ``vlmopt eval``;
+* ``vlmopt_shapes_choice.yaml``: the same samples as a ``multiple_choice`` task (the family's answers
+  ranked by the model's loglikelihood);
 * ``utils.py``: ``doc_to_visual`` / ``doc_to_text`` and the scorer, which is vlmopt's own
   (:func:`vlmopt.models.tasks.score`: the first word of the answer, normalised); metrics
   ``accuracy`` and ``accuracy_<family>``.
@@ -51,14 +53,20 @@ def process_results(doc, results):
     return out
 
 
+def doc_to_choice(doc):
+    """The answers of the question's family (the `_choice` task scores them by likelihood)."""
+    return list(ANSWERS[doc["task"]][doc["family"]])
+
+
 def mean_of_scored(values):
     """Mean over the samples a per-family metric applies to (the others report None)."""
     scored = [v for v in values if v is not None]
     return sum(scored) / len(scored) if scored else float("nan")
 
 
-FAMILIES = {families}
-"""Question families of each task (metrics accuracy_<family>)."""
+ANSWERS = {answers}
+"""Each task's question families and their possible answers."""
+FAMILIES = {task: list(families) for task, families in ANSWERS.items()}
 '''
 
 
@@ -93,6 +101,31 @@ def _yaml(name: str, data_dir: Path, families: list[str], metadata: dict) -> str
     for family in families:
         lines += [f"  - metric: accuracy_{family}", "    aggregation: !function utils.mean_of_scored", "    higher_is_better: true"]
     lines += ["metadata:", "  version: 1.0"] + [f"  {key}: {json.dumps(value)}" for key, value in metadata.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _choice_yaml(name: str, data_dir: Path, metadata: dict) -> str:
+    """The same samples as a likelihood task: the family's answers ranked by the model's loglikelihood."""
+    lines = [
+        f"# Written by `vlmopt tasks export`: {metadata['task']} for {metadata['model']}, n={metadata['n']}, "
+        "answers ranked by likelihood.",
+        f"task: {name}_choice",
+        f"dataset_path: {json.dumps(str(data_dir))}",
+        "dataset_kwargs:",
+        "  load_from_disk: true",
+        "test_split: test",
+        "output_type: multiple_choice",
+        "doc_to_visual: !function utils.doc_to_visual",
+        "doc_to_text: !function utils.doc_to_text",
+        "doc_to_choice: !function utils.doc_to_choice",
+        "doc_to_target: answer",
+        "metric_list:",
+        "  - metric: acc",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+        "metadata:",
+        "  version: 1.0",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -140,8 +173,9 @@ def export(task: str, n: int, out: str | Path, model: str = "tiny-llava", seed: 
     yaml_path = out / f"{name}.yaml"
     yaml_path.write_text(_yaml(name, data_dir, families, metadata))
     utils = out / "utils.py"
-    families_of = {cls.name: list(cls.families) for cls in _task_classes()}
-    utils.write_text(UTILS.replace("{families}", repr(families_of)))
+    answers = {cls.name: {family: list(values) for family, values in cls.families.items()} for cls in _task_classes()}
+    utils.write_text(UTILS.replace("{answers}", repr(answers)))
+    (out / f"{name}_choice.yaml").write_text(_choice_yaml(name, data_dir, metadata))
     return yaml_path
 
 
