@@ -20,6 +20,7 @@ LLM), ``input_tokens`` (prompt tokens reaching the LLM), ``output_tokens``, ``pr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,9 @@ class VlmoptLMM(lmms):
             raise InputError(f"vlmopt model: batch_size must be a whole number ≥ 1, got {batch_size!r}")
         if max_new_tokens is not None and (not str(max_new_tokens).isdigit() or int(max_new_tokens) < 1):
             raise InputError(f"vlmopt model: max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InputError("vlmopt's lmms-eval model runs in one process; start lmms-eval with python -m lmms_eval, "
+                             "not accelerate launch / torchrun with several processes")
         from vlmopt.models import processing
 
         self.specs = [part.strip() for part in _unquote(str(passes or "")).split("+") if part.strip()]
