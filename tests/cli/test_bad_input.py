@@ -107,6 +107,11 @@ CATALOGUE = [
     (["generate", "--model", "no-such-model", *IMAGE], "no reference model 'no-such-model'"),
     (["generate", "--model", "tiny-llava", "--image", "{root}/bad.png", "--prompt", "x"], "cannot read {root}/bad.png as an image"),
     (["generate", "--model", "tiny-llava-random", *IMAGE, "--passes", "random_prune:keep_ratio=0.5", "--passes", "pool_prune:keep_ratio=0.5"], "generate takes one pass list"),
+    (["tasks", "export", "--task", "nosuch", "--n", "5", "--out", "{root}/tasks"], "unknown task 'nosuch'; known tasks: shapes"),
+    (["tasks", "export", "--task", "shapes", "--n", "0", "--out", "{root}/tasks"], "argument --n: must be ≥ 1"),
+    (["tasks", "export", "--task", "shapes", "--model", "no-such-model", "--out", "{root}/tasks"], "no reference model 'no-such-model'"),
+    (["tasks", "export", "--task", "needle", "--model", "tiny-llava", "--out", "{root}/tasks"], "was not trained on task 'needle'"),
+    (["tasks", "frobnicate"], "argument VERB: invalid choice: 'frobnicate'"),
     # no verb
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
 ]
@@ -127,8 +132,11 @@ def test_bad_input_gives_one_clear_line(argv, expected, files, capsys):
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     verb = _verb(argv)
-    prefix = f"vlmopt {verb}: error: " if verb else "vlmopt: error: "
-    assert len(lines) == 1 and lines[0].startswith(prefix), captured.err
+    # A verb with verbs of its own (``tasks export``) reports argparse errors under its full name.
+    prefixes = [f"vlmopt {verb}: error: "] if verb else ["vlmopt: error: "]
+    if verb and len(argv) > 1:
+        prefixes.append(f"vlmopt {verb} {argv[1]}: error: ")
+    assert len(lines) == 1 and lines[0].startswith(tuple(prefixes)), captured.err
     assert expected.format(root=files) in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
 

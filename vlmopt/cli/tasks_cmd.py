@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 
+from vlmopt.cli.common import positive_int
+
 
 def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser("tasks", help="reference tasks for other harnesses (lmms-eval)")
     verbs = parser.add_subparsers(dest="tasks_command", required=True, metavar="VERB")
     export = verbs.add_parser("export", help="write a reference task as an offline lmms-eval task (dataset + YAML + scorer)")
     export.add_argument("--task", required=True, help="shapes, shapes-video or needle")
-    export.add_argument("--n", type=int, default=500, help="number of test samples (the recorded split: indices 0..n-1)")
+    export.add_argument("--n", type=positive_int, default=500, help="number of test samples (the recorded split: indices 0..n-1)")
     export.add_argument("--seed", type=int, help="draw the samples from this seed instead (as vlmopt eval --seed)")
     export.add_argument("--model", default="tiny-llava",
                         help="reference model whose task configuration to use (tiny-llava: shapes; tiny-qwen25vl: all)")
@@ -27,13 +29,8 @@ def add_parsers(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from vlmopt.errors import MissingDependencyError
     from vlmopt.integrations.lmms_eval import tasks
 
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError("vlmopt tasks export needs the datasets package: pip install \"vlmopt[lmms]\"") from None
     path = tasks.export(args.task, args.n, args.out, model=args.model, seed=args.seed, name=args.name)
     name = path.stem
     print(f"wrote {path} ({args.n} samples of {args.task} as {args.model} sees it)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlmopt.errors import InputError
+from vlmopt.errors import InputError, MissingDependencyError
 
 UTILS = '''"""Written by `vlmopt tasks export`: prompt, visuals and scorer of vlmopt's reference tasks."""
 
@@ -132,18 +132,20 @@ def _choice_yaml(name: str, data_dir: Path, metadata: dict) -> str:
 def export(task: str, n: int, out: str | Path, model: str = "tiny-llava", seed: int | None = None, name: str | None = None) -> Path:
     """Write reference task ``task`` (``n`` test samples, configured as ``model`` was trained on it)
     as an lmms-eval task under ``out``; returns the YAML's path."""
-    import datasets
-
     from vlmopt import models
 
     if n < 1:
-        raise InputError(f"tasks export: --n must be ≥ 1, got {n}")
+        raise InputError(f"--n must be ≥ 1, got {n}")
     if task not in models.TASK_NAMES:
-        raise InputError(f"tasks export: unknown task {task!r}; known tasks: {', '.join(models.TASK_NAMES)}")
+        raise InputError(f"unknown task {task!r}; known tasks: {', '.join(models.TASK_NAMES)}")
     try:
         reference = models.task_for(model, task)
     except KeyError as error:
-        raise InputError(f"tasks export: {error.args[0]}; pick --model (tiny-llava: shapes; tiny-qwen25vl: all tasks)") from None
+        raise InputError(f"{error.args[0]}; pick --model (tiny-llava: shapes; tiny-qwen25vl: all tasks)") from None
+    try:
+        import datasets
+    except ImportError:
+        raise MissingDependencyError('vlmopt tasks export needs the datasets package: pip install "vlmopt[lmms]"') from None
     samples = reference.samples("test", n=n, seed=seed)
     name = name or task_name(task)
     out = Path(out).resolve()
