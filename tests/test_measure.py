@@ -1,27 +1,30 @@
 """vlmopt.measure.measure: the one timing loop of eval, bench, demo and the benchmarks."""
 
-import time
-
 import pytest
 import torch
 
 from vlmopt.measure import Timing, measure
 
 
-def test_one_callable_warmup_then_timed_runs_under_inference_mode():
+def test_one_callable_warmup_then_timed_runs_under_inference_mode(monkeypatch):
+    """A fake clock: each run takes a known time, so the samples and their statistics are exact."""
+    import vlmopt.measure
+
+    now = [0.0]
+    monkeypatch.setattr(vlmopt.measure.time, "perf_counter", lambda: now[0])
+    durations = [9.0, 8.0, 0.5, 0.2, 0.4, 0.3]  # two warm-up runs, then four timed ones
     calls = []
 
     def run():
         calls.append(torch.is_inference_mode_enabled())
-        time.sleep(0.002 * len(calls))  # each run slower than the last: samples keep their order
+        now[0] += durations[len(calls) - 1]
 
     timing = measure(run, repeats=4, warmup=2)
     assert calls == [True] * 6
     assert isinstance(timing, Timing) and timing.repeats == 4 and timing.warmup == 2
-    assert list(timing.samples_s) == sorted(timing.samples_s) and timing.samples_s[0] >= 0.006
-    assert timing.min_s == timing.samples_s[0]
-    assert timing.median_s == pytest.approx((timing.samples_s[1] + timing.samples_s[2]) / 2)
-    assert timing.spread == pytest.approx((timing.samples_s[3] - timing.samples_s[0]) / timing.median_s)
+    assert timing.samples_s == pytest.approx((0.5, 0.2, 0.4, 0.3))
+    assert timing.median_s == pytest.approx(0.35) and timing.min_s == pytest.approx(0.2)
+    assert timing.spread == pytest.approx(0.3 / 0.35)
 
 
 def test_several_callables_alternate_abba():

@@ -175,8 +175,8 @@ def cache_bytes(cache) -> int:
 
 
 def time_by_role(compiled: CompiledVLM, batch: dict[str, Any], repeats: int = 3) -> dict[str, float]:
-    # One untimed run first: the first call pays for lazy initialisation in every module.
     """Median seconds spent in the prefill graph's nodes, summed by node role (node-by-node run)."""
+    # One untimed run first: the first call pays for lazy initialisation in every module.
     from contextlib import contextmanager
 
     from vlmopt.graph.probe import run_with_probes
