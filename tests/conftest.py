@@ -78,6 +78,17 @@ def row(batch: dict, index: int) -> dict:
     return single
 
 
+def eager_vision_attentions(model, pixel_values):
+    """The LLaVA vision tower's attention weights per layer, from HF's eager attention (the model is
+    switched back to SDPA afterwards)."""
+    model.set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"})
+    try:
+        with torch.no_grad():
+            return model.model.vision_tower(pixel_values, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa", "text_config": "sdpa"})
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(1234)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlmopt
-from tests.conftest import padded_batch
+from tests.conftest import eager_vision_attentions, padded_batch
 from vlmopt import configs
 from vlmopt.graph.edit import GraphEditor
 from vlmopt.graph.layout import keep_count, pooled_grid
@@ -80,12 +80,7 @@ def test_hiprune_grid_scores_leave_the_cls_column_out(llava_cls):
     batch = padded_batch(llava_cls, seed=43)
     compiled = vlmopt.compile(llava_cls, passes=[PASSES["hiprune"]])
     _, _, _, values = probe(compiled, batch, {"vision_1_received"})
-    llava_cls.set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"})
-    try:
-        with torch.no_grad():
-            attentions = llava_cls.model.vision_tower(batch["pixel_values"], output_attentions=True).attentions
-    finally:
-        llava_cls.set_attn_implementation({"vision_config": "sdpa", "text_config": "sdpa"})
+    attentions = eager_vision_attentions(llava_cls, batch["pixel_values"])
     expected = attentions[1].mean(dim=(1, 2))[:, 1:].reshape(-1)  # 16 grid columns per image
     torch.testing.assert_close(values["vision_1_received"], expected, rtol=1e-5, atol=1e-7)
 

@@ -6,7 +6,7 @@ from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 import vlmopt
-from tests.conftest import padded_batch, row
+from tests.conftest import eager_vision_attentions, padded_batch, row
 from vlmopt import configs
 from vlmopt.graph.probe import run_with_probes
 from vlmopt.ops.hiprune_select import ANCHOR, BUFFER, REGISTER
@@ -25,12 +25,7 @@ def test_llava_scores_are_the_eager_attention_column_means():
     batch = padded_batch(model, seed=1)
     compiled = vlmopt.compile(model, passes=[HiPrune(keep_ratio=0.5, object_layer=1, deep_layer=4)])
     _, values = probe(compiled, batch, {"vision_1_received", "vision_4_received"})
-    model.set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"})
-    try:
-        with torch.no_grad():
-            attentions = model.model.vision_tower(batch["pixel_values"], output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation({"vision_config": "sdpa", "text_config": "sdpa"})
+    attentions = eager_vision_attentions(model, batch["pixel_values"])
     for layer in (1, 4):
         expected = attentions[layer].mean(dim=(1, 2))[:, 1:].reshape(-1)  # over heads and queries, CLS column left out
         torch.testing.assert_close(values[f"vision_{layer}_received"], expected, rtol=1e-5, atol=1e-7)

@@ -271,6 +271,14 @@ def _video_config_of(processor) -> dict:
     return getattr(processor, "_vlmopt_video_cfg", None) or video_config(112)
 
 
+def qwen_token_types(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL's ``mm_token_type_ids`` [B, S]: 0 text, 1 image, 2 video tokens (M-RoPE reads them)."""
+    types = torch.zeros_like(input_ids)
+    types[input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
+    types[input_ids == tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
+    return types
+
+
 def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for a batch of samples (all images or all videos), left-padded for ``generate``.
 
@@ -299,11 +307,7 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
         out["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
         out["second_per_grid_ts"] = torch.cat([c["second_per_grid_ts"] for c in clips])
     if arch == "qwen" and "mm_token_type_ids" not in out:
-        ids = out["input_ids"]
-        types = torch.zeros_like(ids)
-        types[ids == tok.convert_tokens_to_ids("<|image_pad|>")] = 1
-        types[ids == tok.convert_tokens_to_ids("<|video_pad|>")] = 2
-        out["mm_token_type_ids"] = types
+        out["mm_token_type_ids"] = qwen_token_types(tok, out["input_ids"])
     if answers:
         rows = []
         for i, s in enumerate(samples):

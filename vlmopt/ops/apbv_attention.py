@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from vlmopt.errors import InputError
+from vlmopt.ops._heads import check_grouped_heads
 
 
 def visible_mask(query_len: int, key_len: int, anchor_len: int, passing_len: int, device=None) -> Tensor:
@@ -65,11 +66,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, anchor_len: int, passing_len: 
         raise InputError(f"{name}: q, k, v must be [B, H, S, D] (got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})")
     if k.shape != v.shape:
         raise InputError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    batch, heads, query_len, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise InputError(f"{name}: k {tuple(k.shape)} must share q's batch and head dim (q {tuple(q.shape)})")
-    if k.shape[1] == 0 or heads % k.shape[1]:
-        raise InputError(f"{name}: q's {heads} heads must be a multiple of k's {k.shape[1]} KV heads (GQA)")
+    query_len = q.shape[2]
+    check_grouped_heads(name, q, k)
     if anchor_len < 0 or passing_len < 0 or anchor_len > query_len:
         raise InputError(
             f"{name}: need 0 <= anchor_len <= Sq and passing_len >= 0 (anchor_len={anchor_len}, "

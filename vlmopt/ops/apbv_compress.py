@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmopt.errors import InputError
+from vlmopt.ops._heads import check_grouped_heads
 
 
 def check_inputs(q_query: Tensor, k_block: Tensor, keep: int, pool: int) -> None:
@@ -43,11 +44,8 @@ def check_inputs(q_query: Tensor, k_block: Tensor, keep: int, pool: int) -> None
     name = "vlmopt::apbv_compress"
     if q_query.dim() != 4 or k_block.dim() != 4:
         raise InputError(f"{name}: q_query must be [B, H, Lq, D] and k_block [B, Hkv, Lb, D] (got {tuple(q_query.shape)}, {tuple(k_block.shape)})")
-    batch, heads, query_len, head_dim = q_query.shape
-    if k_block.shape[0] != batch or k_block.shape[3] != head_dim:
-        raise InputError(f"{name}: k_block {tuple(k_block.shape)} must share q_query's batch and head dim ({tuple(q_query.shape)})")
-    if k_block.shape[1] == 0 or heads % k_block.shape[1]:
-        raise InputError(f"{name}: q_query's {heads} heads must be a multiple of k_block's {k_block.shape[1]} KV heads")
+    query_len = q_query.shape[2]
+    check_grouped_heads(name, q_query, k_block, "q_query", "k_block")
     if query_len == 0:
         raise InputError(f"{name}: the question block is empty (Lq = 0); the compressor needs at least one question token")
     if not 0 <= keep <= k_block.shape[2]:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from vlmopt.errors import InputError
+from vlmopt.ops._heads import check_grouped_heads
 
 
 def _check(q_last: Tensor, k: Tensor, key_mask: Tensor) -> None:
@@ -43,16 +44,8 @@ def _check(q_last: Tensor, k: Tensor, key_mask: Tensor) -> None:
             f"last_token_attention: q_last {tuple(q_last.shape)} must be [B, H, D] and k {tuple(k.shape)} "
             "[B, Hkv, S, D] (take the last query row and transpose keys to heads-first)"
         )
-    batch, heads, head_dim = q_last.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise InputError(
-            f"last_token_attention: k {tuple(k.shape)} does not match q_last {tuple(q_last.shape)} in batch or head size"
-        )
-    if k.shape[1] == 0 or heads % k.shape[1]:
-        raise InputError(
-            f"last_token_attention: {heads} query heads are not a multiple of {k.shape[1]} key heads "
-            "(grouped-query attention needs H % Hkv == 0)"
-        )
+    batch = q_last.shape[0]
+    check_grouped_heads("last_token_attention", q_last, k, "q_last", "k")
     if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (batch, k.shape[2]):
         raise InputError(
             f"last_token_attention: key_mask must be bool [B, S] = [{batch}, {k.shape[2]}], "

@@ -151,9 +151,5 @@ def encode(processor, arch: str, prompts: list[Prompt], suffixes: list[str] | No
     else:
         out = dict(tok(texts, return_tensors="pt", padding=True))
     if arch == "qwen" and "mm_token_type_ids" not in out:
-        ids = out["input_ids"]
-        types = torch.zeros_like(ids)
-        types[ids == tok.convert_tokens_to_ids("<|image_pad|>")] = 1
-        types[ids == tok.convert_tokens_to_ids("<|video_pad|>")] = 2
-        out["mm_token_type_ids"] = types
+        out["mm_token_type_ids"] = processing.qwen_token_types(tok, out["input_ids"])
     return out
