@@ -8,7 +8,7 @@ and it never touches CUDA.
 """
 
 from vlmopt import ops  # noqa: F401  (registers the vlmopt:: custom ops)
-from vlmopt import graph, passes
+from vlmopt import graph, passes, train
 from vlmopt.compiler import compile  # noqa: A004
 from vlmopt.flops import FlopReport, flops
 from vlmopt.errors import (
@@ -38,4 +38,5 @@ __all__ = [
     "flops",
     "graph",
     "passes",
+    "train",
 ]
