@@ -16,6 +16,7 @@ from torch import Tensor
 
 from vlmopt.errors import InputError, PassConfigError
 from vlmopt.graph.edit import GraphEditor
+from vlmopt.graph.elide import elide_decoder, elision_index
 from vlmopt.graph.training import TRAIN_STAGE_OF
 from vlmopt.passes.base import Pass, check_range
 
@@ -40,17 +41,25 @@ def pack_answers(values: Tensor, answer: Tensor, like: Tensor) -> Tensor:
     return packed.scatter(1, slots, values.to(packed.dtype))[:, :-1]
 
 
-def update_ema(losses: Tensor, previous: Tensor, answer: Tensor, beta: float) -> Tensor:
+def update_ema(losses: Tensor, previous: Tensor, computed: Tensor, beta: float) -> Tensor:
     """[B, S] float32 EMA of the per-token loss after this step (no gradient): ``β·m + (1−β)·ℓ``, or
-    ``ℓ`` where the token has no EMA yet (``previous`` NaN); 0 outside ``answer``."""
+    ``ℓ`` where the token has no EMA yet (``previous`` NaN), at the ``computed`` tokens; ``previous``
+    elsewhere (the EMA of a token whose loss this step did not compute stays as it was)."""
     losses = losses.detach()
     blended = torch.where(torch.isnan(previous), losses, beta * previous + (1 - beta) * losses)
-    return torch.where(answer, blended, torch.zeros_like(blended))
+    return torch.where(computed, blended, previous)
 
 
 def difficulty(ema: Tensor, teacher: Tensor, lam: float) -> Tensor:
     """[B, S] score ``d = m + λ·ℓ_ref`` (higher = keep)."""
     return ema + lam * teacher
+
+
+def prior_difficulty(previous: Tensor, teacher: Tensor, lam: float) -> Tensor:
+    """[B, S] score before this step's forward (``elide=True``): ``m + λ·ℓ_ref`` with the EMA of the
+    earlier steps, and ``ℓ_ref`` standing in for the EMA of a token never computed yet (the teacher
+    is the student before fine-tuning, without the image: the best prior for the student's loss)."""
+    return torch.where(torch.isnan(previous), teacher, previous) + lam * teacher
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,13 @@ class ReGATE(Pass):
     - *Loss*: the mean over the active tokens only (the standard loss restricted to them).
     - *Visual and instruction tokens*: never in the loss (labels -100, as in standard fine-tuning);
       only answer tokens are gated.
+    - *Elision* (``elide=True``, :mod:`vlmopt.graph.elide`): the mask must be known before the
+      decoder, so the score uses the EMA of the earlier steps (the teacher loss standing in for a
+      token never computed), and only the active tokens' EMAs move. Visual and instruction tokens
+      always stay in the decoder (they are the context the answer needs); an answer token is
+      computed only when the next target is active (its own output feeds nothing else in the
+      loss), and an elided token is no context for later tokens, as elision means. An elided
+      token's final hidden state is its decoder input (every layer's residual update skipped).
     - *Evaluation*: a forward under ``torch.no_grad()`` uses every answer token and leaves the state
       alone; every forward with gradients is one step (count micro-batches accordingly).
     """
@@ -107,7 +123,7 @@ class ReGATE(Pass):
     dense_steps: int = 16
     """Dense steps at the start of every cycle, in [0, cycle]."""
     elide: bool = False
-    """Also skip the decoder compute of inactive answer tokens (not available yet: must be False)."""
+    """Also skip the decoder compute of the tokens whose prediction is not in the loss (token elision)."""
 
     def __post_init__(self) -> None:
         check_range("ReGATE", "keep", self.keep, 0, 1, low_open=True)
@@ -120,11 +136,6 @@ class ReGATE(Pass):
         check_range("ReGATE", "dense_steps", self.dense_steps, 0, self.cycle, integer=True)
         if not isinstance(self.elide, bool):
             raise PassConfigError(f"ReGATE.elide must be True or False, got {self.elide!r}")
-        if self.elide:
-            raise PassConfigError(
-                "ReGATE.elide=True (skipping the decoder compute of inactive tokens) is not available yet; "
-                "use elide=False, which gates the loss and keeps the full forward"
-            )
 
     # ----- the graph ----------------------------------------------------------------------
     def apply(self, graph: VLMGraph) -> None:
@@ -141,20 +152,43 @@ class ReGATE(Pass):
             cursor.meta.update(role="input", stage="loss")
             editor._tag(cursor)
         answer, losses, reduce = editor.one("answer_tokens"), editor.one("token_loss"), editor.one("loss_reduce")
-        chain = editor.chain(losses)
-        previous = chain(unpack_answers, inputs["regate_ema"], answer, float("nan"), role="regate_score", stage="loss", name="regate_ema_before")
-        ema = chain(update_ema, losses, previous, answer, self.beta, role="regate_score", stage="loss", name="regate_ema_after")
-        teacher = chain(unpack_answers, inputs["teacher_losses"], answer, 0.0, role="regate_score", stage="loss", name="teacher_losses_at")
-        scores = chain(difficulty, ema, teacher, self.lam, role="regate_score", stage="loss", name="regate_scores")
-        active = chain(
-            torch.ops.vlmopt.regate_mask.default, scores, answer, inputs["regate_keep"],
-            role="regate_mask", stage="loss", name="regate_active",
-        )
-        packed = chain(pack_answers, ema, answer, inputs["regate_ema"], role="regate_score", stage="loss", name="regate_ema_packed")
+        if self.elide:
+            active, ema = self.insert_elided(editor, inputs, answer, losses)
+        else:
+            chain = editor.chain(losses)
+            previous = chain(unpack_answers, inputs["regate_ema"], answer, float("nan"), role="regate_score", stage="loss", name="regate_ema_before")
+            ema = chain(update_ema, losses, previous, answer, self.beta, role="regate_score", stage="loss", name="regate_ema_after")
+            teacher = chain(unpack_answers, inputs["teacher_losses"], answer, 0.0, role="regate_score", stage="loss", name="teacher_losses_at")
+            scores = chain(difficulty, ema, teacher, self.lam, role="regate_score", stage="loss", name="regate_scores")
+            active = chain(
+                torch.ops.vlmopt.regate_mask.default, scores, answer, inputs["regate_keep"],
+                role="regate_mask", stage="loss", name="regate_active",
+            )
+        packed = editor.insert(ema if self.elide else active, pack_answers, (ema, answer, inputs["regate_ema"]),
+                               role="regate_score", stage="loss", name="regate_ema_packed")
         editor.set_input(reduce, "active", active)
         output = editor.output()
         output.args = ({**output.args[0], "active_tokens": active, "regate_ema": packed},)
         editor.finish()
+
+    def insert_elided(self, editor: GraphEditor, inputs: dict, answer, losses):
+        """Decide the active tokens before the decoder (from the EMA before this step), run the decoder
+        layers on the tokens they need only, and update the EMA of the active tokens only."""
+        layers = sorted(editor.nodes("decoder_layer"), key=lambda n: n.meta["index"])
+        layers[0].prepend(answer)  # it reads only the labels input
+        chain = editor.chain(answer)
+        previous = chain(unpack_answers, inputs["regate_ema"], answer, float("nan"), role="regate_score", stage="loss", name="regate_ema_before")
+        teacher = chain(unpack_answers, inputs["teacher_losses"], answer, 0.0, role="regate_score", stage="loss", name="teacher_losses_at")
+        scores = chain(prior_difficulty, previous, teacher, self.lam, role="regate_score", stage="loss", name="regate_scores")
+        active = chain(
+            torch.ops.vlmopt.regate_mask.default, scores, answer, inputs["regate_keep"],
+            role="regate_mask", stage="loss", name="regate_active",
+        )
+        index = chain(elision_index, answer, active, role="elide_index", stage="llm", name="elide_index")
+        elide_decoder(editor, index, layers, index)
+        ema = editor.insert(losses, update_ema, (losses, previous, active, self.beta), role="regate_score", stage="loss",
+                            name="regate_ema_after")
+        return active, ema
 
     # ----- the state ----------------------------------------------------------------------
     def new_state(self) -> ReGATEState:
