@@ -1,6 +1,5 @@
 """ReGATE(elide=True): the decoder skips the tokens whose prediction is out of the loss."""
 
-import pytest
 import torch
 
 import vlmopt

@@ -73,3 +73,33 @@ def test_another_lm_with_the_same_tokenizer(llava_clip):
                                          num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(vlmopt.InputError, match=r"does not share the student's tokenizer \(vocab_size: teacher \d+"):
         vlmopt.train.teacher_losses(other, {**batch, "labels": labels}, student=llava_clip)
+
+
+def test_precompute_cli_writes_a_cache_regate_reads(tmp_path, capsys):
+    import warnings
+
+    from vlmopt import models
+    from vlmopt.cli import main
+
+    out = tmp_path / "teacher.pt"
+    assert main(["regate", "precompute", "--model", "tiny-llava", "--task", "shapes", "--n", "3", "--start", "5",
+                 "--batch-size", "2", "--out", str(out)]) == 0
+    assert "wrote teacher losses of 3 samples" in capsys.readouterr().out
+    cache = vlmopt.train.TeacherCache.load(out)
+    assert sorted(cache.losses) == [5, 6, 7] and cache.meta["task"] == "shapes"
+    model, processor = models.load("tiny-llava")
+    samples = list(models.task_for("tiny-llava", "shapes").samples("train", n=3, start=5))
+    batch = models.processing.encode(processor, samples, answers=True)
+    direct = vlmopt.train.teacher_losses(model, batch)
+    # other batching (2 + 1 rows, other padding) than here: equal up to float32 rounding
+    torch.testing.assert_close(cache.for_batch([5, 6, 7], batch["labels"]), direct, rtol=1e-5, atol=1e-4)
+    opt = vlmopt.compile(model, [vlmopt.passes.ReGATE(keep=0.5)], mode="train")
+    opt.regate_state.teacher_cache = cache
+    labels = batch.pop("labels")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        opt(**batch, labels=labels, sample_ids=[5, 6, 7])
+    assert not [w for w in record if "teacher_losses" in str(w.message)], "the cache supplied the teacher losses"
+    with pytest.raises(vlmopt.InputError, match="no teacher losses for sample id 9 in the cache"):
+        opt(**batch, labels=labels, sample_ids=[5, 6, 9])
+    assert main(["regate", "precompute", "--model", "tiny-llava", "--task", "nope", "--n", "1", "--out", str(out)]) == 2

@@ -73,7 +73,8 @@ def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], af
             role="elide_gather", stage="llm", name=f"{two_d.name}_elided", seq_dim=(0, 1),
         )
         with editor.graph.inserting_after(chain.cursor):
-            rebuilt = editor.graph.node_copy(mask, lambda arg: {two_d: kept_two_d}.get(arg, gathered.get(arg, arg)))
+            replaced = {**gathered, two_d: kept_two_d}
+            rebuilt = editor.graph.node_copy(mask, lambda arg, replaced=replaced: replaced.get(arg, arg))
         rebuilt.meta = dict(mask.meta)
         editor._tag(rebuilt)
         chain.cursor = masks[mask] = rebuilt

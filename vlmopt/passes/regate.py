@@ -76,7 +76,8 @@ class ReGATE(Pass):
     carry the loss ((16 + 112·0.5) / 128).
 
     Batch inputs: ``sample_ids`` [B] (whole numbers, the same sample the same id every epoch) key
-    the EMAs; ``teacher_losses`` [B, S] give ``ℓ_ref``. Without ``teacher_losses`` the score is the
+    the EMAs; ``teacher_losses`` [B, S] give ``ℓ_ref`` (or ``regate_state.teacher_cache``, a
+    :class:`vlmopt.train.TeacherCache` read by sample id). Without ``teacher_losses`` the score is the
     EMA alone; without ``sample_ids`` the EMA has no memory across steps (the score uses this step's
     loss); each fallback warns once. The state (EMAs, step counter) lives in
     :class:`ReGATEState` (``compiled.regate_state``, and in ``compiled.state_dict()``), never in this
@@ -206,11 +207,14 @@ class ReGATE(Pass):
             for row, (sample, count) in enumerate(zip(step.sample_ids, counts)):
                 previous[row, :count] = state.ema_of(sample, count)
         teacher = torch.zeros((len(counts), width))
-        if step.teacher_losses is None:
-            state.warn_once("teacher_losses", "the batch has no teacher_losses, so scores are the student's loss EMA "
+        given = step.teacher_losses
+        if given is None and state.teacher_cache is not None and step.sample_ids is not None:
+            given = state.teacher_cache.for_batch(step.sample_ids, step.labels)
+        if given is None:
+            state.warn_once("teacher_losses", "the batch has no teacher_losses (and no cache entry), so scores are the student's loss EMA "
                             "alone (lam is unused); see vlmopt.train.teacher_losses")
         else:
-            teacher = pack_answers(step.teacher_losses.cpu(), step.answer.cpu(), teacher).nan_to_num(0.0)
+            teacher = pack_answers(given.cpu(), step.answer.cpu(), teacher).nan_to_num(0.0)
         keep = state.keep_now() if step.grad else 1.0
         return {"regate_ema": previous.to(device), "teacher_losses": teacher.to(device), "regate_keep": keep}
 
@@ -237,6 +241,9 @@ class ReGATEState:
         """Training steps taken (forwards with gradients)."""
         self.ema: dict[int, Tensor] = {}
         """Per sample id: [n_answer] float32 loss EMA of its answer tokens, in order."""
+        self.teacher_cache = None
+        """A :class:`vlmopt.train.TeacherCache` read for batches with ``sample_ids`` but no
+        ``teacher_losses`` (not saved in the state: it is data, rebuilt by ``vlmopt regate precompute``)."""
         self._warned: set[str] = set()
 
     def is_dense(self, step: int | None = None) -> bool:

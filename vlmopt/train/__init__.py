@@ -7,6 +7,6 @@
 """
 
 from vlmopt.train.step import TrainingOutput, TrainingStep, training_forward
-from vlmopt.train.teacher import teacher_losses
+from vlmopt.train.teacher import TeacherCache, teacher_losses
 
-__all__ = ["TrainingOutput", "TrainingStep", "teacher_losses", "training_forward"]
+__all__ = ["TeacherCache", "TrainingOutput", "TrainingStep", "teacher_losses", "training_forward"]

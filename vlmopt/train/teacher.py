@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmopt.errors import InputError
-from vlmopt.graph.training import token_losses
+from vlmopt.graph.training import answer_tokens, token_losses
 
 
 def _positions_1d(attention_mask: Tensor) -> Tensor:
@@ -59,12 +59,12 @@ def _check_tokenizer(teacher: nn.Module, student: nn.Module, tokenizers) -> None
     student_text, teacher_config = student.config.get_text_config(), teacher.config
     for field in ("vocab_size", "bos_token_id", "eos_token_id"):
         mine, theirs = getattr(student_text, field, None), getattr(teacher_config, field, None)
-        if field == "vocab_size" or (mine is not None and theirs is not None):
-            if mine != theirs:
-                raise InputError(
-                    f"the teacher does not share the student's tokenizer ({field}: teacher {theirs}, student {mine}); "
-                    "use a causal LM with the student's tokenizer, or the student itself (its text-only LM)"
-                )
+        comparable = field == "vocab_size" or (mine is not None and theirs is not None)
+        if comparable and mine != theirs:
+            raise InputError(
+                f"the teacher does not share the student's tokenizer ({field}: teacher {theirs}, student {mine}); "
+                "use a causal LM with the student's tokenizer, or the student itself (its text-only LM)"
+            )
 
 
 @torch.no_grad()
@@ -115,3 +115,61 @@ def teacher_losses(
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(index)
     out[rows[real], index[real]] = losses[real]
     return out
+
+
+class TeacherCache:
+    """Teacher losses of each sample's answer tokens, by sample id (``vlmopt regate precompute``).
+
+    Give it to ReGATE with ``compiled.regate_state.teacher_cache = TeacherCache.load(path)``: a
+    batch with ``sample_ids`` and no ``teacher_losses`` then reads its reference losses here.
+    """
+
+    format = "vlmopt-teacher-losses/1"
+
+    def __init__(self, losses: dict[int, Tensor] | None = None, meta: dict[str, Any] | None = None) -> None:
+        self.losses: dict[int, Tensor] = dict(losses or {})
+        """Per sample id: [n_answer] float32 teacher losses of its answer tokens, in order."""
+        self.meta: dict[str, Any] = dict(meta or {})
+        """Where the losses came from (model, task, split), for the record."""
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def __contains__(self, sample: int) -> bool:
+        return sample in self.losses
+
+    def add(self, sample_ids, labels: Tensor, losses: Tensor) -> None:
+        """Record ``losses`` [B, S] (as :func:`teacher_losses` returns them) of a batch's answer tokens."""
+        answer = answer_tokens(labels)
+        for row, sample in enumerate(sample_ids):
+            self.losses[int(sample)] = losses[row][answer[row]].detach().float().cpu().clone()
+
+    def for_batch(self, sample_ids, labels: Tensor) -> Tensor:
+        """[B, S] float32 teacher losses of a batch (0 off the answer tokens), on ``labels``' device."""
+        answer = answer_tokens(labels)
+        out = torch.zeros(labels.shape)
+        for row, sample in enumerate(sample_ids):
+            known = self.losses.get(int(sample))
+            if known is None:
+                raise InputError(
+                    f"no teacher losses for sample id {sample} in the cache ({len(self)} samples); precompute them "
+                    "for every training sample (vlmopt regate precompute)"
+                )
+            count = int(answer[row].sum())
+            if known.numel() != count:
+                raise InputError(
+                    f"the cache holds {known.numel()} teacher losses for sample id {sample}, but its labels have "
+                    f"{count} answer tokens: the cache was made for other samples or another tokenizer"
+                )
+            out[row, answer[row].cpu()] = known
+        return out.to(labels.device)
+
+    def save(self, path) -> None:
+        torch.save({"format": self.format, "meta": self.meta, "losses": self.losses}, path)
+
+    @classmethod
+    def load(cls, path) -> TeacherCache:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or saved.get("format") != cls.format:
+            raise InputError(f"{path} is not a teacher-loss cache ({cls.format}); write one with vlmopt regate precompute")
+        return cls({int(k): v for k, v in saved["losses"].items()}, saved["meta"])
