@@ -9,4 +9,12 @@
 from vlmopt.train.step import TrainingOutput, TrainingStep, training_forward
 from vlmopt.train.teacher import TeacherCache, teacher_losses
 
-__all__ = ["TeacherCache", "TrainingOutput", "TrainingStep", "teacher_losses", "training_forward"]
+__all__ = ["CompiledTrainer", "TeacherCache", "TrainingOutput", "TrainingStep", "teacher_losses", "training_forward"]
+
+
+def __getattr__(name: str):
+    if name == "CompiledTrainer":  # imported on use: the HF Trainer brings accelerate along
+        from vlmopt.train.hf import CompiledTrainer
+
+        return CompiledTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
