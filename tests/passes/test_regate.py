@@ -165,3 +165,19 @@ def test_config_is_validated(kwargs, message):
     with pytest.raises(vlmopt.PassConfigError, match=message):
         ReGATE(**kwargs)
     assert vlmopt.passes.parse("regate:keep=0.25,cycle=64") == ReGATE(keep=0.25, cycle=64)
+
+
+@pytest.mark.parametrize("elide", [False, True])
+def test_after_a_visual_pruning_pass(llava_clip, elide):
+    from vlmopt.passes import RandomPrune
+
+    batch = padded_batch(llava_clip, seed=59)
+    labels = random_labels(batch, seed=60, fraction=0.8)
+    teacher = torch.rand(labels.shape, generator=torch.Generator().manual_seed(61))
+    opt = vlmopt.compile(llava_clip, [RandomPrune(keep_ratio=0.5), ReGATE(keep=0.5, elide=elide, **SPARSE)], mode="train")
+    with pytest.warns(UserWarning, match="no sample_ids"):
+        out = opt(**batch, labels=labels, teacher_losses=teacher)
+    assert out.active_tokens.shape[1] < labels.shape[1], "the visual tokens were pruned"
+    counts = (labels[:, 1:] != -100).sum(1).tolist()
+    assert out.active_tokens.sum(1).tolist() == [math.ceil(0.5 * n) for n in counts]
+    assert torch.isfinite(out.loss) and out.loss > 0

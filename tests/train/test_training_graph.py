@@ -87,3 +87,11 @@ def test_bad_input_is_refused(llava_clip):
         vlmopt.compile(llava_clip)(**batch, labels=labels)
     with pytest.raises(vlmopt.PassConfigError, match="mode must be one of infer, train, got 'training'"):
         vlmopt.compile(llava_clip, mode="training")
+
+
+def test_a_training_model_still_generates_like_hf(llava_clip):
+    batch = padded_batch(llava_clip, seed=39)
+    opt = vlmopt.compile(llava_clip, mode="train")
+    with torch.no_grad():
+        expected = llava_clip.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert torch.equal(opt.generate(**batch, max_new_tokens=4), expected)
