@@ -95,3 +95,15 @@ def test_a_training_model_still_generates_like_hf(llava_clip):
     with torch.no_grad():
         expected = llava_clip.generate(**batch, max_new_tokens=4, do_sample=False)
     assert torch.equal(opt.generate(**batch, max_new_tokens=4), expected)
+
+
+def test_cli_shows_the_training_graphs(capsys):
+    from vlmopt.cli import main
+
+    assert main(["diff", "--model", "tiny-llava-random", "--passes", "regate:keep=0.5", "--mode", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "@@ train_prefill: +9 added, ~2 re-wired" in out and "regate_active = vlmopt.regate_mask" in out
+    assert main(["inspect", "--model", "tiny-llava-random", "--stage", "train_text", "--mode", "train"]) == 0
+    assert "token_losses = token_losses(lm_head, labels)  [token_loss]" in capsys.readouterr().out
+    assert main(["inspect", "--model", "tiny-llava-random", "--stage", "train_text"]) == 2
+    assert "add --mode train" in capsys.readouterr().err
