@@ -136,6 +136,8 @@ def test_bad_state_and_inputs_are_refused(llava_clip):
         opt(**batch, labels=labels, teacher_losses=torch.zeros(2, 3))
     with pytest.raises(vlmopt.IncompatiblePassError, match='compile with mode="train"'):
         vlmopt.compile(llava_clip, ["regate:keep=0.5"])
+    with pytest.raises(vlmopt.IncompatiblePassError, match="ReGATE is listed twice"):
+        vlmopt.compile(llava_clip, ["regate:keep=0.5", "regate:keep=0.25"], mode="train")
 
 
 def test_warns_once_without_ids(llava_clip):

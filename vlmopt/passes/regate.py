@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from vlmopt.errors import InputError, PassConfigError
+from vlmopt.errors import IncompatiblePassError, InputError, PassConfigError
 from vlmopt.graph.edit import GraphEditor
 from vlmopt.graph.elide import elide_decoder, elision_index
 from vlmopt.graph.training import TRAIN_STAGE_OF
@@ -137,6 +137,11 @@ class ReGATE(Pass):
         check_range("ReGATE", "dense_steps", self.dense_steps, 0, self.cycle, integer=True)
         if not isinstance(self.elide, bool):
             raise PassConfigError(f"ReGATE.elide must be True or False, got {self.elide!r}")
+
+    def check(self, adapter, before) -> None:
+        super().check(adapter, before)
+        if any(isinstance(p, ReGATE) for p in before):
+            raise IncompatiblePassError("ReGATE is listed twice: a training graph has one loss to gate; keep one")
 
     # ----- the graph ----------------------------------------------------------------------
     def apply(self, graph: VLMGraph) -> None:
