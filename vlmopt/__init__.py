@@ -8,7 +8,7 @@ and it never touches CUDA.
 """
 
 from vlmopt import ops  # noqa: F401  (registers the vlmopt:: custom ops)
-from vlmopt import graph, passes, train
+from vlmopt import graph, passes
 from vlmopt.compiler import compile  # noqa: A004
 from vlmopt.flops import FlopReport, flops
 from vlmopt.errors import (
@@ -40,3 +40,11 @@ __all__ = [
     "passes",
     "train",
 ]
+
+
+def __getattr__(name: str):
+    if name == "train":  # imported on first use: it brings transformers' output classes (and PIL) along
+        import importlib
+
+        return importlib.import_module("vlmopt.train")
+    raise AttributeError(f"module 'vlmopt' has no attribute {name!r}")
