@@ -38,4 +38,13 @@ __all__ = [
     "flops",
     "graph",
     "passes",
+    "train",
 ]
+
+
+def __getattr__(name: str):
+    if name == "train":  # imported on first use: it brings transformers' output classes (and PIL) along
+        import importlib
+
+        return importlib.import_module("vlmopt.train")
+    raise AttributeError(f"module 'vlmopt' has no attribute {name!r}")

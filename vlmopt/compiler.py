@@ -15,26 +15,47 @@ from vlmopt.passes.base import Pass, check_stages
 from vlmopt.runtime import BACKENDS, CompiledVLM
 
 
+#: What ``compile`` builds: ``infer`` (prefill and decode graphs) or ``train`` (also the training
+#: graphs, whose forward takes ``labels`` and returns the loss).
+MODES = ("infer", "train")
+
+
 def compile(  # noqa: A001
-    model: nn.Module, passes: Sequence[Pass | str] = (), backend: str = "eager", *, training: bool = False
+    model: nn.Module,
+    passes: Sequence[Pass | str] = (),
+    backend: str = "eager",
+    *,
+    mode: str = "infer",
+    training: bool = False,
 ) -> CompiledVLM:
     """Compile ``model`` with ``passes`` (instances or specs like ``"random_prune:keep_ratio=0.5"``).
 
+    ``mode="train"`` (``training=True`` is the same) also captures the training graphs
+    (:mod:`vlmopt.graph.training`): ``forward(**batch, labels=labels)`` then returns the loss, and
+    gradients reach the model's own parameters. Vision-stage passes rewrite the inference and the
+    training graphs alike; kv-stage passes only the inference graphs (training runs without a cache).
+
     Before anything is traced, the pass list is checked as a whole (vision-stage passes before
-    llm/kv-stage ones, at most one kv-stage pass, train-stage passes only with ``training=True``,
-    for a training graph) and every pass against the model and the passes before it; the model
-    itself is never modified. Nodes a pass inserts carry its name in ``node.meta["pass"]``.
+    llm/kv-stage ones, at most one kv-stage pass, train-stage passes last and only with
+    ``mode="train"``) and every pass against the model and the passes before it; the model itself
+    is never modified. Nodes a pass inserts carry its name in ``node.meta["pass"]``.
     """
     if backend not in BACKENDS:
         raise PassConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if mode not in MODES:
+        raise PassConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if training:
+        mode = "train"
     adapter = adapter_for(model)
     resolved = [passes_module.resolve(item) for item in passes]
-    check_stages(resolved, training)
+    check_stages(resolved, mode == "train")
     for position, item in enumerate(resolved):
         item.check(adapter, resolved[:position])
-    graph = VLMGraph.capture(adapter)
+    graph = VLMGraph.capture(adapter, mode=mode)
     for item in resolved:
         with inserting_for(type(item).__name__):
             item.apply(graph)
+            if mode == "train" and item.stage == "vision":
+                item.apply(graph.training_view())
     graph.recompile()
-    return CompiledVLM(model, adapter, graph, resolved, backend, training)
+    return CompiledVLM(model, adapter, graph, resolved, backend, mode == "train")

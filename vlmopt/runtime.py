@@ -52,10 +52,27 @@ class CompiledVLM(nn.Module):
         self.config = model.config
         self.generation_config = model.generation_config
         self._runners: dict[str, Any] = {}
+        if training:
+            from vlmopt.train.step import PassStates
+
+            self.pass_states = PassStates(self.passes)
         if backend == "torch_tensorrt":
             from vlmopt.export.torch_trt import require_torch_tensorrt
 
             require_torch_tensorrt()
+
+    def pass_state(self, name: str):
+        """The training state of the train-stage pass ``name`` (``mode="train"`` only); it is also
+        in ``state_dict()`` (``pass_states._extra_state``), so saving and loading it resumes a run."""
+        states = getattr(self, "pass_states", None)
+        if states is None or name not in states.states:
+            raise KeyError(f"no train-stage pass {name!r} with a state in this compiled model")
+        return states.states[name]
+
+    @property
+    def regate_state(self):
+        """The :class:`vlmopt.passes.regate.ReGATEState` of a ReGATE training graph."""
+        return self.pass_state("regate")
 
     @property
     def lossless(self) -> bool:
@@ -125,11 +142,24 @@ class CompiledVLM(nn.Module):
         labels: Tensor | None = None,
         **batch: Any,
     ):
-        """Prefill: logits [B, S', V] (S' = the pruned length) and the filled KV cache."""
+        """Prefill: logits [B, S', V] (S' = the pruned length) and the filled KV cache.
+
+        Compiled with ``mode="train"``, a training step instead: ``labels`` [B, S] are required and
+        the output carries ``loss``, ``logits``, ``token_losses`` and ``active_tokens``
+        (:func:`vlmopt.train.step.training_forward`).
+        """
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
+        if self.training_graph:
+            from vlmopt.train.step import training_forward
+
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, **batch}
+            return training_forward(self, batch, labels, past_key_values, use_cache, logits_to_keep)
         if labels is not None:
-            raise InputError("CompiledVLM.forward computes no loss; training graphs come with a training pass")
+            raise InputError(
+                'CompiledVLM.forward computes no loss in inference mode; compile with mode="train" '
+                "to pass labels and get the training loss"
+            )
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise InputError("CompiledVLM.forward runs a prefill on an empty cache; use generate() to decode")
         prompt = self.plan({"input_ids": input_ids, "attention_mask": attention_mask, **batch})

@@ -55,12 +55,24 @@ def no_tracing(monkeypatch):
         ([InLLM(), RandomPrune(keep_ratio=0.5)], r"RandomPrune \(vision stage\) comes after InLLM \(llm stage\).*list RandomPrune before InLLM"),
         ([CacheA(), RandomPrune(keep_ratio=0.5)], r"RandomPrune \(vision stage\) comes after CacheA \(kv stage\)"),
         ([CacheA(), InLLM(), CacheB()], "CacheA and CacheB are both kv-stage passes.*keep one of them"),
-        ([Trainer()], "Trainer is a train-stage pass.*compile with training=True or drop Trainer"),
+        ([Trainer()], r'Trainer is a train-stage pass.*compile with mode="train" or drop Trainer'),
     ],
 )
 def test_refused_before_tracing(llava_clip, no_tracing, passes, message):
     with pytest.raises(vlmopt.IncompatiblePassError, match=message):
         vlmopt.compile(llava_clip, passes=passes)
+
+
+@pytest.mark.parametrize(
+    ("passes", "message"),
+    [
+        ([Trainer(), RandomPrune(keep_ratio=0.5)], r"RandomPrune \(vision stage\) comes after Trainer \(train stage\)"),
+        ([InLLM()], r'InLLM is an llm-stage pass, which training graphs do not support yet; compile it with mode="infer"'),
+    ],
+)
+def test_refused_in_training_before_tracing(llava_clip, no_tracing, passes, message):
+    with pytest.raises(vlmopt.IncompatiblePassError, match=message):
+        vlmopt.compile(llava_clip, passes=passes, mode="train")
 
 
 def test_compatible_orders_compile(llava_clip):

@@ -28,16 +28,28 @@ class VLMGraph:
         self.stages = dict(stages)
 
     @classmethod
-    def capture(cls, adapter: Adapter) -> VLMGraph:
-        """Trace the adapter's pipelines (no pass applied)."""
-        return cls(
-            adapter,
-            {
-                "prefill": capture(adapter.prefill_pipeline(), "prefill"),
-                "prefill_text": capture(adapter.text_pipeline(), "prefill_text"),
-                "decode": capture(adapter.text_pipeline(), "decode"),
-            },
-        )
+    def capture(cls, adapter: Adapter, mode: str = "infer") -> VLMGraph:
+        """Trace the adapter's pipelines (no pass applied); ``mode="train"`` adds the training
+        stages ``train_prefill`` and ``train_text`` (see :mod:`vlmopt.graph.training`)."""
+        stages = {
+            "prefill": capture(adapter.prefill_pipeline(), "prefill"),
+            "prefill_text": capture(adapter.text_pipeline(), "prefill_text"),
+            "decode": capture(adapter.text_pipeline(), "decode"),
+        }
+        if mode == "train":
+            from vlmopt.graph.training import add_training_outputs
+
+            stages["train_prefill"] = add_training_outputs(capture(adapter.prefill_pipeline(), "train_prefill"))
+            stages["train_text"] = add_training_outputs(capture(adapter.text_pipeline(), "train_text"))
+        return cls(adapter, stages)
+
+    def training_view(self) -> VLMGraph:
+        """The training stages under the names of the prefill stages they extend (``prefill`` →
+        ``train_prefill``, ``prefill_text`` → ``train_text``), sharing their GraphModules: a pass written for
+        the prefill graph rewrites the training graph when applied to this view."""
+        from vlmopt.graph.training import TRAIN_STAGE_OF
+
+        return VLMGraph(self.adapter, {name: self.stages[train] for name, train in TRAIN_STAGE_OF.items()})
 
     @property
     def family(self) -> str:

@@ -24,6 +24,7 @@ from . import (
     pool_tokens,
     random_scores,
     received_attention,
+    regate_mask,
     sequence_keep_index,
     topk_indices,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "pool_tokens",
     "random_scores",
     "received_attention",
+    "regate_mask",
     "sequence_keep_index",
     "topk_indices",
 ]

@@ -109,6 +109,20 @@ class Pass:
         """Rewrite ``graph`` in place."""
         raise NotImplementedError
 
+    # ----- train-stage passes: state kept outside the frozen config --------------------------
+    def new_state(self):
+        """A fresh state object (with ``state_dict()`` / ``load_state_dict()``) the pass keeps
+        between training steps, or None (the default: a stateless pass)."""
+        return None
+
+    def training_inputs(self, state, step) -> dict:
+        """Extra inputs of the training graph for one step (``step`` is a
+        :class:`vlmopt.train.step.TrainingStep`); ``{}`` by default."""
+        return {}
+
+    def after_training_step(self, state, step, outputs: dict) -> None:
+        """Update ``state`` from the training graph's ``outputs`` of one step (default: nothing)."""
+
 
 def check_stages(passes: Sequence[Pass], training: bool) -> None:
     """Refuse pass lists whose stages cannot compose (:class:`IncompatiblePassError` naming the fix)."""
@@ -116,8 +130,13 @@ def check_stages(passes: Sequence[Pass], training: bool) -> None:
         name = type(item).__name__
         if item.stage == "train" and not training:
             raise IncompatiblePassError(
-                f"{name} is a train-stage pass: it only runs in a training graph; compile with training=True "
+                f"{name} is a train-stage pass: it only runs in a training graph; compile with mode=\"train\" "
                 f"or drop {name} for inference"
+            )
+        if item.stage == "llm" and training:
+            raise IncompatiblePassError(
+                f"{name} is an llm-stage pass, which training graphs do not support yet; compile it with "
+                f"mode=\"infer\", or train without it"
             )
         for earlier in passes[:position]:
             other = type(earlier).__name__
@@ -125,6 +144,11 @@ def check_stages(passes: Sequence[Pass], training: bool) -> None:
                 raise IncompatiblePassError(
                     f"{name} (vision stage) comes after {other} ({earlier.stage} stage): vision-stage passes "
                     f"rewrite the visual tokens before the LLM; list {name} before {other}"
+                )
+            if item.stage != "train" and earlier.stage == "train":
+                raise IncompatiblePassError(
+                    f"{name} ({item.stage} stage) comes after {other} (train stage): train-stage passes rewrite "
+                    f"the loss of the finished training graph; list {name} before {other}"
                 )
             if item.stage == "kv" and earlier.stage == "kv":
                 raise IncompatiblePassError(

@@ -1,0 +1,52 @@
+"""``vlmopt regate precompute``: cache a frozen text-only teacher's per-token losses for ReGATE."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlmopt.cli.common import add_model_argument, positive_int
+
+
+def add_parsers(subparsers) -> None:
+    regate = subparsers.add_parser("regate", help="ReGATE training helpers")
+    actions = regate.add_subparsers(dest="action", required=True, metavar="ACTION")
+    precompute = actions.add_parser(
+        "precompute",
+        help="cache the teacher losses of a task's training samples, keyed by sample id (the sample index)",
+        description="The teacher is the model's own language model, text only (every visual token removed, "
+        "positions kept), as it is now: run this before fine-tuning. Samples are the task's training split, "
+        "indices start .. start+n-1, encoded with their answers (the fine-tuning format).",
+    )
+    add_model_argument(precompute, required=True)
+    precompute.add_argument("--task", required=True, help="task name (see vlmopt.models.TASK_NAMES)")
+    precompute.add_argument("--n", type=positive_int, required=True, help="number of training samples")
+    precompute.add_argument("--start", type=int, default=0, help="first sample index (default 0)")
+    precompute.add_argument("--split", default="train", choices=["train", "validation", "test"])
+    precompute.add_argument("--batch-size", type=positive_int, default=16)
+    precompute.add_argument("--out", required=True, help="where to write the cache (torch.save file)")
+    precompute.set_defaults(run=run_precompute)
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    from vlmopt import models
+    from vlmopt.cli.common import load_model
+    from vlmopt.errors import VlmoptError
+    from vlmopt.train import TeacherCache, teacher_losses
+
+    loaded = load_model(args.model)
+    if loaded.processor is None:
+        raise VlmoptError(f"{args.model!r} has no processor: precompute needs a reference model or a checkpoint")
+    try:
+        task = models.task_for(args.model, args.task)
+    except KeyError as error:
+        raise VlmoptError(str(error.args[0])) from None
+    samples = task.samples(args.split, n=args.n, start=args.start)
+    cache = TeacherCache(meta={"model": str(args.model), "task": args.task, "split": args.split})
+    for begin in range(0, len(samples), args.batch_size):
+        chunk = list(samples[begin : begin + args.batch_size])
+        batch = models.processing.encode(loaded.processor, chunk, answers=True)
+        cache.add([s.index for s in chunk], batch["labels"], teacher_losses(loaded.model, batch))
+    cache.save(args.out)
+    tokens = sum(v.numel() for v in cache.losses.values())
+    print(f"wrote teacher losses of {len(cache)} samples ({tokens} answer tokens) to {args.out}")
+    return 0

@@ -1,0 +1,86 @@
+"""Run the decoder layers on a subset of the tokens, and put the rest through unchanged.
+
+Token elision (ReGATE's ``elide=True``): the tokens a training step does not need skip every
+decoder layer. They are gathered out before layer 0 (hidden states, cos/sin, and the 4-D attention
+masks rebuilt from the gathered 2-D mask, so no kept token attends to an elided one), and after the
+last layer each elided token's hidden state is its layer-0 input (the residual stream with every
+layer's update skipped), scattered back into the full sequence, so the final norm, the LM head and
+the loss see the original ``[B, S]`` layout with the original labels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+
+from vlmopt.graph.edit import GraphEditor
+
+
+def elision_index(answer: Tensor, active: Tensor) -> Tensor:
+    """[B, K] int64 positions of the tokens the decoder must compute, ascending, right-aligned and
+    left-padded with -1 (``vlmopt::gather_sequence``'s convention).
+
+    ``answer`` and ``active`` are target-aligned [B, S] bool masks: target ``i`` is predicted from
+    token ``i-1``. A token is elided only when it is an answer token and the next target is an
+    inactive answer token: its prediction is out of the loss, and it is no context for the rest
+    either, as elision means. Every other token is computed (the last token of an answer span stays
+    as context for later turns), so with every answer token active nothing is elided.
+    """
+    size, length = answer.shape
+    pad = active.new_zeros((size, 1))
+    next_active = torch.cat([active[:, 1:], pad], dim=1)
+    next_answer = torch.cat([answer[:, 1:], pad], dim=1)
+    keep = ~(answer & next_answer & ~next_active)
+    width = int(keep.sum(1).max())
+    key = keep.long() * length + torch.arange(length, device=answer.device)
+    values, index = torch.topk(key, width, dim=1, largest=True, sorted=True)
+    values, index = values.flip(1), index.flip(1)
+    return torch.where(values >= length, index, torch.full_like(index, -1))
+
+
+def scatter_sequence(full: Tensor, kept: Tensor, index: Tensor) -> Tensor:
+    """``full`` [B, S, D] with row ``b``'s slots ``index[b]`` replaced by ``kept`` [B, K, D] (slots -1
+    skipped); differentiable in both."""
+    size, length, width = full.shape
+    slots = torch.where(index < 0, length, index)  # padding writes into a spare column, dropped below
+    padded = torch.cat([full, full.new_zeros((size, 1, width))], dim=1)
+    out = padded.scatter(1, slots[:, :, None].expand(-1, -1, width), kept.to(full.dtype))
+    return out[:, :length]
+
+
+def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], after: fx.Node) -> None:
+    """Make ``layers`` (the decoder-layer nodes, in order) compute only the tokens of ``index``
+    ([B, K], inserted at ``after``, which must follow every input of layer 0)."""
+    first, last = layers[0], layers[-1]
+    hidden = editor.input_of(first, "hidden_states")
+    cos, sin = editor.input_of(first, "position_embeddings")
+    chain = editor.chain(after)
+    gathered = {
+        node: chain(
+            torch.ops.vlmopt.gather_sequence.default, node, index, 0, 1,
+            role="elide_gather", stage="llm", name=f"{node.name}_elided", seq_dim=(0, 1),
+        )
+        for node in (hidden, cos, sin)
+    }
+    masks = {}
+    for layer in layers:
+        mask = editor.input_of(layer, "attention_mask")
+        if mask in masks:
+            continue
+        two_d = editor.input_of(mask, "attention_mask")
+        kept_two_d = chain(
+            torch.ops.vlmopt.gather_sequence.default, two_d, index, 0, 1,
+            role="elide_gather", stage="llm", name=f"{two_d.name}_elided", seq_dim=(0, 1),
+        )
+        with editor.graph.inserting_after(chain.cursor):
+            replaced = {**gathered, two_d: kept_two_d}
+            rebuilt = editor.graph.node_copy(mask, lambda arg, replaced=replaced: replaced.get(arg, arg))
+        rebuilt.meta = dict(mask.meta)
+        editor._tag(rebuilt)
+        chain.cursor = masks[mask] = rebuilt
+    for layer in layers:
+        editor.set_input(layer, "attention_mask", masks[editor.input_of(layer, "attention_mask")])
+        editor.set_input(layer, "position_embeddings", (gathered[cos], gathered[sin]))
+    editor.set_input(first, "hidden_states", gathered[hidden])
+    scattered = editor.insert(last, scatter_sequence, (hidden, last, index), role="elide_scatter", stage="llm", name="elide_scatter")
+    editor.replace_uses(last, scattered, after=scattered)
