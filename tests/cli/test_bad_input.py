@@ -112,6 +112,11 @@ CATALOGUE = [
     (["tasks", "export", "--task", "shapes", "--model", "no-such-model", "--out", "{root}/tasks"], "no reference model 'no-such-model'"),
     (["tasks", "export", "--task", "needle", "--model", "tiny-llava", "--out", "{root}/tasks"], "was not trained on task 'needle'"),
     (["tasks", "frobnicate"], "argument VERB: invalid choice: 'frobnicate'"),
+    (["regate", "precompute", "--model", "tiny-llava", "--task", "nosuch", "--n", "3", "--out", "{root}/t.pt"], "unknown task 'nosuch'; known tasks"),
+    (["regate", "precompute", "--model", "tiny-llava", "--task", "needle", "--n", "3", "--out", "{root}/t.pt"], "was not trained on task 'needle'"),
+    (["regate", "precompute", "--model", "no-such-model", "--task", "shapes", "--n", "3", "--out", "{root}/t.pt"], "no reference model 'no-such-model'"),
+    (["regate", "precompute", "--model", "tiny-llava", "--task", "shapes", "--n", "0", "--out", "{root}/t.pt"], "argument --n: must be ≥ 1"),
+    (["regate", "frobnicate"], "argument ACTION: invalid choice: 'frobnicate'"),
     # no verb
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
 ]

@@ -110,6 +110,14 @@ def load_model(name: str) -> LoadedModel:
     return LoadedModel(name, model, processor)
 
 
+def check_task(name: str) -> None:
+    """Refuse a task name that no reference task has (before any weights load)."""
+    from vlmopt import models
+
+    if name not in models.TASK_NAMES:
+        raise InputError(f"unknown task {name!r}; known tasks: {', '.join(sorted(models.TASK_NAMES))}")
+
+
 def positive_int(text: str) -> int:
     """``argparse`` type of counts (--n, --repeats): an integer ≥ 1."""
     try:

@@ -8,6 +8,7 @@ import json
 from vlmopt.cli.common import (
     add_model_argument,
     add_passes_argument,
+    check_task,
     load_model,
     markdown_table,
     model_directory,
@@ -36,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmopt.evaluation import evaluate, plot, sweep_lists
 
     # Everything that can be checked without the weights is checked before loading them.
-    if args.task not in models.TASK_NAMES:
-        raise InputError(f"unknown task {args.task!r}; known tasks: {', '.join(sorted(models.TASK_NAMES))}")
+    check_task(args.task)
     lists = sweep_lists(pass_lists(args.passes), args.sweep)
     if model_directory(args.model) is None:
         raise InputError(f"{args.model} is a random-weight config without a processor; eval needs a reference model "

@@ -86,6 +86,8 @@ def task_for(name: str | Path, task: str):
     """Task ``task`` configured as model ``name`` was trained and evaluated on it (``tasks.json``)."""
     from vlmopt.models import tasks
 
+    if task not in TASK_NAMES:
+        raise KeyError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
     file = path(name) / "tasks.json"
     overrides = json.loads(file.read_text()).get(task) if file.exists() else None
     if overrides is None:
