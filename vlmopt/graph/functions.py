@@ -198,3 +198,11 @@ def vision_received_attention(
         offset, first = offset + frames * size, last
     flat = torch.cat(scores)
     return flat if merge == 1 else flat.reshape(-1, merge).mean(-1)
+
+
+def visual_span_mask(embeds: Tensor, positions: Tensor) -> Tensor:
+    """[B, S] bool: True at the flat slots ``positions`` [T] (``b * S + s``) of the visual tokens in
+    a sequence shaped like ``embeds`` [B, S, D]."""
+    batch, seq = embeds.shape[:2]
+    flags = torch.zeros(batch * seq, dtype=torch.bool, device=embeds.device)
+    return flags.index_fill(0, positions, True).view(batch, seq)
