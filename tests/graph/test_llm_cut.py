@@ -13,9 +13,9 @@ from vlmopt.graph.edit import GraphEditor, segment_mask_name
 from vlmopt.passes.base import Pass, cut_llm
 
 
-def keep_every_slot(span: torch.Tensor) -> torch.Tensor:
-    """[B, S] index keeping every slot."""
-    return torch.arange(span.shape[1]).expand(span.shape).contiguous()
+def keep_every_slot(x: torch.Tensor) -> torch.Tensor:
+    """[B, S] index keeping every slot of ``x`` [B, S, ...]."""
+    return torch.arange(x.shape[1]).expand(x.shape[:2]).contiguous()
 
 
 def drop_odd_visual(span: torch.Tensor) -> torch.Tensor:
@@ -38,9 +38,10 @@ class CutAt(Pass):
     def apply(self, graph) -> None:
         editor = GraphEditor(graph["prefill"])
         layers = graph.adapter.decoder_layer_nodes(graph["prefill"])
-        span = editor.visual_span()
+        # The keep-all cut reads the hidden states only, so the cut itself builds the visual span.
+        source = editor.visual_span() if self.drop else layers[self.layer - 1]
         index = editor.insert(
-            layers[self.layer - 1], drop_odd_visual if self.drop else keep_every_slot, (span,), role="sequence_cut",
+            layers[self.layer - 1], drop_odd_visual if self.drop else keep_every_slot, (source,), role="sequence_cut",
         )
         cut_llm(graph, editor, self.layer, index)
         editor.finish()

@@ -271,6 +271,7 @@ class GraphEditor:
         layers = {n.meta["index"]: n for n in self.nodes("decoder_layer")}
         if layer not in layers or layer - 1 not in layers:
             raise ValueError(f"a cut needs decoder layers {layer - 1} and {layer}; the graph has 0..{max(layers)}")
+        span = self.visual_span() if self.nodes("merge") else None  # built before the order is taken
         order = self.order()
         point = index.prev
         if not order[layers[layer - 1]] <= order[point] < order[layers[layer]]:
@@ -281,7 +282,8 @@ class GraphEditor:
         masks = {m for n in later for m in n.all_input_nodes if m.meta.get("role") == "causal_mask" and order[m] <= limit}
         wanted = {m for n in later for m in n.all_input_nodes if order[m] <= limit and m.meta.get("seq_dim")}
         wanted |= {self.input_of(m, "attention_mask") for m in masks}
-        wanted.add(self.visual_span()) if self.nodes("merge") else None
+        if span is not None:
+            wanted.add(span)
         wanted.discard(index)
         gathered: dict[fx.Node, fx.Node] = {}
         cursor = index
