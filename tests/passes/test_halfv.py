@@ -1,6 +1,7 @@
-"""HalfV: the probe equals an independent last-token attention, exact budgets with text and positions
-kept, LLaVA's frozen visual rows (text rows as HF's layer computes them), batch = rows alone, FLOPs,
-golden graph diffs, defaults and the errors given before tracing."""
+"""HalfV: the probe equals an independent last-token attention, exact budgets with every text slot
+kept, LLaVA's frozen visual rows (text rows as HF's layer computes them, FLOPs of the active rows
+only), batch = rows alone, keep-all exactness, golden graph diffs, defaults and the errors given
+before tracing (positions and masks through a cut: tests/graph/test_llm_cut.py)."""
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_relevance_is_the_last_tokens_attention_without_rope(family_model):
     assert span.sum(1).tolist() == prompt.layout.tokens_per_row()
 
 
-def test_budgets_anchors_text_and_positions(family_model):
+def test_budgets_anchors_and_text(family_model):
     batch = padded_batch(family_model, seed=52)
     config = HalfV(ivr_layer=1, ivr_keep=0.5, anchor_frac=0.5, ssr_layer=2)
     compiled = vlmopt.compile(family_model, passes=[config])
