@@ -1,4 +1,4 @@
-"""Analyses of a model's hidden states that guide where passes act (no graph rewriting here).
+"""Analyses of a model's hidden states that guide where passes act.
 
 :mod:`vlmopt.analysis.entropy` — truncated matrix entropy of a token subset's hidden states (HalfV's
 stage analysis, arXiv 2604.16462). :mod:`vlmopt.analysis.stages` — HalfV's per-layer stage analysis
