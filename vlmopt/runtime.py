@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from vlmopt.errors import InputError
 from vlmopt.generation import GenerationSettings, TokenChooser
+from vlmopt.graph.edit import segment_mask_inputs
 
 if TYPE_CHECKING:
     from vlmopt.adapters.base import Adapter, Prompt
@@ -202,13 +203,17 @@ class CompiledVLM(nn.Module):
         out = self.run_stage(prompt.stage, prompt.inputs, cache, logits_to_keep=1)
         chooser = TokenChooser(settings, input_ids.shape[0], input_ids.device)
         mask, position, sequences = out["attention_mask"], prompt.next_position, input_ids
+        # A model cut inside the LLM has one 2-D mask per segment of layers (each segment's cache
+        # has its own length); a prefill that made no cut (text only) serves them all with one.
+        segments = {name: out.get(name, mask) for name in segment_mask_inputs(self.stages["decode"])}
         for step in range(settings.max_new_tokens):
             tokens = chooser(sequences, out["logits"])
             sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
             if chooser.done or step == settings.max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            inputs = self.adapter.decode_inputs(tokens[:, None], mask, position)
+            segments = {name: torch.cat([m, m.new_ones((m.shape[0], 1))], dim=-1) for name, m in segments.items()}
+            inputs = {**self.adapter.decode_inputs(tokens[:, None], mask, position), **segments}
             out = self.run_stage("decode", inputs, cache, logits_to_keep=1)
             position = position + 1
         return sequences

@@ -22,7 +22,7 @@ BENCH_CONFIGS = {
 #: Roles of nodes that passes insert (their time is the passes' own overhead).
 PASS_ROLES = (
     "prune_score", "prune_select", "prune_kinds", "prune_layout", "prune_pool", "visual_positions",
-    "sequence_index", "sequence_gather",
+    "sequence_index", "sequence_gather", "sequence_cut", "visual_span",
 )
 
 

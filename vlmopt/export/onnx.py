@@ -86,6 +86,12 @@ def export_onnx(
     compiled = model if isinstance(model, CompiledVLM) else vlmopt.compile(model, passes=passes)
     if compiled.backend != "eager":
         compiled = vlmopt.compile(compiled.adapter.model, passes=compiled.passes)  # export traces the graphs eagerly
+    cutters = sorted({n.meta.get("pass", "?") for n in compiled.stages["prefill"].graph.nodes if n.meta.get("role") == "sequence_cut"})
+    if cutters:
+        raise ExportError(
+            f"{', '.join(cutters)} cuts the sequence inside the LLM, which the ONNX export does not carry yet (per-layer "
+            "cache lengths in the decode graph); export the model without it"
+        )
     start = time.perf_counter()
     with torch.no_grad():
         graphs, layout, split = build_graphs(compiled, processor, config)

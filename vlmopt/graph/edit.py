@@ -23,6 +23,20 @@ from vlmopt.graph.capture import STAGE_OF_ROLE
 #: Roles whose nodes are rebuilt, not gathered, when the sequence shrinks after them.
 REBUILT_ROLES = ("causal_mask",)
 
+#: Prefix of the 2-D mask of the layers from a cut on: the prefill returns ``attention_mask_from_<K>``
+#: for a cut before decoder layer K, and the decode graph reads it back (extended by one) as an input.
+SEGMENT_MASK_PREFIX = "attention_mask_from_"
+
+
+def segment_mask_name(layer: int) -> str:
+    """Output / input name of the 2-D mask serving decoder layers ``layer`` on (a cut's segment)."""
+    return f"{SEGMENT_MASK_PREFIX}{layer}"
+
+
+def segment_mask_inputs(module: fx.GraphModule) -> list[str]:
+    """Names of the graph's per-segment 2-D mask inputs (decode graphs of models cut inside the LLM)."""
+    return [n.target for n in module.graph.nodes if n.op == "placeholder" and n.target.startswith(SEGMENT_MASK_PREFIX)]
+
 _CURRENT_PASS: ContextVar[str | None] = ContextVar("vlmopt_current_pass", default=None)
 
 
@@ -214,6 +228,116 @@ class GraphEditor:
     @staticmethod
     def _read_after(node: fx.Node, order: dict[fx.Node, int], limit: int, index: fx.Node) -> bool:
         return any(order.get(user, -1) > limit and user is not index for user in node.users)
+
+    # ----- cuts between decoder layers ----------------------------------------------------
+    def visual_span(self) -> fx.Node:
+        """The [B, S] bool mask of the visual tokens in the LLM sequence as it stands at the last cut.
+
+        Built on first use from the merge's slots (and the vision-side ``sequence_index``, if any),
+        marked with ``seq_dim`` so every later cut carries it along (:meth:`cut_sequence`).
+        """
+        spans = [n for n in self.graph.nodes if n.meta.get("visual_span")]
+        if spans:
+            return spans[-1]
+        from vlmopt.graph import functions as gf
+
+        merge = self.one("merge")
+        first_layer = min(self.nodes("decoder_layer"), key=lambda n: n.meta["index"])
+        chain = self.chain(first_layer.prev)
+        span = chain(
+            gf.visual_span_mask, self.input_of(merge, "embeds"), self.input_of(merge, "positions"),
+            role="visual_span", stage="llm", name="visual_span", seq_dim=(0, 1), visual_span=True,
+        )
+        index = self.last("sequence_index")
+        if index is not None:
+            span = chain(
+                torch.ops.vlmopt.gather_sequence.default, span, index, 0, 1,
+                role="visual_span", stage="llm", name="visual_span_kept", seq_dim=(0, 1), visual_span=True,
+            )
+        return span
+
+    def cut_sequence(self, layer: int, index: fx.Node) -> list[fx.Node]:
+        """Keep the sequence slots ``index`` [B, S'] (ascending, -1 = padding) from decoder layer
+        ``layer`` on; returns the gathers.
+
+        ``index`` sits between decoder layers ``layer - 1`` and ``layer``. Every sequence-carrying
+        value those later layers read (hidden states, cos/sin, the visual span) is gathered with it;
+        the 4-D masks they read are rebuilt from the gathered 2-D mask and states with
+        ``layer_idx=layer``, so they measure that layer's own KV cache (shorter than the earlier
+        layers'). The prefill returns the gathered 2-D mask as :func:`segment_mask_name` (the
+        first segment's mask stays ``attention_mask``); :meth:`split_decode_masks` gives the decode
+        graph the matching input.
+        """
+        layers = {n.meta["index"]: n for n in self.nodes("decoder_layer")}
+        if layer not in layers or layer - 1 not in layers:
+            raise ValueError(f"a cut needs decoder layers {layer - 1} and {layer}; the graph has 0..{max(layers)}")
+        span = self.visual_span() if self.nodes("merge") else None  # built before the order is taken
+        order = self.order()
+        point = index.prev
+        if not order[layers[layer - 1]] <= order[point] < order[layers[layer]]:
+            raise ValueError(f"{index.name} must sit between decoder layers {layer - 1} and {layer}")
+        limit = order[point]
+        output = self.output()
+        later = [n for n in self.graph.nodes if order[n] > limit and n is not output]
+        masks = {m for n in later for m in n.all_input_nodes if m.meta.get("role") == "causal_mask" and order[m] <= limit}
+        wanted = {m for n in later for m in n.all_input_nodes if order[m] <= limit and m.meta.get("seq_dim")}
+        wanted |= {self.input_of(m, "attention_mask") for m in masks}
+        if span is not None:
+            wanted.add(span)
+        wanted.discard(index)
+        gathered: dict[fx.Node, fx.Node] = {}
+        cursor = index
+        for node in sorted(wanted, key=order.__getitem__):
+            dims = node.meta["seq_dim"]
+            cursor = self.insert(
+                cursor, torch.ops.vlmopt.gather_sequence.default, (node, index, dims[0], dims[1]),
+                role="sequence_gather", stage="llm", name=f"{node.name}_kept", seq_dim=dims,
+                **({"visual_span": True} if node.meta.get("visual_span") else {}),
+            )
+            gathered[node] = cursor
+        hidden = gathered[self.input_of(layers[layer], "hidden_states")]
+        for mask in sorted(masks, key=order.__getitem__):
+            with self.graph.inserting_after(cursor):
+                rebuilt = self.graph.node_copy(mask, lambda arg: arg)
+            rebuilt.meta = dict(mask.meta, segment=layer)
+            self._tag(rebuilt)
+            self.set_input(rebuilt, "embeds", hidden)
+            self.set_input(rebuilt, "attention_mask", gathered[self.input_of(mask, "attention_mask")])
+            first = min(u.meta["index"] for u in mask.users if u.meta.get("role") == "decoder_layer" and order[u] > limit)
+            self.set_input(rebuilt, "layer_idx", first)
+            gathered[mask] = cursor = rebuilt
+        created = set(gathered.values()) | {index}
+        for old, new in gathered.items():
+            for user in list(old.users):
+                if user not in created and user is not output and order.get(user, -1) > limit:
+                    user.replace_input_with(old, new)
+        first_mask = self.input_of(min(masks, key=order.__getitem__), "attention_mask")
+        outputs = dict(output.args[0])
+        outputs[segment_mask_name(layer)] = gathered[first_mask]
+        output.args = (outputs,)
+        return list(gathered.values())
+
+    def split_decode_masks(self, layer: int) -> fx.Node:
+        """In a decode graph, serve decoder layers ``layer`` on with their own 2-D mask input
+        (:func:`segment_mask_name`, [B, cache length of layer ``layer`` + 1]); returns the input."""
+        layers = [n for n in self.nodes("decoder_layer") if n.meta["index"] >= layer]
+        order = self.order()
+        masks = {m for n in layers for m in n.all_input_nodes if m.meta.get("role") == "causal_mask"}
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        with self.graph.inserting_after(placeholders[-1]):
+            mask_input = self.graph.placeholder(segment_mask_name(layer))
+        mask_input.meta.update(role="input", stage="input", seq_dim=(0, 1))
+        for mask in sorted(masks, key=order.__getitem__):
+            with self.graph.inserting_after(mask):
+                rebuilt = self.graph.node_copy(mask, lambda arg: arg)
+            rebuilt.meta = dict(mask.meta, segment=layer)
+            self._tag(rebuilt)
+            self.set_input(rebuilt, "attention_mask", mask_input)
+            self.set_input(rebuilt, "layer_idx", min(u.meta["index"] for u in mask.users if u in layers))
+            for user in list(mask.users):
+                if user in layers:
+                    user.replace_input_with(mask, rebuilt)
+        return mask_input
 
     def finish(self) -> None:
         self.graph.lint()

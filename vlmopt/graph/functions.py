@@ -198,3 +198,72 @@ def vision_received_attention(
         offset, first = offset + frames * size, last
     flat = torch.cat(scores)
     return flat if merge == 1 else flat.reshape(-1, merge).mean(-1)
+
+
+def visual_span_mask(embeds: Tensor, positions: Tensor) -> Tensor:
+    """[B, S] bool: True at the flat slots ``positions`` [T] (``b * S + s``) of the visual tokens in
+    a sequence shaped like ``embeds`` [B, S, D]."""
+    batch, seq = embeds.shape[:2]
+    flags = torch.zeros(batch * seq, dtype=torch.bool, device=embeds.device)
+    return flags.index_fill(0, positions, True).view(batch, seq)
+
+
+def right_aligned(flags: Tensor, out_len: int) -> Tensor:
+    """[B, out_len] ascending slots of the True entries of ``flags`` [B, S], each row right-aligned
+    and left-padded with -1 (static shape: ``out_len`` ≥ every row's count)."""
+    seq = flags.shape[1]
+    key = flags.long() * seq + torch.arange(seq, device=flags.device)
+    values, index = torch.topk(key, out_len, dim=1, largest=True, sorted=True)
+    values, index = values.flip(1), index.flip(1)
+    return torch.where(values >= seq, index, torch.full_like(index, -1))
+
+
+def _row_budgets(layout: VisualLayout, keep: float) -> list[int]:
+    budgets = [0] * layout.batch
+    for row, count in zip(layout.rows, layout.counts):
+        budgets[row] += keep_count(count, keep, None)
+    return budgets
+
+
+def last_token_relevance(q: Tensor, k: Tensor, span: Tensor, scale: float) -> Tensor:
+    """[B, S] how much the last token's queries (``q`` [B, H, S, D]) attend to each key of ``k``
+    [B, Hkv, S, D], softmax over the visual ``span`` [B, S] only, mean over heads."""
+    return ops.last_token_attention(q[:, :, -1, :], k, span, scale)
+
+
+def halfv_keep(
+    relevance: Tensor, states: Tensor | None, span: Tensor, layout: VisualLayout, current: float, keep: float,
+    anchor_frac: float,
+) -> Tensor:
+    """[B, S'] slots surviving one HalfV cut: every non-visual slot, and per row ``keep`` of its
+    visual tokens (counted on ``layout``, summed over the row's inputs): the top ``anchor_frac`` of
+    that budget by ``relevance`` [B, S], the rest by k-center coverage of ``states`` [B, S, D]
+    (``vlmopt::kcenter_select``; ``states`` None = all by relevance). ``current`` is the keep
+    fraction already applied to the visual span (1.0 before any cut), so the row counts are static.
+    """
+    counts = _row_budgets(layout, current) if current < 1.0 else list(layout.tokens_per_row())
+    budgets = [min(b, c) for b, c in zip(_row_budgets(layout, keep), counts)]
+    seq = span.shape[1]
+    rows = []
+    for b, (count, budget) in enumerate(zip(counts, budgets)):
+        flags = ~span[b]
+        if count:
+            visual = right_aligned(span[b : b + 1], count)[0]  # [count] ascending slots of the span
+            anchors = budget if states is None else min(budget, int(anchor_frac * budget))
+            chosen = relevance[b].index_select(0, visual).topk(anchors).indices
+            if anchors < budget:
+                marked = torch.zeros(1, count, dtype=torch.bool, device=span.device).index_fill(1, chosen, True)
+                row_states = states[b].index_select(0, visual)[None]
+                picks = ops.kcenter_select(row_states, torch.ones_like(marked), marked, budget - anchors)[0]
+                chosen = torch.cat([chosen, picks])
+            flags = flags.index_fill(0, visual.index_select(0, chosen), True)
+        rows.append(flags)
+    out_len = seq - min(c - b for c, b in zip(counts, budgets))
+    return right_aligned(torch.stack(rows), out_len)
+
+
+def halfv_active_rows(span: Tensor, layout: VisualLayout, current: float) -> Tensor:
+    """[B, A] ascending slots of the non-visual rows of ``span`` [B, S] (left-padded with -1), where
+    ``current`` of each input's visual tokens remain (static counts)."""
+    counts = _row_budgets(layout, current) if current < 1.0 else list(layout.tokens_per_row())
+    return right_aligned(~span, span.shape[1] - min(counts))

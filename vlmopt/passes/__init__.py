@@ -15,13 +15,14 @@ from fractions import Fraction
 
 from vlmopt.errors import PassConfigError, UnknownPassError
 from vlmopt.passes.base import Pass, VisualTokenPrune
+from vlmopt.passes.halfv import HalfV
 from vlmopt.passes.hiprune import HiPrune
 from vlmopt.passes.pool_prune import PoolPrune
 from vlmopt.passes.random_prune import RandomPrune
 from vlmopt.passes.regate import ReGATE, ReGATEState
 
 #: Every pass, by name. Explicit: a new pass file adds its class here.
-REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune, HiPrune, ReGATE)}
+REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE)}
 
 
 def get(name: str) -> type[Pass]:
@@ -81,4 +82,7 @@ def resolve(item: Pass | str) -> Pass:
     raise PassConfigError(f"passes must be Pass instances or spec strings, got {type(item).__name__}")
 
 
-__all__ = ["REGISTRY", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE", "ReGATEState", "VisualTokenPrune", "convert", "get", "parse", "resolve"]
+__all__ = [
+    "REGISTRY", "HalfV", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE", "ReGATEState", "VisualTokenPrune",
+    "convert", "get", "parse", "resolve",
+]

@@ -157,6 +157,16 @@ def check_stages(passes: Sequence[Pass], training: bool) -> None:
                 )
 
 
+def cut_llm(graph: VLMGraph, prefill: GraphEditor, layer: int, index: fx.Node) -> None:
+    """Keep the prefill sequence slots ``index`` [B, S'] (a node of ``prefill``, between decoder layers
+    ``layer - 1`` and ``layer``) from decoder layer ``layer`` on, and give the decode graph that
+    segment's own 2-D mask (see :meth:`GraphEditor.cut_sequence`)."""
+    prefill.cut_sequence(layer, index)
+    decode = GraphEditor(graph["decode"])
+    decode.split_decode_masks(layer)
+    decode.finish()
+
+
 def check_range(owner: str, field: str, value, low, high, *, low_open: bool = False, integer: bool = False) -> None:
     """Raise :class:`PassConfigError` unless ``low (<|<=) value <= high``."""
     kind = int if integer else (int, float)

@@ -1,0 +1,176 @@
+"""HalfV's stage analysis: where in the LLM do visual tokens become redundant, and where do they saturate?
+
+Paper: "From Inheritance to Saturation" (HalfV), https://arxiv.org/abs/2604.16462. Per decoder
+layer ``l`` of the language model, on a few task samples:
+
+* **entropy**: the truncated matrix entropy (:func:`~vlmopt.analysis.truncated_matrix_entropy`) of
+  the visual tokens' input states of layer ``l``, averaged over samples — high in Stage I (alignment),
+  falling in Stage II (aggregation), rising again in Stage III (saturation);
+* **marginal utility** of pruning at ``l`` (``l ≥ 1``): ``MU = −ΔM / (ΔC + ε)``, the accuracy lost
+  (``ΔM = accuracy − baseline``, a fraction) per fraction of LLM prefill FLOPs saved (``ΔC``) when
+  only ``keep`` of the visual tokens, the most relevant to the last token (HalfV's probe), go on
+  from layer ``l``. Lower is better.
+
+Suggestions: ``ivr_layer`` = the layer of least marginal utility (among 1..L−2, so a saturation
+stage fits after it; ties go to the earlier layer); ``ssr_layer`` = the layer after the entropy
+minimum past ``ivr_layer`` (where entropy starts to rise again), at most the last layer.
+The probe cuts are relevance-only (no k-center coverage) and FLOPs are those of the first sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from vlmopt.errors import InputError
+from vlmopt.passes.base import Pass, check_range
+
+EPSILON = 1e-6
+"""ε of the marginal utility (a cut that saves nothing is not divided by zero)."""
+
+
+@dataclass(frozen=True)
+class LayerCut(Pass):
+    """One HalfV-style cut (relevance only) before decoder layer ``layer``: the analysis' probe."""
+
+    stage: ClassVar[str] = "llm"
+    query_aware: ClassVar[bool] = True
+
+    layer: int = 1
+    """Decoder layer from which only ``keep`` of the visual tokens remain (≥ 1)."""
+    keep: float = 0.25
+    """Fraction of each visual input's tokens kept, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        check_range("LayerCut", "layer", self.layer, 1, 10**4, integer=True)
+        check_range("LayerCut", "keep", self.keep, 0, 1, low_open=True)
+
+    def apply(self, graph) -> None:
+        from vlmopt.graph.edit import GraphEditor
+        from vlmopt.passes.base import VisualSite
+        from vlmopt.passes.halfv import HalfV
+
+        editor = GraphEditor(graph["prefill"])
+        layout = VisualSite.find(editor, graph.adapter).layout
+        HalfV().cut(graph, editor, self.layer, layout, 1.0, self.keep, 1.0, rope=False)
+        editor.finish()
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """Per-layer curves of the stage analysis and the layers it suggests."""
+
+    entropy: tuple[float, ...]
+    """Mean truncated matrix entropy of the visual input states of each decoder layer."""
+    utility: tuple[float | None, ...]
+    """Marginal utility of pruning before each decoder layer (None for layer 0, which has no probe)."""
+    accuracy: tuple[float | None, ...]
+    """Accuracy with the cut before each layer (None for layer 0)."""
+    baseline_accuracy: float
+    """Accuracy without pruning."""
+    ivr_layer: int
+    """Suggested ``HalfV.ivr_layer``."""
+    ssr_layer: int
+    """Suggested ``HalfV.ssr_layer``."""
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "entropy": list(self.entropy), "utility": list(self.utility), "accuracy": list(self.accuracy),
+            "baseline_accuracy": self.baseline_accuracy, "ivr_layer": self.ivr_layer, "ssr_layer": self.ssr_layer,
+        }
+
+
+def visual_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the image and video placeholder tokens of ``input_ids``."""
+    config = model.config
+    ids = [getattr(config, name, None) for name in ("image_token_id", "video_token_id", "image_token_index")]
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token in {i for i in ids if i is not None}:
+        mask |= input_ids == token
+    return mask
+
+
+def layer_entropy(model, batches: list[dict], k: int = 50) -> list[float]:
+    """Mean truncated matrix entropy of the visual input states of every decoder layer."""
+    from vlmopt.analysis.entropy import truncated_matrix_entropy
+
+    layers = model.config.get_text_config().num_hidden_layers
+    totals, count = [0.0] * layers, 0
+    for batch in batches:
+        with torch.no_grad():
+            states = model(**batch, output_hidden_states=True).hidden_states
+        visual = visual_token_mask(model, batch["input_ids"])
+        for b in range(visual.shape[0]):
+            if int(visual[b].sum()) < 2:
+                continue
+            for layer in range(layers):
+                totals[layer] += truncated_matrix_entropy(states[layer][b][visual[b]], k)
+            count += 1
+    if count == 0:
+        raise InputError("the stage analysis needs samples with visual tokens (images or videos); these have none")
+    return [total / count for total in totals]
+
+
+def accuracy_and_flops(model, processor, batches, samples, passes) -> tuple[float, int]:
+    """(accuracy, LLM prefill FLOPs of the first sample) of ``model`` compiled with ``passes``."""
+    import vlmopt
+    from vlmopt.models import processing, tasks
+
+    compiled = vlmopt.compile(model, passes=passes)
+    answers = []
+    for batch in batches:
+        with torch.inference_mode():
+            ids = compiled.generate(**batch, max_new_tokens=3, do_sample=False)
+        answers += processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    correct = sum(tasks.score(a, s) for a, s in zip(answers, samples))
+    return correct / len(samples), vlmopt.flops(compiled, processing.encode(processor, samples[:1])).llm
+
+
+def analyze_stages(model, processor, samples, keep: float = 0.25, k: int = 50, batch_size: int = 16) -> StageReport:
+    """Run the stage analysis of ``model`` on task ``samples`` (see the module docstring)."""
+    from vlmopt.models import processing
+
+    samples = list(samples)
+    batches = [processing.encode(processor, samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+    entropy = layer_entropy(model, batches, k)
+    layers = len(entropy)
+    base_accuracy, base_flops = accuracy_and_flops(model, processor, batches, samples, [])
+    utility: list[float | None] = [None]
+    accuracy: list[float | None] = [None]
+    for layer in range(1, layers):
+        value, flops = accuracy_and_flops(model, processor, batches, samples, [LayerCut(layer=layer, keep=keep)])
+        saved = 1.0 - flops / base_flops
+        accuracy.append(value)
+        utility.append((base_accuracy - value) / (saved + EPSILON))
+    # ivr_layer leaves room for a saturation stage after it (HalfV needs ssr_layer > ivr_layer).
+    ivr_layer = min(range(1, max(2, layers - 1)), key=lambda layer: (utility[layer], layer))
+    later = range(ivr_layer + 1, layers)
+    ssr_layer = min(layers - 1, min(later, key=lambda layer: (entropy[layer], layer)) + 1) if later else ivr_layer
+    return StageReport(tuple(entropy), tuple(utility), tuple(accuracy), base_accuracy, ivr_layer, ssr_layer)
+
+
+def plot_stages(report: StageReport, path: str, title: str) -> None:
+    """Draw the entropy and the marginal utility per layer to ``path`` (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, left = plt.subplots(figsize=(7, 4))
+    layers = list(range(len(report.entropy)))
+    left.plot(layers, report.entropy, marker="o", color="tab:blue", label="visual TME")
+    left.set_xlabel("decoder layer")
+    left.set_ylabel("truncated matrix entropy (nats)")
+    right = left.twinx()
+    cut = [layer for layer in layers if report.utility[layer] is not None]
+    right.plot(cut, [report.utility[layer] for layer in cut], marker="s", color="tab:red", label="marginal utility")
+    right.set_ylabel("marginal utility (lower = better place to prune)")
+    for layer, name in ((report.ivr_layer, "ivr"), (report.ssr_layer, "ssr")):
+        left.axvline(layer, linestyle="--", color="grey")
+        left.annotate(name, (layer, max(report.entropy)), textcoords="offset points", xytext=(3, 0))
+    left.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
