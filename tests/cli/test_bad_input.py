@@ -51,7 +51,7 @@ CATALOGUE = [
     (["demo", "--model", "no-such-model"], "no reference model 'no-such-model': known models are tiny-llava, tiny-qwen25vl"),
     (["demo", "--model", "{root}/corrupt"], "corrupt/config.json is not valid JSON (line 3 column 5"),
     (["demo", "--model", "{root}/no-config"], "no-config is not a model directory (no config.json); pass a Hugging Face model directory"),
-    (["demo", "--model", "tiny-llava-random", "--passes", "nopass:keep_ratio=0.5"], "unknown pass 'nopass'; known passes: hiprune"),
+    (["demo", "--model", "tiny-llava-random", "--passes", "nopass:keep_ratio=0.5"], "unknown pass 'nopass'; known passes: halfv, hiprune"),
     (["demo", "--repeats", "0"], "argument --repeats: must be ≥ 1, got 0"),
     # inspect, diff
     (["inspect", "--model", "tiny-llava-random", "--passes", "random_prune:keep_ratio=1.5"], "keep_ratio must be in (0, 1], got 1.5"),
@@ -117,6 +117,12 @@ CATALOGUE = [
     (["regate", "precompute", "--model", "no-such-model", "--task", "shapes", "--n", "3", "--out", "{root}/t.pt"], "no reference model 'no-such-model'"),
     (["regate", "precompute", "--model", "tiny-llava", "--task", "shapes", "--n", "0", "--out", "{root}/t.pt"], "argument --n: must be ≥ 1"),
     (["regate", "frobnicate"], "argument ACTION: invalid choice: 'frobnicate'"),
+    (["analyze", "stages", "--model", "tiny-llava", "--task", "nosuch", "--n", "3"], "unknown task 'nosuch'; known tasks"),
+    (["analyze", "stages", "--model", "tiny-llava", "--task", "needle", "--n", "3"], "was not trained on task 'needle'"),
+    (["analyze", "stages", "--model", "no-such-model", "--n", "3"], "no reference model 'no-such-model'"),
+    (["analyze", "stages", "--model", "tiny-llava-random", "--n", "3"], "is a random-weight config without a processor"),
+    (["analyze", "stages", "--model", "tiny-llava", "--n", "0"], "argument --n: must be ≥ 1"),
+    (["analyze", "frobnicate"], "argument ANALYSIS: invalid choice: 'frobnicate'"),
     # no verb
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmopt.cli.common import add_model_argument, positive_int
+from vlmopt.cli.common import add_model_argument, positive_int, reference_task
 
 
 def add_parsers(subparsers) -> None:
@@ -23,15 +23,15 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmopt import models
     from vlmopt.analysis.stages import analyze_stages, plot_stages
     from vlmopt.cli.common import load_model
     from vlmopt.errors import InputError
 
+    task = reference_task(args.model, args.task)  # checked before the weights load
     loaded = load_model(args.model)
     if loaded.processor is None:
         raise InputError(f"{args.model} has no processor; analyze stages needs a reference model or a local checkpoint")
-    samples = models.task_for(args.model, args.task).samples("validation", n=args.n)
+    samples = task.samples("validation", n=args.n)
     report = analyze_stages(loaded.model, loaded.processor, samples, keep=args.keep, batch_size=args.batch_size)
     print(f"{args.model} on {args.task}, n={args.n} (validation split); baseline accuracy {100 * report.baseline_accuracy:.1f}%")
     print("| layer | visual entropy | accuracy with cut % | marginal utility |")

@@ -118,6 +118,24 @@ def check_task(name: str) -> None:
         raise InputError(f"unknown task {name!r}; known tasks: {', '.join(sorted(models.TASK_NAMES))}")
 
 
+def reference_task(model: str, task: str):
+    """Task ``task`` as reference model ``model`` was trained on it (no weights are loaded); a clear
+    error for an unknown task, a random-weight config (no processor, no tasks), or a task the model
+    was not trained on."""
+    from vlmopt import models
+
+    check_task(task)
+    if model_directory(model) is None:
+        raise InputError(f"{model} is a random-weight config without a processor or tasks; pass a reference model "
+                         f"({', '.join(models.MODEL_NAMES)}) or a local checkpoint")
+    try:
+        return models.task_for(model, task)
+    except KeyError:
+        file = models.path(model) / "tasks.json"
+        trained = sorted(json.loads(file.read_text())) if file.exists() else []
+        raise InputError(f"{model} was not trained on task {task!r} ({file}); its tasks: {', '.join(trained) or 'none'}") from None
+
+
 def positive_int(text: str) -> int:
     """``argparse`` type of counts (--n, --repeats): an integer ≥ 1."""
     try:

@@ -9,9 +9,9 @@ from vlmopt.cli.common import (
     add_model_argument,
     add_passes_argument,
     check_task,
+    reference_task,
     load_model,
     markdown_table,
-    model_directory,
     pass_lists,
     positive_int,
 )
@@ -32,23 +32,13 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmopt import models
     from vlmopt.errors import InputError
     from vlmopt.evaluation import evaluate, plot, sweep_lists
 
     # Everything that can be checked without the weights is checked before loading them.
     check_task(args.task)
     lists = sweep_lists(pass_lists(args.passes), args.sweep)
-    if model_directory(args.model) is None:
-        raise InputError(f"{args.model} is a random-weight config without a processor; eval needs a reference model "
-                         "(tiny-llava, tiny-qwen25vl) or a local checkpoint")
-    try:
-        task = models.task_for(args.model, args.task)
-    except KeyError:
-        file = models.path(args.model) / "tasks.json"
-        trained = sorted(json.loads(file.read_text())) if file.exists() else []
-        raise InputError(f"{args.model} was not trained on task {args.task!r} ({file}); its tasks: "
-                         f"{', '.join(trained) or 'none'}") from None
+    task = reference_task(args.model, args.task)
     loaded = load_model(args.model)
     if loaded.processor is None:
         raise InputError(f"{args.model} has no processor; eval needs a reference model or a local checkpoint")

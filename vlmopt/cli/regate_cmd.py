@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vlmopt.cli.common import add_model_argument, check_task, positive_int
+from vlmopt.cli.common import add_model_argument, positive_int, reference_task
 
 
 def add_parsers(subparsers) -> None:
@@ -33,11 +33,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     from vlmopt.errors import VlmoptError
     from vlmopt.train import TeacherCache, teacher_losses
 
-    check_task(args.task)
-    try:  # the task first: it needs no weights
-        task = models.task_for(args.model, args.task)
-    except KeyError as error:
-        raise VlmoptError(str(error.args[0])) from None
+    task = reference_task(args.model, args.task)  # the task first: it needs no weights
     loaded = load_model(args.model)
     if loaded.processor is None:
         raise VlmoptError(f"{args.model!r} has no processor: precompute needs a reference model or a checkpoint")
