@@ -78,6 +78,16 @@ def row(batch: dict, index: int) -> dict:
     return single
 
 
+def assert_batch_equals_rows(compiled, batch: dict, max_new_tokens: int = 6) -> None:
+    """Greedy tokens of a batch equal those of each of its rows generated alone."""
+    tokens = compiled.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=[])
+    seq = batch["input_ids"].shape[1]
+    for b in range(batch["input_ids"].shape[0]):
+        single = row(batch, b)
+        alone = compiled.generate(**single, max_new_tokens=max_new_tokens, eos_token_id=[])
+        assert torch.equal(tokens[b, seq:], alone[0, single["input_ids"].shape[1] :]), f"row {b} differs"
+
+
 def eager_vision_attentions(model, pixel_values):
     """The LLaVA vision tower's attention weights per layer, from HF's eager attention (the model is
     switched back to SDPA afterwards)."""

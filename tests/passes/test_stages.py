@@ -41,14 +41,6 @@ class Trainer(Pass):
         pass
 
 
-@pytest.fixture
-def no_tracing(monkeypatch):
-    def refuse(adapter):
-        raise AssertionError("compile traced the model before refusing the pass list")
-
-    monkeypatch.setattr(vlmopt.compiler.VLMGraph, "capture", refuse)
-
-
 @pytest.mark.parametrize(
     ("passes", "message"),
     [

@@ -297,14 +297,9 @@ class GraphEditor:
             gathered[node] = cursor
         hidden = gathered[self.input_of(layers[layer], "hidden_states")]
         for mask in sorted(masks, key=order.__getitem__):
-            with self.graph.inserting_after(cursor):
-                rebuilt = self.graph.node_copy(mask, lambda arg: arg)
-            rebuilt.meta = dict(mask.meta, segment=layer)
-            self._tag(rebuilt)
-            self.set_input(rebuilt, "embeds", hidden)
-            self.set_input(rebuilt, "attention_mask", gathered[self.input_of(mask, "attention_mask")])
             first = min(u.meta["index"] for u in mask.users if u.meta.get("role") == "decoder_layer" and order[u] > limit)
-            self.set_input(rebuilt, "layer_idx", first)
+            rebuilt = self._segment_mask(mask, cursor, layer, gathered[self.input_of(mask, "attention_mask")], first)
+            self.set_input(rebuilt, "embeds", hidden)
             gathered[mask] = cursor = rebuilt
         created = set(gathered.values()) | {index}
         for old, new in gathered.items():
@@ -317,6 +312,17 @@ class GraphEditor:
         output.args = (outputs,)
         return list(gathered.values())
 
+    def _segment_mask(self, mask: fx.Node, after: fx.Node, segment: int, attention_mask: fx.Node, layer_idx: int) -> fx.Node:
+        """A copy of causal-mask node ``mask``, placed after ``after``, that builds the 4-D mask of the
+        decoder layers from ``segment`` on from their own 2-D ``attention_mask`` and cache (``layer_idx``)."""
+        with self.graph.inserting_after(after):
+            rebuilt = self.graph.node_copy(mask, lambda arg: arg)
+        rebuilt.meta = dict(mask.meta, segment=segment)
+        self._tag(rebuilt)
+        self.set_input(rebuilt, "attention_mask", attention_mask)
+        self.set_input(rebuilt, "layer_idx", layer_idx)
+        return rebuilt
+
     def split_decode_masks(self, layer: int) -> fx.Node:
         """In a decode graph, serve decoder layers ``layer`` on with their own 2-D mask input
         (:func:`segment_mask_name`, [B, cache length of layer ``layer`` + 1]); returns the input."""
@@ -328,12 +334,8 @@ class GraphEditor:
             mask_input = self.graph.placeholder(segment_mask_name(layer))
         mask_input.meta.update(role="input", stage="input", seq_dim=(0, 1))
         for mask in sorted(masks, key=order.__getitem__):
-            with self.graph.inserting_after(mask):
-                rebuilt = self.graph.node_copy(mask, lambda arg: arg)
-            rebuilt.meta = dict(mask.meta, segment=layer)
-            self._tag(rebuilt)
-            self.set_input(rebuilt, "attention_mask", mask_input)
-            self.set_input(rebuilt, "layer_idx", min(u.meta["index"] for u in mask.users if u in layers))
+            first = min(u.meta["index"] for u in mask.users if u in layers)
+            rebuilt = self._segment_mask(mask, mask, layer, mask_input, first)
             for user in list(mask.users):
                 if user in layers:
                     user.replace_input_with(mask, rebuilt)
