@@ -99,6 +99,15 @@ class GraphEditor:
                 return node
         raise LookupError(f"graph has no input {name!r}")
 
+    def add_input(self, name: str, **meta: Any) -> fx.Node:
+        """A new graph input ``name`` after the existing ones, tagged with ``meta`` (and the pass)."""
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        with self.graph.inserting_after(placeholders[-1]):
+            node = self.graph.placeholder(name)
+        node.meta.update(meta)
+        self._tag(node)
+        return node
+
     def output(self) -> fx.Node:
         return next(n for n in reversed(self.graph.nodes) if n.op == "output")
 
@@ -164,6 +173,16 @@ class GraphEditor:
         self._tag(node)
         return node
 
+    def copy_node(self, node: fx.Node, *, after: fx.Node, replace: dict | None = None, **meta: Any) -> fx.Node:
+        """A copy of ``node`` placed right after ``after``, reading ``replace[arg]`` for each argument
+        in ``replace``; its meta is ``node``'s updated with ``meta``, and it is tagged with the pass."""
+        replace = replace or {}
+        with self.graph.inserting_after(after):
+            copy = self.graph.node_copy(node, lambda arg: replace.get(arg, arg))
+        copy.meta = {**node.meta, **meta}
+        self._tag(copy)
+        return copy
+
     @staticmethod
     def _tag(node: fx.Node) -> None:
         current = _CURRENT_PASS.get()
@@ -213,11 +232,7 @@ class GraphEditor:
             if order.get(node, limit + 1) > limit:
                 break
             if node.meta.get("role") in REBUILT_ROLES and self._read_after(node, order, limit, index):
-                with self.graph.inserting_after(cursor):
-                    rebuilt = self.graph.node_copy(node, lambda arg: gathered.get(arg, arg))
-                rebuilt.meta = dict(node.meta)
-                self._tag(rebuilt)
-                gathered[node] = cursor = rebuilt
+                gathered[node] = cursor = self.copy_node(node, after=cursor, replace=gathered)
         created = set(gathered.values()) | {index}
         for old, new in gathered.items():
             for user in list(old.users):
@@ -315,10 +330,7 @@ class GraphEditor:
     def _segment_mask(self, mask: fx.Node, after: fx.Node, segment: int, attention_mask: fx.Node, layer_idx: int) -> fx.Node:
         """A copy of causal-mask node ``mask``, placed after ``after``, that builds the 4-D mask of the
         decoder layers from ``segment`` on from their own 2-D ``attention_mask`` and cache (``layer_idx``)."""
-        with self.graph.inserting_after(after):
-            rebuilt = self.graph.node_copy(mask, lambda arg: arg)
-        rebuilt.meta = dict(mask.meta, segment=segment)
-        self._tag(rebuilt)
+        rebuilt = self.copy_node(mask, after=after, segment=segment)
         self.set_input(rebuilt, "attention_mask", attention_mask)
         self.set_input(rebuilt, "layer_idx", layer_idx)
         return rebuilt
@@ -329,10 +341,7 @@ class GraphEditor:
         layers = [n for n in self.nodes("decoder_layer") if n.meta["index"] >= layer]
         order = self.order()
         masks = {m for n in layers for m in n.all_input_nodes if m.meta.get("role") == "causal_mask"}
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        with self.graph.inserting_after(placeholders[-1]):
-            mask_input = self.graph.placeholder(segment_mask_name(layer))
-        mask_input.meta.update(role="input", stage="input", seq_dim=(0, 1))
+        mask_input = self.add_input(segment_mask_name(layer), role="input", stage="input", seq_dim=(0, 1))
         for mask in sorted(masks, key=order.__getitem__):
             first = min(u.meta["index"] for u in mask.users if u in layers)
             rebuilt = self._segment_mask(mask, mask, layer, mask_input, first)

@@ -72,11 +72,7 @@ def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], af
             torch.ops.vlmopt.gather_sequence.default, two_d, index, 0, 1,
             role="elide_gather", stage="llm", name=f"{two_d.name}_elided", seq_dim=(0, 1),
         )
-        with editor.graph.inserting_after(chain.cursor):
-            replaced = {**gathered, two_d: kept_two_d}
-            rebuilt = editor.graph.node_copy(mask, lambda arg, replaced=replaced: replaced.get(arg, arg))
-        rebuilt.meta = dict(mask.meta)
-        editor._tag(rebuilt)
+        rebuilt = editor.copy_node(mask, after=chain.cursor, replace={**gathered, two_d: kept_two_d})
         chain.cursor = masks[mask] = rebuilt
     for layer in layers:
         editor.set_input(layer, "attention_mask", masks[editor.input_of(layer, "attention_mask")])

@@ -72,11 +72,7 @@ def add_training_outputs(module: fx.GraphModule) -> fx.GraphModule:
     ``logits`` and ``attention_mask``).
     """
     editor = GraphEditor(module)
-    graph = module.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(placeholders[-1]):
-        labels = graph.placeholder("labels")
-    labels.meta.update(role="input", stage="llm", seq_dim=(0, 1))
+    labels = editor.add_input("labels", role="input", stage="llm", seq_dim=(0, 1))
     output = editor.output()
     results = dict(output.args[0])
     logits = results["logits"]

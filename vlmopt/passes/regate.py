@@ -149,14 +149,7 @@ class ReGATE(Pass):
             self.insert_mask(GraphEditor(graph[stage]))
 
     def insert_mask(self, editor: GraphEditor) -> None:
-        placeholders = [n for n in editor.graph.nodes if n.op == "placeholder"]
-        inputs = {}
-        cursor = placeholders[-1]
-        for name in ("regate_ema", "teacher_losses", "regate_keep"):
-            with editor.graph.inserting_after(cursor):
-                cursor = inputs[name] = editor.graph.placeholder(name)
-            cursor.meta.update(role="input", stage="loss")
-            editor._tag(cursor)
+        inputs = {name: editor.add_input(name, role="input", stage="loss") for name in ("regate_ema", "teacher_losses", "regate_keep")}
         answer, losses, reduce = editor.one("answer_tokens"), editor.one("token_loss"), editor.one("loss_reduce")
         if self.elide:
             active, ema = self.insert_elided(editor, inputs, answer, losses)
