@@ -233,12 +233,19 @@ class GraphEditor:
                 break
             if node.meta.get("role") in REBUILT_ROLES and self._read_after(node, order, limit, index):
                 gathered[node] = cursor = self.copy_node(node, after=cursor, replace=gathered)
-        created = set(gathered.values()) | {index}
+        self._read_gathered(gathered, index, order, limit)
+        return list(gathered.values())
+
+    @staticmethod
+    def _read_gathered(gathered: dict[fx.Node, fx.Node], index: fx.Node, order: dict[fx.Node, int], limit: int,
+                       skip: fx.Node | None = None) -> None:
+        """Make every node after position ``limit`` (but the gathers, ``index`` and ``skip``) read the
+        gathered value of each ``gathered`` key instead of the key."""
+        created = set(gathered.values()) | {index, skip}
         for old, new in gathered.items():
             for user in list(old.users):
                 if user not in created and order.get(user, -1) > limit:
                     user.replace_input_with(old, new)
-        return list(gathered.values())
 
     @staticmethod
     def _read_after(node: fx.Node, order: dict[fx.Node, int], limit: int, index: fx.Node) -> bool:
@@ -316,11 +323,7 @@ class GraphEditor:
             rebuilt = self._segment_mask(mask, cursor, layer, gathered[self.input_of(mask, "attention_mask")], first)
             self.set_input(rebuilt, "embeds", hidden)
             gathered[mask] = cursor = rebuilt
-        created = set(gathered.values()) | {index}
-        for old, new in gathered.items():
-            for user in list(old.users):
-                if user not in created and user is not output and order.get(user, -1) > limit:
-                    user.replace_input_with(old, new)
+        self._read_gathered(gathered, index, order, limit, skip=output)  # the first segment keeps its mask
         first_mask = self.input_of(min(masks, key=order.__getitem__), "attention_mask")
         outputs = dict(output.args[0])
         outputs[segment_mask_name(layer)] = gathered[first_mask]
