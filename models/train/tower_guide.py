@@ -26,8 +26,8 @@ def _object_token_mask(sample: tasks.Sample, cell: int, offset: int) -> torch.Te
 
 def _qwen_received(attn: nn.Module, hidden: torch.Tensor, rotary, grid_thw: torch.Tensor, window_index: torch.Tensor, merge_unit: int) -> list[torch.Tensor]:
     """Per image, [merged tokens] received attention of one Qwen2.5-VL vision block in raster order:
-    HiPrune's score (:func:`vlmopt.graph.functions.qwen_received_attention`, with the op's
-    differentiable reference). ``hidden`` [P, D] and ``rotary`` (cos, sin) are in the tower's window
+    HiPrune's score (:func:`vlmopt.graph.functions.vision_received_attention` on the block's
+    :func:`~vlmopt.graph.functions.qwen_vision_qk`, with the op's differentiable reference). ``hidden`` [P, D] and ``rotary`` (cos, sin) are in the tower's window
     order; ``window_index`` maps merge groups to raster order."""
     from vlmopt.graph import functions as gf
     from vlmopt.graph.layout import VisualLayout
@@ -36,7 +36,8 @@ def _qwen_received(attn: nn.Module, hidden: torch.Tensor, rotary, grid_thw: torc
     side = int(merge_unit**0.5)
     grids = tuple((t, h // side, w // side) for t, h, w in grid_thw.tolist())
     layout = VisualLayout.from_grids(len(grids), 1, tuple(range(len(grids))), grids)
-    pooled = gf.qwen_received_attention(attn.qkv(hidden), *rotary, layout, attn.num_heads, attn.scaling, merge_unit, score=reference)
+    q, k = gf.qwen_vision_qk(attn.qkv(hidden), *rotary, attn.num_heads)
+    pooled = gf.vision_received_attention(q, k, layout, attn.num_heads, attn.scaling, 0, merge_unit, score=reference)
     raster = torch.empty_like(pooled).index_put((window_index,), pooled)
     return list(raster.split(list(layout.counts)))
 

@@ -572,7 +572,8 @@ def test_qwen_tower_scores_are_the_passes_scores_in_raster_order():
         mine = torch.cat(tower_guide._qwen_received(attn, hidden, (cos, sin), grid, window["window_index"], window["merge_unit"]))
         merged = [(int(t), int(h) // 2, int(w) // 2) for t, h, w in grid.tolist()]
         layout = VisualLayout.from_grids(2, 1, (0, 1), merged)
-        theirs = gf.qwen_received_attention(attn.qkv(hidden), cos, sin, layout, attn.num_heads, attn.scaling, window["merge_unit"])
+        q, k = gf.qwen_vision_qk(attn.qkv(hidden), cos, sin, attn.num_heads)
+        theirs = gf.vision_received_attention(q, k, layout, attn.num_heads, attn.scaling, 0, window["merge_unit"])
     taps.remove()
     torch.testing.assert_close(mine[window["window_index"]], theirs, rtol=1e-5, atol=1e-7)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
+from vlmopt.graph import functions as gf
 from vlmopt.graph.edit import GraphEditor
 
 
@@ -26,16 +27,12 @@ def elision_index(answer: Tensor, active: Tensor) -> Tensor:
     either, as elision means. Every other token is computed (the last token of an answer span stays
     as context for later turns), so with every answer token active nothing is elided.
     """
-    size, length = answer.shape
+    size = answer.shape[0]
     pad = active.new_zeros((size, 1))
     next_active = torch.cat([active[:, 1:], pad], dim=1)
     next_answer = torch.cat([answer[:, 1:], pad], dim=1)
     keep = ~(answer & next_answer & ~next_active)
-    width = int(keep.sum(1).max())
-    key = keep.long() * length + torch.arange(length, device=answer.device)
-    values, index = torch.topk(key, width, dim=1, largest=True, sorted=True)
-    values, index = values.flip(1), index.flip(1)
-    return torch.where(values >= length, index, torch.full_like(index, -1))
+    return gf.right_aligned(keep, int(keep.sum(1).max()))
 
 
 def scatter_sequence(full: Tensor, kept: Tensor, index: Tensor) -> Tensor:

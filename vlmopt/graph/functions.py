@@ -127,29 +127,6 @@ def qwen_vision_qk(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tup
     return apply_rotary_pos_emb_vision(q, k, cos, sin)
 
 
-def qwen_received_attention(
-    qkv: Tensor, cos: Tensor, sin: Tensor, layout: VisualLayout, num_heads: int, scale: float, merge_unit: int,
-    score=ops.received_attention,
-) -> Tensor:
-    """Scores of a Qwen2.5-VL vision block, dense per frame (windows ignored, inputs never mixed).
-
-    ``qkv`` [P, 3·D] is the block's fused projection of its normalised input in window order;
-    rotary is applied as the block applies it. Returns [P / merge_unit] scores in window order,
-    averaged over each merge group (one LLM token). ``score`` computes [N, S] received attention
-    from q, k (the op; training passes its differentiable reference).
-    """
-    q, k = qwen_vision_qk(qkv, cos, sin, num_heads)
-    scores, offset = [], 0
-    for t, h, w in layout.grids:
-        frame = h * w * merge_unit
-        size = t * frame
-        frames_q = q[offset : offset + size].reshape(t, frame, -1)
-        frames_k = k[offset : offset + size].reshape(t, frame, -1)
-        scores.append(score(frames_q, frames_k, num_heads, scale).reshape(-1))
-        offset += size
-    return torch.cat(scores).reshape(-1, merge_unit).mean(-1)
-
-
 def hiprune_select(
     object_scores: Tensor, deep_scores: Tensor, layout: VisualLayout, kept: VisualLayout, alpha: float
 ) -> tuple[Tensor, Tensor]:
