@@ -17,6 +17,7 @@ Every pass list runs on the same samples as the unpruned model (the baseline). M
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -168,8 +169,8 @@ def evaluate(
                 bar.advance(batch["input_ids"].shape[0])
         flops = vlmopt.flops(compiled, singles[0])
         runners = [prefill_runner(compiled, single) for single in singles]
-        turn = iter(range(1 + len(runners)))  # one warm-up on the first sample, then each sample once
-        timing = measure(lambda: runners[next(turn) % len(runners)](), repeats=len(runners), warmup=1)
+        turns = itertools.cycle(runners)  # one warm-up on the first sample, then each sample once
+        timing = measure(lambda: next(turns)(), repeats=len(runners), warmup=1)
         correct = [tasks.score(a, s) for a, s in zip(answers, samples)]
         per_family: dict[str, list[bool]] = {}
         for c, s in zip(correct, samples):

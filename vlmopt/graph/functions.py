@@ -202,6 +202,11 @@ def _row_budgets(layout: VisualLayout, keep: float) -> list[int]:
     return budgets
 
 
+def _visual_per_row(layout: VisualLayout, current: float) -> list[int]:
+    """Visual tokens per row once ``current`` of each input's visual tokens remain (static counts)."""
+    return _row_budgets(layout, current) if current < 1.0 else list(layout.tokens_per_row())
+
+
 def last_token_relevance(q: Tensor, k: Tensor, span: Tensor, scale: float) -> Tensor:
     """[B, S] how much the last token's queries (``q`` [B, H, S, D]) attend to each key of ``k``
     [B, Hkv, S, D], softmax over the visual ``span`` [B, S] only, mean over heads."""
@@ -218,7 +223,7 @@ def halfv_keep(
     (``vlmopt::kcenter_select``; ``states`` None = all by relevance). ``current`` is the keep
     fraction already applied to the visual span (1.0 before any cut), so the row counts are static.
     """
-    counts = _row_budgets(layout, current) if current < 1.0 else list(layout.tokens_per_row())
+    counts = _visual_per_row(layout, current)
     budgets = [min(b, c) for b, c in zip(_row_budgets(layout, keep), counts)]
     seq = span.shape[1]
     rows = []
@@ -242,5 +247,5 @@ def halfv_keep(
 def halfv_active_rows(span: Tensor, layout: VisualLayout, current: float) -> Tensor:
     """[B, A] ascending slots of the non-visual rows of ``span`` [B, S] (left-padded with -1), where
     ``current`` of each input's visual tokens remain (static counts)."""
-    counts = _row_budgets(layout, current) if current < 1.0 else list(layout.tokens_per_row())
+    counts = _visual_per_row(layout, current)
     return right_aligned(~span, span.shape[1] - min(counts))
