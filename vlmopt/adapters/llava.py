@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from vlmopt.adapters.base import Adapter, Prompt, TextPipeline, VisionQK
 from vlmopt.errors import InputError, UnsupportedModelError
-from vlmopt.graph import functions as gf
 from vlmopt.graph.capture import mark, role
 from vlmopt.graph.layout import VisualLayout
 
