@@ -116,15 +116,11 @@ def layer_entropy(model, batches: list[dict], k: int = 50) -> list[float]:
 def accuracy_and_flops(model, processor, batches, samples, passes) -> tuple[float, int]:
     """(accuracy, LLM prefill FLOPs of the first sample) of ``model`` compiled with ``passes``."""
     import vlmopt
-    from vlmopt.models import processing, tasks
+    from vlmopt.models import evaluate, processing, tasks
 
     compiled = vlmopt.compile(model, passes=passes)
-    answers = []
-    for batch in batches:
-        with torch.inference_mode():
-            ids = compiled.generate(**batch, max_new_tokens=3, do_sample=False)
-        answers += processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    correct = sum(tasks.score(a, s) for a, s in zip(answers, samples))
+    predicted = [answer for batch in batches for answer in evaluate.answers(compiled, processor, batch)]
+    correct = sum(tasks.score(a, s) for a, s in zip(predicted, samples))
     return correct / len(samples), vlmopt.flops(compiled, processing.encode(processor, samples[:1])).llm
 
 

@@ -48,11 +48,15 @@ class EvalResult:
 
 
 @torch.no_grad()
-def predict(model, processor, samples: Sequence[tasks.Sample], max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers of ``model`` for a batch of samples (all images or all videos)."""
-    batch = processing.encode(processor, samples)
+def answers(model, processor, batch: dict, max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers of ``model`` to an encoded ``batch`` (:func:`vlmopt.models.processing.encode`)."""
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def predict(model, processor, samples: Sequence[tasks.Sample], max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers of ``model`` for a batch of samples (all images or all videos)."""
+    return answers(model, processor, processing.encode(processor, samples), max_new_tokens)
 
 
 def evaluate(
