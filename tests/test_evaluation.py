@@ -64,3 +64,18 @@ def test_interval_rejects_mismatched_lists_and_bad_levels():
         retention_interval([], [])
     with pytest.raises(ValueError, match="level"):
         retention_interval([True], [True], level=1.5)
+
+
+def test_sweeps_expand_the_lists_that_have_their_field():
+    from vlmopt.errors import PassConfigError
+    from vlmopt.evaluation import sweep_lists
+
+    lists = [["hiprune:keep_ratio=0.5"], ["halfv"], ["random_prune:keep_ratio=0.5", "halfv:ivr_keep=0.5"]]
+    expanded = sweep_lists(lists, ["keep_ratio=1/2,1/4", "ivr_keep=0.2"])
+    assert expanded == [
+        ["hiprune:keep_ratio=0.5"], ["hiprune:keep_ratio=0.25"], ["halfv:ivr_keep=0.2"],
+        ["random_prune:keep_ratio=0.5", "halfv:ivr_keep=0.2"], ["random_prune:keep_ratio=0.25", "halfv:ivr_keep=0.2"],
+    ]
+    assert sweep_lists(lists, None) == lists
+    with pytest.raises(PassConfigError, match="--sweep seed: none of"):
+        sweep_lists([["halfv"]], "seed=1,2")

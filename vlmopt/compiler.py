@@ -37,7 +37,9 @@ def compile(  # noqa: A001
 
     Before anything is traced, the pass list is checked as a whole (vision-stage passes before
     llm/kv-stage ones, at most one kv-stage pass, train-stage passes last and only with
-    ``mode="train"``) and every pass against the model and the passes before it; the model itself
+    ``mode="train"``) and every pass against the model and the passes before it; a pass whose settings
+    are measured on the model (``HalfV(ivr_layer="auto")``) is then made concrete
+    (:meth:`Pass.specialize`), and ``CompiledVLM.passes`` holds the concrete configs. The model itself
     is never modified. Nodes a pass inserts carry its name in ``node.meta["pass"]``.
     """
     if backend not in BACKENDS:
@@ -51,6 +53,10 @@ def compile(  # noqa: A001
     check_stages(resolved, mode == "train")
     for position, item in enumerate(resolved):
         item.check(adapter, resolved[:position])
+        concrete = item.specialize(adapter, resolved[:position])
+        if concrete is not item:
+            concrete.check(adapter, resolved[:position])
+            resolved[position] = concrete
     graph = VLMGraph.capture(adapter, mode=mode)
     for item in resolved:
         with inserting_for(type(item).__name__):

@@ -96,26 +96,32 @@ def retention_interval(
     return float(low), float(high)
 
 
-def sweep_lists(lists: list[list[str]], sweep: str | None) -> list[list[str]]:
-    """Expand ``key=v1,v2,...`` over every pass list: each pass with field ``key`` takes each value."""
-    if not sweep:
-        return lists
-    key, _, values = sweep.partition("=")
-    if not values:
-        raise PassConfigError(f"--sweep takes key=value,value,...; got {sweep!r}")
-    out = []
-    for specs in lists:
-        items = [passes_module.parse(spec) for spec in specs]
-        has_key = [key in {f.name for f in dataclasses.fields(item)} for item in items]
-        if not any(has_key):
-            raise PassConfigError(f"--sweep {key}: none of {specs} has a field {key!r}")
-        for value in values.split(","):
-            out.append([
-                dataclasses.replace(item, **{key: passes_module.convert(type(item), key, value.strip())}).spec()
-                if swept else item.spec()
-                for item, swept in zip(items, has_key)
-            ])
-    return out
+def sweep_lists(lists: list[list[str]], sweeps: str | Sequence[str] | None) -> list[list[str]]:
+    """Expand each ``key=v1,v2,...`` of ``sweeps`` over the pass lists: in every list, the passes with
+    field ``key`` take each value in turn (one run per value); lists with no such pass run once.
+    A sweep whose key no pass has is an error."""
+    for sweep in [sweeps] if isinstance(sweeps, str) else sweeps or ():
+        key, _, values = sweep.partition("=")
+        if not values:
+            raise PassConfigError(f"--sweep takes key=value,value,...; got {sweep!r}")
+        expanded, matched = [], False
+        for specs in lists:
+            items = [passes_module.parse(spec) for spec in specs]
+            has_key = [key in {f.name for f in dataclasses.fields(item)} for item in items]
+            if not any(has_key):
+                expanded.append(specs)
+                continue
+            matched = True
+            for value in values.split(","):
+                expanded.append([
+                    dataclasses.replace(item, **{key: passes_module.convert(type(item), key, value.strip())}).spec()
+                    if swept else item.spec()
+                    for item, swept in zip(items, has_key)
+                ])
+        if not matched:
+            raise PassConfigError(f"--sweep {key}: none of {[spec for specs in lists for spec in specs]} has a field {key!r}")
+        lists = expanded
+    return lists
 
 
 class Progress:

@@ -58,3 +58,24 @@ def test_analysis_and_cli(tmp_path, capsys):
     assert "suggested: HalfV(ivr_layer=" in capsys.readouterr().out
     saved = json.loads(path.read_text())
     assert saved["entropy"] == pytest.approx(list(report.entropy)) and saved["ivr_layer"] == report.ivr_layer
+
+
+def test_calibration_agreement_is_one_minus_the_next_token_distance(qwen):
+    from vlmopt.analysis.stages import analyze_calibration
+
+    batch = padded_batch(qwen, seed=64)
+    report = analyze_calibration(qwen, [batch], keep=0.25, k=8)
+    assert report.metric == "agreement" and report.baseline_accuracy == pytest.approx(1.0)
+    with torch.no_grad():
+        full = qwen(**batch).logits[:, -1].softmax(-1)
+        cut = vlmopt.compile(qwen, passes=[LayerCut(layer=2, keep=0.25)])(**batch).logits[:, -1].softmax(-1)
+    distance = 0.5 * (full - cut).abs().sum(-1).mean()
+    assert 0.0 < float(distance) and report.accuracy[2] == pytest.approx(1.0 - float(distance), abs=1e-5)
+    assert 1 <= report.ivr_layer < report.ssr_layer <= 2
+
+
+def test_calibration_needs_batches(qwen):
+    from vlmopt.analysis.stages import analyze_calibration
+
+    with pytest.raises(vlmopt.InputError, match="at least one calibration batch"):
+        analyze_calibration(qwen, [])

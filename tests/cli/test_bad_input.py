@@ -73,6 +73,8 @@ CATALOGUE = [
     (["eval", "--batch-size", "0"], "argument --batch-size: must be ≥ 1"),
     (["eval", "--sweep", "keep_ratio"], "--sweep takes key=value,value,...; got 'keep_ratio'"),
     (["eval", "--passes", "random_prune:keep_ratio=0.5", "--sweep", "alpha=0.1,0.2"], "none of ['random_prune:keep_ratio=0.5'] has a field 'alpha'"),
+    (["eval", "--passes", "halfv:ivr_layer=auto"], "pass calibration=[processor outputs, ...]"),
+    (["eval", "--passes", "halfv:ssr_layer=last"], "HalfV.ssr_layer must be a decoder layer (a whole number) or 'auto', got 'last'"),
     # bench
     (["bench", "--config", "gpt-4-shape"], "argument --config: invalid choice: 'gpt-4-shape'"),
     (["bench", "--passes", "hiprune:keep_ratio=0"], "HiPrune.keep_ratio must be in (0, 1], got 0"),

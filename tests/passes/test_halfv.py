@@ -185,6 +185,32 @@ def test_refused_before_tracing(request, no_tracing, model, config, message):
         vlmopt.compile(request.getfixturevalue(model), passes=passes)
 
 
+def test_auto_layers_come_from_the_stage_analysis(family_model):
+    from vlmopt.analysis.stages import analyze_calibration
+
+    batch = padded_batch(family_model, seed=59)
+    compiled = vlmopt.compile(family_model, passes=[HalfV(ivr_layer="auto", ssr_layer="auto", calibration=[batch])])
+    chosen = compiled.passes[0]
+    report = analyze_calibration(family_model, [batch], keep=chosen.settings(compiled.adapter)[1])
+    assert (chosen.ivr_layer, chosen.ssr_layer) == (report.ivr_layer, report.ssr_layer)
+    assert chosen.calibration == () and chosen.spec() == f"halfv:ivr_layer={report.ivr_layer},ssr_layer={report.ssr_layer}"
+    explicit = vlmopt.compile(family_model, passes=[chosen])
+    assert torch.equal(compiled(**batch).logits, explicit(**batch).logits)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ivr_layer": "auto"}, "pass calibration=.*or run `vlmopt analyze stages`"),
+        ({"ssr_layer": "deep"}, "HalfV.ssr_layer must be a decoder layer .* or 'auto', got 'deep'"),
+        ({"ivr_layer": "auto", "calibration": [[1, 2]]}, "HalfV.calibration takes processor outputs"),
+    ],
+)
+def test_bad_auto_settings(kwargs, message):
+    with pytest.raises(vlmopt.PassConfigError, match=message):
+        HalfV(**kwargs)
+
+
 def test_after_a_vision_pass(family_model):
     batch = padded_batch(family_model, seed=58)
     compiled = vlmopt.compile(family_model, passes=[RandomPrune(keep_ratio=0.5), HalfV()])

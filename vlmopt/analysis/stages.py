@@ -15,11 +15,18 @@ Suggestions: ``ivr_layer`` = the layer of least marginal utility (among 1..L−2
 stage fits after it; ties go to the earlier layer); ``ssr_layer`` = the layer after the entropy
 minimum past ``ivr_layer`` (where entropy starts to rise again), at most the last layer.
 The probe cuts are relevance-only (no k-center coverage) and FLOPs are those of the first sample.
+
+Two entry points: :func:`analyze_stages` on labelled task samples (the metric is accuracy), and
+:func:`analyze_calibration` on a few unlabelled processor outputs, which ``HalfV(ivr_layer="auto")``
+uses: there the metric is *agreement*, 1 − the mean total-variation distance between the next-token
+distributions after the prompt with and without the cut (1.0 for the unpruned model), a smooth
+stand-in for accuracy that needs no answers and separates layers even on a handful of prompts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -67,18 +74,21 @@ class StageReport:
     utility: tuple[float | None, ...]
     """Marginal utility of pruning before each decoder layer (None for layer 0, which has no probe)."""
     accuracy: tuple[float | None, ...]
-    """Accuracy with the cut before each layer (None for layer 0)."""
+    """The metric with the cut before each layer (None for layer 0)."""
     baseline_accuracy: float
-    """Accuracy without pruning."""
+    """The metric without pruning."""
     ivr_layer: int
     """Suggested ``HalfV.ivr_layer``."""
     ssr_layer: int
     """Suggested ``HalfV.ssr_layer``."""
+    metric: str = "accuracy"
+    """What ``accuracy`` measures: ``accuracy`` (labelled samples) or ``agreement`` (calibration prompts)."""
 
     def summary(self) -> dict[str, Any]:
         return {
-            "entropy": list(self.entropy), "utility": list(self.utility), "accuracy": list(self.accuracy),
-            "baseline_accuracy": self.baseline_accuracy, "ivr_layer": self.ivr_layer, "ssr_layer": self.ssr_layer,
+            "metric": self.metric, "entropy": list(self.entropy), "utility": list(self.utility),
+            "accuracy": list(self.accuracy), "baseline_accuracy": self.baseline_accuracy,
+            "ivr_layer": self.ivr_layer, "ssr_layer": self.ssr_layer,
         }
 
 
@@ -124,27 +134,76 @@ def accuracy_and_flops(model, processor, batches, samples, passes) -> tuple[floa
     return correct / len(samples), vlmopt.flops(compiled, processing.encode(processor, samples[:1])).llm
 
 
+def next_token_probabilities(compiled, batches: Sequence[dict]) -> list[torch.Tensor]:
+    """[B, V] probabilities of the token after each prompt of ``batches``, per batch."""
+    with torch.no_grad():
+        return [compiled(**batch, logits_to_keep=1).logits[:, -1].float().softmax(-1) for batch in batches]
+
+
+def suggest_layers(entropy: Sequence[float], utility: Sequence[float | None], ivr_layer: int | None = None) -> tuple[int, int]:
+    """(ivr_layer, ssr_layer) from the curves (see the module docstring); a given ``ivr_layer`` is kept."""
+    layers = len(entropy)
+    if ivr_layer is None:
+        # ivr_layer leaves room for a saturation stage after it (HalfV needs ssr_layer > ivr_layer).
+        ivr_layer = min(range(1, max(2, layers - 1)), key=lambda layer: (utility[layer], layer))
+    later = range(ivr_layer + 1, layers)
+    ssr_layer = min(layers - 1, min(later, key=lambda layer: (entropy[layer], layer)) + 1) if later else ivr_layer
+    return ivr_layer, ssr_layer
+
+
+def utility_curve(layers: int, measure: Callable[[list], tuple[float, int]], keep: float, before: Sequence = ()):
+    """(baseline metric, metric per layer, marginal utility per layer) of relevance cuts before each
+    layer ≥ 1 after the passes ``before``; ``measure(passes)`` returns (metric, LLM prefill FLOPs)."""
+    base_metric, base_flops = measure(list(before))
+    metric: list[float | None] = [None]
+    utility: list[float | None] = [None]
+    for layer in range(1, layers):
+        value, flops = measure([*before, LayerCut(layer=layer, keep=keep)])
+        metric.append(value)
+        utility.append((base_metric - value) / (1.0 - flops / base_flops + EPSILON))
+    return base_metric, metric, utility
+
+
 def analyze_stages(model, processor, samples, keep: float = 0.25, k: int = 50, batch_size: int = 16) -> StageReport:
-    """Run the stage analysis of ``model`` on task ``samples`` (see the module docstring)."""
+    """Run the stage analysis of ``model`` on labelled task ``samples`` (see the module docstring)."""
     from vlmopt.models import processing
 
     samples = list(samples)
     batches = [processing.encode(processor, samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     entropy = layer_entropy(model, batches, k)
-    layers = len(entropy)
-    base_accuracy, base_flops = accuracy_and_flops(model, processor, batches, samples, [])
-    utility: list[float | None] = [None]
-    accuracy: list[float | None] = [None]
-    for layer in range(1, layers):
-        value, flops = accuracy_and_flops(model, processor, batches, samples, [LayerCut(layer=layer, keep=keep)])
-        saved = 1.0 - flops / base_flops
-        accuracy.append(value)
-        utility.append((base_accuracy - value) / (saved + EPSILON))
-    # ivr_layer leaves room for a saturation stage after it (HalfV needs ssr_layer > ivr_layer).
-    ivr_layer = min(range(1, max(2, layers - 1)), key=lambda layer: (utility[layer], layer))
-    later = range(ivr_layer + 1, layers)
-    ssr_layer = min(layers - 1, min(later, key=lambda layer: (entropy[layer], layer)) + 1) if later else ivr_layer
-    return StageReport(tuple(entropy), tuple(utility), tuple(accuracy), base_accuracy, ivr_layer, ssr_layer)
+    base, accuracy, utility = utility_curve(
+        len(entropy), lambda passes: accuracy_and_flops(model, processor, batches, samples, passes), keep
+    )
+    ivr_layer, ssr_layer = suggest_layers(entropy, utility)
+    return StageReport(tuple(entropy), tuple(utility), tuple(accuracy), base, ivr_layer, ssr_layer)
+
+
+def analyze_calibration(
+    model, batches: Sequence[dict], keep: float = 0.25, k: int = 50, before: Sequence = (), ivr_layer: int | None = None
+) -> StageReport:
+    """The stage analysis on unlabelled processor outputs ``batches`` (each a dict the model takes),
+    after the passes ``before``; the metric is next-token agreement (see the module docstring).
+    With ``ivr_layer`` given, only the entropy curve is computed and ``ssr_layer`` follows it."""
+    import vlmopt
+
+    batches = list(batches)
+    if not batches:
+        raise InputError("the stage analysis needs at least one calibration batch (processor outputs with images or video)")
+    entropy = layer_entropy(model, batches, k)
+    if ivr_layer is not None:
+        ivr_layer, ssr_layer = suggest_layers(entropy, [], ivr_layer)
+        return StageReport(tuple(entropy), (None,) * len(entropy), (None,) * len(entropy), 1.0, ivr_layer, ssr_layer, "agreement")
+    reference = next_token_probabilities(vlmopt.compile(model, passes=list(before)), batches)
+
+    def agreement_and_flops(passes) -> tuple[float, int]:
+        compiled = vlmopt.compile(model, passes=passes)
+        probabilities = next_token_probabilities(compiled, batches)
+        distance = torch.cat([0.5 * (p - q).abs().sum(-1) for p, q in zip(probabilities, reference)])
+        return 1.0 - float(distance.mean()), vlmopt.flops(compiled, batches[0]).llm
+
+    base, agreement, utility = utility_curve(len(entropy), agreement_and_flops, keep, before)
+    ivr_layer, ssr_layer = suggest_layers(entropy, utility)
+    return StageReport(tuple(entropy), tuple(utility), tuple(agreement), base, ivr_layer, ssr_layer, "agreement")
 
 
 def plot_stages(report: StageReport, path: str, title: str) -> None:

@@ -25,7 +25,10 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--n", type=positive_int, default=500, help="number of test samples")
     parser.add_argument("--seed", type=int, help="draw a fresh test set from this seed (default: the recorded split)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--sweep", help="vary one field of every pass, e.g. keep_ratio=1,0.5,0.33,0.22,0.11")
+    parser.add_argument(
+        "--sweep", action="append",
+        help="vary a field of the passes that have it, e.g. keep_ratio=0.5,1/3 (repeatable: one per field)",
+    )
     parser.add_argument("--plot", help="draw accuracy against FLOPs to this PNG (needs matplotlib)")
     parser.add_argument("--json", help="write the results to this file")
     parser.set_defaults(run=run)

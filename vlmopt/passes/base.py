@@ -82,14 +82,15 @@ class Pass:
         return self.lossless or self in type(self).lossless_settings()
 
     def spec(self) -> str:
-        """The CLI spec that rebuilds this pass, e.g. ``random_prune:keep_ratio=0.5,seed=0``."""
+        """The CLI spec that rebuilds this pass, e.g. ``random_prune:keep_ratio=0.5,seed=0`` (fields whose
+        metadata says ``spec=False``, such as calibration data, are not written)."""
         def text(value) -> str:
             return f"{value:.6g}" if isinstance(value, float) else str(value)
 
         values = [
             f"{f.name}={text(getattr(self, f.name))}"
             for f in dataclasses.fields(self)
-            if getattr(self, f.name) != f.default
+            if f.metadata.get("spec", True) and getattr(self, f.name) != f.default
         ]
         return self.name() + (":" + ",".join(values) if values else "")
 
@@ -99,6 +100,11 @@ class Pass:
             raise IncompatiblePassError(
                 f"{type(self).__name__} supports {', '.join(self.families)} models; this one is {adapter.family}"
             )
+
+    def specialize(self, adapter: Adapter, before: Sequence[Pass]) -> Pass:
+        """This config made concrete for the model (settings chosen by measuring it, such as HalfV's
+        ``"auto"`` layers); ``compile`` calls it after :meth:`check` and keeps the result. ``self`` by default."""
+        return self
 
     def output_layout(self, layout):
         """The :class:`VisualLayout` of the tokens reaching the LLM after this pass, for an input

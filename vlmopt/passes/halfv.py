@@ -34,15 +34,21 @@ at least one layer after it for ``ssr_layer``):
   README example uses 0.1), ``ssr_layer`` 21/28, ``ssr_keep`` 0.05.
 * LLaVA-1.5-7B: ``ivr_layer`` 3/32, ``ivr_keep`` 0.5, ``anchor_frac`` 0.2, ``ssr_layer`` 15/32.
 
+``ivr_layer="auto"`` (and/or ``ssr_layer="auto"``) chooses the layers by the stage analysis
+(:func:`vlmopt.analysis.stages.analyze_calibration`) on the processor outputs given as
+``calibration``, when the model is compiled; ``CompiledVLM.passes`` then shows the chosen layers.
+
 Budgets are per visual input (rounded half up, at least one token), summed per row, so every shape
 is static for a batch layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from vlmopt.errors import IncompatiblePassError, PassConfigError
 from vlmopt.graph import functions as gf
@@ -65,21 +71,26 @@ class HalfV(Pass):
     query_aware: ClassVar[bool] = True
     paper: ClassVar[str] = "https://arxiv.org/abs/2604.16462"
 
-    ivr_layer: int | None = None
-    """0-based decoder layer from which only ``ivr_keep`` of the visual tokens remain (≥ 1)."""
+    ivr_layer: int | str | None = None
+    """0-based decoder layer from which only ``ivr_keep`` of the visual tokens remain (≥ 1), or ``"auto"``."""
     ivr_keep: float | None = None
     """Fraction of each visual input's tokens kept at ``ivr_layer``, in (0, 1]."""
     anchor_frac: float | None = None
     """Share of the ``ivr_layer`` budget chosen by relevance (the rest by k-center coverage), in [0, 1]."""
-    ssr_layer: int | None = None
-    """0-based decoder layer where saturation starts (after ``ivr_layer``)."""
+    ssr_layer: int | str | None = None
+    """0-based decoder layer where saturation starts (after ``ivr_layer``), or ``"auto"``."""
     ssr_keep: float | None = None
     """Qwen only: fraction of each input's original visual tokens kept from ``ssr_layer``, in (0, 1]."""
+    calibration: tuple[Mapping[str, Any], ...] = field(default=(), compare=False, repr=False, metadata={"spec": False})
+    """Processor outputs (dicts with ``input_ids`` and images or video) the ``"auto"`` layers are chosen on."""
 
     def __post_init__(self) -> None:
         for name in ("ivr_layer", "ssr_layer"):
             value = getattr(self, name)
-            if value is not None:
+            if isinstance(value, str):
+                if value != "auto":
+                    raise PassConfigError(f"HalfV.{name} must be a decoder layer (a whole number) or 'auto', got {value!r}")
+            elif value is not None:
                 check_range("HalfV", name, value, 1, 10**4, integer=True)
         for name in ("ivr_keep", "ssr_keep"):
             value = getattr(self, name)
@@ -87,11 +98,45 @@ class HalfV(Pass):
                 check_range("HalfV", name, value, 0, 1, low_open=True)
         if self.anchor_frac is not None:
             check_range("HalfV", "anchor_frac", self.anchor_frac, 0, 1)
-        if self.ivr_layer is not None and self.ssr_layer is not None and self.ssr_layer <= self.ivr_layer:
+        calibration = tuple(self.calibration)
+        if not all(isinstance(batch, Mapping) and "input_ids" in batch for batch in calibration):
+            raise PassConfigError(
+                "HalfV.calibration takes processor outputs: dicts with input_ids (and pixel_values or video "
+                "inputs), e.g. [processor(text=..., images=..., return_tensors='pt')]"
+            )
+        object.__setattr__(self, "calibration", calibration)  # a list given is kept as a tuple: the config stays immutable
+        if self.auto and not calibration:
+            raise PassConfigError(
+                "HalfV's 'auto' layers are chosen by the stage analysis on samples you give: pass calibration=[processor "
+                "outputs, ...] (a few prompts with images), or run `vlmopt analyze stages` and pass the layers it suggests"
+            )
+        if isinstance(self.ivr_layer, int) and isinstance(self.ssr_layer, int) and self.ssr_layer <= self.ivr_layer:
             raise PassConfigError(
                 f"HalfV.ssr_layer={self.ssr_layer} must come after ivr_layer={self.ivr_layer} (saturation follows "
                 "the inherited-redundancy cut); raise ssr_layer or lower ivr_layer"
             )
+
+    @property
+    def auto(self) -> bool:
+        """Is a layer left to the stage analysis (``"auto"``)?"""
+        return "auto" in (self.ivr_layer, self.ssr_layer)
+
+    def specialize(self, adapter, before) -> HalfV:
+        """Resolve ``"auto"`` layers by the stage analysis on ``calibration`` (after the passes ``before``)."""
+        if not self.auto:
+            return self
+        from vlmopt.analysis.stages import analyze_calibration
+
+        _, ivr_keep, *_ = PAPER_DEFAULTS[adapter.family]
+        fixed_ivr = None if self.ivr_layer == "auto" else self.settings(adapter)[0]
+        report = analyze_calibration(
+            adapter.model, self.calibration, keep=self.ivr_keep or ivr_keep, before=before, ivr_layer=fixed_ivr
+        )
+        return dataclasses.replace(
+            self, calibration=(),
+            ivr_layer=report.ivr_layer if self.ivr_layer == "auto" else self.ivr_layer,
+            ssr_layer=report.ssr_layer if self.ssr_layer == "auto" else self.ssr_layer,
+        )
 
     def settings(self, adapter) -> tuple[int, float, float, int, float | None]:
         """(ivr_layer, ivr_keep, anchor_frac, ssr_layer, ssr_keep) for this model, defaults filled in."""
@@ -113,6 +158,8 @@ class HalfV(Pass):
         layers = adapter.text_config.num_hidden_layers
         if layers < 3:
             raise IncompatiblePassError(f"HalfV needs at least 3 decoder layers (a probe, a cut, a later stage); this model has {layers}")
+        if self.auto:
+            return  # checked again once specialize has chosen the layers
         ivr_layer, ivr_keep, _, ssr_layer, ssr_keep = self.settings(adapter)
         for name, value in (("ivr_layer", ivr_layer), ("ssr_layer", ssr_layer)):
             if not 1 <= value < layers:
