@@ -70,3 +70,18 @@ def test_runtime_refuses_a_row_without_exactly_one_image(exported):
     batch = one_image_batch(export.model, size, [configs.PromptSpec(images=2), configs.PromptSpec()], seed=23)
     with pytest.raises(InputError, match="exactly one image"):
         OnnxVLM(export.out).generate(**{k: v.numpy() for k, v in batch.items()}, max_new_tokens=2)
+
+
+def test_version_1_manifests_still_read(tmp_path):
+    """Directories exported before the cut inside the LLM read as having no cache segments."""
+    import json
+
+    graphs = {}
+    for name in GRAPHS:
+        (tmp_path / f"{name}.onnx").write_bytes(b"")
+        graphs[name] = {"file": f"{name}.onnx"}
+    manifest = {"format_version": 1, "family": "llava", "graphs": graphs, "layout": {"image_size": [56, 56]}, "text": {"num_layers": 2}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    read = read_manifest(tmp_path)
+    assert read["text"] == {"num_layers": 2, "cache_segments": []}
+    assert read["layout"] == {"image_size": [56, 56], "visual_tokens_per_row": None}
