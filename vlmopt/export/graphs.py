@@ -45,7 +45,7 @@ from vlmopt.export.split import (
     PrefillSplit,
     split_prefill,
 )
-from vlmopt.graph.edit import SEGMENT_MASK_PREFIX, segment_mask_inputs
+from vlmopt.graph.edit import SEGMENT_MASK_PREFIX, segment_mask_inputs, segment_mask_name
 from vlmopt.graph.probe import run_with_probes
 from vlmopt.runtime import CompiledVLM
 
@@ -131,8 +131,6 @@ def segment_first_layers(segments: list[str]) -> list[int]:
 def layer_masks(num_layers: int, first_layers: list[int], base: str) -> list[str]:
     """The 2-D mask each decoder layer's cache follows: ``base`` before the first cut, else
     ``attention_mask_from_<K>`` of the last cut K at or before it."""
-    from vlmopt.graph.edit import segment_mask_name
-
     return [segment_mask_name(max(k for k in first_layers if k <= i)) if any(k <= i for k in first_layers) else base
             for i in range(num_layers)]
 
@@ -249,7 +247,7 @@ def build_graphs(compiled: CompiledVLM, processor: Any, config: ExportConfig) ->
     segments = segment_mask_names(compiled)
     first_layers = segment_first_layers(segments)
     pasts = {"attention_mask": Dim("past_sequence", min=1, max=config.max_sequence)}
-    pasts.update({f"{SEGMENT_MASK_PREFIX}{k}": Dim(f"past_sequence_from_{k}", min=1, max=config.max_sequence) for k in first_layers})
+    pasts.update({segment_mask_name(k): Dim(f"past_sequence_from_{k}", min=1, max=config.max_sequence) for k in first_layers})
     mrope = compiled.adapter.position_dims == (1, 2)
     positions = {1: batch_dim, 2: seq} if mrope else {0: batch_dim, 1: seq}
 
@@ -332,7 +330,7 @@ def _prefill_example(compiled: CompiledVLM, split: PrefillSplit, image_size: int
 def segment_mask_names(compiled: CompiledVLM) -> list[str]:
     """``attention_mask_from_<K>`` of every cut inside the LLM, in layer order (none without a cut)."""
     names = segment_mask_inputs(compiled.graph["decode"])
-    return [f"{SEGMENT_MASK_PREFIX}{k}" for k in segment_first_layers(names)]
+    return [segment_mask_name(k) for k in segment_first_layers(names)]
 
 
 def _check_bound(split: PrefillSplit, logits: Tensor, pipeline_logits: Tensor, config: ExportConfig) -> None:
