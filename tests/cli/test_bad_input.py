@@ -37,6 +37,9 @@ def files(tmp_path_factory):
         graphs[name] = {"file": f"{name}.onnx"}
     manifest = {"format_version": FORMAT_VERSION, "family": "llava", "graphs": graphs, "layout": {}, "text": {}}
     (garbage / "manifest.json").write_text(json.dumps(manifest))
+    future = root / "future-manifest"  # written by a newer vlmopt
+    future.mkdir()
+    (future / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
     Image.new("RGB", (20, 20), (200, 30, 30)).save(root / "ok.png")
     (root / "bad.png").write_bytes(b"this is not a png")
     (root / "a-file").write_text("")
@@ -97,6 +100,7 @@ CATALOGUE = [
     (["run", "{root}/empty-export", *IMAGE], "has no manifest.json, so it is not a vlmopt export"),
     (["run", "{root}/corrupt-manifest", *IMAGE], "corrupt-manifest/manifest.json is corrupt"),
     (["run", "{root}/garbage-onnx", *IMAGE], "vision.onnx is not a readable ONNX model"),
+    (["run", "{root}/future-manifest", *IMAGE], "is not a vlmopt manifest of version 1 or 2 (found 3); re-create it"),
     (["run", "{root}/garbage-onnx", "--image", "{root}/none.png", "--prompt", "x"], "image {root}/none.png does not exist"),
     (["run", "{root}/garbage-onnx", *IMAGE, "--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1"),
     (["run", "{root}/garbage-onnx", *IMAGE, "--threads", "0"], "argument --threads: must be ≥ 1"),

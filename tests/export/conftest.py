@@ -1,11 +1,12 @@
 """Shared exports for the lowering tests: each (model, passes) is exported once per session.
 
 Exports take ~20 s each on 2 CPU cores, so the models here are the tiny configs cut to two vision
-and two text layers, and the five exports below are shared by every test in this folder:
+and two text layers (three for HalfV), and the exports below are shared by every test in this folder:
 
 * ``llava``, ``llava+random_prune``, ``qwen`` — random-weight configs, Python API, no processor;
 * ``qwen_proc+pool_prune`` — a processor-backed Qwen2.5-VL (tokenizer + image processor), Python API;
-* ``llava_proc+hiprune`` — a processor-backed LLaVA, exported through ``vlmopt export``.
+* ``llava_proc+hiprune`` — a processor-backed LLaVA, exported through ``vlmopt export``;
+* ``llava3+halfv``, ``qwen3+halfv`` — random-weight configs with three text layers, cut inside the LLM.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ EXPORTS = {
     "llava+random_prune": ("small_llava", ["random_prune:keep_ratio=0.5"]),
     "qwen": ("small_qwen", []),
     "qwen_proc+pool_prune": ("qwen_with_processor", ["pool_prune:keep_ratio=0.25"]),
+    "llava3+halfv": ("llava_three_layers", ["halfv"]),
+    "qwen3+halfv": ("qwen_three_layers", ["halfv"]),
 }
 
 
@@ -51,6 +54,17 @@ def small_llava():
 @pytest.fixture(scope="session")
 def small_qwen():
     return configs.build(configs.qwen25vl_config(vision_depth=2, full_attention_blocks=(1,), text_layers=2), seed=12)
+
+
+@pytest.fixture(scope="session")
+def llava_three_layers():
+    """HalfV needs three text layers (a probe, a cut, a later stage)."""
+    return configs.build(configs.llava_config(vision_layers=2, text_layers=3), seed=15)
+
+
+@pytest.fixture(scope="session")
+def qwen_three_layers():
+    return configs.build(configs.qwen25vl_config(vision_depth=2, full_attention_blocks=(1,), text_layers=3), seed=16)
 
 
 def _save(model, processor, directory: Path) -> Path:

@@ -17,7 +17,8 @@ GRIDS, OUT_GRIDS = [1, 4, 3, 1, 4, 5], [2, 2, 3, 2]
 class EveryOp(nn.Module):
     """One call of each op, with two visual inputs of different sizes where the op takes counts."""
 
-    def forward(self, x, index, embeds, features, slots, scores, visual, kept, q, k, obj, deep, tokens):
+    def forward(self, x, index, embeds, features, slots, scores, visual, kept, q, k, obj, deep, tokens,
+                states, candidates, anchors, q_last, keys, key_mask):
         return (
             ops.gather_sequence(x, index, 1, 2),  # M-RoPE ids [3, B, S]
             ops.gather_sequence(embeds, index, 0, 1),
@@ -28,6 +29,9 @@ class EveryOp(nn.Module):
             ops.sequence_keep_index(visual, kept, 2, 10, 8),
             ops.received_attention(q, k, 2, 0.5),
             *ops.hiprune_select(obj, deep, GRIDS, [6, 9], [1, 2]),
+            ops.kcenter_select(states, candidates, anchors, 3),  # HalfV's coverage picks (unrolled)
+            ops.last_token_attention(q_last, keys, key_mask, 1.0),  # HalfV's relevance probe
+            ops.gather_sequence(key_mask, index, 0, 1),  # a bool [B, S] mask (HalfV's visual span)
         )
 
 
@@ -47,6 +51,12 @@ def inputs(seed: int):
         torch.rand(32, generator=g),
         torch.rand(32, generator=g),
         torch.randn(32, 6, generator=g),
+        torch.randn(2, 9, 6, generator=g),
+        torch.rand(2, 9, generator=g) > 0.2,
+        torch.zeros(2, 9, dtype=torch.bool).index_fill(1, torch.randperm(9, generator=g)[:2], True) & torch.tensor([[True], [False]]),
+        torch.randn(2, 4, 8, generator=g),
+        torch.randn(2, 2, 10, 8, generator=g),
+        torch.rand(2, 10, generator=g) > 0.4,
     )
 
 
@@ -55,7 +65,7 @@ def test_the_table_holds_the_ops_the_module_runs():
     from vlmopt.ops import op_modules
 
     translated = {name for name, module in op_modules().items() if module.onnx_translation is not None}
-    assert translated >= {"merge_visual", "gather_sequence", "topk_indices", "hiprune_select"}
+    assert translated >= {"merge_visual", "gather_sequence", "topk_indices", "hiprune_select", "kcenter_select", "last_token_attention"}
     table = translation_table(EveryOp(), inputs(0), "ops")
     ran = {name.split("::")[1] for name in ops_in(EveryOp(), inputs(0))}
     assert ran <= translated

@@ -141,6 +141,10 @@ def print_summary(manifest: dict, out: Path) -> None:
     layout = manifest["layout"]
     print(f"layout: {'×'.join(map(str, layout['image_size']))} px images, {layout['kept_per_image']} of "
           f"{layout['tokens_per_image']} visual tokens reach the LLM; tolerance atol={check['atol']} rtol={check['rtol']}")
+    segments = manifest["text"].get("cache_segments", [])
+    if segments:
+        print(f"cut inside the LLM before layer(s) {', '.join(map(str, segments))}: each segment's cache has its own "
+              "length; one image per prompt row")
 
 
 def print_trt_check(out: Path, manifest: dict, verbose: bool) -> bool:

@@ -12,6 +12,13 @@
   [3, B, 1], ``past.{i}.key|value`` [B, Hkv, P, Dh] → ``logits`` [B, 1, V],
   ``present.{i}.key|value`` [B, Hkv, P + 1, Dh]. Dynamic B, P.
 
+A model cut inside the LLM (HalfV) caches a shorter sequence from each cut's layer K on: the prefill
+also returns ``attention_mask_from_K`` [B, S'_K] (the 2-D mask of those layers) and their
+``present`` are [B, Hkv, S'_K, Dh]; the decode graph takes ``attention_mask_from_K`` [B, P_K + 1],
+and the ``past`` of those layers carry their own dynamic axis ``past_sequence_from_K`` (the first
+segment's stays ``past_sequence``). The cut's layout-reading nodes are bound to one image per row
+(:mod:`vlmopt.export.fixed_rows`).
+
 The planned non-tensor inputs of the vision graph (the :class:`VisualLayout`, Qwen's window index,
 ``cu_seqlens``, rotary ids) are bound to constants of a one-image layout, so ``torch.export`` sees
 static ints; Qwen's vision blocks are swapped for export stand-ins (:mod:`vlmopt.export.leaves`).
@@ -27,7 +34,8 @@ from torch import Tensor, fx, nn
 
 from vlmopt import configs
 from vlmopt.export.config import ExportConfig
-from vlmopt.export.errors import ExportError
+from vlmopt.export.errors import ExportError, VerificationError
+from vlmopt.export.fixed_rows import bind_visual_rows
 from vlmopt.export.kv import ExplicitKVStep, kv_names
 from vlmopt.export.leaves import make_exportable
 from vlmopt.export.split import (
@@ -37,6 +45,7 @@ from vlmopt.export.split import (
     PrefillSplit,
     split_prefill,
 )
+from vlmopt.graph.edit import SEGMENT_MASK_PREFIX, segment_mask_inputs, segment_mask_name
 from vlmopt.graph.probe import run_with_probes
 from vlmopt.runtime import CompiledVLM
 
@@ -110,8 +119,20 @@ class StepForExport(nn.Module):
 
     def forward(self, *tensors: Tensor):
         count = len(self.input_names)
-        logits, mask, *present = self.step(dict(zip(self.input_names, tensors[:count])), list(tensors[count:]))
-        return (logits, mask, *present) if self.with_mask else (logits, *present)
+        logits, mask, *rest = self.step(dict(zip(self.input_names, tensors[:count])), list(tensors[count:]))
+        return (logits, mask, *rest) if self.with_mask else (logits, *rest)
+
+
+def segment_first_layers(segments: list[str]) -> list[int]:
+    """First decoder layer of each ``attention_mask_from_<K>`` segment, ascending."""
+    return sorted(int(name.removeprefix(SEGMENT_MASK_PREFIX)) for name in segments)
+
+
+def layer_masks(num_layers: int, first_layers: list[int], base: str) -> list[str]:
+    """The 2-D mask each decoder layer's cache follows: ``base`` before the first cut, else
+    ``attention_mask_from_<K>`` of the last cut K at or before it."""
+    return [segment_mask_name(max(k for k in first_layers if k <= i)) if any(k <= i for k in first_layers) else base
+            for i in range(num_layers)]
 
 
 def default_image_size(compiled: CompiledVLM, processor: Any, config: ExportConfig) -> int:
@@ -202,6 +223,8 @@ def build_graphs(compiled: CompiledVLM, processor: Any, config: ExportConfig) ->
     split = split_prefill(compiled.graph["prefill"])
     image_size = default_image_size(compiled, processor, config)
     layout, vision_module, pixels = fixed_layout(compiled, split, image_size, config.seed)
+    if split.row_bound:
+        bind_visual_rows(split.llm, layout.kept_per_image)
     generator = torch.Generator().manual_seed(config.seed + 1)
     pixels = torch.randn(pixels.shape, generator=generator).to(pixels.dtype)
 
@@ -221,11 +244,14 @@ def build_graphs(compiled: CompiledVLM, processor: Any, config: ExportConfig) ->
     seq = Dim("sequence", min=1, max=config.max_sequence)
     kept = Dim("kept_sequence", min=1, max=config.max_sequence)
     visual = Dim("visual_tokens", min=1, max=config.max_batch * layout.kept_per_image)
-    past = Dim("past_sequence", min=1, max=config.max_sequence)
+    segments = segment_mask_names(compiled)
+    first_layers = segment_first_layers(segments)
+    pasts = {"attention_mask": Dim("past_sequence", min=1, max=config.max_sequence)}
+    pasts.update({segment_mask_name(k): Dim(f"past_sequence_from_{k}", min=1, max=config.max_sequence) for k in first_layers})
     mrope = compiled.adapter.position_dims == (1, 2)
     positions = {1: batch_dim, 2: seq} if mrope else {0: batch_dim, 1: seq}
 
-    prefill_inputs, example = _prefill_example(compiled, split, image_size, config.seed)
+    prefill_inputs, example, pipeline_logits = _prefill_example(compiled, split, image_size, config.seed)
     prefill_shapes = {
         "input_ids": {0: batch_dim, 1: seq},
         "attention_mask": {0: batch_dim, 1: seq},
@@ -235,36 +261,42 @@ def build_graphs(compiled: CompiledVLM, processor: Any, config: ExportConfig) ->
         **{p.name: {0: batch_dim, 1: kept} for p in split.planned},
     }
     present = kv_names("present", num_layers)
-    step = ExplicitKVStep(split.llm, text_config).eval()
+    step = ExplicitKVStep(split.llm, text_config, tuple(segments)).eval()
+    prefill_masks = layer_masks(num_layers, first_layers, "kept_attention_mask")
     prefill = GraphSpec(
         "prefill",
         StepForExport(step, prefill_inputs, with_mask=True).eval(),
         prefill_inputs,
-        ["logits", "kept_attention_mask", *present],
+        ["logits", "kept_attention_mask", *segments, *present],
         tuple(example[name] for name in prefill_inputs),
         (tuple(prefill_shapes[name] for name in prefill_inputs),),
-        padding_masks={name: "kept_attention_mask" for name in present},
+        padding_masks={name: prefill_masks[i // 2] for i, name in enumerate(present)},
     )
 
     with torch.no_grad():
         prefill_out = prefill.module(*prefill.example)
-    decode_example = _decode_example(compiled, prefill_out, example, config.seed, mrope)
+    if split.row_bound:
+        _check_bound(split, prefill_out[0], pipeline_logits, config)
+    decode_example = _decode_example(compiled, prefill_out, example, segments, config.seed)
     past_names = kv_names("past", num_layers)
+    decode_masks = layer_masks(num_layers, first_layers, "attention_mask")
     decode_shapes = {
         "input_ids": {0: batch_dim},
-        "attention_mask": {0: batch_dim, 1: past + 1},
         "position_ids": {1: batch_dim} if mrope else {0: batch_dim},
-        **{name: {0: batch_dim, 2: past} for name in past_names},
+        **{name: {0: batch_dim, 1: past + 1} for name, past in pasts.items()},
+        **{name: {0: batch_dim, 2: pasts[decode_masks[i // 2]]} for i, name in enumerate(past_names)},
     }
-    decode_inputs = [*TEXT_INPUTS, *past_names]
+    decode_inputs = [*TEXT_INPUTS, *segments, *past_names]
     decode = GraphSpec(
         "decode",
-        StepForExport(ExplicitKVStep(compiled.graph["decode"], text_config).eval(), list(TEXT_INPUTS), with_mask=False).eval(),
+        StepForExport(
+            ExplicitKVStep(compiled.graph["decode"], text_config).eval(), [*TEXT_INPUTS, *segments], with_mask=False
+        ).eval(),
         decode_inputs,
         ["logits", *present],
         tuple(decode_example[name] for name in decode_inputs),
         (tuple(decode_shapes[name] for name in decode_inputs),),
-        padding_masks={name: "attention_mask" for name in present},
+        padding_masks={name: decode_masks[i // 2] for i, name in enumerate(present)},
     )
     return [vision, prefill, decode], layout, split
 
@@ -279,7 +311,7 @@ def _prefill_example(compiled: CompiledVLM, split: PrefillSplit, image_size: int
     tokens, slots = merge.args[1], merge.args[2]
     wanted = {tokens.name, slots.name, *(p.name for p in split.planned)}
     with torch.no_grad():
-        _, values = run_with_probes(
+        output, values = run_with_probes(
             module,
             {**prompt.inputs, "cache": compiled.new_cache(), "logits_to_keep": 1},
             lambda node: node.name in wanted,
@@ -292,12 +324,29 @@ def _prefill_example(compiled: CompiledVLM, split: PrefillSplit, image_size: int
     names = [*TEXT_INPUTS, VISUAL_EMBEDS, VISUAL_SLOTS, *(p.name for p in split.planned)]
     if [n for n in split.llm_inputs if n not in ("cache", "logits_to_keep")] != names:
         raise ExportError(f"unexpected LLM-graph inputs {split.llm_inputs}; expected {names}")
-    return names, {name: value.contiguous() for name, value in example.items()}
+    return names, {name: value.contiguous() for name, value in example.items()}, output["logits"]
 
 
-def _decode_example(compiled: CompiledVLM, prefill_out, example: dict, seed: int, mrope: bool) -> dict:
+def segment_mask_names(compiled: CompiledVLM) -> list[str]:
+    """``attention_mask_from_<K>`` of every cut inside the LLM, in layer order (none without a cut)."""
+    names = segment_mask_inputs(compiled.graph["decode"])
+    return [segment_mask_name(k) for k in segment_first_layers(names)]
+
+
+def _check_bound(split: PrefillSplit, logits: Tensor, pipeline_logits: Tensor, config: ExportConfig) -> None:
+    """The LLM graph with its layout nodes bound to one image per row must give the pipeline's logits."""
+    error = float((logits.float() - pipeline_logits.float()).abs().max())
+    if not error <= config.atol:
+        raise VerificationError(
+            f"the prefill graph with {', '.join(split.row_bound)} bound to one image per row differs from the pipeline "
+            f"graph by {error:.3g} on the example prompt (atol={config.atol}); this is an exporter bug, please report it"
+        )
+
+
+def _decode_example(compiled: CompiledVLM, prefill_out, example: dict, segments: list[str], seed: int) -> dict:
     """Decode-step inputs continuing the example prefill (its cache as ``past``; fresh random tokens)."""
-    _, mask, *present = prefill_out
+    _, mask, *rest = prefill_out
+    segment_values, present = rest[: len(segments)], rest[len(segments) :]
     batch = mask.shape[0]
     generator = torch.Generator().manual_seed(seed + 3)
     vocab = compiled.config.get_text_config().vocab_size
@@ -307,6 +356,8 @@ def _decode_example(compiled: CompiledVLM, prefill_out, example: dict, seed: int
         "attention_mask": torch.cat([mask, mask.new_ones((batch, 1))], dim=-1),
         "position_ids": positions.contiguous(),
     }
+    for name, value in zip(segments, segment_values):
+        inputs[name] = torch.cat([value, value.new_ones((batch, 1))], dim=-1)
     for index, name in enumerate(kv_names("past", len(present) // 2)):
         inputs[name] = present[index].contiguous()
     return inputs

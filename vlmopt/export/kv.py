@@ -43,17 +43,22 @@ class ExplicitKVStep(nn.Module):
     attention_mask [B, P + S], position_ids [B, S] or [3, B, S], and for the prefill
     visual_embeds [T', D], visual_slots [T'], planned inputs); ``past`` is a list of 2·L tensors
     [B, Hkv, P, Dh] (empty for the prefill). Returns ``(logits [B, 1, V], attention_mask [B, P + S'],
-    *present)`` with present [B, Hkv, P + S', Dh].
+    *segment masks, *present)`` with present [B, Hkv, P + S', Dh].
+
+    A model cut inside the LLM (HalfV) caches different lengths in different layers: each layer's
+    ``past`` / ``present`` has its own length, and the prefill also returns ``segment_outputs``, the
+    2-D masks ``attention_mask_from_<K>`` [B, P_K + S'_K] of the layers from each cut on.
     """
 
-    def __init__(self, module: fx.GraphModule, text_config) -> None:
+    def __init__(self, module: fx.GraphModule, text_config, segment_outputs: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.graph_module = module
         self.text_config = text_config
         self.num_layers = text_config.num_hidden_layers
+        self.segment_outputs = tuple(segment_outputs)
 
     def forward(self, inputs: dict[str, Tensor], past: list[Tensor]):
         cache = explicit_cache(self.text_config, list(past))
         out = self.graph_module(**inputs, cache=cache, logits_to_keep=1)
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-        return (out["logits"], out["attention_mask"], *present)
+        return (out["logits"], out["attention_mask"], *(out[name] for name in self.segment_outputs), *present)

@@ -15,7 +15,10 @@ from typing import Any
 from vlmopt.export.errors import ModelDirectoryError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added ``text.cache_segments`` (per-segment decode masks of a model cut inside the LLM)
+and ``layout.visual_tokens_per_row``; version-1 manifests read as having neither."""
+READABLE_VERSIONS = (1, 2)
 GRAPHS = ("vision", "prefill", "decode")
 
 
@@ -43,14 +46,16 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelDirectoryError(f"{path} is corrupt ({error}); {fix}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
         raise ModelDirectoryError(
-            f"{path} is not a version-{FORMAT_VERSION} vlmopt manifest (found "
+            f"{path} is not a vlmopt manifest of version {' or '.join(map(str, READABLE_VERSIONS))} (found "
             f"{manifest.get('format_version') if isinstance(manifest, dict) else type(manifest).__name__}); {fix}"
         )
     for key in ("family", "graphs", "layout", "text"):
         if key not in manifest:
             raise ModelDirectoryError(f"{path} lacks the {key!r} entry; {fix}")
+    manifest["text"].setdefault("cache_segments", [])  # version 1: no cut inside the LLM
+    manifest["layout"].setdefault("visual_tokens_per_row", None)
     for name in GRAPHS:
         entry = manifest["graphs"].get(name)
         if entry is None:

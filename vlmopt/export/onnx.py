@@ -34,7 +34,7 @@ import vlmopt
 from vlmopt.errors import MissingDependencyError
 from vlmopt.export.config import ExportConfig
 from vlmopt.export.errors import ExportError, VerificationError
-from vlmopt.export.graphs import GraphSpec, build_graphs
+from vlmopt.export.graphs import GraphSpec, build_graphs, segment_first_layers, segment_mask_names
 from vlmopt.export.manifest import FORMAT_VERSION, write_manifest
 from vlmopt.export.onnx_ops import translation_table
 from vlmopt.runtime import CompiledVLM
@@ -86,12 +86,6 @@ def export_onnx(
     compiled = model if isinstance(model, CompiledVLM) else vlmopt.compile(model, passes=passes)
     if compiled.backend != "eager":
         compiled = vlmopt.compile(compiled.adapter.model, passes=compiled.passes)  # export traces the graphs eagerly
-    cutters = sorted({n.meta.get("pass", "?") for n in compiled.stages["prefill"].graph.nodes if n.meta.get("role") == "sequence_cut"})
-    if cutters:
-        raise ExportError(
-            f"{', '.join(cutters)} cuts the sequence inside the LLM, which the ONNX export does not carry yet (per-layer "
-            "cache lengths in the decode graph); export the model without it"
-        )
     start = time.perf_counter()
     with torch.no_grad():
         graphs, layout, split = build_graphs(compiled, processor, config)
@@ -109,7 +103,7 @@ def export_onnx(
         "dtype": str(next(compiled.adapter.model.parameters()).dtype).removeprefix("torch."),
         "graphs": entries,
         "layout": layout_entry(compiled, layout, split),
-        "text": text_entry(compiled),
+        "text": text_entry(compiled, segment_mask_names(compiled)),
         "limits": {"max_batch": config.max_batch, "max_sequence": config.max_sequence},
         "verification": {"atol": config.atol, "rtol": config.rtol, "checked": config.verify},
         "processor": False,
@@ -289,6 +283,8 @@ def layout_entry(compiled: CompiledVLM, layout, split) -> dict[str, Any]:
         "pruned": split.pruned,
         "planned_inputs": {p.name: p.kind for p in split.planned},
         "image_token_id": int(config.image_token_id),
+        # graphs cut inside the LLM are bound to one image per row, of this many tokens (else None)
+        "visual_tokens_per_row": layout.kept_per_image if split.row_bound else None,
     }
     if layout.grid_thw is not None:
         vision = config.vision_config
@@ -302,8 +298,11 @@ def layout_entry(compiled: CompiledVLM, layout, split) -> dict[str, Any]:
     return entry
 
 
-def text_entry(compiled: CompiledVLM) -> dict[str, Any]:
-    """Facts about the language model the runtime needs (cache shapes, positions, generation)."""
+def text_entry(compiled: CompiledVLM, segments: Sequence[str] = ()) -> dict[str, Any]:
+    """Facts about the language model the runtime needs (cache shapes, positions, generation).
+
+    ``cache_segments``: the first layer K of every cut inside the LLM: the prefill returns
+    ``attention_mask_from_K`` and the decode graph takes it, extended by one per step."""
     from vlmopt.generation import GenerationSettings
 
     text = compiled.config.get_text_config()
@@ -315,6 +314,7 @@ def text_entry(compiled: CompiledVLM) -> dict[str, Any]:
         "head_dim": int(getattr(text, "head_dim", None) or text.hidden_size // heads),
         "vocab_size": int(text.vocab_size),
         "positions": "mrope" if compiled.adapter.position_dims == (1, 2) else "1d",
+        "cache_segments": segment_first_layers(list(segments)),
         "eos_token_ids": list(settings.eos_token_ids),
         "pad_token_id": settings.pad_token_id,
         "repetition_penalty": settings.repetition_penalty,

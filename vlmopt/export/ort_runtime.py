@@ -8,7 +8,10 @@
 Per prompt batch: the vision graph runs once per image (the export's fixed layout), the kept
 tokens are placed at their slots, positions and the surviving sequence are planned in numpy
 (:mod:`vlmopt.export.planning`), the prefill graph fills the cache, and the decode graph runs one
-token at a time with the cache passed explicitly. Greedy (with the model's repetition penalty, as
+token at a time with the cache passed explicitly. A model cut inside the LLM (HalfV) caches fewer
+tokens from each cut's layer K on: the prefill returns one 2-D mask per segment of layers
+(``attention_mask_from_K``), and each is extended by one per step and fed back to the decode graph,
+like :meth:`CompiledVLM.generate` does. Greedy (with the model's repetition penalty, as
 ``CompiledVLM.generate``); rows stop at an end token and are padded after it.
 """
 
@@ -177,6 +180,14 @@ class OnnxVLM:
         slots = planning.visual_slots(input_ids, layout["image_token_id"], layout["tokens_per_image"])
         if not slots:
             raise InputError("the prompt has no image tokens; this export runs prompts with one image each")
+        if layout.get("visual_tokens_per_row") is not None:
+            per_row = (input_ids == layout["image_token_id"]).sum(axis=1)
+            if not np.all(per_row == layout["tokens_per_image"]):
+                raise InputError(
+                    f"this export cuts visual tokens inside the LLM ({', '.join(self.manifest['passes'])}) and is fixed to one "
+                    f"image of {layout['tokens_per_image']} tokens in every row; the rows hold {per_row.tolist()} image "
+                    "tokens: give every prompt of the batch exactly one image"
+                )
         images = self._images(pixel_values, image_grid_thw, len(slots))
         embeds, kept = [], []
         for pixels, image_slots in zip(images, slots):
@@ -242,6 +253,7 @@ class OnnxVLM:
         num_layers = self.text["num_layers"]
         present = [out[f"present.{i}.{kind}"] for i in range(num_layers) for kind in ("key", "value")]
         mask, position, sequences = out["kept_attention_mask"], prompt.next_position, input_ids
+        segments = {name: out[name] for name in (f"attention_mask_from_{k}" for k in self.text["cache_segments"])}
         eos = np.asarray(self.text["eos_token_ids"], dtype=np.int64)
         pad, penalty = self.text["pad_token_id"], self.text["repetition_penalty"]
         unfinished = np.ones(input_ids.shape[0], dtype=bool)
@@ -258,7 +270,8 @@ class OnnxVLM:
             if not unfinished.any() or step == max_new - 1:
                 break
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
-            feeds = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": position}
+            segments = {name: np.concatenate([m, np.ones((m.shape[0], 1), dtype=m.dtype)], axis=1) for name, m in segments.items()}
+            feeds = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": position, **segments}
             feeds.update({f"past.{i}.{kind}": present[2 * i + j] for i in range(num_layers) for j, kind in enumerate(("key", "value"))})
             out = self.graphs["decode"].run(feeds)
             present = [out[f"present.{i}.{kind}"] for i in range(num_layers) for kind in ("key", "value")]

@@ -14,7 +14,11 @@ the vision part (nodes whose ``meta["stage"]`` is ``vision`` or ``projector``) e
 LLM nodes that read a :class:`~vlmopt.graph.layout.VisualLayout` cannot have dynamic shapes. The
 ones listed in :data:`PLANNED_FUNCTIONS` are index bookkeeping computed from slots alone; they
 leave the graph and become inputs of the same name, which the runtime plans in numpy
-(:mod:`vlmopt.export.planning`). Any other such node is refused with a clear error.
+(:mod:`vlmopt.export.planning`). The ones in
+:data:`~vlmopt.export.fixed_rows.ROW_BOUND_FUNCTIONS` (HalfV's in-LLM cut) stay, reading a
+``layout`` input of the LLM graph until :func:`~vlmopt.export.fixed_rows.bind_visual_rows` binds them
+to the export's one-image-per-row layout (:attr:`PrefillSplit.row_bound`). Any other such node is
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from vlmopt.export.errors import ExportError
+from vlmopt.export.fixed_rows import ROW_BOUND_FUNCTIONS
 from vlmopt.graph import functions as gf
 from vlmopt.graph.capture import args_of
 
@@ -58,6 +63,8 @@ class PrefillSplit:
     """Does the vision graph choose tokens (so it returns ``visual_index``)?"""
     planned: list[PlannedInput] = field(default_factory=list)
     """LLM inputs the runtime plans in numpy, in placeholder order."""
+    row_bound: list[str] = field(default_factory=list)
+    """LLM nodes that read the layout until bound to one image per row (``bind_visual_rows``)."""
 
     @property
     def vision_inputs(self) -> list[str]:
@@ -96,8 +103,13 @@ def split_prefill(module: fx.GraphModule) -> PrefillSplit:
             )
     cut = {tokens: VISUAL_EMBEDS, slots: VISUAL_SLOTS}
     llm = [n for n in nodes if n.op != "placeholder" and n not in vision and n not in planned]
+    bound = [n for n in llm if n.op == "call_function" and n.target in ROW_BOUND_FUNCTIONS]
+    # what the bound nodes read as their layout: the input, or a vision pass's pruned layout
+    layouts = {a for n in bound for a in args_of(n) if a in vision or (a.op == "placeholder" and a.target == "layout")}
     for node in llm:
         for arg in args_of(node):
+            if node in bound and arg in layouts:
+                continue
             if arg in vision and arg not in cut:
                 raise ExportError(
                     f"LLM node {node.name} reads the vision value {arg.name}: the export cuts the prefill at the "
@@ -110,9 +122,10 @@ def split_prefill(module: fx.GraphModule) -> PrefillSplit:
                 )
     return PrefillSplit(
         vision=_vision_graph(module, nodes, vision, tokens, slots if pruned else None),
-        llm=_llm_graph(module, nodes, llm, planned, cut),
+        llm=_llm_graph(module, nodes, llm, planned, cut, {n: layouts for n in bound}),
         pruned=pruned,
         planned=[PlannedInput(n.name, PLANNED_FUNCTIONS[n.target]) for n in planned],
+        row_bound=[n.name for n in bound],
     )
 
 
@@ -135,15 +148,22 @@ def _vision_graph(module, nodes, vision, tokens, index) -> fx.GraphModule:
     return _pruned_module(module, graph, "vision")
 
 
-def _llm_graph(module, nodes, llm, planned, cut) -> fx.GraphModule:
+def _llm_graph(module, nodes, llm, planned, cut, bound) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    used = {arg for node in llm for arg in args_of(node)}
+    layouts = set().union(*bound.values())
+    used = {arg for node in llm for arg in args_of(node) if arg not in bound.get(node, ())}
     originals = [n for n in nodes if n.op == "placeholder" and n in used and n not in cut]
     text = [n for n in originals if n.target not in ("cache", "logits_to_keep")]
     tail = [n for n in originals if n.target in ("cache", "logits_to_keep")]
     for node in text:
         env[node] = graph.node_copy(node)
+    if layouts:
+        layout = next((env[n] for n in text if n.target == "layout"), None)
+        if layout is None:
+            layout = graph.placeholder("layout")
+            layout.meta.update(role="input", stage="input")
+        env.update({source: layout for source in layouts if source not in env})
     for source, name in cut.items():
         env[source] = graph.placeholder(name)
         env[source].meta.update(role="input", stage="llm")

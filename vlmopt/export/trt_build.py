@@ -81,6 +81,8 @@ def profile_shapes(manifest: dict[str, Any], graph: str, engine: EngineConfig | 
         "visual_tokens": (kept, kept * opt_batch, kept * max_batch),
         "past_sequence": (1, opt_seq, max_seq - 1),
     }
+    for layer in manifest["text"].get("cache_segments", []):  # layers after a cut inside the LLM cache fewer tokens
+        bounds[f"past_sequence_from_{layer}"] = bounds["past_sequence"]
     shapes = {}
     for spec in manifest["graphs"][graph]["inputs"]:
         picks = [

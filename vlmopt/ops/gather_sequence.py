@@ -70,6 +70,7 @@ flop_formula = None
 
 def onnx_translation():
     """The op in standard ONNX (onnxscript, trace-only; imported lazily): ``GatherElements`` + ``Where``."""
+    from onnxscript import ir
     from onnxscript import opset18 as op
 
     def gather_sequence(x, index, batch_dim: int, seq_dim: int):
@@ -85,6 +86,8 @@ def onnx_translation():
         safe = op.Expand(op.Max(view, op.Constant(value_int=0)), op.Concat(*parts, axis=0))
         gathered = op.GatherElements(x, safe, axis=seq_dim)
         padding = op.Less(view, op.Constant(value_int=0))
+        if x.dtype == ir.DataType.BOOL:  # onnxruntime has no bool Where (a gathered visual-span mask)
+            return op.And(gathered, op.Not(padding))
         return op.Where(padding, op.CastLike(op.Constant(value_int=0), x), gathered)
 
     return gather_sequence
