@@ -87,7 +87,7 @@ def _obj(shape, colour, x, y):
 
 
 def test_oracle_refuses_ambiguous_scenes():
-    ask = lambda objects: relations.oracle(relations.question("neighbour-shape", ("left", ("red", "star"))), objects)  # noqa: E731
+    ask = lambda objects: relations.oracle(relations.question("neighbour-shape", ("left", ("red", "star"))), objects)
     star = _obj("star", "red", 150, 100)
     assert ask([star, _obj("circle", "blue", 60, 100), _obj("square", "green", 150, 30)])[0] == "circle"
     # two objects on the left: no single answer
@@ -96,7 +96,7 @@ def test_oracle_refuses_ambiguous_scenes():
     assert ask([star, _obj("circle", "blue", 60, 100), _obj("square", "green", 100, 60)]) is None
     # the named object twice
     assert ask([star, _obj("star", "red", 200, 30), _obj("circle", "blue", 60, 100)]) is None
-    most = lambda count, objects: relations.oracle(relations.question("majority-colour", (count,)), objects)  # noqa: E731
+    most = lambda count, objects: relations.oracle(relations.question("majority-colour", (count,)), objects)
     two_red = [_obj("star", "red", 0, 0), _obj("circle", "red", 50, 0), _obj("star", "blue", 100, 0)]
     assert most("two", two_red)[0] == "red" and most("three", two_red) is None
     assert most("two", two_red + [_obj("cross", "blue", 150, 0)]) is None  # a tie for most

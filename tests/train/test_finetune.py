@@ -15,9 +15,9 @@ from vlmopt.train.finetune import FinetuneConfig, Run, batch_order, finetune
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from models import arch
     from transformers import LlavaForConditionalGeneration
 
+    from models import arch
     from vlmopt.models import processing
 
     shape = arch.LlavaArch(image_size=56, vision_hidden=32, vision_layers=2, vision_intermediate=64, text_hidden=64,

@@ -75,7 +75,7 @@ def oracle(q: Question, objects: list[Obj]) -> tuple[str, list[int]] | None:
 
 def _specs(rng: np.random.Generator, family: str, answer: str, n: int) -> tuple[list[tuple[str, str]], Question]:
     """(shape, colour) of each object, evidence first, and the question."""
-    pick = lambda pool: str(rng.choice(pool))  # noqa: E731
+    pick = lambda pool: str(rng.choice(pool))
     if family == "neighbour-shape":
         named = (pick(COLOURS), pick(SHAPES))
         target = (answer, pick(COLOURS))
