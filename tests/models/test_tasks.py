@@ -14,7 +14,7 @@ SMALL_VIDEO = {"frames": (32, 40)}
 
 
 def _task(name: str) -> tasks.Task:
-    return tasks.get(name, **(SMALL_VIDEO if name != "shapes" else {}))
+    return tasks.get(name, **(SMALL_VIDEO if tasks.TASKS[name].video else {}))
 
 
 @pytest.mark.parametrize("name", tasks.TASK_NAMES)
@@ -26,7 +26,7 @@ def test_same_seed_same_sample(name):
     assert (a.question, a.answer, a.family) == (b.question, b.answer, b.family)
     assert a.evidence == b.evidence and a.boxes() == b.boxes()
     # a fresh task object (a new process would do the same) gives the same bits
-    c = tasks.get(name, **(SMALL_VIDEO if name != "shapes" else {})).sample("test", 7)
+    c = _task(name).sample("test", 7)
     assert np.array_equal(c.frames if c.is_video else c.image, pixels[0])
 
 

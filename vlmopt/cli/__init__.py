@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from vlmopt.cli import analyze_cmd, bench, demo, eval_cmd, export_cmd, inspect_cmd, regate_cmd, run_cmd, tasks_cmd, viz_cmd
+from vlmopt.cli import analyze_cmd, bench, demo, eval_cmd, export_cmd, finetune, inspect_cmd, regate_cmd, run_cmd, tasks_cmd, viz_cmd
 
-SUBCOMMANDS = (demo, inspect_cmd, eval_cmd, bench, viz_cmd, export_cmd, run_cmd, analyze_cmd, tasks_cmd, regate_cmd)
+SUBCOMMANDS = (demo, inspect_cmd, eval_cmd, bench, viz_cmd, export_cmd, run_cmd, analyze_cmd, tasks_cmd, regate_cmd, finetune)
 
 
 def build_parser():

@@ -27,9 +27,10 @@ from typing import Any
 
 MODEL_NAMES = ("tiny-llava", "tiny-qwen25vl")
 """Reference models shipped in ``models/``."""
-TASK_NAMES = ("shapes", "shapes-video", "needle")
-"""Synthetic tasks (:mod:`vlmopt.models.tasks`)."""
-_SUBMODULES = ("evaluate", "processing", "render", "scenes", "tasks", "videos")
+TASK_NAMES = ("shapes", "shapes-video", "needle", "shapes-relations")
+"""Synthetic tasks (:mod:`vlmopt.models.tasks`); ``shapes-relations`` asks new questions about the
+``shapes`` pictures (no reference model was trained on it: it is for fine-tuning)."""
+_SUBMODULES = ("evaluate", "processing", "relations", "render", "scenes", "tasks", "videos")
 
 
 def models_dir() -> Path:
@@ -83,13 +84,15 @@ def load(name: str | Path, dtype: Any = None) -> tuple[Any, Any]:
 
 
 def task_for(name: str | Path, task: str):
-    """Task ``task`` configured as model ``name`` was trained and evaluated on it (``tasks.json``)."""
+    """Task ``task`` configured as model ``name`` was trained and evaluated on it (``tasks.json``);
+    ``shapes-relations`` takes the model's ``shapes`` configuration (the same pictures)."""
     from vlmopt.models import tasks
 
     if task not in TASK_NAMES:
         raise KeyError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
     file = path(name) / "tasks.json"
-    overrides = json.loads(file.read_text()).get(task) if file.exists() else None
+    base = getattr(tasks.TASKS[task], "base", task)  # a task asking new questions about another's pictures
+    overrides = json.loads(file.read_text()).get(base) if file.exists() else None
     if overrides is None:
         raise KeyError(f"model {str(name)!r} was not trained on task {task!r} (see {file})")
     return tasks.get(task, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})

@@ -9,8 +9,9 @@
 True
 
 Tasks: ``shapes`` (one image, families colour/shape/count/exist/position), ``shapes-video``
-(streaming video: what is on screen now, what appeared first) and ``needle`` (a long video where one
-frame holds the answer). Each sample is a pure function of (task, config, split, index): the numpy
+(streaming video: what is on screen now, what appeared first), ``needle`` (a long video where one
+frame holds the answer) and ``shapes-relations`` (the ``shapes`` pictures, question families the
+reference models were not trained on: :mod:`vlmopt.models.relations`). Each sample is a pure function of (task, config, split, index): the numpy
 generator is seeded with ``[task code, split base + index]``, and the split bases are disjoint ranges
 (train ``[0, 1e9)``, validation ``[1e9, 1.1e9)``, test ``[2e9, 2.1e9)``). Families take turns
 (``index % n_families``) and answers cycle within a family, so answers are balanced in every split.
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.models import scenes, videos
+from vlmopt.models import relations, scenes, videos
 from vlmopt.models.render import COLOURS, SHAPES, Obj, add_noise, background, draw_objects
 from vlmopt.models.scenes import IMAGE_FAMILIES, NUMBERS, PLURALS, ShapesConfig
 from vlmopt.models.videos import NEEDLE_FAMILIES, STREAM_FAMILIES, VideoConfig
@@ -94,6 +95,8 @@ class Sample:
         rng = np.random.default_rng([seed, self.index])
         if self.is_video:
             pairs = videos.derive(rng, self.meta["tracks"], self.meta["num_frames"], k, skip={self.question})
+        elif self.task == ShapesRelationsTask.name:
+            pairs = relations.derive(rng, self.objects[0], k, skip={self.question})
         else:
             pairs = scenes.derive(rng, self.objects[0], k, skip={self.question})
         return [(q.text, a) for q, a in pairs]
@@ -198,6 +201,26 @@ class ShapesTask(Task):
         )
 
 
+class ShapesRelationsTask(ShapesTask):
+    """``shapes-relations``: the ``shapes`` pictures with question families the reference models were
+    not trained on (:mod:`vlmopt.models.relations`), for fine-tuning experiments."""
+
+    name, code = "shapes-relations", 104
+    families = relations.RELATION_FAMILIES
+    base = "shapes"
+    """The task whose picture configuration a model's ``tasks.json`` gives this one."""
+
+    def _build(self, rng, split, index, family, answer) -> Sample:
+        objects, q, evidence = relations.build(rng, family, answer, self.config)
+        canvas = background(rng, self.config.size, self.config.size)
+        image, mask = draw_objects(rng, canvas, objects)
+        image = add_noise(rng, image)
+        return Sample(
+            self.name, split, index, family, q.text, answer, image, None, [objects], mask[None],
+            [(0, k) for k in evidence], {"params": q.params},
+        )
+
+
 class _VideoTask(Task):
     video = True
 
@@ -245,17 +268,19 @@ class NeedleTask(_VideoTask):
         return videos.build_needle(rng, family, answer, self.config)
 
 
-TASKS: dict[str, type[Task]] = {"shapes": ShapesTask, "shapes-video": ShapesVideoTask, "needle": NeedleTask}
+TASKS: dict[str, type[Task]] = {
+    "shapes": ShapesTask, "shapes-video": ShapesVideoTask, "needle": NeedleTask, "shapes-relations": ShapesRelationsTask,
+}
 TASK_NAMES = tuple(TASKS)
 
 
 def get(name: str, **config: Any) -> Task:
-    """The task ``name`` (``shapes``, ``shapes-video``, ``needle``); keyword arguments override its
+    """The task ``name`` (``shapes``, ``shapes-video``, ``needle``, ``shapes-relations``); keyword arguments override its
     config (:class:`ShapesConfig` or :class:`VideoConfig` fields, e.g. ``size=448``)."""
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
     cls = TASKS[name]
-    base = ShapesConfig() if cls is ShapesTask else cls.default_config()
+    base = ShapesConfig() if issubclass(cls, ShapesTask) else cls.default_config()
     return cls(dataclasses.replace(base, **config))
 
 

@@ -4,6 +4,9 @@
 >>> reference = vlmopt.train.teacher_losses(model, {**batch, "labels": labels})   # once, before training
 >>> out = opt(**batch, labels=labels, sample_ids=ids, teacher_losses=reference)
 >>> out.loss.backward()                                   # out.token_losses, out.active_tokens
+
+Fine-tuning a reference model on a task, standard and with ReGATE side by side, with held-out
+accuracy along the way: :func:`vlmopt.train.finetune.finetune` (``vlmopt finetune``).
 """
 
 from vlmopt.train.step import TrainingOutput, TrainingStep, training_forward

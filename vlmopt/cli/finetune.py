@@ -1,0 +1,182 @@
+"""``vlmopt finetune``: fine-tune a reference model on a task with the compiled training graph,
+standard and with train-stage passes (ReGATE) side by side.
+
+    vlmopt finetune --model tiny-llava --task shapes-relations --steps 400 \\
+        --passes none --passes 'regate:keep=0.25,warmup_steps=20,cycle=100,dense_steps=5' \\
+        --json ft.json --plot ft.png
+
+Each ``--passes`` value is one run (``none``: standard fine-tuning; no ``--passes``: one standard
+run); the runs train fresh copies of the model in lockstep on the same batches (see
+:mod:`vlmopt.train.finetune`), and print a table: tokens in the loss, held-out accuracy, median
+seconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from vlmopt.cli.common import add_model_argument, markdown_table, positive_int
+
+STANDARD = ("none", "standard")
+"""``--passes`` values that mean standard fine-tuning (no pass)."""
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type of rates: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """``argparse`` type of counts that may be 0: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
+def add_parsers(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune a reference model on a task, standard and with training passes (ReGATE)",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    add_model_argument(parser, required=True)
+    parser.add_argument("--task", required=True, help="task name, e.g. shapes-relations (new questions about the shapes pictures)")
+    parser.add_argument("--steps", type=positive_int, required=True, help="optimiser steps per run")
+    parser.add_argument("--passes", action="append", default=[], metavar="SPEC",
+                        help="one run's training passes, e.g. 'regate:keep=0.25' (none: standard); repeat to compare runs")
+    parser.add_argument("--lr", type=positive_float, default=3e-4, help="AdamW learning rate (default 3e-4)")
+    parser.add_argument("--lr-warmup", type=non_negative_int, default=10, help="learning-rate warm-up steps (default 10)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="samples per step (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="data order, extra turns and torch seed (default 0)")
+    parser.add_argument("--turns", type=non_negative_int, default=8, help="extra question turns per picture (default 8)")
+    parser.add_argument("--train-n", type=positive_int, help="training samples, cycled in epochs (default: steps × batch size)")
+    parser.add_argument("--eval-every", type=positive_int, default=50, help="validation accuracy every K steps (default 50)")
+    parser.add_argument("--eval-n", type=positive_int, default=100, help="validation samples per evaluation (default 100)")
+    parser.add_argument("--test-n", type=non_negative_int, default=500, help="test samples for the final models (default 500; 0: none)")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=32, help="samples per generate() batch (default 32)")
+    parser.add_argument("--json", help="write the curves and results to this file")
+    parser.add_argument("--plot", help="draw validation accuracy against tokens in the loss to this PNG (needs matplotlib)")
+    parser.add_argument("--out", help="save each fine-tuned model (and its ReGATE state) under this directory, one folder per run")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's; 1 is fastest on a crowded machine)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def _runs(specs: list[str]):
+    """(label, passes) per ``--passes`` value, every spec parsed now (before any weights load)."""
+    from vlmopt import passes
+    from vlmopt.errors import InputError
+    from vlmopt.train.finetune import Run
+
+    runs = []
+    for spec in specs or ["none"]:
+        label = spec.strip()
+        if label in STANDARD:
+            runs.append(Run("standard", []))
+            continue
+        parts = [part for part in label.split("+") if part.strip()]
+        if not parts:
+            raise InputError(f"--passes {spec!r} names no pass; give a spec such as regate:keep=0.5, or none for standard fine-tuning")
+        runs.append(Run(label, [passes.parse(part) for part in parts]))
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"--passes lists the same run twice ({', '.join(labels)}); give each run once")
+    return runs
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmopt.cli.common import check_task, load_model, reference_task
+    from vlmopt.errors import InputError, MissingDependencyError
+    from vlmopt.train.finetune import FinetuneConfig, finetune, plot
+
+    # Everything that can be checked without the weights is checked before loading them.
+    check_task(args.task)
+    runs = _runs(args.passes)
+    if args.train_n is not None and args.train_n < args.batch_size:
+        raise InputError(f"--train-n {args.train_n} is smaller than --batch-size {args.batch_size}; give at least one batch of samples")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("--plot needs matplotlib: pip install matplotlib") from None
+    task = reference_task(args.model, args.task)
+    if task.video:
+        raise InputError(f"finetune trains on image tasks; {args.task!r} is a video task (use shapes or shapes-relations)")
+    config = FinetuneConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_warmup=args.lr_warmup, seed=args.seed, turns=args.turns,
+        train_n=args.train_n, eval_every=args.eval_every, eval_n=args.eval_n, test_n=args.test_n,
+        eval_batch_size=args.eval_batch_size,
+    )
+
+    def load():
+        loaded = load_model(args.model)
+        if loaded.processor is None:
+            raise InputError(f"{args.model} has no processor; finetune needs a reference model or a local checkpoint")
+        return loaded.model, loaded.processor
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    record = finetune(load, task, runs, config, progress=not args.quiet)
+    models, compiled = record.pop("models"), record.pop("compiled")
+    record["model"] = args.model
+    before = record.get("before")
+    rows = [["untouched model", 0, "", f"{100 * before['accuracy']:.1f}" if before else "", ""]] if before else []
+    for result in record["runs"]:
+        test = result.get("test")
+        rows.append([
+            result["label"], result["loss_tokens"], f"{100 * result['loss_token_fraction']:.1f}",
+            f"{100 * test['accuracy']:.1f}" if test else "", f"{result['median_step_s']:.3f}",
+        ])
+    print(f"{args.model} fine-tuned on {args.task}: {args.steps} steps × {args.batch_size} samples, seed {args.seed}")
+    print(markdown_table(["run", "tokens in the loss", "% of answer tokens", f"test accuracy % (n={args.test_n})", "median s/step"], rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(record, handle, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(record, args.plot, f"{args.model} fine-tuned on {args.task} ({args.steps} steps, seed {args.seed})")
+        print(f"wrote {args.plot}")
+    if args.out:
+        _save(Path(args.out), args.model, runs, models, compiled)
+    return 0
+
+
+_NOT_COPIED = {"config.json", "generation_config.json", "README.md", "TRAINING.md", "eval.json"}
+"""Files of the source model directory that describe the source model, not the fine-tuned one."""
+
+
+def _save(out: Path, name: str, runs, models, compiled) -> None:
+    """Each run's model in ``out/<label>/`` (HF files, processor files and tasks.json copied from the
+    source directory, and ``vlmopt_pass_states.pt`` when a pass has a state)."""
+    import re
+
+    import torch
+
+    from vlmopt.cli.common import model_directory
+
+    source = model_directory(name)
+    for run, model, graph in zip(runs, models, compiled):
+        folder = out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", run.label)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder, safe_serialization=True)
+        for file in source.iterdir():
+            if file.is_file() and file.name not in _NOT_COPIED and not file.name.startswith("model"):
+                shutil.copy(file, folder / file.name)
+        states = graph.pass_states.get_extra_state()
+        if states:
+            torch.save(states, folder / "vlmopt_pass_states.pt")
+        print(f"wrote {folder}")
