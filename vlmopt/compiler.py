@@ -51,7 +51,7 @@ def compile(  # noqa: A001
     check_stages(resolved, mode == "train")
     for position, item in enumerate(resolved):
         item.check(adapter, resolved[:position])
-    graph = VLMGraph.capture(adapter, mode=mode)
+    graph = VLMGraph.capture(adapter, mode=mode, chunk=any(item.stage == "kv" for item in resolved))
     for item in resolved:
         with inserting_for(type(item).__name__):
             item.apply(graph)

@@ -16,13 +16,14 @@ from fractions import Fraction
 from vlmopt.errors import PassConfigError, UnknownPassError
 from vlmopt.passes.base import Pass, VisualTokenPrune
 from vlmopt.passes.halfv import HalfV
+from vlmopt.passes.hermes import Hermes
 from vlmopt.passes.hiprune import HiPrune
 from vlmopt.passes.pool_prune import PoolPrune
 from vlmopt.passes.random_prune import RandomPrune
 from vlmopt.passes.regate import ReGATE, ReGATEState
 
 #: Every pass, by name. Explicit: a new pass file adds its class here.
-REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE)}
+REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE, Hermes)}
 
 
 def get(name: str) -> type[Pass]:
@@ -83,6 +84,6 @@ def resolve(item: Pass | str) -> Pass:
 
 
 __all__ = [
-    "REGISTRY", "HalfV", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE", "ReGATEState", "VisualTokenPrune",
+    "REGISTRY", "HalfV", "Hermes", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE", "ReGATEState", "VisualTokenPrune",
     "convert", "get", "parse", "resolve",
 ]
