@@ -77,3 +77,26 @@ def gather_kept(
     index = keep[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
     kept_positions = positions.gather(2, keep[:, None, :].expand(-1, positions.shape[1], -1))
     return keys.gather(2, index), values.gather(2, index), kept_positions
+
+
+def visual_span(keys: Tensor, prefix: int) -> Tensor:
+    """[L, V] zeros shaped like the visual entries of the stacked ``keys`` [L, H, N, D]."""
+    return keys.new_zeros((keys.shape[0], keys.shape[2] - prefix), dtype=torch.float32)
+
+
+def with_sinks(scores: Tensor, sinks: int) -> Tensor:
+    """``scores`` [L, V] with the first ``sinks`` visual entries above every other (attention sinks)."""
+    return torch.cat([torch.full_like(scores[:, :sinks], float("inf")), scores[:, sinks:]], dim=1)
+
+
+def window_queries(queries: list[Tensor], window: int) -> Tensor:
+    """[L, H, w, D]: the last ``window`` rows of every layer's chunk queries (each [1, H, S, D])."""
+    return torch.cat([q[:, :, -window:] for q in queries], dim=0)
+
+
+def pool_scores(scores: Tensor, kernel: int) -> Tensor:
+    """``scores`` [L, V] average-pooled along V (odd ``kernel``, same length; SnapKV's clustering)."""
+    if kernel <= 1 or scores.shape[1] == 0:
+        return scores
+    pooled = torch.nn.functional.avg_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled[:, 0, : scores.shape[1]]

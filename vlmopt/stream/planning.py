@@ -103,8 +103,12 @@ class QwenStreamPlanner:
                 "a stream is one video; keep the frame size"
             )
 
-    def chunk(self, frames: np.ndarray, cache_length: int, timestamps: list[float] | None) -> tuple[dict[str, Any], Tensor]:
-        """(graph inputs of the chunk stage, the chunk's position ids [3, n])."""
+    def chunk(
+        self, frames: np.ndarray, cache_length: int, timestamps: list[float] | None, patches: list[int]
+    ) -> tuple[dict[str, Any], Tensor]:
+        """(graph inputs of the chunk stage, the chunk's position ids [3, n]); ``patches`` are the
+        frames' temporal patch indices counted from the stream's first frame (gaps where frames were
+        dropped)."""
         from vlmopt.models.processing import qwen_video_inputs
 
         video = qwen_video_inputs(frames, self.video_cfg)
@@ -116,7 +120,7 @@ class QwenStreamPlanner:
             temporal = (times * self.tokens_per_second).long()
         else:
             interval = self.tokens_per_second * video["second_per_grid_ts"][0]
-            temporal = (torch.arange(self.patches, self.patches + t) * interval).long()
+            temporal = (torch.tensor(patches) * interval).long()
         temporal = temporal + self.start - self.time_shift
         rows, cols = torch.arange(grid[0]) + self.start, torch.arange(grid[1]) + self.start
         tt, hh, ww = torch.meshgrid(temporal, rows, cols, indexing="ij")
@@ -130,7 +134,7 @@ class QwenStreamPlanner:
         prompt = self.compiled.plan(batch)
         inputs = dict(prompt.inputs, attention_mask=torch.ones(1, cache_length + count, dtype=torch.long))
         self.frame_size, self.grid = frames.shape[1:3], grid
-        self.patches += t
+        self.patches = patches[-1] + 1
         return inputs, positions
 
     def after_reindex(self, positions: Tensor) -> None:

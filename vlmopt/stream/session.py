@@ -142,14 +142,24 @@ class Stream:
                     f"timestamps must give one non-decreasing time (seconds) per frame: {len(timestamps)} for "
                     f"{frames.shape[0]} frames"
                 )
-        step = self.kv_pass.chunk_frames if self.kv_pass is not None else frames.shape[0]
+        unit, first_patch, count = self.planner.frame_multiple, self.planner.patches, frames.shape[0]
+        patches = [first_patch + i for i in range(count // unit)]
+        keeps = getattr(self.kv_pass, "keeps_patch", None)
+        if keeps is not None:  # uniform frame sampling: whole patches dropped before encoding
+            patches = [p for p in patches if keeps(p)]
+            rows = [(p - first_patch) * unit + i for p in patches for i in range(unit)]
+            frames = frames[rows]
+            timestamps = None if timestamps is None else [timestamps[r] for r in rows]
+        step = self.kv_pass.chunk_frames if self.kv_pass is not None else max(frames.shape[0], 1)
         for first in range(0, frames.shape[0], step):
             times = None if timestamps is None else timestamps[first : first + step]
-            self._append_chunk(frames[first : first + step], times)
+            self._append_chunk(frames[first : first + step], times, patches[first // unit : (first + step) // unit])
+        self.planner.patches = first_patch + count // unit
+        self.state.frames += count
 
-    def _append_chunk(self, frames, timestamps) -> None:
+    def _append_chunk(self, frames, timestamps, patches) -> None:
         state = self.state
-        inputs, positions = self.planner.chunk(frames, self.cache_length, timestamps)
+        inputs, positions = self.planner.chunk(frames, self.cache_length, timestamps, patches)
         all_positions = torch.cat([state.positions, positions[None].expand(self.layers, -1, -1)], dim=2)
         module = self.compiled.stages["chunk"]
         names = {n.target for n in module.graph.nodes if n.op == "placeholder"}
@@ -163,7 +173,6 @@ class Stream:
         state.positions = out.get("cache_positions", all_positions)
         if "kept_positions" in out and not torch.equal(out["kept_positions"], state.positions):
             self.planner.after_reindex(state.positions)
-        state.frames += frames.shape[0]
         state.kv_bytes_per_chunk.append(self.memory()["total"])
 
     def _pseudo_queries(self) -> dict:
