@@ -8,6 +8,8 @@ the same frames and question. Chunk positions continue the video's M-RoPE ids: t
 at ``start + h`` / ``start + w``; text after the video at ``start + max(h, w)``, as HF's
 ``get_rope_index`` places it. The tower encodes each frame pair on its own, so chunked encoding is
 exact.
+
+LLaVA: every frame is one image (:class:`LlavaStreamPlanner`).
 """
 
 from __future__ import annotations
@@ -146,9 +148,71 @@ class QwenStreamPlanner:
         return self.video_cfg["temporal_patch_size"] / self.video_cfg["fps"]
 
 
+class LlavaStreamPlanner:
+    """Chunk inputs and positions of a LLaVA stream: every frame is one image (``<image>`` expanded to
+    the tower's tokens, then a newline), 1-D positions counting on, as in the one-shot prompt
+    ``USER: <image>\n<image>\n… {question} ASSISTANT:``."""
+
+    position_axes = 1
+    frame_multiple = 1
+
+    def __init__(self, compiled, processor) -> None:
+        self.compiled = compiled
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.image_token = compiled.config.image_token_id
+        self.tokens_per_image = compiled.adapter.tokens_per_image
+        self.newline = self.text("\n")
+        self.reset(0)
+
+    def reset(self, start: int) -> None:
+        self.next = start
+        self.patches = 0
+        self.frame_size: tuple[int, int] | None = None
+
+    def text(self, text: str) -> Tensor:
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].long()
+
+    def prefix_ids(self, system_prompt: str) -> Tensor:
+        bos = self.tokenizer.bos_token or ""
+        return self.text(f"{bos}{system_prompt + ' ' if system_prompt else ''}USER: ")
+
+    def question_ids(self, question: str) -> Tensor:
+        return self.text(f"{question} ASSISTANT:")
+
+    def text_positions(self, first: int, count: int) -> Tensor:
+        return (torch.arange(count) + first).view(1, 1, -1)
+
+    def text_start(self) -> int:
+        return self.next
+
+    def check(self, frames: np.ndarray) -> None:
+        if self.frame_size is not None and frames.shape[1:3] != self.frame_size:
+            raise InputError(
+                f"frames of {frames.shape[2]}x{frames.shape[1]} px after frames of {self.frame_size[1]}x{self.frame_size[0]}: "
+                "a stream is one video; keep the frame size"
+            )
+
+    def chunk(self, frames: np.ndarray, cache_length: int, timestamps, patches) -> tuple[dict[str, Any], Tensor]:
+        from PIL import Image
+
+        pixels = self.image_processor([Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
+        frame_ids = torch.cat([torch.full((1, self.tokens_per_image), self.image_token), self.newline], dim=1)
+        ids = frame_ids.repeat(1, frames.shape[0])
+        positions = (torch.arange(ids.shape[1]) + self.next)[None]
+        prompt = self.compiled.plan({"input_ids": ids, "pixel_values": pixels, "position_ids": positions})
+        inputs = dict(prompt.inputs, attention_mask=torch.ones(1, cache_length + ids.shape[1], dtype=torch.long))
+        self.frame_size = frames.shape[1:3]
+        self.next += ids.shape[1]
+        return inputs, positions
+
+    def after_reindex(self, positions: Tensor) -> None:
+        self.next = int(positions.max()) + 1
+
+
 def planner_for(compiled, processor):
     if compiled.adapter.family == "qwen2_5_vl":
         return QwenStreamPlanner(compiled, processor)
-    raise UnsupportedModelError(
-        f"streams support Qwen2.5-VL models so far; this model is {compiled.adapter.family}"
-    )
+    if compiled.adapter.family == "llava":
+        return LlavaStreamPlanner(compiled, processor)
+    raise UnsupportedModelError(f"streams support Qwen2.5-VL and LLaVA models; this model is {compiled.adapter.family}")
