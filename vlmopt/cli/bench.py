@@ -120,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         from vlmopt.stream.bench import print_report, stream_bench
 
+        if "qwen" not in args.config:
+            from vlmopt.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"bench --stream supports Qwen2.5-VL configs so far, not {args.config}")
+
         reports = [stream_bench(args.config, passes, args.video_frames, args.width, args.repeats, args.frame_size)
                    for passes in lists or [[]]]
         for entry in reports:

@@ -27,10 +27,6 @@ def stream_bench(config: str, passes: list[str], frames: int, width: float, repe
 
     make = configs.CONFIGS[config]
     model = configs.build(make(width=width) if "shape" in config else make())
-    if type(model).__name__ != "Qwen2_5_VLForConditionalGeneration":
-        from vlmopt.errors import UnsupportedModelError
-
-        raise UnsupportedModelError(f"bench --stream supports Qwen2.5-VL configs so far, not {config}")
     processor = build_processor("qwen", frame_size, video_size=frame_size)
     video = np.random.default_rng(0).integers(0, 256, (frames, frame_size, frame_size, 3), dtype=np.uint8)
     plain = vlmopt.compile(model)
