@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
-
 from vlmopt.passes.base import check_range
 from vlmopt.stream.tiers import KVStreamPass
 
@@ -22,10 +20,9 @@ class FrameSubsample(KVStreamPass):
     """Keep a uniform ``keep_ratio`` of the frames (see the module docstring)."""
 
     kv_budget: int = 10**9
+    """Unused bound (the cache is never compressed); kept so every stream pass reads the same way."""
     keep_ratio: float = 0.5
     """Fraction of the frames (whole temporal patches) the stream encodes, in (0, 1]."""
-
-    graph_ops: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
