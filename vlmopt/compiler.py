@@ -57,7 +57,7 @@ def compile(  # noqa: A001
         if concrete is not item:
             concrete.check(adapter, resolved[:position])
             resolved[position] = concrete
-    graph = VLMGraph.capture(adapter, mode=mode)
+    graph = VLMGraph.capture(adapter, mode=mode, chunk=any(item.stage == "kv" for item in resolved))
     for item in resolved:
         with inserting_for(type(item).__name__):
             item.apply(graph)

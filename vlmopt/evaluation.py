@@ -154,8 +154,15 @@ def evaluate(
     batch_size: int = 16,
     timing_samples: int = 8,
     progress: bool = True,
+    stream_budget: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the model without passes and with each pass list; ``{"baseline": ..., "runs": [...]}``."""
+    """Evaluate the model without passes and with each pass list; ``{"baseline": ..., "runs": [...]}``.
+
+    A list with a kv-stage pass (HERMES, the eviction baselines) runs every video as a stream
+    (:func:`vlmopt.stream.evaluate.stream_answers`, each video's budget ``stream_budget`` of its
+    visual tokens when given); its ``visual_tokens`` are those in the cache at the question and its
+    ``prefill_seconds`` the median time to the first answer token.
+    """
     from vlmopt.models import processing, tasks
 
     batches = [processing.encode(processor, list(samples[i : i + batch_size])) for i in range(0, len(samples), batch_size)]
@@ -166,7 +173,15 @@ def evaluate(
         label = " + ".join(specs) or "(no passes)"
         bar = Progress(label, len(samples)) if progress else None
         answers, kept = [], 0.0
-        for batch in batches:
+        streamed = any(item.stage == "kv" for item in compiled.passes)
+        if streamed:
+            from vlmopt.stream.evaluate import stream_answers
+
+            answers, visual, ttft = stream_answers(
+                compiled, processor, samples, stream_budget, advance=bar.advance if bar else None
+            )
+            kept = float(sum(visual))
+        for batch in [] if streamed else batches:
             with torch.inference_mode():
                 ids = compiled.generate(**batch, max_new_tokens=3, do_sample=False)
             answers += processor.tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -177,6 +192,7 @@ def evaluate(
         runners = [prefill_runner(compiled, single) for single in singles]
         turns = itertools.cycle(runners)  # one warm-up on the first sample, then each sample once
         timing = measure(lambda: next(turns)(), repeats=len(runners), warmup=1)
+        seconds = float(np.median(ttft)) if streamed else timing.median_s
         correct = [tasks.score(a, s) for a, s in zip(answers, samples)]
         per_family: dict[str, list[bool]] = {}
         for c, s in zip(correct, samples):
@@ -196,7 +212,7 @@ def evaluate(
             visual_tokens=kept / len(samples),
             prefill_flops=flops.total,
             llm_prefill_flops=flops.llm,
-            prefill_seconds=timing.median_s,
+            prefill_seconds=seconds,
             per_family={f: sum(v) / len(v) for f, v in sorted(per_family.items())},
             answers=answers,
             correct=correct,

@@ -132,6 +132,13 @@ class CompiledVLM(nn.Module):
             layout = item.output_layout(layout)
         return layout.total
 
+    def stream(self, system_prompt: str = "", processor=None, kv_budget: int | None = None):
+        """A :class:`vlmopt.stream.Stream`: append frames as they arrive, ask questions from the cache.
+        ``processor`` defaults to the one saved beside the model; ``kv_budget`` overrides the kv pass's."""
+        from vlmopt.stream import Stream
+
+        return Stream(self, system_prompt, processor, kv_budget)
+
     # ----- HF-style API -------------------------------------------------------------------------
     def forward(
         self,

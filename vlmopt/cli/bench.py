@@ -39,6 +39,10 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--threads", type=positive_int,
                         help="PyTorch CPU threads for the timed runs (default: PyTorch's; on a shared machine 1 is "
                         "steadier)")
+    parser.add_argument("--stream", action="store_true",
+                        help="time a question after a video streamed in (vlmopt.stream) against re-prefilling it")
+    parser.add_argument("--video-frames", type=positive_int, default=64, help="--stream: frames of the video")
+    parser.add_argument("--frame-size", type=positive_int, default=112, help="--stream: frame side in pixels")
     parser.add_argument("--json", help="write the results to this file")
     parser.set_defaults(run=run)
 
@@ -113,6 +117,22 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     lists = pass_lists(args.passes)
+    if args.stream:
+        from vlmopt.stream.bench import print_report, stream_bench
+
+        if "qwen" not in args.config:
+            from vlmopt.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"bench --stream supports Qwen2.5-VL configs so far, not {args.config}")
+
+        reports = [stream_bench(args.config, passes, args.video_frames, args.width, args.repeats, args.frame_size)
+                   for passes in lists or [[]]]
+        for entry in reports:
+            print_report(entry)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(reports, handle, indent=2)
+        return 0
     report = bench_report(args.config, lists, args.width, args.repeats)
     rows = []
     for entry in [report["baseline"]] + report["runs"]:

@@ -14,6 +14,7 @@ from vlmopt.cli.common import (
     markdown_table,
     pass_lists,
     positive_int,
+    unit_fraction,
 )
 
 
@@ -29,6 +30,9 @@ def add_parsers(subparsers) -> None:
         "--sweep", action="append",
         help="vary a field of the passes that have it, e.g. keep_ratio=0.5,1/3 (repeatable: one per field)",
     )
+    parser.add_argument("--stream-budget", type=unit_fraction,
+                        help="with a stream pass (hermes, streaming_llm, snapkv): each video's KV budget as this "
+                        "fraction of its visual tokens, e.g. 0.32")
     parser.add_argument("--plot", help="draw accuracy against FLOPs to this PNG (needs matplotlib)")
     parser.add_argument("--json", help="write the results to this file")
     parser.set_defaults(run=run)
@@ -46,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if loaded.processor is None:
         raise InputError(f"{args.model} has no processor; eval needs a reference model or a local checkpoint")
     samples = task.samples("test", n=args.n, seed=args.seed)
-    report = evaluate(loaded.model, loaded.processor, samples, lists, batch_size=args.batch_size)
+    report = evaluate(
+        loaded.model, loaded.processor, samples, lists, batch_size=args.batch_size, stream_budget=args.stream_budget
+    )
     source = "recorded test split" if args.seed is None else f"fresh samples, seed {args.seed}"
     print(f"{args.model} on {args.task}, n={args.n} ({source})")
     print(report_table(report))
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     if args.json:
         payload = {"model": args.model, "task": args.task, "n": args.n, "seed": args.seed,
+                   "stream_budget": args.stream_budget,
                    "baseline": report["baseline"].summary(), "runs": [r.summary() for r in report["runs"]]}
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=2)

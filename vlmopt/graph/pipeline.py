@@ -28,14 +28,17 @@ class VLMGraph:
         self.stages = dict(stages)
 
     @classmethod
-    def capture(cls, adapter: Adapter, mode: str = "infer") -> VLMGraph:
+    def capture(cls, adapter: Adapter, mode: str = "infer", chunk: bool = False) -> VLMGraph:
         """Trace the adapter's pipelines (no pass applied); ``mode="train"`` adds the training
-        stages ``train_prefill`` and ``train_text`` (see :mod:`vlmopt.graph.training`)."""
+        stages ``train_prefill`` and ``train_text`` (see :mod:`vlmopt.graph.training`); ``chunk``
+        the streaming stage ``chunk`` (the prefill pipeline run on a filled cache, :mod:`vlmopt.stream`)."""
         stages = {
             "prefill": capture(adapter.prefill_pipeline(), "prefill"),
             "prefill_text": capture(adapter.text_pipeline(), "prefill_text"),
             "decode": capture(adapter.text_pipeline(), "decode"),
         }
+        if chunk:
+            stages["chunk"] = capture(adapter.prefill_pipeline(), "chunk")
         if mode == "train":
             from vlmopt.graph.training import add_training_outputs
 

@@ -15,14 +15,23 @@ from fractions import Fraction
 
 from vlmopt.errors import PassConfigError, UnknownPassError
 from vlmopt.passes.base import Pass, VisualTokenPrune
+from vlmopt.passes.frame_subsample import FrameSubsample
 from vlmopt.passes.halfv import HalfV
+from vlmopt.passes.hermes import Hermes
 from vlmopt.passes.hiprune import HiPrune
 from vlmopt.passes.pool_prune import PoolPrune
 from vlmopt.passes.random_prune import RandomPrune
 from vlmopt.passes.regate import ReGATE, ReGATEState
+from vlmopt.passes.snapkv import SnapKV
+from vlmopt.passes.streaming_llm import StreamingLLM
 
 #: Every pass, by name. Explicit: a new pass file adds its class here.
-REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE)}
+REGISTRY: dict[str, type[Pass]] = {
+    cls.name(): cls
+    for cls in (
+        RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE, Hermes, StreamingLLM, SnapKV, FrameSubsample,
+    )
+}
 
 
 def get(name: str) -> type[Pass]:
@@ -83,6 +92,7 @@ def resolve(item: Pass | str) -> Pass:
 
 
 __all__ = [
-    "REGISTRY", "HalfV", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE", "ReGATEState", "VisualTokenPrune",
+    "REGISTRY", "FrameSubsample", "HalfV", "Hermes", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE",
+    "ReGATEState", "SnapKV", "StreamingLLM", "VisualTokenPrune",
     "convert", "get", "parse", "resolve",
 ]

@@ -34,7 +34,7 @@ ALL_FAMILIES = ("llava", "qwen2_5_vl")
 
 def snake_case(name: str) -> str:
     """``RandomPrune`` → ``random_prune``; ``HiPrune`` → ``hiprune``; ``ReGATE`` → ``regate``."""
-    special = {"HiPrune": "hiprune", "HalfV": "halfv", "ReGATE": "regate", "APBV": "apbv", "HERMES": "hermes"}
+    special = {"HiPrune": "hiprune", "HalfV": "halfv", "ReGATE": "regate", "APBV": "apbv", "HERMES": "hermes", "SnapKV": "snapkv"}
     if name in special:
         return special[name]
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()

@@ -1,0 +1,102 @@
+"""Python functions the chunk graph's KV-tier nodes call (one ``call_function`` node each).
+
+The stream's cache is a HF ``DynamicCache`` of batch 1 whose layers all hold the same number of
+entries (a KV-tier pass keeps the same count in every layer); these functions read it as stacked
+``[L, H, N, D]`` tensors, gather what a layer keeps, and write the result back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cache_tensors(cache) -> tuple[Tensor, Tensor]:
+    """(keys, values), each [L, Hkv, N, D]: every layer's cached entries (batch 1)."""
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])
+    values = torch.stack([layer.values[0] for layer in cache.layers])
+    return keys, values
+
+
+def write_cache(cache, keys: Tensor, values: Tensor) -> Tensor:
+    """Replace every layer's entries with ``keys`` / ``values`` [L, Hkv, N', D]; returns [L] lengths."""
+    for index, layer in enumerate(cache.layers):
+        layer.keys = keys[index : index + 1].contiguous()
+        layer.values = values[index : index + 1].contiguous()
+    return torch.full((len(cache.layers),), keys.shape[2], dtype=torch.long)
+
+
+def truncate_cache(cache, length: int) -> None:
+    """Drop every layer's entries from ``length`` on (the question and answer after ``ask``)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
+
+
+def layer_keys(keys: Tensor, layer: int) -> Tensor:
+    """[1, Hkv, N, D]: one layer of the stacked keys."""
+    return keys[layer : layer + 1]
+
+
+def pseudo_query_heads(q: Tensor, cos: Tensor, sin: Tensor, head_dim: int, spans: dict, tier: str) -> Tensor:
+    """[1, H, Q_t, D]: a layer's pseudo-query projections ``q`` [1, Q, H·D] split into heads, with
+    the rotary embedding (cos, sin [1, Q, D]) applied, rows ``spans[tier]`` (the tier's pseudo-query)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    start, end = spans[tier]
+    heads = q.view(1, q.shape[1], -1, head_dim).transpose(1, 2)
+    rotated, _ = apply_rotary_pos_emb(heads, heads, cos, sin)
+    return rotated[:, :, start:end]
+
+
+def summary_positions(positions: Tensor, keep: Tensor) -> Tensor:
+    """[L, P, 1] the position of each layer's summary token: one past the largest position (any axis)
+    of its kept entries (``keep`` [L, K] into ``positions`` [L, P, N]; index N is the summary slot)."""
+    entries = positions.shape[2]
+    real = keep < entries
+    picked = positions.amax(dim=1).gather(1, keep.clamp_max(entries - 1))  # [L, K]
+    top = torch.where(real, picked, torch.full_like(picked, -1)).amax(dim=1) + 1  # [L]
+    return top[:, None, None].expand(-1, positions.shape[1], 1).contiguous()
+
+
+def rotary_position_ids(positions: Tensor, mrope: bool) -> Tensor:
+    """Position ids [L, P, N] as the rotary module reads them, one row of the batch per layer:
+    [3, L, N] for M-RoPE, [L, N] for 1-D RoPE."""
+    return positions.permute(1, 0, 2) if mrope else positions[:, 0]
+
+
+def gather_kept(
+    keys: Tensor, values: Tensor, positions: Tensor, keep: Tensor, summary_k: Tensor, summary_v: Tensor, target: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(keys [L, H, K, D], values, positions [L, P, K]): each layer's kept entries, in ``keep`` order,
+    where index N (one past the cache) is the layer's summary token (``summary_k/v`` [L, H, 1, D] at
+    ``target`` [L, P, 1])."""
+    keys = torch.cat([keys, summary_k], dim=2)
+    values = torch.cat([values, summary_v], dim=2)
+    positions = torch.cat([positions, target], dim=2)
+    index = keep[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+    kept_positions = positions.gather(2, keep[:, None, :].expand(-1, positions.shape[1], -1))
+    return keys.gather(2, index), values.gather(2, index), kept_positions
+
+
+def visual_span(keys: Tensor, prefix: int) -> Tensor:
+    """[L, V] zeros shaped like the visual entries of the stacked ``keys`` [L, H, N, D]."""
+    return keys.new_zeros((keys.shape[0], keys.shape[2] - prefix), dtype=torch.float32)
+
+
+def with_sinks(scores: Tensor, sinks: int) -> Tensor:
+    """``scores`` [L, V] with the first ``sinks`` visual entries above every other (attention sinks)."""
+    return torch.cat([torch.full_like(scores[:, :sinks], float("inf")), scores[:, sinks:]], dim=1)
+
+
+def window_queries(queries: list[Tensor], window: int) -> Tensor:
+    """[L, H, w, D]: the last ``window`` rows of every layer's chunk queries (each [1, H, S, D])."""
+    return torch.cat([q[:, :, -window:] for q in queries], dim=0)
+
+
+def pool_scores(scores: Tensor, kernel: int) -> Tensor:
+    """``scores`` [L, V] average-pooled along V (odd ``kernel``, same length; SnapKV's clustering)."""
+    if kernel <= 1 or scores.shape[1] == 0:
+        return scores
+    pooled = torch.nn.functional.avg_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled[:, 0, : scores.shape[1]]
