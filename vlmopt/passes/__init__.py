@@ -14,6 +14,7 @@ import typing
 from fractions import Fraction
 
 from vlmopt.errors import PassConfigError, UnknownPassError
+from vlmopt.passes.apbv import APBV
 from vlmopt.passes.base import Pass, VisualTokenPrune
 from vlmopt.passes.halfv import HalfV
 from vlmopt.passes.hiprune import HiPrune
@@ -22,7 +23,7 @@ from vlmopt.passes.random_prune import RandomPrune
 from vlmopt.passes.regate import ReGATE, ReGATEState
 
 #: Every pass, by name. Explicit: a new pass file adds its class here.
-REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE)}
+REGISTRY: dict[str, type[Pass]] = {cls.name(): cls for cls in (RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE, APBV)}
 
 
 def get(name: str) -> type[Pass]:
@@ -83,6 +84,6 @@ def resolve(item: Pass | str) -> Pass:
 
 
 __all__ = [
-    "REGISTRY", "HalfV", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE", "ReGATEState", "VisualTokenPrune",
+    "APBV", "REGISTRY", "HalfV", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE", "ReGATEState", "VisualTokenPrune",
     "convert", "get", "parse", "resolve",
 ]
