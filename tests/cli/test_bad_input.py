@@ -51,7 +51,7 @@ CATALOGUE = [
     (["demo", "--model", "no-such-model"], "no reference model 'no-such-model': known models are tiny-llava, tiny-qwen25vl"),
     (["demo", "--model", "{root}/corrupt"], "corrupt/config.json is not valid JSON (line 3 column 5"),
     (["demo", "--model", "{root}/no-config"], "no-config is not a model directory (no config.json); pass a Hugging Face model directory"),
-    (["demo", "--model", "tiny-llava-random", "--passes", "nopass:keep_ratio=0.5"], "unknown pass 'nopass'; known passes: halfv, hiprune"),
+    (["demo", "--model", "tiny-llava-random", "--passes", "nopass:keep_ratio=0.5"], "unknown pass 'nopass'; known passes: apbv, halfv, hiprune"),
     (["demo", "--repeats", "0"], "argument --repeats: must be ≥ 1, got 0"),
     # inspect, diff
     (["inspect", "--model", "tiny-llava-random", "--passes", "random_prune:keep_ratio=1.5"], "keep_ratio must be in (0, 1], got 1.5"),
@@ -79,6 +79,14 @@ CATALOGUE = [
     (["bench", "--width", "0"], "argument --width: must be in (0, 1], got 0"),
     (["bench", "--width", "wide"], "argument --width: 'wide' is not a number such as 0.125 or 1/8"),
     (["bench", "--repeats", "-3"], "argument --repeats: must be ≥ 1, got -3"),
+    (["bench", "--config", "qwen2.5-vl-7b-shape", "--context-tokens", "4096", "--passes", "hiprune:keep_ratio=0.5"],
+     "--context-tokens / --video-frames measure APB-V alone; give --passes apbv:hosts=H"),
+    (["bench", "--config", "qwen2.5-vl-7b-shape", "--context-tokens", "4096", "--video-frames", "8", "--passes", "apbv:hosts=2"],
+     "give --context-tokens or --video-frames, not both"),
+    (["bench", "--config", "qwen2.5-vl-7b-shape", "--context-tokens", "100", "--passes", "apbv:hosts=8"],
+     "APB-V with hosts=8 needs a context of at least anchor + 2·hosts = 128 + 16 tokens"),
+    (["bench", "--context-tokens", "0", "--passes", "apbv:hosts=2"], "argument --context-tokens: must be ≥ 1, got 0"),
+    (["bench", "--passes", "apbv:hosts=0"], "APBV.hosts must be in [1, 4096], got 0"),
     # viz
     (["viz", "--model", "tiny-llava-random"], "the following arguments are required: --out"),
     (["viz", "--model", "tiny-llava-random", "--out", "{root}/no-dir/kept.png"], "the directory {root}/no-dir does not exist"),

@@ -39,6 +39,13 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--threads", type=positive_int,
                         help="PyTorch CPU threads for the timed runs (default: PyTorch's; on a shared machine 1 is "
                         "steadier)")
+    parser.add_argument("--context-tokens", type=positive_int,
+                        help="APB-V: a long-video context of this many tokens (FLOPs per host, one layer's CPU time)")
+    parser.add_argument("--video-frames", type=positive_int,
+                        help="APB-V: size the context as this many frames at the config's image grid (instead of "
+                        "--context-tokens)")
+    parser.add_argument("--time-tokens", type=positive_int, default=2048,
+                        help="APB-V: context tokens of the CPU timing of one layer's attention (default 2048)")
     parser.add_argument("--json", help="write the results to this file")
     parser.set_defaults(run=run)
 
@@ -113,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     lists = pass_lists(args.passes)
+    if args.context_tokens is not None or args.video_frames is not None:
+        from vlmopt.cli.bench_apbv import run_apbv
+
+        return run_apbv(args, lists, BENCH_CONFIGS.get(args.config, {}))
     report = bench_report(args.config, lists, args.width, args.repeats)
     rows = []
     for entry in [report["baseline"]] + report["runs"]:
