@@ -66,6 +66,7 @@ class APBV(Pass):
 
         if any(layer_mask_kinds(adapter.text_config)):
             raise IncompatiblePassError("APBV does not support sliding-window attention layers")
+        self.group_hosts()  # under a process group: hosts must equal its size (a clear error before tracing)
         for earlier in before:
             if earlier.stage != "vision":
                 raise IncompatiblePassError(
@@ -98,8 +99,30 @@ class APBV(Pass):
             span, plan_hosts, (span, mask, self.hosts, self.anchor_len, self.passing_len),
             role="apbv_plan", stage="llm", name="apbv_plan",
         )
-        replace_attention(editor, lambda index: APBVPrefill(self.pool, group), plan, "apbv")
+        layers = replace_attention(editor, lambda index: APBVPrefill(self.pool, group), plan, "apbv")
+        if group is not None:
+            self.keep_local_rows(editor, layers, plan, group.rank)
         editor.finish()
         decode = GraphEditor(graph["decode"])
         replace_attention(decode, lambda index: HostMergedDecode(group), decode.placeholder("attention_mask"), "apbv")
         decode.finish()
+
+    @staticmethod
+    def keep_local_rows(editor, layers, plan, rank: int) -> None:
+        """Under a process group: from the first decoder layer on, run this rank's tokens only (hidden
+        states and rotary cos/sin sliced by the plan; positions stay global)."""
+        import operator
+
+        from vlmopt.distributed.group import local_rows
+
+        first = layers[0]
+        hidden, cos, sin = first.args[:3]
+        order = editor.order()
+        chain = editor.chain(max((hidden, cos, sin, plan), key=order.__getitem__))
+        rows = chain(local_rows, hidden, cos, sin, plan, rank, role="apbv_plan", stage="llm", name="apbv_local_rows")
+        local = [chain(operator.getitem, rows, i, role="apbv_plan", stage="llm", name=f"apbv_local_{name}")
+                 for i, name in enumerate(("hidden", "cos", "sin"))]
+        first.update_arg(0, local[0])
+        for layer in layers:
+            layer.update_arg(1, local[1])
+            layer.update_arg(2, local[2])
