@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -60,7 +61,7 @@ def main() -> None:
             attention.host_attention = broken
         result["logits"], result["tokens"] = run(compiled, video_prompt(model))
     except Exception as error:  # noqa: BLE001 - the test reads the message
-        result["error"] = f"{type(error).__name__}: {error}"
+        result["error"], result["at"] = f"{type(error).__name__}: {error}", time.time()
     torch.save(result, os.path.join(args.out, f"rank{args.rank}.pt"))
     if "error" in result:
         os._exit(1)  # leave without a barrier, as a crashed rank would

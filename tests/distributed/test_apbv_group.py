@@ -60,8 +60,8 @@ def test_hosts_must_equal_the_group_size(tmp_path):
 
 
 def test_a_failing_rank_stops_the_others_naming_it(tmp_path):
-    results, seconds = launch(tmp_path, 3, fail_rank=1)
+    results, _ = launch(tmp_path, 3, fail_rank=1)
     assert "injected failure" in results[1]["error"]
     for rank in (0, 2):
         assert "rank 1 failed" in results[rank]["error"], results[rank]["error"]
-    assert seconds < 60
+        assert results[rank]["at"] - results[1]["at"] < 30, "the others stop within the group's timeout"

@@ -32,6 +32,7 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlmopt.distributed.group import init_from_env, is_rank_zero
     from vlmopt.errors import InputError
     from vlmopt.evaluation import evaluate, plot, sweep_lists
 
@@ -43,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     if loaded.processor is None:
         raise InputError(f"{args.model} has no processor; eval needs a reference model or a local checkpoint")
     samples = task.samples("test", n=args.n, seed=args.seed)
-    report = evaluate(loaded.model, loaded.processor, samples, lists, batch_size=args.batch_size)
+    # Under torchrun (APB-V's hosts as ranks) every rank runs the same prompts, one at a time, and
+    # rank 0 alone writes the results.
+    distributed = init_from_env()
+    batch_size = 1 if distributed else args.batch_size
+    report = evaluate(loaded.model, loaded.processor, samples, lists, batch_size=batch_size, progress=is_rank_zero())
+    if not is_rank_zero():
+        return 0
     source = "recorded test split" if args.seed is None else f"fresh samples, seed {args.seed}"
     print(f"{args.model} on {args.task}, n={args.n} ({source})")
     print(report_table(report))
@@ -52,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     if args.json:
         payload = {"model": args.model, "task": args.task, "n": args.n, "seed": args.seed,
-                   "baseline": report["baseline"].summary(), "runs": [r.summary() for r in report["runs"]]}
+                   "baseline": report["baseline"].summary() | {"answers": report["baseline"].answers},
+                   "runs": [r.summary() | {"answers": r.answers} for r in report["runs"]]}
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=2)
     return 0

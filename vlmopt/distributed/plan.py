@@ -127,10 +127,18 @@ def plan_row(hosts: int, start: int, context: int, length: int, anchor_len: int 
     return HostPlan(hosts, start, anchor, tuple(bounds), keep, length)
 
 
+def plan_prompt(inputs: dict, hosts: int, anchor_len: int | None, passing_len: int | None) -> list[HostPlan]:
+    """:func:`plan_hosts` of a planned prefill's inputs (``visual_positions``: flat ``b·S + s`` slots)."""
+    mask = inputs["attention_mask"]
+    span = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    span = span.index_fill(0, inputs["visual_positions"], True).view(mask.shape)
+    return plan_hosts(span, mask, hosts, anchor_len, passing_len)
+
+
 def plan_hosts(
     visual_span: Tensor, attention_mask: Tensor, hosts: int, anchor_len: int | None, passing_len: int | None
 ) -> list[HostPlan]:
-    """One :class:`HostPlan` per row of a left-padded prefill batch (a graph function).
+    """One :class:`HostPlan` per row of a left-padded prefill batch, planned in eager Python.
 
     ``visual_span`` [B, S] bool marks the visual tokens; ``attention_mask`` [B, S] the real ones.
     """

@@ -9,8 +9,9 @@ ranked highest in every earlier block (``vlmopt::apbv_compress``, max-pool width
 question block attends the whole prompt exactly, merged over hosts by log-sum-exp; decoding attends
 each host's cache and merges (:mod:`vlmopt.distributed.attention`).
 
-Graph rewrite: the prefill gets one ``apbv_plan`` node (the per-row split, from the visual span and
-the 2-D mask) and every decoder layer becomes a stand-in
+Graph rewrite: the prefill gets one input ``apbv_plans`` (the per-row split, planned in eager Python
+from the visual slots and the 2-D mask by :meth:`APBV.plan_inputs`, so it stays real when FLOPs are
+counted on fake tensors) and every decoder layer becomes a stand-in
 (:class:`~vlmopt.adapters.attention_standin.AttentionStandIn`) running the layer's own projections,
 rotary embedding, norms and MLP around the APB-V attention; the decode graph's layers become
 stand-ins that merge the hosts' attentions. The text-only prefill is left alone (no visual context
@@ -68,11 +69,19 @@ class APBV(Pass):
             raise IncompatiblePassError("APBV does not support sliding-window attention layers")
         self.group_hosts()  # under a process group: hosts must equal its size (a clear error before tracing)
         for earlier in before:
-            if earlier.stage != "vision":
-                raise IncompatiblePassError(
-                    f"APBV replaces the attention of every decoder layer, so it cannot follow {type(earlier).__name__} "
-                    f"({earlier.stage} stage); use APBV with vision-stage passes only"
-                )
+            raise IncompatiblePassError(
+                f"APBV plans its host split on the prompt as the processor made it, so it cannot follow "
+                f"{type(earlier).__name__} ({earlier.stage} stage), which changes the LLM's tokens or attention; "
+                "use APBV alone"
+            )
+
+    def plan_inputs(self, prompt) -> dict:
+        """The row plans (:class:`~vlmopt.distributed.plan.HostPlan`) of a prefill with visual inputs."""
+        if prompt.stage != "prefill":
+            return {}
+        from vlmopt.distributed.plan import plan_prompt
+
+        return {"apbv_plans": plan_prompt(prompt.inputs, self.hosts, self.anchor_len, self.passing_len)}
 
     def group_hosts(self):
         """The :class:`~vlmopt.distributed.group.GroupHosts` of the current process group, or None
@@ -88,17 +97,11 @@ class APBV(Pass):
     def apply(self, graph) -> None:
         from vlmopt.adapters.attention_standin import replace_attention
         from vlmopt.distributed.layers import APBVPrefill, HostMergedDecode
-        from vlmopt.distributed.plan import plan_hosts
         from vlmopt.graph.edit import GraphEditor
 
         group = self.group_hosts()
         editor = GraphEditor(graph["prefill"])
-        span = editor.visual_span()
-        mask = editor.placeholder("attention_mask")
-        plan = editor.insert(
-            span, plan_hosts, (span, mask, self.hosts, self.anchor_len, self.passing_len),
-            role="apbv_plan", stage="llm", name="apbv_plan",
-        )
+        plan = editor.add_input("apbv_plans", role="apbv_plan", stage="llm")
         layers = replace_attention(editor, lambda index: APBVPrefill(self.pool, group), plan, "apbv")
         if group is not None:
             self.keep_local_rows(editor, layers, plan, group.rank)
