@@ -30,10 +30,13 @@ def tiny_model():
 
 
 def run(compiled, batch):
+    """Last-token logits of the prefill, greedy tokens of the video prompt, and greedy tokens of a
+    text-only prompt (which APB-V leaves to full attention on every host)."""
     with torch.no_grad():
         logits = compiled(**batch, logits_to_keep=1).logits[:, -1]
     tokens = compiled.generate(**batch, max_new_tokens=5, eos_token_id=[])
-    return logits, tokens
+    text = {"input_ids": torch.tensor([[11, 23, 35, 47]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    return logits, tokens, compiled.generate(**text, max_new_tokens=4, eos_token_id=[])
 
 
 def main() -> None:
@@ -59,7 +62,7 @@ def main() -> None:
                 raise RuntimeError("injected failure")
 
             attention.host_attention = broken
-        result["logits"], result["tokens"] = run(compiled, video_prompt(model))
+        result["logits"], result["tokens"], result["text_tokens"] = run(compiled, video_prompt(model))
     except Exception as error:  # noqa: BLE001 - the test reads the message
         result["error"], result["at"] = f"{type(error).__name__}: {error}", time.time()
     torch.save(result, os.path.join(args.out, f"rank{args.rank}.pt"))

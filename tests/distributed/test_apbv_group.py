@@ -45,12 +45,15 @@ def launch(tmp_path, world: int, **options) -> tuple[list[dict], float]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_group_matches_the_simulation(tmp_path, world):
     model = tiny_model()
-    expected_logits, expected_tokens = run(vlmopt.compile(model, passes=[APBV(hosts=world, **SETTINGS)]), video_prompt(model))
+    expected_logits, expected_tokens, expected_text = run(
+        vlmopt.compile(model, passes=[APBV(hosts=world, **SETTINGS)]), video_prompt(model)
+    )
     results, _ = launch(tmp_path, world)
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('error')}"
         torch.testing.assert_close(result["logits"], expected_logits, rtol=1e-4, atol=1e-5)
         assert torch.equal(result["tokens"], expected_tokens), f"rank {rank} generated other tokens"
+        assert torch.equal(result["text_tokens"], expected_text), f"rank {rank}: text-only prompt differs"
 
 
 def test_hosts_must_equal_the_group_size(tmp_path):

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vlmopt.distributed import attention
+from vlmopt.distributed.layers import PLANS_ATTRIBUTE
 from vlmopt.distributed.plan import HostPlan
 from vlmopt.errors import IncompatiblePassError, InputError, VlmoptError
 
@@ -141,11 +142,15 @@ class GroupHosts:
         if cache is not None:
             index = self.cached_index(plan, k.device)
             cache.update(k.index_select(2, index), v.index_select(2, index), layer_idx)
+            setattr(cache, PLANS_ATTRIBUTE, plans)
         return out
 
     def decode_layer(self, q, k, v, cache, layer_idx: int, scale: float, mask: Tensor) -> Tensor:
         if q.shape[0] != 1:
             raise InputError("APB-V under a process group decodes one prompt at a time; use batch size 1")
+        if getattr(cache, PLANS_ATTRIBUTE, None) is None:  # a text-only prefill: every rank holds the whole cache
+            keys, values = cache.update(k, v, layer_idx)
+            return attention.dense_attention(q, keys, values, scale)[0]
         if self.rank == 0:  # host 0 appends the new token's KVs; the others keep their prompt slice
             keys, values = cache.update(k, v, layer_idx)
         else:
