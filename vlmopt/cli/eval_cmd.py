@@ -22,8 +22,8 @@ def add_parsers(subparsers) -> None:
     add_model_argument(parser, default="tiny-llava")
     add_passes_argument(parser)
     parser.add_argument("--task", default="shapes", help="task name (shapes, shapes-video, needle)")
-    parser.add_argument("--n", "--samples", dest="n", type=positive_int, default=500,
-                        help="number of test samples (--samples under torchrun, which takes --n for its own)")
+    parser.add_argument("--n", type=positive_int, default=500, help="number of test samples")
+    parser.add_argument("--samples", dest="n", type=positive_int, help="the same as --n (under torchrun, which reads --n as its own)")
     parser.add_argument("--seed", type=int, help="draw a fresh test set from this seed (default: the recorded split)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--sweep", help="vary one field of every pass, e.g. keep_ratio=1,0.5,0.33,0.22,0.11")
