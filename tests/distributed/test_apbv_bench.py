@@ -7,7 +7,13 @@ import json
 import pytest
 
 from vlmopt.cli import main
-from vlmopt.distributed.bench import AttentionShape, analytic_host_flops, bench_plan, full_causal_flops, host_flops
+from vlmopt.distributed.bench import (
+    AttentionShape,
+    analytic_host_flops,
+    bench_plan,
+    full_causal_flops,
+    host_flops,
+)
 
 
 @pytest.mark.parametrize("context,question,hosts,anchor,passing", [(301, 7, 3, 13, 5), (517, 11, 4, None, 9), (97, 3, 2, 0, 50)])

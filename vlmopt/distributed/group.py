@@ -20,6 +20,7 @@ others' error names it (:class:`HostFailure`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -104,21 +105,17 @@ class GroupHosts:
 
     def failure_message(self, error: Exception) -> str:
         failed = None
-        try:
+        with contextlib.suppress(Exception):  # the store may be gone with the failed rank
             store = dist.distributed_c10d._get_default_store()
             store.set_timeout(timedelta(seconds=5))
             failed = store.get(FAILED_KEY).decode()
-        except Exception:  # noqa: BLE001 - the store may be gone with the failed rank
-            pass
         who = f"rank {failed} failed" if failed is not None else "another rank stopped answering"
         return f"APB-V host {self.rank}: {who} during a collective ({type(error).__name__}: {error}); stopping"
 
     def announce_failure(self) -> None:
         """Publish this rank as failed (best effort), so the other ranks' errors name it."""
-        try:
+        with contextlib.suppress(Exception):
             dist.distributed_c10d._get_default_store().set(FAILED_KEY, str(self.rank))
-        except Exception:  # noqa: BLE001
-            pass
 
     # ----- the layers' work on this rank ---------------------------------------------------
     def cached_index(self, plan: HostPlan, device) -> Tensor:
