@@ -121,7 +121,10 @@ class CompiledVLM(nn.Module):
             raise InputError(f"unsupported inputs {unknown}; CompiledVLM reads {', '.join(BATCH_KEYS)}")
         if batch.get("input_ids") is None or batch["input_ids"].dim() != 2:
             raise InputError("input_ids [batch, sequence] are required (pass the processor's outputs)")
-        return self.adapter.plan({k: v for k, v in batch.items() if v is not None}, for_generation)
+        prompt = self.adapter.plan({k: v for k, v in batch.items() if v is not None}, for_generation)
+        for item in self.passes:  # inputs a pass plans in eager Python (APB-V's host split)
+            prompt.inputs.update(item.plan_inputs(prompt))
+        return prompt
 
     def visual_tokens_kept(self, prompt: Prompt) -> int:
         """Visual tokens that reach the LLM for a planned batch (from the passes' layouts, no run)."""

@@ -41,8 +41,14 @@ def add_parsers(subparsers) -> None:
                         "steadier)")
     parser.add_argument("--stream", action="store_true",
                         help="time a question after a video streamed in (vlmopt.stream) against re-prefilling it")
-    parser.add_argument("--video-frames", type=positive_int, default=64, help="--stream: frames of the video")
+    parser.add_argument("--video-frames", type=positive_int,
+                        help="frames of the video: with --stream the streamed video (default 64); with apbv the "
+                        "long-video context at the config's image grid (instead of --context-tokens)")
     parser.add_argument("--frame-size", type=positive_int, default=112, help="--stream: frame side in pixels")
+    parser.add_argument("--context-tokens", type=positive_int,
+                        help="APB-V: a long-video context of this many tokens (FLOPs per host, one layer's CPU time)")
+    parser.add_argument("--time-tokens", type=positive_int, default=2048,
+                        help="APB-V: context tokens of the CPU timing of one layer's attention (default 2048)")
     parser.add_argument("--json", help="write the results to this file")
     parser.set_defaults(run=run)
 
@@ -125,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
             raise UnsupportedModelError(f"bench --stream supports Qwen2.5-VL configs so far, not {args.config}")
 
-        reports = [stream_bench(args.config, passes, args.video_frames, args.width, args.repeats, args.frame_size)
+        reports = [stream_bench(args.config, passes, args.video_frames or 64, args.width, args.repeats, args.frame_size)
                    for passes in lists or [[]]]
         for entry in reports:
             print_report(entry)
@@ -133,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as handle:
                 json.dump(reports, handle, indent=2)
         return 0
+    if args.context_tokens is not None or args.video_frames is not None:
+        from vlmopt.cli.bench_apbv import run_apbv
+
+        return run_apbv(args, lists, BENCH_CONFIGS.get(args.config, {}))
     report = bench_report(args.config, lists, args.width, args.repeats)
     rows = []
     for entry in [report["baseline"]] + report["runs"]:

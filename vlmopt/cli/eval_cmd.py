@@ -24,6 +24,7 @@ def add_parsers(subparsers) -> None:
     add_passes_argument(parser)
     parser.add_argument("--task", default="shapes", help="task name (shapes, shapes-video, needle)")
     parser.add_argument("--n", type=positive_int, default=500, help="number of test samples")
+    parser.add_argument("--samples", dest="n", type=positive_int, help="the same as --n (under torchrun, which reads --n as its own)")
     parser.add_argument("--seed", type=int, help="draw a fresh test set from this seed (default: the recorded split)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument(
@@ -39,6 +40,7 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlmopt.distributed.group import init_from_env, is_rank_zero
     from vlmopt.errors import InputError
     from vlmopt.evaluation import evaluate, plot, sweep_lists
 
@@ -50,9 +52,16 @@ def run(args: argparse.Namespace) -> int:
     if loaded.processor is None:
         raise InputError(f"{args.model} has no processor; eval needs a reference model or a local checkpoint")
     samples = task.samples("test", n=args.n, seed=args.seed)
+    # Under torchrun (APB-V's hosts as ranks) every rank runs the same prompts, one at a time, and
+    # rank 0 alone writes the results.
+    distributed = init_from_env()
+    batch_size = 1 if distributed else args.batch_size
     report = evaluate(
-        loaded.model, loaded.processor, samples, lists, batch_size=args.batch_size, stream_budget=args.stream_budget
+        loaded.model, loaded.processor, samples, lists, batch_size=batch_size, progress=is_rank_zero(),
+        stream_budget=args.stream_budget,
     )
+    if not is_rank_zero():
+        return 0
     source = "recorded test split" if args.seed is None else f"fresh samples, seed {args.seed}"
     print(f"{args.model} on {args.task}, n={args.n} ({source})")
     print(report_table(report))
@@ -62,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"model": args.model, "task": args.task, "n": args.n, "seed": args.seed,
                    "stream_budget": args.stream_budget,
-                   "baseline": report["baseline"].summary(), "runs": [r.summary() for r in report["runs"]]}
+                   "baseline": report["baseline"].summary() | {"answers": report["baseline"].answers},
+                   "runs": [r.summary() | {"answers": r.answers} for r in report["runs"]]}
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=2)
     return 0

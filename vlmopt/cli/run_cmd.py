@@ -90,6 +90,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     import vlmopt
     from vlmopt import passes as passes_module
+    from vlmopt.distributed.group import init_from_env, is_rank_zero
     from vlmopt.errors import InputError
     from vlmopt.export.inputs import encode_prompt, load_image
 
@@ -100,6 +101,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if len(lists) > 1:
         raise InputError("generate takes one pass list (join several passes with '+')")
     resolved = [passes_module.parse(spec) for spec in (lists[0] if lists else [])]
+    init_from_env()
     loaded = load_model(args.model)
     if loaded.processor is None:
         raise InputError(
@@ -111,6 +113,8 @@ def run_generate(args: argparse.Namespace) -> int:
     batch = encode_prompt(loaded.processor, compiled.adapter.family, image, args.prompt, size)
     tensors = {key: torch.from_numpy(value) for key, value in batch.items()}
     ids = compiled.generate(**tensors, max_new_tokens=args.max_new_tokens, do_sample=False)
+    if not is_rank_zero():  # under torchrun (APB-V's hosts as ranks) rank 0 alone writes
+        return 0
     new = ids[0, batch["input_ids"].shape[1] :].tolist()
     text = loaded.processor.batch_decode([new], skip_special_tokens=True)[0].strip()
     _emit({"text": text, "token_ids": new}, args.json)

@@ -14,6 +14,7 @@ import typing
 from fractions import Fraction
 
 from vlmopt.errors import PassConfigError, UnknownPassError
+from vlmopt.passes.apbv import APBV
 from vlmopt.passes.base import Pass, VisualTokenPrune
 from vlmopt.passes.frame_subsample import FrameSubsample
 from vlmopt.passes.halfv import HalfV
@@ -29,7 +30,7 @@ from vlmopt.passes.streaming_llm import StreamingLLM
 REGISTRY: dict[str, type[Pass]] = {
     cls.name(): cls
     for cls in (
-        RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE, Hermes, StreamingLLM, SnapKV, FrameSubsample,
+        RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE, Hermes, StreamingLLM, SnapKV, FrameSubsample, APBV,
     )
 }
 
@@ -92,7 +93,11 @@ def resolve(item: Pass | str) -> Pass:
 
 
 __all__ = [
-    "REGISTRY", "FrameSubsample", "HalfV", "Hermes", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE",
-    "ReGATEState", "SnapKV", "StreamingLLM", "VisualTokenPrune",
+REGISTRY: dict[str, type[Pass]] = {
+    cls.name(): cls
+    for cls in (
+        RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE, Hermes, StreamingLLM, SnapKV, FrameSubsample, APBV,
+    )
+}
     "convert", "get", "parse", "resolve",
 ]

@@ -115,6 +115,12 @@ class Pass:
         """Rewrite ``graph`` in place."""
         raise NotImplementedError
 
+    def plan_inputs(self, prompt) -> dict:
+        """Extra inputs of the stage graph for one planned batch (:class:`~vlmopt.adapters.base.Prompt`),
+        computed in eager Python from real values (they stay real when FLOPs are counted on fake
+        tensors); ``{}`` by default."""
+        return {}
+
     # ----- train-stage passes: state kept outside the frozen config --------------------------
     def new_state(self):
         """A fresh state object (with ``state_dict()`` / ``load_state_dict()``) the pass keeps

@@ -1,0 +1,75 @@
+"""One rank of the APB-V gloo tests (run as ``python -m tests.distributed.apbv_worker``): joins a
+group, runs a prefill and a greedy generation of a tiny random Qwen2.5-VL on a video prompt, and
+writes its last-token logits and tokens (or its error) to ``<out>/rank<r>.pt``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import vlmopt
+from vlmopt import configs
+from vlmopt.passes import APBV
+
+SETTINGS = {"anchor_len": 5, "passing_len": 3}
+"""The APB-V lengths the tests use (small, so the passing blocks really compress)."""
+
+
+def video_prompt(model, frames: int = 6):
+    spec = [configs.PromptSpec(images=0, text_before=3, text_after=6)]
+    return configs.synthetic_batch(model, spec, video_grids=[(frames, 8, 8)], seed=81)
+
+
+def tiny_model():
+    return configs.build(configs.qwen25vl_config(), seed=3)
+
+
+def run(compiled, batch):
+    """Last-token logits of the prefill, greedy tokens of the video prompt, and greedy tokens of a
+    text-only prompt (which APB-V leaves to full attention on every host)."""
+    with torch.no_grad():
+        logits = compiled(**batch, logits_to_keep=1).logits[:, -1]
+    tokens = compiled.generate(**batch, max_new_tokens=5, eos_token_id=[])
+    text = {"input_ids": torch.tensor([[11, 23, 35, 47]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    return logits, tokens, compiled.generate(**text, max_new_tokens=4, eos_token_id=[])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--hosts", type=int)
+    parser.add_argument("--fail-rank", type=int, default=-1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+                                world_size=args.world, timeout=timedelta(seconds=30))
+        model = tiny_model()
+        compiled = vlmopt.compile(model, passes=[APBV(hosts=args.hosts or args.world, **SETTINGS)])
+        if args.rank == args.fail_rank:
+            from vlmopt.distributed import attention
+
+            def broken(*_, **__):
+                raise RuntimeError("injected failure")
+
+            attention.host_attention = broken
+        result["logits"], result["tokens"], result["text_tokens"] = run(compiled, video_prompt(model))
+    except Exception as error:  # noqa: BLE001 - the test reads the message
+        result["error"], result["at"] = f"{type(error).__name__}: {error}", time.time()
+    torch.save(result, os.path.join(args.out, f"rank{args.rank}.pt"))
+    if "error" in result:
+        os._exit(1)  # leave without a barrier, as a crashed rank would
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""APB-V on a ``torch.distributed`` process group: one host per rank (gloo on CPUs, NCCL on GPUs).
+
+``vlmopt.compile(model, passes=[APBV(hosts=H)])`` inside an initialised process group of H ranks
+(``torchrun --nproc-per-node H``, or a group the user made, used as is) builds graphs in which
+every rank keeps only its own tokens ``[anchor | B^(h) | B^(2H−1−h) | question]`` from the first
+decoder layer on (hidden states and the rotary cos/sin, i.e. the global 1-D or M-RoPE positions,
+sliced by :func:`local_rows`), all-gathers the compressed passing blocks and the question's
+partial (out, lse), and caches only its slice of the prompt (:meth:`HostPlan.cached_ranges`). In
+decoding every rank attends its cache (rank 0 also appends the new token) and the partial outputs
+are all-gathered and merged, so every rank computes the same logits and picks the same token.
+
+Not done here (the single-process design keeps every rank on the whole prompt up to the LLM):
+frame-parallel vision encoding and the overlap of communication with attention. One prompt at a
+time: a batch of several rows is refused under a group.
+
+A rank that fails stops the others: every collective runs under the group's timeout, and a rank
+that raises inside APB-V's code publishes its rank in the group's store before leaving, so the
+others' error names it (:class:`HostFailure`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from vlmopt.distributed import attention
+from vlmopt.distributed.layers import PLANS_ATTRIBUTE
+from vlmopt.distributed.plan import HostPlan
+from vlmopt.errors import IncompatiblePassError, InputError, VlmoptError
+
+FAILED_KEY = "vlmopt_apbv_failed_rank"
+
+
+class HostFailure(VlmoptError, RuntimeError):
+    """A rank of the APB-V group failed or stopped answering."""
+
+
+def init_from_env(timeout_s: float = 120.0) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment) unless a
+    group exists; gloo on CPUs, NCCL when CUDA is available. Returns whether a group is active."""
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def is_rank_zero() -> bool:
+    """True outside a process group and on rank 0 (the rank that writes outputs)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def local_rows(hidden: Tensor, cos: Tensor, sin: Tensor, plans: list[HostPlan], rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank ``rank``'s tokens of ``hidden`` [1, S, D] and their cos/sin [1, S, Dh] (a graph function)."""
+    if len(plans) != 1:
+        raise InputError(
+            f"APB-V under a process group runs one prompt at a time, got a batch of {len(plans)}; use batch size 1"
+        )
+    index = plans[0].local_index(rank, device=hidden.device)
+    return hidden.index_select(1, index), cos.index_select(1, index), sin.index_select(1, index)
+
+
+class GroupHosts:
+    """This rank's host of an H-rank process group."""
+
+    def __init__(self, group, hosts: int) -> None:
+        self.group = group
+        self.count = hosts
+        self.rank = dist.get_rank(group)
+        self.local = (self.rank,)
+
+    @classmethod
+    def current(cls, hosts: int, group=None) -> GroupHosts:
+        world = dist.get_world_size(group)
+        if world != hosts:
+            raise IncompatiblePassError(
+                f"APBV(hosts={hosts}) inside a process group of {world} ranks: one host per rank, so hosts must equal "
+                f"the group's size; use apbv:hosts={world} or launch {hosts} processes (torchrun --nproc-per-node {hosts})"
+            )
+        return cls(group, hosts)
+
+    def __repr__(self) -> str:
+        return f"GroupHosts(rank {self.rank} of {self.count})"
+
+    # ----- the one collective -------------------------------------------------------------
+    def all_gather(self, values: dict[int, Tensor]) -> list[Tensor]:
+        mine = values[self.rank].contiguous()
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if isinstance(mine, FakeTensor):  # FLOP counting on fake tensors: shapes only, nothing to send
+            return [torch.empty_like(mine) for _ in range(self.count)]
+        gathered = [torch.empty_like(mine) for _ in range(self.count)]
+        try:
+            dist.all_gather(gathered, mine, group=self.group)
+        except RuntimeError as error:
+            raise HostFailure(self.failure_message(error)) from error
+        return gathered
+
+    def failure_message(self, error: Exception) -> str:
+        failed = None
+        with contextlib.suppress(Exception):  # the store may be gone with the failed rank
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(timedelta(seconds=5))
+            failed = store.get(FAILED_KEY).decode()
+        who = f"rank {failed} failed" if failed is not None else "another rank stopped answering"
+        return f"APB-V host {self.rank}: {who} during a collective ({type(error).__name__}: {error}); stopping"
+
+    def announce_failure(self) -> None:
+        """Publish this rank as failed (best effort), so the other ranks' errors name it."""
+        with contextlib.suppress(Exception):
+            dist.distributed_c10d._get_default_store().set(FAILED_KEY, str(self.rank))
+
+    # ----- the layers' work on this rank ---------------------------------------------------
+    def cached_index(self, plan: HostPlan, device) -> Tensor:
+        """[C] positions, in this rank's local order, of the tokens it caches."""
+        anchor_end, _, second_end, end = attention.local_offsets(plan, self.rank)
+        lo, hi = plan.anchor_slice(self.rank)
+        parts = [torch.arange(lo, hi), torch.arange(anchor_end, second_end)]
+        if self.rank == 0:
+            parts.append(torch.arange(second_end, end))
+        return torch.cat(parts).to(device)
+
+    def prefill_layer(self, q, k, v, cache, layer_idx: int, scale: float, plans: list[HostPlan], pool: int) -> Tensor:
+        plan = plans[0]
+        try:
+            out = attention.prefill({self.rank: (q, k, v)}, plan, self, scale, pool)[self.rank]
+        except HostFailure:
+            raise
+        except Exception:
+            self.announce_failure()
+            raise
+        if cache is not None:
+            index = self.cached_index(plan, k.device)
+            cache.update(k.index_select(2, index), v.index_select(2, index), layer_idx)
+            setattr(cache, PLANS_ATTRIBUTE, plans)
+        return out
+
+    def decode_layer(self, q, k, v, cache, layer_idx: int, scale: float, mask: Tensor) -> Tensor:
+        if q.shape[0] != 1:
+            raise InputError("APB-V under a process group decodes one prompt at a time; use batch size 1")
+        if getattr(cache, PLANS_ATTRIBUTE, None) is None:  # a text-only prefill: every rank holds the whole cache
+            keys, values = cache.update(k, v, layer_idx)
+            return attention.dense_attention(q, keys, values, scale)[0]
+        if self.rank == 0:  # host 0 appends the new token's KVs; the others keep their prompt slice
+            keys, values = cache.update(k, v, layer_idx)
+        else:
+            keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+        return attention.decode(q, keys, values, {self.rank: None}, self, scale)

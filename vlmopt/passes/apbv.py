@@ -1,0 +1,131 @@
+"""APB-V — sequence-parallel prefill of long videos with approximate attention across hosts.
+
+Paper: "Spava / APB-V", https://arxiv.org/abs/2601.21444 (official code ``thunlp/APB``, files
+``*_spava`` / ``apbv``). Training-free, query-aware, lossy. The prompt's context (everything up to
+the last visual token) is cut into an anchor and 2H blocks over H hosts (zigzag: host h holds
+blocks h and 2H−1−h, see :mod:`vlmopt.distributed.plan`). In every decoder layer each block
+attends the anchor, itself (causally) and a *passing block*: the keys/values the question's queries
+ranked highest in every earlier block (``vlmopt::apbv_compress``, max-pool width ``pool``); the
+question block attends the whole prompt exactly, merged over hosts by log-sum-exp; decoding attends
+each host's cache and merges (:mod:`vlmopt.distributed.attention`).
+
+Graph rewrite: the prefill gets one input ``apbv_plans`` (the per-row split, planned in eager Python
+from the visual slots and the 2-D mask by :meth:`APBV.plan_inputs`, so it stays real when FLOPs are
+counted on fake tensors) and every decoder layer becomes a stand-in
+(:class:`~vlmopt.adapters.attention_standin.AttentionStandIn`) running the layer's own projections,
+rotary embedding, norms and MLP around the APB-V attention; the decode graph's layers become
+stand-ins that merge the hosts' attentions. The text-only prefill is left alone (no visual context
+to split). With no ``torch.distributed`` process group the H hosts are simulated in one process and
+give the same numbers H processes give.
+
+Position policy: every token keeps its global position id (1-D RoPE or M-RoPE), computed on the
+whole sequence before the split; no token is dropped, so decoding continues at the prompt length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vlmopt.errors import IncompatiblePassError
+from vlmopt.passes.base import Pass, check_range
+
+
+@dataclass(frozen=True)
+class APBV(Pass):
+    """APB-V over ``hosts`` hosts; lengths left None take the official defaults (l_a ≈ n/64,
+    l_p ≈ n/128, rounded up to multiples of 128; see :mod:`vlmopt.distributed.plan`)."""
+
+    stage: ClassVar[str] = "llm"
+    query_aware: ClassVar[bool] = True
+    paper: ClassVar[str] = "https://arxiv.org/abs/2601.21444"
+
+    hosts: int
+    """Physical hosts H (processes of the group, or simulated in one process), ≥ 1."""
+    anchor_len: int | None = None
+    """Anchor tokens at the start of the context (None: 128·⌈(n // 64) / 128⌉), ≥ 0."""
+    passing_len: int | None = None
+    """Tokens each context block passes on per KV head (None: the official default), ≥ 0."""
+    pool: int = 5
+    """Max-pool width of the compressor's scores along the sequence (odd, ≥ 1)."""
+
+    def __post_init__(self) -> None:
+        check_range("APBV", "hosts", self.hosts, 1, 4096, integer=True)
+        for name in ("anchor_len", "passing_len"):
+            value = getattr(self, name)
+            if value is not None:
+                check_range("APBV", name, value, 0, 10**9, integer=True)
+        check_range("APBV", "pool", self.pool, 1, 1023, integer=True)
+        if self.pool % 2 == 0:
+            from vlmopt.errors import PassConfigError
+
+            raise PassConfigError(f"APBV.pool must be odd (stride-1 pooling keeps the length), got {self.pool}")
+
+    def check(self, adapter, before) -> None:
+        super().check(adapter, before)
+        from vlmopt.adapters.base import layer_mask_kinds
+
+        if any(layer_mask_kinds(adapter.text_config)):
+            raise IncompatiblePassError("APBV does not support sliding-window attention layers")
+        self.group_hosts()  # under a process group: hosts must equal its size (a clear error before tracing)
+        for earlier in before:
+            raise IncompatiblePassError(
+                f"APBV plans its host split on the prompt as the processor made it, so it cannot follow "
+                f"{type(earlier).__name__} ({earlier.stage} stage), which changes the LLM's tokens or attention; "
+                "use APBV alone"
+            )
+
+    def plan_inputs(self, prompt) -> dict:
+        """The row plans (:class:`~vlmopt.distributed.plan.HostPlan`) of a prefill with visual inputs."""
+        if prompt.stage != "prefill":
+            return {}
+        from vlmopt.distributed.plan import plan_prompt
+
+        return {"apbv_plans": plan_prompt(prompt.inputs, self.hosts, self.anchor_len, self.passing_len)}
+
+    def group_hosts(self):
+        """The :class:`~vlmopt.distributed.group.GroupHosts` of the current process group, or None
+        (no group: simulate the hosts in this process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        from vlmopt.distributed.group import GroupHosts
+
+        return GroupHosts.current(self.hosts)
+
+    def apply(self, graph) -> None:
+        from vlmopt.adapters.attention_standin import replace_attention
+        from vlmopt.distributed.layers import APBVPrefill, HostMergedDecode
+        from vlmopt.graph.edit import GraphEditor
+
+        group = self.group_hosts()
+        editor = GraphEditor(graph["prefill"])
+        plan = editor.add_input("apbv_plans", role="apbv_plan", stage="llm")
+        layers = replace_attention(editor, lambda index: APBVPrefill(self.pool, group), plan, "apbv")
+        if group is not None:
+            self.keep_local_rows(editor, layers, plan, group.rank)
+        editor.finish()
+        decode = GraphEditor(graph["decode"])
+        replace_attention(decode, lambda index: HostMergedDecode(group), decode.placeholder("attention_mask"), "apbv")
+        decode.finish()
+
+    @staticmethod
+    def keep_local_rows(editor, layers, plan, rank: int) -> None:
+        """Under a process group: from the first decoder layer on, run this rank's tokens only (hidden
+        states and rotary cos/sin sliced by the plan; positions stay global)."""
+        import operator
+
+        from vlmopt.distributed.group import local_rows
+
+        first = layers[0]
+        hidden, cos, sin = first.args[:3]
+        order = editor.order()
+        chain = editor.chain(max((hidden, cos, sin, plan), key=order.__getitem__))
+        rows = chain(local_rows, hidden, cos, sin, plan, rank, role="apbv_plan", stage="llm", name="apbv_local_rows")
+        local = [chain(operator.getitem, rows, i, role="apbv_plan", stage="llm", name=f"apbv_local_{name}")
+                 for i, name in enumerate(("hidden", "cos", "sin"))]
+        first.update_arg(0, local[0])
+        for layer in layers:
+            layer.update_arg(1, local[1])
+            layer.update_arg(2, local[2])
