@@ -93,11 +93,7 @@ def resolve(item: Pass | str) -> Pass:
 
 
 __all__ = [
-REGISTRY: dict[str, type[Pass]] = {
-    cls.name(): cls
-    for cls in (
-        RandomPrune, PoolPrune, HiPrune, HalfV, ReGATE, Hermes, StreamingLLM, SnapKV, FrameSubsample, APBV,
-    )
-}
+    "APBV", "REGISTRY", "FrameSubsample", "HalfV", "Hermes", "HiPrune", "Pass", "PoolPrune", "RandomPrune", "ReGATE",
+    "ReGATEState", "SnapKV", "StreamingLLM", "VisualTokenPrune",
     "convert", "get", "parse", "resolve",
 ]
