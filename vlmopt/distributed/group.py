@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -34,6 +35,7 @@ from vlmopt.distributed.plan import HostPlan
 from vlmopt.errors import IncompatiblePassError, InputError, VlmoptError
 
 FAILED_KEY = "vlmopt_apbv_failed_rank"
+READ_KEY = "vlmopt_apbv_failure_read"
 
 
 class HostFailure(VlmoptError, RuntimeError):
@@ -109,6 +111,11 @@ class GroupHosts:
             store = dist.distributed_c10d._get_default_store()
             store.set_timeout(timedelta(seconds=5))
             failed = store.get(FAILED_KEY).decode()
+            # Rank 0 hosts the store: it stays until the other surviving ranks have read the name.
+            store.add(READ_KEY, 1)
+            deadline = time.monotonic() + 5
+            while dist.get_rank() == 0 and store.add(READ_KEY, 0) < self.count - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
         who = f"rank {failed} failed" if failed is not None else "another rank stopped answering"
         return f"APB-V host {self.rank}: {who} during a collective ({type(error).__name__}: {error}); stopping"
 
