@@ -136,15 +136,23 @@ def reference_task(model: str, task: str):
         raise InputError(f"{model} was not trained on task {task!r} ({file}); its tasks: {', '.join(trained) or 'none'}") from None
 
 
-def positive_int(text: str) -> int:
-    """``argparse`` type of counts (--n, --repeats): an integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
+def whole_number_at_least(low: int):
+    """An ``argparse`` type: an integer ≥ ``low`` (a clear message otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number_at_least(1)
+"""``argparse`` type of counts (--n, --repeats): an integer ≥ 1."""
 
 
 def unit_fraction(text: str) -> float:

@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from vlmopt.cli.common import add_model_argument, markdown_table, positive_int
+from vlmopt.cli.common import add_model_argument, markdown_table, positive_int, whole_number_at_least
 
 STANDARD = ("none", "standard")
 """``--passes`` values that mean standard fine-tuning (no pass)."""
@@ -35,15 +35,8 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """``argparse`` type of counts that may be 0: an integer ≥ 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
-    return value
+non_negative_int = whole_number_at_least(0)
+"""``argparse`` type of counts that may be 0."""
 
 
 def add_parsers(subparsers) -> None:

@@ -121,10 +121,7 @@ def build(rng: np.random.Generator, family: str, answer: str, config: ShapesConf
             placed.append(spot)
         if len(placed) != len(specs):
             continue
-        objects = [
-            Obj(shape=s, colour=c, cx=float(x), cy=float(y), r=float(r), rot=float(rng.uniform(-12, 12)))
-            for (s, c), (x, y, r) in zip(specs, placed)
-        ]
+        objects = scenes.objects_at(rng, specs, placed)
         result = oracle(q, objects)
         if result is not None and result[0] == answer:
             return objects, q, result[1]

@@ -178,6 +178,14 @@ def _position_region(answer: str, b: tuple[float, float, float], size: int) -> t
     return (bx - 0.2 * size, by + gap, bx + 0.2 * size, size)
 
 
+def objects_at(rng: np.random.Generator, specs: list[tuple[str, str]], placed: list[tuple]) -> list[Obj]:
+    """The objects ``specs`` ((shape, colour) each) at the ``placed`` (x, y, r) spots, each slightly rotated."""
+    return [
+        Obj(shape=s, colour=c, cx=float(x), cy=float(y), r=float(r), rot=float(rng.uniform(-12, 12)))
+        for (s, c), (x, y, r) in zip(specs, placed)
+    ]
+
+
 def build(rng: np.random.Generator, family: str, answer: str, config: ShapesConfig) -> tuple[list[Obj], Question, list[int]]:
     """Objects (evidence first), question and evidence indices of one ``shapes`` scene."""
     size = config.size
@@ -205,10 +213,7 @@ def build(rng: np.random.Generator, family: str, answer: str, config: ShapesConf
                 placed.insert(0, spot_a)
         if len(placed) != len(specs):
             continue
-        objects = [
-            Obj(shape=s, colour=c, cx=float(x), cy=float(y), r=float(r), rot=float(rng.uniform(-12, 12)))
-            for (s, c), (x, y, r) in zip(specs, placed)
-        ]
+        objects = objects_at(rng, specs, placed)
         result = oracle(q, objects)
         if result is not None and result[0] == answer:
             return objects, q, result[1]

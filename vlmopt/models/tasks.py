@@ -190,8 +190,11 @@ class ShapesTask(Task):
     def __init__(self, config: ShapesConfig | None = None) -> None:
         super().__init__(config or ShapesConfig())
 
+    scene = staticmethod(scenes.build)
+    """Builds (objects, question, evidence) for a family and answer: the task's scene generator."""
+
     def _build(self, rng, split, index, family, answer) -> Sample:
-        objects, q, evidence = scenes.build(rng, family, answer, self.config)
+        objects, q, evidence = self.scene(rng, family, answer, self.config)
         canvas = background(rng, self.config.size, self.config.size)
         image, mask = draw_objects(rng, canvas, objects)
         image = add_noise(rng, image)
@@ -210,15 +213,7 @@ class ShapesRelationsTask(ShapesTask):
     base = "shapes"
     """The task whose picture configuration a model's ``tasks.json`` gives this one."""
 
-    def _build(self, rng, split, index, family, answer) -> Sample:
-        objects, q, evidence = relations.build(rng, family, answer, self.config)
-        canvas = background(rng, self.config.size, self.config.size)
-        image, mask = draw_objects(rng, canvas, objects)
-        image = add_noise(rng, image)
-        return Sample(
-            self.name, split, index, family, q.text, answer, image, None, [objects], mask[None],
-            [(0, k) for k in evidence], {"params": q.params},
-        )
+    scene = staticmethod(relations.build)
 
 
 class _VideoTask(Task):
