@@ -25,20 +25,7 @@ import torch
 from torch import Tensor
 
 from vlmopt.distributed.plan import HostPlan
-
-
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Attention of q [B, H, Sq, D] over k, v [B, H_kv, Sk, D] where ``visible`` (broadcast to
-    [B, H, Sq, Sk]; None = every key) allows, in float32: ``(out [B, H, Sq, D] in q's dtype, lse
-    [B, H, Sq])``. A row that sees no key gets lse = −inf (its out is 0; lse_merge drops it)."""
-    group = q.shape[1] // k.shape[1]
-    keys, values = k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1)
-    logits = torch.matmul(q.float(), keys.transpose(-1, -2)) * scale
-    if visible is not None:
-        logits = logits.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    return torch.matmul(probs, values).to(q.dtype), lse
+from vlmopt.ops.apbv_attention import masked_attention as dense_attention
 
 
 def local_offsets(plan: HostPlan, host: int) -> tuple[int, int, int, int]:

@@ -82,17 +82,24 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, anchor_len: int, passing_len: 
         raise InputError(f"{name}: q, k, v must share one floating dtype (got {q.dtype}, {k.dtype}, {v.dtype})")
 
 
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of q [B, H, Sq, D] over k, v [B, H_kv, Sk, D] where ``visible`` (broadcast to
+    [B, H, Sq, Sk]; None = every key) allows, in float32: ``(out [B, H, Sq, D] in q's dtype, lse
+    [B, H, Sq])``. A row that sees no key gets lse = −inf (its out is 0; lse_merge drops it)."""
+    group = q.shape[1] // k.shape[1]
+    keys, values = k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1)
+    logits = torch.matmul(q.float(), keys.transpose(-1, -2)) * scale
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    return torch.matmul(probs, values).to(q.dtype), lse
+
+
 def reference(q: Tensor, k: Tensor, v: Tensor, anchor_len: int, passing_len: int, scale: float) -> tuple[Tensor, Tensor]:
     """Plain PyTorch: boolean mask, fp32 logits and softmax. Returns ``(out, lse)``."""
-    group = q.shape[1] // k.shape[1]
-    keys = k.float().repeat_interleave(group, dim=1)
-    values = v.float().repeat_interleave(group, dim=1)
-    logits = torch.matmul(q.float(), keys.transpose(-1, -2)) * scale
     mask = visible_mask(q.shape[2], k.shape[2], anchor_len, passing_len, device=q.device)
-    logits = logits.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse[..., None])
-    return torch.matmul(probs, values).to(q.dtype), lse
+    return masked_attention(q, k, v, scale, mask)
 
 
 @torch.library.custom_op("vlmopt::apbv_attention", mutates_args=())

@@ -25,16 +25,15 @@ import torch
 from torch import Tensor
 
 from vlmopt.errors import InputError
+from vlmopt.ops._heads import check_grouped_heads
 
 
 def _check(q: Tensor, k: Tensor, start: int) -> None:
-    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+    if q.dim() != 4 or k.dim() != 4:
         raise InputError(
-            f"pseudo_query_attention: q {tuple(q.shape)} must be [L, H, Q, D] and k {tuple(k.shape)} [L, Hkv, N, D] "
-            "with the same L and D"
+            f"pseudo_query_attention: q {tuple(q.shape)} must be [L, H, Q, D] and k {tuple(k.shape)} [L, Hkv, N, D]"
         )
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise InputError(f"pseudo_query_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
+    check_grouped_heads("pseudo_query_attention", q, k)
     if not 0 <= start <= k.shape[2]:
         raise InputError(f"pseudo_query_attention: start={start} must be in [0, {k.shape[2]}]")
 
