@@ -1,6 +1,7 @@
 """One rank of the APB-V gloo tests (run as ``python -m tests.distributed.apbv_worker``): joins a
 group, runs a prefill and a greedy generation of a tiny random Qwen2.5-VL on a video prompt, and
-writes its last-token logits and tokens (or its error) to ``<out>/rank<r>.pt``."""
+writes its last-token logits and tokens, its vision-tower FLOPs and its graph diff (or its error) to
+``<out>/rank<r>.pt``."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--hosts", type=int)
     parser.add_argument("--fail-rank", type=int, default=-1)
+    parser.add_argument("--frames", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(1)
     result: dict = {}
@@ -62,7 +64,10 @@ def main() -> None:
                 raise RuntimeError("injected failure")
 
             attention.host_attention = broken
-        result["logits"], result["tokens"], result["text_tokens"] = run(compiled, video_prompt(model))
+        batch = video_prompt(model, frames=args.frames)
+        result["logits"], result["tokens"], result["text_tokens"] = run(compiled, batch)
+        result["vision_flops"] = vlmopt.flops(compiled, batch).by_stage["vision"]
+        result["diff"] = vlmopt.graph.diff(vlmopt.compile(model).graph, compiled.graph)
     except Exception as error:  # noqa: BLE001 - the test reads the message
         result["error"], result["at"] = f"{type(error).__name__}: {error}", time.time()
     torch.save(result, os.path.join(args.out, f"rank{args.rank}.pt"))

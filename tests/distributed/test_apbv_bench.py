@@ -49,3 +49,14 @@ def test_bench_cli_reports_the_ratio(tmp_path, capsys):
     assert run["cpu_time_one_layer"]["sdpa_causal_seconds"] > 0
     assert "FLOPs per host ratio" in capsys.readouterr().out
 
+
+
+def test_bench_by_video_frames_reports_the_tower_split(tmp_path, capsys):
+    out = tmp_path / "apbv.json"
+    code = main(["bench", "--config", "qwen2.5-vl-7b-shape", "--video-frames", "21", "--time-tokens", "300",
+                 "--repeats", "1", "--passes", "apbv:hosts=4", "--json", str(out)])
+    assert code == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert sorted(run["vision_temporal_patches_per_host"]) == [2, 3, 3, 3]  # 21 frames fold into 11 temporal patches
+    assert run["vision_share_busiest_host"] == 3 / 11
+    assert "temporal patches per host" in capsys.readouterr().out

@@ -42,18 +42,36 @@ def launch(tmp_path, world: int, **options) -> tuple[list[dict], float]:
     return results, time.perf_counter() - began
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_gloo_group_matches_the_simulation(tmp_path, world):
+@pytest.mark.parametrize("world,frames", [(2, 6), (4, 6), (4, 16)])
+def test_gloo_group_matches_the_simulation(tmp_path, world, frames):
+    """Logits and tokens equal the simulation's; each rank's tower encodes only its frames (4 ranks
+    over 3 temporal patches: one rank encodes a frame it does not send)."""
     model = tiny_model()
-    expected_logits, expected_tokens, expected_text = run(
-        vlmopt.compile(model, passes=[APBV(hosts=world, **SETTINGS)]), video_prompt(model)
-    )
-    results, _ = launch(tmp_path, world)
+    compiled = vlmopt.compile(model, passes=[APBV(hosts=world, **SETTINGS)])
+    batch = video_prompt(model, frames)
+    expected_logits, expected_tokens, expected_text = run(compiled, batch)
+    whole_tower = vlmopt.flops(compiled, batch).by_stage["vision"]
+    results, _ = launch(tmp_path, world, frames=frames)
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('error')}"
         torch.testing.assert_close(result["logits"], expected_logits, rtol=1e-4, atol=1e-5)
         assert torch.equal(result["tokens"], expected_tokens), f"rank {rank} generated other tokens"
         assert torch.equal(result["text_tokens"], expected_text), f"rank {rank}: text-only prompt differs"
+    temporal_patches = frames // 2
+    per_frame = whole_tower / temporal_patches
+    encoded = [result["vision_flops"] / per_frame for result in results]
+    assert all(abs(count - round(count)) < 1e-9 for count in encoded), encoded
+    assert max(encoded) == -(-temporal_patches // world) or temporal_patches < world, encoded
+    assert sum(encoded) == max(temporal_patches, world), f"every frame encoded once (plus one per idle rank): {encoded}"
+
+
+def test_group_graph_diff(tmp_path, golden):
+    """Under a group: the rank's tower output is all-gathered before the merge, and the decoder
+    layers run on the rank's rows only."""
+    results, _ = launch(tmp_path, 2)
+    assert "error" not in results[0], results[0].get("error")
+    golden("apbv_group_qwen2_5_vl", results[0]["diff"])
+    assert results[1]["diff"] == results[0]["diff"].replace("apbv_plans, 0)", "apbv_plans, 1)"), "ranks differ only in their rank"
 
 
 def test_hosts_must_equal_the_group_size(tmp_path):

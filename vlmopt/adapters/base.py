@@ -239,6 +239,17 @@ class Adapter(ABC):
         """Insert nodes computing vision block ``block``'s queries and keys from its input, as the block
         computes them (its rotary embedding applied, where the tower has one)."""
 
+    # ----- frames, for encoding them apart (frame-parallel vision) -------------------------
+    def frame_tokens(self, prompt: Prompt) -> list[int]:
+        """Visual tokens of each frame of a planned prefill, in token order. A frame is what the
+        tower encodes independently of the others (an image; a temporal patch of a video)."""
+        raise UnsupportedModelError(f"the {self.family} adapter cannot encode frames apart")
+
+    def frame_inputs(self, prompt: Prompt, first: int, stop: int) -> dict[str, Any]:
+        """The vision-tower inputs of frames ``[first, stop)`` of a planned prefill, planned as for a
+        prompt holding only those frames: the tower then gives exactly their visual tokens."""
+        raise UnsupportedModelError(f"the {self.family} adapter cannot encode frames apart")
+
     # ----- LLM facts passes use ------------------------------------------------------------
     def decoder_layer_nodes(self, graph: fx.GraphModule) -> list[fx.Node]:
         """The decoder-layer nodes of a stage graph, by layer index."""

@@ -130,6 +130,12 @@ class LlavaAdapter(Adapter):
             frames=editor.placeholder("layout"), order=None,
         )
 
+    def frame_tokens(self, prompt: Prompt) -> list[int]:
+        return [self.tokens_per_image] * prompt.inputs["pixel_values"].shape[0]
+
+    def frame_inputs(self, prompt: Prompt, first: int, stop: int) -> dict[str, Any]:
+        return {"pixel_values": prompt.inputs["pixel_values"][first:stop]}
+
     def plan(self, batch: dict[str, Any], for_generation: bool) -> Prompt:
         input_ids: Tensor = batch["input_ids"]
         pixel_values: Tensor | None = batch.get("pixel_values")

@@ -141,12 +141,6 @@ class Qwen25VLAdapter(Adapter):
         return types
 
     def plan(self, batch: dict[str, Any], for_generation: bool) -> Prompt:
-        from transformers.vision_utils import (
-            get_vision_attention_seqlens,
-            get_vision_position_ids,
-            get_vision_window_index,
-        )
-
         config = self.model.config
         input_ids: Tensor = batch["input_ids"]
         size, seq_len = input_ids.shape
@@ -184,30 +178,61 @@ class Qwen25VLAdapter(Adapter):
             return Prompt("prefill_text", inputs, next_position)
 
         grid_thw = torch.cat(grid_parts)
+        pixels = torch.cat(pixel_parts).type(self.model.model.visual.dtype)
         merged_grids = tuple((t, h // self.merge_size, w // self.merge_size) for t, h, w in grid_thw.tolist())
         slots = torch.cat(slot_parts)
         counts = [t * h * w for t, h, w in merged_grids]
         starts = [sum(counts[:i]) for i in range(len(counts))]
         rows = tuple(int(slots[start]) // seq_len for start in starts)
         layout = VisualLayout.from_grids(size, seq_len, rows, merged_grids)
-        window_index, cu_window_seqlens = get_vision_window_index(
-            grid_thw, self.merge_size, self.vision_config.window_size, self.vision_config.patch_size
-        )
-        cu_seqlens, _ = get_vision_attention_seqlens(grid_thw, self.vision_config)
         inputs = {
             "input_ids": input_ids,
-            "pixel_values": torch.cat(pixel_parts).type(self.model.model.visual.dtype),
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "visual_positions": slots,
             "layout": layout,
+        }
+        inputs.update(self.tower_inputs(pixels, grid_thw))
+        return Prompt("prefill", inputs, next_position, layout, {"grid_thw": grid_thw})
+
+    def tower_inputs(self, pixel_values: Tensor, grid_thw: Tensor) -> dict[str, Tensor]:
+        """The vision tower's planned inputs for patches ``pixel_values`` of the items ``grid_thw``."""
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
+
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw, self.merge_size, self.vision_config.window_size, self.vision_config.patch_size
+        )
+        cu_seqlens, _ = get_vision_attention_seqlens(grid_thw, self.vision_config)
+        return {
+            "pixel_values": pixel_values,
             "vision_position_ids": get_vision_position_ids(grid_thw, self.merge_size),
             "cu_seqlens": cu_seqlens,
             "cu_window_seqlens": cu_window_seqlens,
             "window_index": window_index,
             "reverse_index": torch.argsort(window_index),
         }
-        return Prompt("prefill", inputs, next_position, layout, {"grid_thw": grid_thw})
+
+    def frame_tokens(self, prompt: Prompt) -> list[int]:
+        return [h * w // self.merge_size**2 for t, h, w in prompt.extras["grid_thw"].tolist() for _ in range(t)]
+
+    def frame_inputs(self, prompt: Prompt, first: int, stop: int) -> dict[str, Any]:
+        """Each item (an image, or a video of ``t`` temporal patches) keeps its frames in the range
+        as an item of grid ``(frames, h, w)``; patch rows are frame-major, so the range is one slice."""
+        grids, rows, item_frame, item_row = [], [], 0, 0
+        for t, h, w in prompt.extras["grid_thw"].tolist():
+            lo, hi = max(first, item_frame), min(stop, item_frame + t)
+            if lo < hi:
+                grids.append((hi - lo, h, w))
+                rows += [item_row + (lo - item_frame) * h * w, item_row + (hi - item_frame) * h * w]
+            item_frame, item_row = item_frame + t, item_row + t * h * w
+        if not grids:
+            raise InputError(f"frames {first}..{stop - 1} are outside this prompt's {item_frame} frames")
+        pixels = prompt.inputs["pixel_values"][rows[0] : rows[-1]]
+        return self.tower_inputs(pixels, torch.tensor(grids, dtype=prompt.extras["grid_thw"].dtype))
 
     def positions(self, batch, input_ids, attention_mask, for_generation: bool, has_visual: bool) -> Tensor:
         """M-RoPE ids [3, B, S] exactly as HF's ``forward`` / ``generate`` compute them."""

@@ -2,16 +2,16 @@
 
 ``vlmopt.compile(model, passes=[APBV(hosts=H)])`` inside an initialised process group of H ranks
 (``torchrun --nproc-per-node H``, or a group the user made, used as is) builds graphs in which
-every rank keeps only its own tokens ``[anchor | B^(h) | B^(2H−1−h) | question]`` from the first
+every rank encodes only its own frames, all-gathering the visual tokens before the LLM
+(:mod:`vlmopt.distributed.frames`), and keeps only its own tokens ``[anchor | B^(h) | B^(2H−1−h) | question]`` from the first
 decoder layer on (hidden states and the rotary cos/sin, i.e. the global 1-D or M-RoPE positions,
 sliced by :func:`local_rows`), all-gathers the compressed passing blocks and the question's
 partial (out, lse), and caches only its slice of the prompt (:meth:`HostPlan.cached_ranges`). In
 decoding every rank attends its cache (rank 0 also appends the new token) and the partial outputs
 are all-gathered and merged, so every rank computes the same logits and picks the same token.
 
-Not done here (the single-process design keeps every rank on the whole prompt up to the LLM):
-frame-parallel vision encoding and the overlap of communication with attention. One prompt at a
-time: a batch of several rows is refused under a group.
+Not done here: the overlap of communication with attention (each all-gather waits). One prompt at
+a time: a batch of several rows is refused under a group.
 
 A rank that fails stops the others: every collective runs under the group's timeout, and a rank
 that raises inside APB-V's code publishes its rank in the group's store before leaving, so the

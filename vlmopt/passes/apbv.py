@@ -75,13 +75,23 @@ class APBV(Pass):
                 "use APBV alone"
             )
 
-    def plan_inputs(self, prompt) -> dict:
-        """The row plans (:class:`~vlmopt.distributed.plan.HostPlan`) of a prefill with visual inputs."""
+    def plan_inputs(self, prompt, adapter) -> dict:
+        """The row plans (:class:`~vlmopt.distributed.plan.HostPlan`) of a prefill with visual inputs;
+        under a process group also this rank's frames: its share of the tower's inputs
+        (``Adapter.frame_inputs``) and the :class:`~vlmopt.distributed.frames.FrameShare` that
+        gathers the visual tokens."""
         if prompt.stage != "prefill":
             return {}
         from vlmopt.distributed.plan import plan_prompt
 
-        return {"apbv_plans": plan_prompt(prompt.inputs, self.hosts, self.anchor_len, self.passing_len)}
+        inputs = {"apbv_plans": plan_prompt(prompt.inputs, self.hosts, self.anchor_len, self.passing_len)}
+        group = self.group_hosts()
+        if group is not None:
+            from vlmopt.distributed.frames import FrameShare
+
+            share = FrameShare.plan(adapter.frame_tokens(prompt), self.hosts, group.rank)
+            inputs |= adapter.frame_inputs(prompt, *share.encoded) | {"apbv_frames": share}
+        return inputs
 
     def group_hosts(self):
         """The :class:`~vlmopt.distributed.group.GroupHosts` of the current process group, or None
@@ -104,11 +114,25 @@ class APBV(Pass):
         plan = editor.add_input("apbv_plans", role="apbv_plan", stage="llm")
         layers = replace_attention(editor, lambda index: APBVPrefill(self.pool, group), plan, "apbv")
         if group is not None:
+            self.gather_frames(editor, group)
             self.keep_local_rows(editor, layers, plan, group.rank)
         editor.finish()
         decode = GraphEditor(graph["decode"])
         replace_attention(decode, lambda index: HostMergedDecode(group), decode.placeholder("attention_mask"), "apbv")
         decode.finish()
+
+    @staticmethod
+    def gather_frames(editor, group) -> None:
+        """Under a process group: the tower runs on this rank's frames only (its inputs are planned
+        so, :meth:`plan_inputs`), and the visual tokens are all-gathered before the merge."""
+        from vlmopt.distributed.frames import FrameGather
+
+        merge = editor.one("merge")
+        tokens = editor.input_of(merge, "features")
+        share = editor.add_input("apbv_frames", role="apbv_frames", stage="vision")
+        editor.module.add_submodule("apbv_gather_frames", FrameGather(group))
+        gathered = editor.insert_module(tokens, "apbv_gather_frames", (tokens, share), role="apbv_frames", stage="vision")
+        editor.set_input(merge, "features", gathered)
 
     @staticmethod
     def keep_local_rows(editor, layers, plan, rank: int) -> None:

@@ -115,10 +115,11 @@ class Pass:
         """Rewrite ``graph`` in place."""
         raise NotImplementedError
 
-    def plan_inputs(self, prompt) -> dict:
-        """Extra inputs of the stage graph for one planned batch (:class:`~vlmopt.adapters.base.Prompt`),
+    def plan_inputs(self, prompt, adapter) -> dict:
+        """Inputs of the stage graph for one planned batch (:class:`~vlmopt.adapters.base.Prompt`),
         computed in eager Python from real values (they stay real when FLOPs are counted on fake
-        tensors); ``{}`` by default."""
+        tensors): new inputs the pass's graph edits read, or replacements of planned ones (APB-V's
+        rank-local frames); ``{}`` by default."""
         return {}
 
     # ----- train-stage passes: state kept outside the frozen config --------------------------
