@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from vlmopt.errors import InputError
-from vlmopt.ops import apbv_attention as module
 from vlmopt.ops.apbv_attention import apbv_attention, reference, visible_mask, visible_pairs
 
 LENGTHS = [(5, 7, 11), (0, 9, 13), (6, 0, 4), (1, 3, 1)]  # (anchor, passing, block)

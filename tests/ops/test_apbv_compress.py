@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from vlmopt.errors import InputError
-from vlmopt.ops import apbv_compress as module
 from vlmopt.ops.apbv_compress import apbv_compress, pooled_scores
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vlmopt.errors import InputError
-from vlmopt.ops.kcenter_select import flop_formula, kcenter_select
+from vlmopt.ops.kcenter_select import kcenter_select
 
 
 def brute_force(x, candidates, anchors, k):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlmopt.errors import InputError
-from vlmopt.ops.last_token_attention import flop_formula, last_token_attention
+from vlmopt.ops.last_token_attention import last_token_attention
 
 SHAPES = [  # batch, query heads, key heads, keys, head dim
     (2, 8, 2, 13, 16),  # GQA, 4 query heads per key head

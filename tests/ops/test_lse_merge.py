@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from vlmopt.errors import InputError
-from vlmopt.ops import lse_merge as module
 from vlmopt.ops.apbv_attention import apbv_attention
 from vlmopt.ops.lse_merge import lse_merge
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlmopt
-from tests.stream.streams import one_shot, qwen_processor, random_frames
+from tests.stream.streams import qwen_processor, random_frames
 from vlmopt.passes import FrameSubsample, SnapKV, StreamingLLM
 
 QUESTION = "what colour was the first object to appear?"
