@@ -26,6 +26,12 @@ def video_prompt(model, frames: int = 6):
     return configs.synthetic_batch(model, spec, video_grids=[(frames, 8, 8)], seed=81)
 
 
+def batch_prompt(model):
+    """Two left-padded rows: two images, and a video after text; their frames span both rows."""
+    specs = [configs.PromptSpec(images=2, text_before=3, text_after=6), configs.PromptSpec(images=0, text_before=9, text_after=4)]
+    return configs.synthetic_batch(model, specs, video_grids=[(6, 8, 8)], seed=82)
+
+
 def tiny_model():
     return configs.build(configs.qwen25vl_config(), seed=3)
 
@@ -36,7 +42,7 @@ def run(compiled, batch):
     with torch.no_grad():
         logits = compiled(**batch, logits_to_keep=1).logits[:, -1]
     tokens = compiled.generate(**batch, max_new_tokens=5, eos_token_id=[])
-    text = {"input_ids": torch.tensor([[11, 23, 35, 47]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    text = {"input_ids": torch.tensor([[11, 23, 35, 47], [0, 0, 52, 19]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])}
     return logits, tokens, compiled.generate(**text, max_new_tokens=4, eos_token_id=[])
 
 
@@ -49,6 +55,7 @@ def main() -> None:
     parser.add_argument("--hosts", type=int)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=0, help="1: run the two-row batch instead of one video")
     args = parser.parse_args()
     torch.set_num_threads(1)
     result: dict = {}
@@ -64,7 +71,7 @@ def main() -> None:
                 raise RuntimeError("injected failure")
 
             attention.host_attention = broken
-        batch = video_prompt(model, frames=args.frames)
+        batch = batch_prompt(model) if args.batch else video_prompt(model, frames=args.frames)
         result["logits"], result["tokens"], result["text_tokens"] = run(compiled, batch)
         result["vision_flops"] = vlmopt.flops(compiled, batch).by_stage["vision"]
         result["diff"] = vlmopt.graph.diff(vlmopt.compile(model).graph, compiled.graph)

@@ -38,25 +38,26 @@ def test_paper_scale_ratio():
     assert 1 / 40 < ratio <= 1 / 30
 
 
-def test_bench_cli_reports_the_ratio(tmp_path, capsys):
+def bench_run(tmp_path, *sizing: str) -> dict:
+    """The one run of ``vlmopt bench --config qwen2.5-vl-7b-shape <sizing> --passes apbv:hosts=4``."""
     out = tmp_path / "apbv.json"
-    code = main(["bench", "--config", "qwen2.5-vl-7b-shape", "--context-tokens", "20000", "--time-tokens", "300",
-                 "--repeats", "1", "--passes", "apbv:hosts=4", "--json", str(out)])
+    code = main(["bench", "--config", "qwen2.5-vl-7b-shape", *sizing, "--time-tokens", "300", "--repeats", "1",
+                 "--passes", "apbv:hosts=4", "--json", str(out)])
     assert code == 0
     (run,) = json.loads(out.read_text())["runs"]
+    return run
+
+
+def test_bench_cli_reports_the_ratio(tmp_path, capsys):
+    run = bench_run(tmp_path, "--context-tokens", "20000")
     assert run["host_attention_flops"] == run["host_attention_flops_analytic"]
     assert 0 < run["attention_flops_per_host_ratio"] < 1
     assert run["cpu_time_one_layer"]["sdpa_causal_seconds"] > 0
     assert "FLOPs per host ratio" in capsys.readouterr().out
 
 
-
 def test_bench_by_video_frames_reports_the_tower_split(tmp_path, capsys):
-    out = tmp_path / "apbv.json"
-    code = main(["bench", "--config", "qwen2.5-vl-7b-shape", "--video-frames", "21", "--time-tokens", "300",
-                 "--repeats", "1", "--passes", "apbv:hosts=4", "--json", str(out)])
-    assert code == 0
-    (run,) = json.loads(out.read_text())["runs"]
+    run = bench_run(tmp_path, "--video-frames", "21")
     assert sorted(run["vision_temporal_patches_per_host"]) == [2, 3, 3, 3]  # 21 frames fold into 11 temporal patches
     assert run["vision_share_busiest_host"] == 3 / 11
     assert "temporal patches per host" in capsys.readouterr().out

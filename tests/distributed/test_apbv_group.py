@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vlmopt
-from tests.distributed.apbv_worker import SETTINGS, run, tiny_model, video_prompt
+from tests.distributed.apbv_worker import SETTINGS, batch_prompt, run, tiny_model, video_prompt
 from vlmopt.passes import APBV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +63,19 @@ def test_gloo_group_matches_the_simulation(tmp_path, world, frames):
     assert all(abs(count - round(count)) < 1e-9 for count in encoded), encoded
     assert max(encoded) == -(-temporal_patches // world) or temporal_patches < world, encoded
     assert sum(encoded) == max(temporal_patches, world), f"every frame encoded once (plus one per idle rank): {encoded}"
+
+
+def test_gloo_group_runs_batches(tmp_path):
+    """Two left-padded rows of different lengths (images in one, a video in the other): every rank
+    holds its tokens of both rows, and logits and tokens equal the simulation's."""
+    model = tiny_model()
+    expected_logits, expected_tokens, expected_text = run(vlmopt.compile(model, passes=[APBV(hosts=2, **SETTINGS)]), batch_prompt(model))
+    results, _ = launch(tmp_path, 2, batch=1)
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"rank {rank}: {result.get('error')}"
+        torch.testing.assert_close(result["logits"], expected_logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(result["tokens"], expected_tokens), f"rank {rank} generated other tokens"
+        assert torch.equal(result["text_tokens"], expected_text), f"rank {rank}: text-only prompt differs"
 
 
 def test_group_graph_diff(tmp_path, golden):

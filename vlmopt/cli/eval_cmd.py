@@ -52,12 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if loaded.processor is None:
         raise InputError(f"{args.model} has no processor; eval needs a reference model or a local checkpoint")
     samples = task.samples("test", n=args.n, seed=args.seed)
-    # Under torchrun (APB-V's hosts as ranks) every rank runs the same prompts, one at a time, and
-    # rank 0 alone writes the results.
-    distributed = init_from_env()
-    batch_size = 1 if distributed else args.batch_size
+    # Under torchrun (APB-V's hosts as ranks) every rank runs the same batches and rank 0 alone
+    # writes the results.
+    init_from_env()
     report = evaluate(
-        loaded.model, loaded.processor, samples, lists, batch_size=batch_size, progress=is_rank_zero(),
+        loaded.model, loaded.processor, samples, lists, batch_size=args.batch_size, progress=is_rank_zero(),
         stream_budget=args.stream_budget,
     )
     if not is_rank_zero():

@@ -10,8 +10,9 @@ partial (out, lse), and caches only its slice of the prompt (:meth:`HostPlan.cac
 decoding every rank attends its cache (rank 0 also appends the new token) and the partial outputs
 are all-gathered and merged, so every rank computes the same logits and picks the same token.
 
-Not done here: the overlap of communication with attention (each all-gather waits). One prompt at
-a time: a batch of several rows is refused under a group.
+Batches: every rank holds its tokens of every row, rows left-padded to one length, and runs the
+rows' collectives one row after the other. Not done here: the overlap of communication with
+attention (each all-gather waits).
 
 A rank that fails stops the others: every collective runs under the group's timeout, and a rank
 that raises inside APB-V's code publishes its rank in the group's store before leaving, so the
@@ -32,8 +33,10 @@ from torch import Tensor
 from vlmopt.distributed import attention
 from vlmopt.distributed.layers import PLANS_ATTRIBUTE
 from vlmopt.distributed.plan import HostPlan
-from vlmopt.errors import IncompatiblePassError, InputError, VlmoptError
+from vlmopt.errors import IncompatiblePassError, VlmoptError
 
+CACHED_ATTRIBUTE = "vlmopt_rank_cached"
+"""Attribute of a rank's KV cache: [B, C] bool, its real prompt slots (rows are left-padded to one length)."""
 FAILED_KEY = "vlmopt_apbv_failed_rank"
 READ_KEY = "vlmopt_apbv_failure_read"
 
@@ -59,14 +62,24 @@ def is_rank_zero() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def local_slots(plans: list[HostPlan], rank: int, device=None) -> tuple[Tensor, list[int]]:
+    """[B, L] slots of rank ``rank``'s tokens in every row, left-padded to the longest row (a padding
+    slot repeats the row's first local slot; its results are never read), and each row's count."""
+    rows = [plan.local_index(rank, device=device) for plan in plans]
+    longest = max(row.numel() for row in rows)
+    padded = [torch.cat([row[:1].expand(longest - row.numel()), row]) for row in rows]
+    return torch.stack(padded), [row.numel() for row in rows]
+
+
 def local_rows(hidden: Tensor, cos: Tensor, sin: Tensor, plans: list[HostPlan], rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank ``rank``'s tokens of ``hidden`` [1, S, D] and their cos/sin [1, S, Dh] (a graph function)."""
-    if len(plans) != 1:
-        raise InputError(
-            f"APB-V under a process group runs one prompt at a time, got a batch of {len(plans)}; use batch size 1"
-        )
-    index = plans[0].local_index(rank, device=hidden.device)
-    return hidden.index_select(1, index), cos.index_select(1, index), sin.index_select(1, index)
+    """Rank ``rank``'s tokens of ``hidden`` [B, S, D] and their cos/sin [B, S, Dh], every row
+    left-padded to the longest (a graph function): [B, L, ·]."""
+    index, _ = local_slots(plans, rank, hidden.device)
+
+    def take(x: Tensor) -> Tensor:
+        return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    return take(hidden), take(cos), take(sin)
 
 
 class GroupHosts:
@@ -135,28 +148,42 @@ class GroupHosts:
         return torch.cat(parts).to(device)
 
     def prefill_layer(self, q, k, v, cache, layer_idx: int, scale: float, plans: list[HostPlan], pool: int) -> Tensor:
-        plan = plans[0]
+        """q [B, H, L, D], k/v [B, H_kv, L, D]: this rank's tokens of every row, left-padded
+        (:func:`local_rows`). Rows run one after the other, every rank in the same order."""
+        out = torch.zeros_like(q)
+        cached = []
         try:
-            out = attention.prefill({self.rank: (q, k, v)}, plan, self, scale, pool)[self.rank]
+            for row, plan in enumerate(plans):
+                pad = q.shape[2] - sum(hi - lo for lo, hi in plan.local_ranges(self.rank))
+                local = tuple(x[row : row + 1, :, pad:] for x in (q, k, v))
+                out[row : row + 1, :, pad:] = attention.prefill({self.rank: local}, plan, self, scale, pool)[self.rank]
+                cached.append(self.cached_index(plan, k.device) + pad)
         except HostFailure:
             raise
         except Exception:
             self.announce_failure()
             raise
         if cache is not None:
-            index = self.cached_index(plan, k.device)
-            cache.update(k.index_select(2, index), v.index_select(2, index), layer_idx)
+            longest = max(index.numel() for index in cached)
+            index = torch.stack([torch.cat([i[:1].expand(longest - i.numel()), i]) for i in cached])
+            index = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            cache.update(torch.gather(k, 2, index), torch.gather(v, 2, index), layer_idx)
+            real = torch.stack([torch.arange(longest) >= longest - i.numel() for i in cached]).to(k.device)
             setattr(cache, PLANS_ATTRIBUTE, plans)
+            setattr(cache, CACHED_ATTRIBUTE, real)
         return out
 
     def decode_layer(self, q, k, v, cache, layer_idx: int, scale: float, mask: Tensor) -> Tensor:
-        if q.shape[0] != 1:
-            raise InputError("APB-V under a process group decodes one prompt at a time; use batch size 1")
+        """q/k/v [B, ·, 1, D]; ``mask`` [B, T] the 2-D mask over the whole (unsplit) cache + new token."""
         if getattr(cache, PLANS_ATTRIBUTE, None) is None:  # a text-only prefill: every rank holds the whole cache
             keys, values = cache.update(k, v, layer_idx)
-            return attention.dense_attention(q, keys, values, scale)[0]
+            return attention.dense_attention(q, keys, values, scale, mask.bool()[:, None, None, :])[0]
+        prompt = getattr(cache, CACHED_ATTRIBUTE)  # [B, C]: this rank's real prompt slots
         if self.rank == 0:  # host 0 appends the new token's KVs; the others keep their prompt slice
             keys, values = cache.update(k, v, layer_idx)
+            generated = keys.shape[2] - prompt.shape[1]
+            visible = torch.cat([prompt, mask[:, mask.shape[1] - generated :].bool()], 1)
         else:
             keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
-        return attention.decode(q, keys, values, {self.rank: None}, self, scale)
+            visible = prompt
+        return attention.decode(q, keys, values, {self.rank: visible[:, None, None, :]}, self, scale)
