@@ -107,7 +107,12 @@ class CompiledVLM(nn.Module):
 
                 runner = compile_stage(runner)
             self._runners[stage] = runner
-        return runner(**inputs, cache=cache, logits_to_keep=logits_to_keep)
+        try:
+            return runner(**inputs, cache=cache, logits_to_keep=logits_to_keep)
+        except Exception as error:
+            for item in self.passes:  # a pass running collectives tells the other processes first
+                item.stage_failed(error)
+            raise
 
     def new_cache(self):
         from transformers.cache_utils import DynamicCache

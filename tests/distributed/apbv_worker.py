@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--hosts", type=int)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--fail-in", choices=("attention", "vision"), default="attention")
     parser.add_argument("--batch", type=int, default=0, help="1: run the two-row batch instead of one video")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -70,7 +71,10 @@ def main() -> None:
             def broken(*_, **__):
                 raise RuntimeError("injected failure")
 
-            attention.host_attention = broken
+            if args.fail_in == "vision":
+                model.model.visual.blocks[0].forward = broken
+            else:
+                attention.host_attention = broken
         batch = batch_prompt(model) if args.batch else video_prompt(model, frames=args.frames)
         result["logits"], result["tokens"], result["text_tokens"] = run(compiled, batch)
         result["vision_flops"] = vlmopt.flops(compiled, batch).by_stage["vision"]

@@ -93,8 +93,9 @@ def test_hosts_must_equal_the_group_size(tmp_path):
         assert "hosts must equal the group's size; use apbv:hosts=2" in result["error"]
 
 
-def test_a_failing_rank_stops_the_others_naming_it(tmp_path):
-    results, _ = launch(tmp_path, 3, fail_rank=1)
+@pytest.mark.parametrize("where", ["attention", "vision"])
+def test_a_failing_rank_stops_the_others_naming_it(tmp_path, where):
+    results, _ = launch(tmp_path, 3, fail_rank=1, fail_in=where)
     assert "injected failure" in results[1]["error"]
     for rank in (0, 2):
         assert "rank 1 failed" in results[rank]["error"], results[rank]["error"]

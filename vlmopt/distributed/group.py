@@ -15,8 +15,8 @@ rows' collectives one row after the other. Not done here: the overlap of communi
 attention (each all-gather waits).
 
 A rank that fails stops the others: every collective runs under the group's timeout, and a rank
-that raises inside APB-V's code publishes its rank in the group's store before leaving, so the
-others' error names it (:class:`HostFailure`).
+whose stage graph raises (in its tower, its attention, anywhere) publishes its rank in the group's
+store before leaving (``APBV.stage_failed``), so the others' error names it (:class:`HostFailure`).
 """
 
 from __future__ import annotations
@@ -152,17 +152,11 @@ class GroupHosts:
         (:func:`local_rows`). Rows run one after the other, every rank in the same order."""
         out = torch.zeros_like(q)
         cached = []
-        try:
-            for row, plan in enumerate(plans):
-                pad = q.shape[2] - sum(hi - lo for lo, hi in plan.local_ranges(self.rank))
-                local = tuple(x[row : row + 1, :, pad:] for x in (q, k, v))
-                out[row : row + 1, :, pad:] = attention.prefill({self.rank: local}, plan, self, scale, pool)[self.rank]
-                cached.append(self.cached_index(plan, k.device) + pad)
-        except HostFailure:
-            raise
-        except Exception:
-            self.announce_failure()
-            raise
+        for row, plan in enumerate(plans):
+            pad = q.shape[2] - sum(hi - lo for lo, hi in plan.local_ranges(self.rank))
+            local = tuple(x[row : row + 1, :, pad:] for x in (q, k, v))
+            out[row : row + 1, :, pad:] = attention.prefill({self.rank: local}, plan, self, scale, pool)[self.rank]
+            cached.append(self.cached_index(plan, k.device) + pad)
         if cache is not None:
             longest = max(index.numel() for index in cached)
             index = torch.stack([torch.cat([i[:1].expand(longest - i.numel()), i]) for i in cached])

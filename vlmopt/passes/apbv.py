@@ -104,6 +104,15 @@ class APBV(Pass):
 
         return GroupHosts.current(self.hosts)
 
+    def stage_failed(self, error: Exception) -> None:
+        """Under a process group: publish this rank as the failed one, so the other ranks' errors
+        name it (not when the error is itself another rank's failure seen here)."""
+        from vlmopt.distributed.group import HostFailure
+
+        group = self.group_hosts()
+        if group is not None and not isinstance(error, HostFailure):
+            group.announce_failure()
+
     def apply(self, graph) -> None:
         from vlmopt.adapters.attention_standin import replace_attention
         from vlmopt.distributed.layers import APBVPrefill, HostMergedDecode

@@ -122,6 +122,10 @@ class Pass:
         rank-local frames); ``{}`` by default."""
         return {}
 
+    def stage_failed(self, error: Exception) -> None:
+        """Called when a stage graph raises in this process, before the error propagates: a pass
+        whose graphs run collectives tells the other processes here (default: nothing)."""
+
     # ----- train-stage passes: state kept outside the frozen config --------------------------
     def new_state(self):
         """A fresh state object (with ``state_dict()`` / ``load_state_dict()``) the pass keeps
