@@ -128,7 +128,7 @@ class CompiledVLM(nn.Module):
             raise InputError("input_ids [batch, sequence] are required (pass the processor's outputs)")
         prompt = self.adapter.plan({k: v for k, v in batch.items() if v is not None}, for_generation)
         for item in self.passes:  # inputs a pass plans in eager Python (APB-V's host split)
-            prompt.inputs.update(item.plan_inputs(prompt, self.adapter))
+            prompt.inputs.update(item.plan_inputs(prompt, self))
         return prompt
 
     def visual_tokens_kept(self, prompt: Prompt) -> int:

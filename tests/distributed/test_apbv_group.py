@@ -42,7 +42,7 @@ def launch(tmp_path, world: int, **options) -> tuple[list[dict], float]:
     return results, time.perf_counter() - began
 
 
-@pytest.mark.parametrize("world,frames", [(2, 6), (4, 6), (4, 16)])
+@pytest.mark.parametrize("world,frames", [(4, 6), (4, 16)])
 def test_gloo_group_matches_the_simulation(tmp_path, world, frames):
     """Logits and tokens equal the simulation's; each rank's tower encodes only its frames (4 ranks
     over 3 temporal patches: one rank encodes a frame it does not send)."""
@@ -65,9 +65,11 @@ def test_gloo_group_matches_the_simulation(tmp_path, world, frames):
     assert sum(encoded) == max(temporal_patches, world), f"every frame encoded once (plus one per idle rank): {encoded}"
 
 
-def test_gloo_group_runs_batches(tmp_path):
-    """Two left-padded rows of different lengths (images in one, a video in the other): every rank
-    holds its tokens of both rows, and logits and tokens equal the simulation's."""
+def test_gloo_group_runs_batches(tmp_path, golden):
+    """Two ranks, two left-padded rows of different lengths (images in one, a video in the other):
+    every rank holds its tokens of both rows, and logits and tokens equal the simulation's. The
+    graph diff: the rank's tower output is all-gathered before the merge, and the decoder layers run
+    on the rank's rows only."""
     model = tiny_model()
     expected_logits, expected_tokens, expected_text = run(vlmopt.compile(model, passes=[APBV(hosts=2, **SETTINGS)]), batch_prompt(model))
     results, _ = launch(tmp_path, 2, batch=1)
@@ -76,13 +78,6 @@ def test_gloo_group_runs_batches(tmp_path):
         torch.testing.assert_close(result["logits"], expected_logits, rtol=1e-4, atol=1e-5)
         assert torch.equal(result["tokens"], expected_tokens), f"rank {rank} generated other tokens"
         assert torch.equal(result["text_tokens"], expected_text), f"rank {rank}: text-only prompt differs"
-
-
-def test_group_graph_diff(tmp_path, golden):
-    """Under a group: the rank's tower output is all-gathered before the merge, and the decoder
-    layers run on the rank's rows only."""
-    results, _ = launch(tmp_path, 2)
-    assert "error" not in results[0], results[0].get("error")
     golden("apbv_group_qwen2_5_vl", results[0]["diff"])
     assert results[1]["diff"] == results[0]["diff"].replace("apbv_plans, 0)", "apbv_plans, 1)"), "ranks differ only in their rank"
 
@@ -100,3 +95,31 @@ def test_a_failing_rank_stops_the_others_naming_it(tmp_path, where):
     for rank in (0, 2):
         assert "rank 1 failed" in results[rank]["error"], results[rank]["error"]
         assert results[rank]["at"] - results[1]["at"] < 30, "the others stop within the group's timeout"
+
+
+def test_graphs_compiled_for_another_setting_are_refused():
+    """A model compiled outside a process group and run inside one (and the reverse) is refused
+    with the fix, not run on graphs built for the other setting."""
+    import contextlib
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from vlmopt.errors import IncompatiblePassError
+
+    model = tiny_model()
+    batch = video_prompt(model)
+    outside = vlmopt.compile(model, passes=[APBV(hosts=1, **SETTINGS)])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=30))
+    try:
+        with pytest.raises(IncompatiblePassError, match="compiled outside a torch.distributed process group and now runs inside"):
+            outside.generate(**batch, max_new_tokens=2)
+        inside = vlmopt.compile(model, passes=[APBV(hosts=1, **SETTINGS)])
+        expected = inside.generate(**batch, max_new_tokens=3, eos_token_id=[])
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    with pytest.raises(IncompatiblePassError, match="compile the model where it runs"):
+        inside.generate(**batch, max_new_tokens=2)
+    assert torch.equal(outside.generate(**batch, max_new_tokens=3, eos_token_id=[]), expected)

@@ -75,7 +75,7 @@ class APBV(Pass):
                 "use APBV alone"
             )
 
-    def plan_inputs(self, prompt, adapter) -> dict:
+    def plan_inputs(self, prompt, compiled) -> dict:
         """The row plans (:class:`~vlmopt.distributed.plan.HostPlan`) of a prefill with visual inputs;
         under a process group also this rank's frames: its share of the tower's inputs
         (``Adapter.frame_inputs``) and the :class:`~vlmopt.distributed.frames.FrameShare` that
@@ -86,9 +86,18 @@ class APBV(Pass):
 
         inputs = {"apbv_plans": plan_prompt(prompt.inputs, self.hosts, self.anchor_len, self.passing_len)}
         group = self.group_hosts()
+        built_for_group = any(n.op == "placeholder" and n.target == "apbv_frames" for n in compiled.stages["prefill"].graph.nodes)
+        if built_for_group != (group is not None):
+            where = ("inside", "outside") if built_for_group else ("outside", "inside")
+            raise IncompatiblePassError(
+                f"APBV was compiled {where[0]} a torch.distributed process group and now runs {where[1]} one; its "
+                "graphs are built for one or the other: compile the model where it runs (after init_process_group, "
+                "or after destroying the group to simulate the hosts in one process)"
+            )
         if group is not None:
             from vlmopt.distributed.frames import FrameShare
 
+            adapter = compiled.adapter
             share = FrameShare.plan(adapter.frame_tokens(prompt), self.hosts, group.rank)
             inputs |= adapter.frame_inputs(prompt, *share.encoded) | {"apbv_frames": share}
         return inputs

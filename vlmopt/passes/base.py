@@ -115,8 +115,9 @@ class Pass:
         """Rewrite ``graph`` in place."""
         raise NotImplementedError
 
-    def plan_inputs(self, prompt, adapter) -> dict:
-        """Inputs of the stage graph for one planned batch (:class:`~vlmopt.adapters.base.Prompt`),
+    def plan_inputs(self, prompt, compiled) -> dict:
+        """Inputs of the stage graph for one planned batch (:class:`~vlmopt.adapters.base.Prompt`) of
+        ``compiled`` (the :class:`~vlmopt.runtime.CompiledVLM`: its adapter and stage graphs),
         computed in eager Python from real values (they stay real when FLOPs are counted on fake
         tensors): new inputs the pass's graph edits read, or replacements of planned ones (APB-V's
         rank-local frames); ``{}`` by default."""
