@@ -62,19 +62,19 @@ def is_rank_zero() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def local_slots(plans: list[HostPlan], rank: int, device=None) -> tuple[Tensor, list[int]]:
-    """[B, L] slots of rank ``rank``'s tokens in every row, left-padded to the longest row (a padding
-    slot repeats the row's first local slot; its results are never read), and each row's count."""
-    rows = [plan.local_index(rank, device=device) for plan in plans]
+def left_padded(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """1-D index rows of different lengths as one [B, L] index, left-padded to the longest (a padding
+    entry repeats its row's first index; what it picks is never read), and [B, L] bool: the real entries."""
     longest = max(row.numel() for row in rows)
-    padded = [torch.cat([row[:1].expand(longest - row.numel()), row]) for row in rows]
-    return torch.stack(padded), [row.numel() for row in rows]
+    index = torch.stack([torch.cat([row[:1].expand(longest - row.numel()), row]) for row in rows])
+    real = torch.stack([torch.arange(longest, device=index.device) >= longest - row.numel() for row in rows])
+    return index, real
 
 
 def local_rows(hidden: Tensor, cos: Tensor, sin: Tensor, plans: list[HostPlan], rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Rank ``rank``'s tokens of ``hidden`` [B, S, D] and their cos/sin [B, S, Dh], every row
     left-padded to the longest (a graph function): [B, L, ·]."""
-    index, _ = local_slots(plans, rank, hidden.device)
+    index, _ = left_padded([plan.local_index(rank, device=hidden.device) for plan in plans])
 
     def take(x: Tensor) -> Tensor:
         return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
@@ -158,11 +158,9 @@ class GroupHosts:
             out[row : row + 1, :, pad:] = attention.prefill({self.rank: local}, plan, self, scale, pool)[self.rank]
             cached.append(self.cached_index(plan, k.device) + pad)
         if cache is not None:
-            longest = max(index.numel() for index in cached)
-            index = torch.stack([torch.cat([i[:1].expand(longest - i.numel()), i]) for i in cached])
+            index, real = left_padded(cached)
             index = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             cache.update(torch.gather(k, 2, index), torch.gather(v, 2, index), layer_idx)
-            real = torch.stack([torch.arange(longest) >= longest - i.numel() for i in cached]).to(k.device)
             setattr(cache, PLANS_ATTRIBUTE, plans)
             setattr(cache, CACHED_ATTRIBUTE, real)
         return out
