@@ -57,6 +57,15 @@ def _local(plan: HostPlan, host: int, shape: AttentionShape, dtype, generator=No
     return make(shape.heads), make(shape.kv_heads), make(shape.kv_heads)
 
 
+def host_layer(q, k, v, plan: HostPlan, host: int, blocks, scale: float, pool: int) -> None:
+    """One layer's APB-V attention work on host ``host`` (its local q, k, v; the passing ``blocks``
+    already gathered): the compressor on its blocks, its attention calls and the question's merge
+    (with its own partial standing in for the other hosts', which cost the same)."""
+    attention.compress(q, k, v, plan, host, pool)
+    _, out_q, lse_q = attention.host_attention(q, k, v, plan, host, blocks, scale)
+    torch.ops.vlmopt.lse_merge(torch.stack([out_q] * plan.hosts), torch.stack([lse_q] * plan.hosts))
+
+
 def host_flops(plan: HostPlan, shape: AttentionShape, pool: int = 5) -> list[int]:
     """FLOPs of one layer's APB-V attention on each host, counted on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -72,10 +81,7 @@ def host_flops(plan: HostPlan, shape: AttentionShape, pool: int = 5) -> list[int
         blocks = attention.passing_blocks(picked, plan)
         for host in range(plan.hosts):
             with FlopCounterMode(display=False) as counter:
-                attention.compress(*local[host], plan, host, pool)
-                _, out_q, lse_q = attention.host_attention(*local[host], plan, host, blocks, 1.0)
-                parts = torch.stack([out_q] * plan.hosts), torch.stack([lse_q] * plan.hosts)
-                torch.ops.vlmopt.lse_merge(*parts)
+                host_layer(*local[host], plan, host, blocks, 1.0, pool)
             counts.append(counter.get_total_flops())
     return counts
 
@@ -132,9 +138,7 @@ def time_attention(plan: HostPlan, shape: AttentionShape, repeats: int, pool: in
         F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
     def one_host():
-        attention.compress(*local[0], plan, 0, pool)
-        _, out_q, lse_q = attention.host_attention(*local[0], plan, 0, blocks, scale)
-        torch.ops.vlmopt.lse_merge(torch.stack([out_q] * plan.hosts), torch.stack([lse_q] * plan.hosts))
+        host_layer(*local[0], plan, 0, blocks, scale, pool)
 
     runs = {"sdpa_causal": sdpa, "apbv_one_host": one_host}
     samples: dict[str, list[float]] = {name: [] for name in runs}
