@@ -55,11 +55,7 @@ class APBV(Pass):
             value = getattr(self, name)
             if value is not None:
                 check_range("APBV", name, value, 0, 10**9, integer=True)
-        check_range("APBV", "pool", self.pool, 1, 1023, integer=True)
-        if self.pool % 2 == 0:
-            from vlmopt.errors import PassConfigError
-
-            raise PassConfigError(f"APBV.pool must be odd (stride-1 pooling keeps the length), got {self.pool}")
+        check_range("APBV", "pool", self.pool, 1, 1023, odd="stride-1 pooling keeps the length")
 
     def check(self, adapter, before) -> None:
         super().check(adapter, before)

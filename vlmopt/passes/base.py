@@ -185,15 +185,20 @@ def cut_llm(graph: VLMGraph, prefill: GraphEditor, layer: int, index: fx.Node) -
     decode.finish()
 
 
-def check_range(owner: str, field: str, value, low, high, *, low_open: bool = False, integer: bool = False) -> None:
-    """Raise :class:`PassConfigError` unless ``low (<|<=) value <= high``."""
-    kind = int if integer else (int, float)
+def check_range(
+    owner: str, field: str, value, low, high, *, low_open: bool = False, integer: bool = False, odd: str | None = None
+) -> None:
+    """Raise :class:`PassConfigError` unless ``low (<|<=) value <= high`` (and, given ``odd``, the
+    reason an even value fails, the value is odd)."""
+    kind = int if integer or odd else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise PassConfigError(f"{owner}.{field} must be a {'whole number' if integer else 'number'}, got {value!r}")
+        raise PassConfigError(f"{owner}.{field} must be a {'whole number' if kind is int else 'number'}, got {value!r}")
     below = value <= low if low_open else value < low
     if below or value > high:
         bracket = "(" if low_open else "["
         raise PassConfigError(f"{owner}.{field} must be in {bracket}{low}, {high}], got {value!r}")
+    if odd is not None and value % 2 == 0:
+        raise PassConfigError(f"{owner}.{field} must be odd, got {value!r} ({odd})")
 
 
 @dataclass

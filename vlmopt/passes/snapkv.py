@@ -38,11 +38,7 @@ class SnapKV(KVStreamPass):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("SnapKV", "window", self.window, 1, 10**6, integer=True)
-        check_range("SnapKV", "kernel_size", self.kernel_size, 1, 1025, integer=True)
-        if self.kernel_size % 2 == 0:
-            from vlmopt.errors import PassConfigError
-
-            raise PassConfigError(f"SnapKV.kernel_size must be odd, got {self.kernel_size}")
+        check_range("SnapKV", "kernel_size", self.kernel_size, 1, 1025, odd="the pooling keeps the cache's length")
 
     def scores(self, site: ChunkSite):
         chain, role, adapter = site.chain, self.role, site.adapter
