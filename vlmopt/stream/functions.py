@@ -41,11 +41,10 @@ def layer_keys(keys: Tensor, layer: int) -> Tensor:
 def pseudo_query_heads(q: Tensor, cos: Tensor, sin: Tensor, head_dim: int, spans: dict, tier: str) -> Tensor:
     """[1, H, Q_t, D]: a layer's pseudo-query projections ``q`` [1, Q, H·D] split into heads, with
     the rotary embedding (cos, sin [1, Q, D]) applied, rows ``spans[tier]`` (the tier's pseudo-query)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from vlmopt.graph.functions import decoder_qk
 
     start, end = spans[tier]
-    heads = q.view(1, q.shape[1], -1, head_dim).transpose(1, 2)
-    rotated, _ = apply_rotary_pos_emb(heads, heads, cos, sin)
+    rotated, _ = decoder_qk(q, q, cos, sin, head_dim)
     return rotated[:, :, start:end]
 
 
