@@ -222,11 +222,9 @@ def evaluate(
 
 def plot(report: dict[str, Any], path: str, title: str) -> None:
     """Accuracy against prefill FLOPs; one line per pass (its sweep), the baseline as a star."""
-    import matplotlib
+    from vlmopt.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lines: dict[str, list[RunResult]] = {}
     for run in report["runs"]:
         name = " + ".join(spec.split(":")[0] for spec in run.passes.split(" + "))

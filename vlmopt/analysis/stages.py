@@ -208,11 +208,9 @@ def analyze_calibration(
 
 def plot_stages(report: StageReport, path: str, title: str) -> None:
     """Draw the entropy and the marginal utility per layer to ``path`` (needs matplotlib)."""
-    import matplotlib
+    from vlmopt.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, left = plt.subplots(figsize=(7, 4))
     layers = list(range(len(report.entropy)))
     left.plot(layers, report.entropy, marker="o", color="tab:blue", label="visual TME")

@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the weights is checked before loading them.
     check_task(args.task)
     lists = sweep_lists(pass_lists(args.passes), args.sweep)
+    if args.plot:
+        from vlmopt.plots import pyplot
+
+        pyplot()  # a missing matplotlib is told before the evaluation runs
     task = reference_task(args.model, args.task)
     loaded = load_model(args.model)
     if loaded.processor is None:

@@ -91,7 +91,8 @@ def _runs(specs: list[str]):
 
 def run(args: argparse.Namespace) -> int:
     from vlmopt.cli.common import check_task, load_model, reference_task
-    from vlmopt.errors import InputError, MissingDependencyError
+    from vlmopt.errors import InputError
+    from vlmopt.plots import pyplot
     from vlmopt.train.finetune import FinetuneConfig, finetune, plot
 
     # Everything that can be checked without the weights is checked before loading them.
@@ -100,10 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_n is not None and args.train_n < args.batch_size:
         raise InputError(f"--train-n {args.train_n} is smaller than --batch-size {args.batch_size}; give at least one batch of samples")
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise MissingDependencyError("--plot needs matplotlib: pip install matplotlib") from None
+        pyplot()  # a missing matplotlib is told before the weights load
     task = reference_task(args.model, args.task)
     if task.video:
         raise InputError(f"finetune trains on image tasks; {args.task!r} is a video task (use shapes or shapes-relations)")

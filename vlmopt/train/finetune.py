@@ -254,15 +254,9 @@ def finetune(
 
 def plot(record: dict, path: str, title: str | None = None) -> None:
     """Held-out accuracy against the tokens in the loss, one line per run (a PNG; needs matplotlib)."""
-    try:
-        import matplotlib
+    from vlmopt.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from vlmopt.errors import MissingDependencyError
-
-        raise MissingDependencyError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.6), dpi=90)
     for run in record["runs"]:
         xs = [point["loss_tokens"] for point in run["curve"]]
