@@ -174,18 +174,23 @@ class _Learner:
         return result.accuracy
 
     def finish(self, processor, task) -> dict:
-        from vlmopt.models.evaluate import evaluate
-
         record = self.record
         timed = record["step_seconds"][TIMING_WARMUP:] or record["step_seconds"]
         record["median_step_s"] = statistics.median(timed)
         record["loss_token_fraction"] = record["loss_tokens"] / max(1, record["answer_tokens"])
         if self.config.test_n:
-            result = evaluate(self.model, processor, task, "test", n=self.config.test_n, batch_size=self.config.eval_batch_size)
-            record["test"] = {"n": result.n, "accuracy": result.accuracy, "per_family": result.per_family}
+            record["test"] = score_on_test(self.model, processor, task, self.config)
         if self.teacher is not None:
             record["regate_steps"] = self.compiled.regate_state.step
         return record
+
+
+def score_on_test(model, processor, task, config: FinetuneConfig) -> dict:
+    """``{n, accuracy, per_family}`` of ``model`` on the first ``config.test_n`` test samples."""
+    from vlmopt.models.evaluate import evaluate
+
+    result = evaluate(model, processor, task, "test", n=config.test_n, batch_size=config.eval_batch_size)
+    return {"n": result.n, "accuracy": result.accuracy, "per_family": result.per_family}
 
 
 def _progress(total: int, enabled: bool):
@@ -210,7 +215,6 @@ def finetune(
     ``step_seconds``, ``median_step_s``, ``loss_tokens``, ``answer_tokens``, ``test``); and, not for
     JSON, ``models`` and ``compiled``: each run's fine-tuned model and its compiled training graph."""
     from vlmopt.models import processing
-    from vlmopt.models.evaluate import evaluate
 
     if not runs:
         raise InputError("finetune needs at least one run")
@@ -224,8 +228,7 @@ def finetune(
         learners.append(_Learner(run, model, config))
     record: dict[str, Any] = {"task": task.name, "config": asdict(config), "runs": []}
     if before_test and config.test_n:
-        result = evaluate(learners[0].model, processor, task, "test", n=config.test_n, batch_size=config.eval_batch_size)
-        record["before"] = {"n": result.n, "accuracy": result.accuracy, "per_family": result.per_family}
+        record["before"] = score_on_test(learners[0].model, processor, task, config)
     for learner in learners:
         learner.evaluate(0, processor, task)
     bar = _progress(config.steps, progress)
