@@ -193,11 +193,13 @@ def analyze_calibration(
     if ivr_layer is not None:
         ivr_layer, ssr_layer = suggest_layers(entropy, [], ivr_layer)
         return StageReport(tuple(entropy), (None,) * len(entropy), (None,) * len(entropy), 1.0, ivr_layer, ssr_layer, "agreement")
-    reference = next_token_probabilities(vlmopt.compile(model, passes=list(before)), batches)
+    reference: list[torch.Tensor] = []
 
     def agreement_and_flops(passes) -> tuple[float, int]:
         compiled = vlmopt.compile(model, passes=passes)
         probabilities = next_token_probabilities(compiled, batches)
+        if not reference:  # utility_curve measures the baseline (the passes ``before``) first
+            reference.extend(probabilities)
         distance = torch.cat([0.5 * (p - q).abs().sum(-1) for p, q in zip(probabilities, reference)])
         return 1.0 - float(distance.mean()), vlmopt.flops(compiled, batches[0]).llm
 
