@@ -36,13 +36,13 @@ DEFAULT_PASSES = ["", "random_prune:keep_ratio=0.5", "pool_prune:keep_ratio=0.25
 
 
 def default_models() -> list[str]:
-    from vlmopt import models
+    from vlmopt import reference
 
     found = []
-    for reference, random in (("tiny-llava", "tiny-llava-random"), ("tiny-qwen25vl", "tiny-qwen25vl-random")):
+    for name, random in (("tiny-llava", "tiny-llava-random"), ("tiny-qwen25vl", "tiny-qwen25vl-random")):
         try:
-            models.path(reference)
-            found.append(reference)
+            reference.path(name)
+            found.append(name)
         except FileNotFoundError:
             found.append(random)
     return found

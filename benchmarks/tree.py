@@ -30,7 +30,7 @@ ENTRIES: tuple[tuple[str, str], ...] = (
     ("vlmopt/train/", "training with compiled models: step, teacher losses, fine-tuning, HF Trainer"),
     ("vlmopt/integrations/", "the lmms-eval plugin (--model vlmopt) and its task export"),
     ("vlmopt/evaluation.py", "the harness behind vlmopt eval: accuracy, retention, cost"),
-    ("vlmopt/models/", "reference models: loading, synthetic tasks, processors, evaluator"),
+    ("vlmopt/reference/", "reference models: loading, synthetic tasks, processors, evaluator"),
     ("models/tiny-llava/", "a shipped reference model: HF checkpoint, model card, training log"),
     ("models/tiny-qwen25vl/", "the same for Qwen2.5-VL"),
     ("models/train/", "training of the reference models: python -m models.train"),

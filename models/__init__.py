@@ -1,7 +1,7 @@
 """The research bench around vlmopt's reference models; checkout-only, not part of the installed package.
 
 The weights of the reference models live beside this package (``models/tiny-llava/``,
-``models/tiny-qwen25vl/``) and are loaded with :func:`vlmopt.models.load`. This package holds what
+``models/tiny-qwen25vl/``) and are loaded with :func:`vlmopt.reference.load`. This package holds what
 made and studies them, and runs from a checkout of the repository (the wheel ships ``vlmopt`` only):
 
 * :mod:`models.train`: train a reference model from scratch and write its directory

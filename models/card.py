@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from vlmopt.models.scenes import ShapesConfig
+from vlmopt.reference.scenes import ShapesConfig
 
 TASK_TEXT = {
     "shapes": "one {size} px image; {lo}–{hi} small saturated shapes (circle, square, triangle, star, cross, diamond × red, "
@@ -152,10 +152,10 @@ def _intro_section(name: str) -> list[str]:
         "how much accuracy visual-token pruning loses; it knows nothing outside these tasks.",
         "",
         "```python",
-        "from vlmopt import models",
-        f'model, processor = models.load("{name}")          # from_pretrained, offline',
-        f'task = models.task_for("{name}", "shapes")',
-        "inputs = models.processing.encode(processor, [task.samples('test', n=1)[0]])",
+        "from vlmopt import reference",
+        f'model, processor = reference.load("{name}")          # from_pretrained, offline',
+        f'task = reference.task_for("{name}", "shapes")',
+        "inputs = reference.processing.encode(processor, [task.samples('test', n=1)[0]])",
         "```",
         "",
     ]
@@ -190,10 +190,10 @@ def _prompt_section(name: str) -> list[str]:
         "tokens; 112 px video frames give 16 tokens per frame pair.",
         "",
         "Videos: transformers' `Qwen2VLVideoProcessor` needs torchvision. Without it, `AutoProcessor` "
-        "cannot build `Qwen2_5_VLProcessor` at all; `vlmopt.models.load` / `processing.load_processor` then "
+        "cannot build `Qwen2_5_VLProcessor` at all; `vlmopt.reference.load` / `processing.load_processor` then "
         "build it without the video processor, and `processing.encode` makes `pixel_values_videos`, "
         "`video_grid_thw` and `second_per_grid_ts` with the HF layout (`processing.qwen_video_inputs`, "
-        "checked against the HF source in `tests/models/test_processing.py`). With torchvision installed, "
+        "checked against the HF source in `tests/reference/test_processing.py`). With torchvision installed, "
         "`AutoProcessor.from_pretrained` loads the full processor from these files.",
         "",
     ]
@@ -232,7 +232,7 @@ def _schedule_text(cfg: dict) -> str:
     return (
         f"{cfg['steps']} AdamW steps (peak lr {cfg['lr']}, {cfg['warmup']} warm-up steps, cosine decay), "
         f"{cfg['batch_size']} images per image step{videos}, weight-init seed {cfg['seed']}. Data are rendered on "
-        "the fly from the `train` split of the seeded generator (`vlmopt.models.tasks`)."
+        "the fly from the `train` split of the seeded generator (`vlmopt.reference.tasks`)."
     )
 
 
@@ -343,10 +343,10 @@ def _accuracy_section(results: dict) -> list[str]:
             *_table(full, control),
             "",
             "```",
-            f"python -m vlmopt.models.evaluate --model {name} --task {task} --n {full['n']}",
+            f"python -m vlmopt.reference.evaluate --model {name} --task {task} --n {full['n']}",
         ]
         if control:
-            lines.append(f"python -m vlmopt.models.evaluate --model {name} --task {task} --n {full['n']} --text-only")
+            lines.append(f"python -m vlmopt.reference.evaluate --model {name} --task {task} --n {full['n']} --text-only")
         lines += ["```", ""]
     return lines
 
@@ -371,7 +371,7 @@ def _targets_section(results: dict) -> list[str]:
         ]
     return lines + [
         "`eval.json` holds these numbers, the validation curve and a fixed small test set "
-        "(`fixed`: first test samples, with each prediction) that `tests/models` re-checks.",
+        "(`fixed`: first test samples, with each prediction) that `tests/reference` re-checks.",
         "",
     ]
 

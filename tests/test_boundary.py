@@ -51,12 +51,12 @@ def run_verbs(verbs: list[list[str]]) -> dict:
 
 
 def reference_model_or_skip() -> str:
-    from vlmopt import models
+    from vlmopt import reference
 
     try:
-        models.path("tiny-llava")
+        reference.path("tiny-llava")
     except FileNotFoundError:
-        pytest.skip(f"tiny-llava weights are not in {models.models_dir()}")
+        pytest.skip(f"tiny-llava weights are not in {reference.models_dir()}")
     return "tiny-llava"
 
 
@@ -141,12 +141,12 @@ def test_the_wheel_ships_the_toolkit_without_the_training_code(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("vlmopt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    runtime = {f"vlmopt/models/{m}.py" for m in ("__init__", "evaluate", "processing", "render", "scenes", "tasks", "videos")}
+    runtime = {f"vlmopt/reference/{m}.py" for m in ("__init__", "evaluate", "processing", "render", "scenes", "tasks", "videos")}
     assert runtime <= names and "vlmopt/cli/__init__.py" in names and "vlmopt/passes/hiprune.py" in names
     assert not [n for n in names if n.startswith(("models/", "benchmarks/", "tests/"))]
-    training = {"vlmopt/models/train.py", "vlmopt/models/arch.py", "vlmopt/models/card.py"}
+    training = {"vlmopt/reference/train.py", "vlmopt/reference/arch.py", "vlmopt/reference/card.py"}
     bench = ("model_probe.py", "tower_count.py", "token_needs.py", "train_step.py")
-    assert not [n for n in names if n in training or n.startswith("vlmopt/models/train/") or n.endswith(bench)]
+    assert not [n for n in names if n in training or n.startswith("vlmopt/reference/train/") or n.endswith(bench)]
 
 
 def test_demo_without_reference_models_says_where_they_are_and_falls_back(tmp_path, monkeypatch, capsys):

@@ -163,7 +163,7 @@ def evaluate(
     visual tokens when given); its ``visual_tokens`` are those in the cache at the question and its
     ``prefill_seconds`` the median time to the first answer token.
     """
-    from vlmopt.models import processing, tasks
+    from vlmopt.reference import processing, tasks
 
     batches = [processing.encode(processor, list(samples[i : i + batch_size])) for i in range(0, len(samples), batch_size)]
     singles = [processing.encode(processor, [samples[i]]) for i in range(min(timing_samples, len(samples)))]

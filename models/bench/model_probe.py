@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from models import train
-from vlmopt import models as reference
-from vlmopt.models import processing, scenes
+from vlmopt import reference
+from vlmopt.reference import processing, scenes
 
 PROBES = {"colour": 0, "shape": 1, "same-colour count": 5, "same-shape count": 6}
 """Probe name → row of :func:`models.train.cell_targets`."""

@@ -25,9 +25,9 @@ import torch
 
 import vlmopt
 from models.train import object_cells, token_cell
-from vlmopt import models as reference
+from vlmopt import reference
 from vlmopt.adapters import adapter_for
-from vlmopt.models import processing, tasks
+from vlmopt.reference import processing, tasks
 from vlmopt.viz import kept_tokens
 
 MODES = ("all tokens", "objects + 1/3 background", "objects only", "evidence objects only", "all but one evidence token")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from models import train
-from vlmopt.models import processing, tasks
+from vlmopt.reference import processing, tasks
 
 
 def tower_tokens(model, tap: train.VisionTap, qwen: bool, inputs: dict) -> torch.Tensor:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from models import train as recipe
-from vlmopt.models import tasks
+from vlmopt.reference import tasks
 
 
 def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:

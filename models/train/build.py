@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models import arch as archs
-from vlmopt.models import processing
+from vlmopt.reference import processing
 
 
 def build_model(

@@ -14,7 +14,7 @@ def start_from(model, directory: Path) -> None:
     which must be the same architecture with the same sizes, or with more LM layers: those are appended
     after the trained ones as identities (attention and MLP output projections zeroed), so the run starts
     from the trained model's exact function."""
-    from vlmopt.models import load
+    from vlmopt.reference import load
 
     trained, _ = load(directory)
     own, theirs = model.state_dict(), trained.state_dict()

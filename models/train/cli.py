@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]
 
 def main(argv: list[str] | None = None) -> None:
     cfg, out = parse_args(argv)
-    from vlmopt.models import models_dir
+    from vlmopt.reference import models_dir
 
     out = out or models_dir() / cfg.model
     results = train(cfg, out, log=lambda *a: print(*a, flush=True))

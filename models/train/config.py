@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models import arch as archs
-from vlmopt.models import scenes, tasks, videos
-from vlmopt.models.scenes import ShapesConfig
-from vlmopt.models.videos import VideoConfig
+from vlmopt.reference import scenes, tasks, videos
+from vlmopt.reference.scenes import ShapesConfig
+from vlmopt.reference.videos import VideoConfig
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from torch import nn
 
 from models.train.config import TrainConfig
 from models.train.targets import COORD_SCALE, COUNT_CLASSES, NEIGHBOUR_ATTRIBUTES
-from vlmopt.models import scenes
-from vlmopt.models.render import COLOURS, SHAPES
+from vlmopt.reference import scenes
+from vlmopt.reference.render import COLOURS, SHAPES
 
 
 class AuxHeads(nn.Module):

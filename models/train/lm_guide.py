@@ -11,7 +11,7 @@ import torch
 
 from models.train.hooks import AttentionTap
 from models.train.targets import answer_starts, object_cells
-from vlmopt.models.render import COLOURS, SHAPES
+from vlmopt.reference.render import COLOURS, SHAPES
 
 
 def guided_middle_layers(num_layers: int) -> list[int]:

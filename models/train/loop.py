@@ -17,12 +17,12 @@ from models.train.config import TASK_CONFIGS, TrainConfig, train_command
 from models.train.governor import ThreadGovernor
 from models.train.schedule import lr_at, phase_task, step_plan, training_batch
 from models.train.step import LossWindow, Run
-from vlmopt.models import processing, tasks
+from vlmopt.reference import processing, tasks
 
 
 def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     """Train, evaluate and write the model directory; returns the ``eval.json`` dict."""
-    from vlmopt.models.evaluate import evaluate
+    from vlmopt.reference.evaluate import evaluate
 
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
 def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds, history, n_params, base_commands, log) -> dict:
     """Save the model directory, then evaluate it and write ``eval.json`` and ``README.md``
     (``base_commands``: the commands that trained the ``--init-from`` weights, first stage first; [] for none)."""
-    from vlmopt.models.evaluate import evaluate
+    from vlmopt.reference.evaluate import evaluate
 
     began = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds,
         json.dumps({name: dataclasses.asdict(t.config) for name, t in task_objs.items()}, indent=2) + "\n"
     )
     # evaluate what was written, loaded back the way users load it
-    from vlmopt.models import load
+    from vlmopt.reference import load
 
     model, processor = load(out_dir)
     results: dict = {
@@ -112,7 +112,7 @@ def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds,
             c = evaluate(model, processor, t, "test", n=cfg.test_n, batch_size=bs, text_only=True)
             log(f"text-only {name}: {c.accuracy:.3f} {c.per_family}; majority {c.majority['overall']:.3f}")
             entry["text_only"] = c.summary()
-        n_fixed = 16 if t.video else 32  # the set tests/models re-checks (kept small: the tests must be fast)
+        n_fixed = 16 if t.video else 32  # the set tests/reference re-checks (kept small: the tests must be fast)
         small = evaluate(model, processor, t, "test", n=n_fixed, batch_size=n_fixed)
         entry["fixed"] = {**small.summary(), "predictions": small.predictions, "correct": small.correct}
         results["test"][name] = entry

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from models.train.config import TrainConfig
-from vlmopt.models import tasks
+from vlmopt.reference import tasks
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -25,7 +25,7 @@ from models.train.targets import (
     training_turns,
 )
 from models.train.tower_guide import neighbour_guide_loss, qwen_windows, tower_guide_loss
-from vlmopt.models import processing, tasks
+from vlmopt.reference import processing, tasks
 
 
 BACKGROUND_DROP_MAX = 0.9

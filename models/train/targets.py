@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlmopt.models import scenes, tasks, videos
-from vlmopt.models.render import COLOURS, SHAPES
+from vlmopt.reference import scenes, tasks, videos
+from vlmopt.reference.render import COLOURS, SHAPES
 
 
 COORD_SCALE = 1000

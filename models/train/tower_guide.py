@@ -11,7 +11,7 @@ from torch import nn
 
 from models.train.hooks import AttentionTap
 from models.train.targets import object_cells
-from vlmopt.models import scenes, tasks
+from vlmopt.reference import scenes, tasks
 
 
 def _object_token_mask(sample: tasks.Sample, cell: int, offset: int) -> torch.Tensor:

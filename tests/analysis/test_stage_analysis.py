@@ -43,11 +43,11 @@ def test_layer_cut_keeps_its_share_from_its_layer(qwen):
 
 
 def test_analysis_and_cli(tmp_path, capsys):
-    from vlmopt import models
+    from vlmopt import reference
     from vlmopt.cli import main
 
-    model, processor = models.load("tiny-llava")
-    samples = models.task_for("tiny-llava", "shapes").samples("validation", n=6)
+    model, processor = reference.load("tiny-llava")
+    samples = reference.task_for("tiny-llava", "shapes").samples("validation", n=6)
     report = analyze_stages(model, processor, samples, keep=0.25, batch_size=6)
     layers = model.config.get_text_config().num_hidden_layers
     assert len(report.entropy) == len(report.utility) == layers and report.utility[0] is None

@@ -16,10 +16,10 @@ def cli(*args, check=True):
 
 
 def test_demo_defaults_to_the_shipped_reference_model():
-    from vlmopt import models
+    from vlmopt import reference
     from vlmopt.cli.demo import default_model
 
-    shipped = (models.models_dir() / "tiny-llava" / "config.json").exists()
+    shipped = (reference.models_dir() / "tiny-llava" / "config.json").exists()
     assert default_model() == ("tiny-llava" if shipped else "tiny-llava-random")
 
 

@@ -2,7 +2,7 @@
 
 The directory is a freshly initialised (untrained) ``tiny-llava`` written the way the training
 script writes one, so these tests run whether or not trained weights are shipped; accuracy itself
-is checked by ``tests/models`` on the shipped models.
+is checked by ``tests/reference`` on the shipped models.
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ from vlmopt.cli import main
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from models import train
-    from vlmopt.models import processing
+    from vlmopt.reference import processing
 
     model, processor, _ = train.build_model("tiny-llava", seed=1)
     out = tmp_path_factory.mktemp("models") / "tiny-llava"

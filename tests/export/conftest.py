@@ -68,7 +68,7 @@ def qwen_three_layers():
 
 
 def _save(model, processor, directory: Path) -> Path:
-    from vlmopt.models import processing
+    from vlmopt.reference import processing
 
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
@@ -80,7 +80,7 @@ def _save(model, processor, directory: Path) -> Path:
 def llava_with_processor(tmp_path_factory) -> Path:
     """A checkpoint directory: tiny LLaVA (56 px images, 16 tokens) with the reference processor."""
     from models import arch
-    from vlmopt.models import processing
+    from vlmopt.reference import processing
 
     processor = processing.build_processor("llava", image_size=56)
     shape = arch.LlavaArch(
@@ -95,7 +95,7 @@ def llava_with_processor(tmp_path_factory) -> Path:
 def qwen_with_processor(tmp_path_factory) -> Path:
     """A checkpoint directory: tiny Qwen2.5-VL (≤ 112 px images) with the reference processor."""
     from models import arch
-    from vlmopt.models import processing
+    from vlmopt.reference import processing
 
     processor = processing.build_processor("qwen", image_size=QWEN_IMAGE)
     shape = arch.QwenArch(
@@ -110,9 +110,9 @@ def qwen_with_processor(tmp_path_factory) -> Path:
 def load(source):
     """(model, processor) of a fixture value: a model, or a checkpoint directory."""
     if isinstance(source, Path):
-        from vlmopt import models
+        from vlmopt import reference
 
-        return models.load(source)
+        return reference.load(source)
     return source, None
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from vlmopt import models
+from vlmopt import reference
 from vlmopt.errors import InputError
 from vlmopt.integrations.lmms_eval import inputs
-from vlmopt.models import processing
+from vlmopt.reference import processing
 
 LMMS_MISSING = "lmms-eval is not installed (pip install 'vlmopt[lmms]', see the README's lmms-eval section)"
 
@@ -21,7 +21,7 @@ LMMS_MISSING = "lmms-eval is not installed (pip install 'vlmopt[lmms]', see the 
 def _random_samples(model: str, task: str, k: int):
     """``k`` test samples at random indices (fresh each run)."""
     indices = np.random.default_rng().choice(100_000, size=k, replace=False)
-    return [models.task_for(model, task).sample("test", int(i)) for i in indices]
+    return [reference.task_for(model, task).sample("test", int(i)) for i in indices]
 
 
 def _visuals(sample):
@@ -30,7 +30,7 @@ def _visuals(sample):
 
 @pytest.mark.parametrize("model, task", [("tiny-llava", "shapes"), ("tiny-qwen25vl", "shapes"), ("tiny-qwen25vl", "shapes-video")])
 def test_inputs_equal_vlmopt_eval_inputs(model, task):
-    processor = processing.load_processor(models.path(model))
+    processor = processing.load_processor(reference.path(model))
     samples = _random_samples(model, task, 3)
     prompts = [inputs.prompt_of(s.question, _visuals(s), max_frames=32) for s in samples]
     ours = inputs.encode(processor, processing.arch_of(model), prompts)
@@ -41,7 +41,7 @@ def test_inputs_equal_vlmopt_eval_inputs(model, task):
 
 
 def test_several_images_per_prompt_and_placeholders():
-    processor = processing.load_processor(models.path("tiny-qwen25vl"))
+    processor = processing.load_processor(reference.path("tiny-qwen25vl"))
     images = [s.pil_image() for s in _random_samples("tiny-qwen25vl", "shapes", 2)]
     batch = inputs.encode(processor, "qwen", [inputs.prompt_of("left <image> right <image> which?", images, 32)])
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -52,7 +52,7 @@ def test_several_images_per_prompt_and_placeholders():
 
 
 def test_unsupported_inputs_give_clear_errors():
-    processor = processing.load_processor(models.path("tiny-llava"))
+    processor = processing.load_processor(reference.path("tiny-llava"))
     frames = np.random.default_rng().integers(0, 255, size=(4, 56, 56, 3), dtype=np.uint8)
     with pytest.raises(InputError, match="only Qwen2.5-VL reads videos"):
         inputs.encode(processor, "llava", [inputs.prompt_of("what?", [frames], 32)])
@@ -68,7 +68,7 @@ def test_export_writes_the_samples_and_a_scorer(tmp_path):
 
     seed = int(np.random.default_rng().integers(1 << 30))
     assert main(["tasks", "export", "--task", "shapes", "--n", "5", "--seed", str(seed), "--out", str(tmp_path)]) == 0
-    expected = models.task_for("tiny-llava", "shapes").samples("test", n=5, seed=seed)
+    expected = reference.task_for("tiny-llava", "shapes").samples("test", n=5, seed=seed)
     data = datasets.load_from_disk(str(tmp_path / "vlmopt_shapes_data"))["test"]
     assert [row["question"] for row in data] == [s.question for s in expected]
     assert [row["answer"] for row in data] == [s.answer for s in expected]
@@ -101,8 +101,8 @@ def test_lmms_eval_evaluator_matches_vlmopt_eval(tmp_path, monkeypatch):
 
     n, prune = 20, "hiprune:keep_ratio=1/3"
     assert main(["tasks", "export", "--task", "shapes", "--n", str(n), "--out", str(tmp_path)]) == 0
-    model, processor = models.load("tiny-llava")
-    samples = models.task_for("tiny-llava", "shapes").samples("test", n=n)
+    model, processor = reference.load("tiny-llava")
+    samples = reference.task_for("tiny-llava", "shapes").samples("test", n=n)
     report = evaluate(model, processor, samples, [[prune]], batch_size=16, timing_samples=1, progress=False)
     manager = TaskManager(include_path=str(tmp_path))
     for passes, expected, kept in [("", report["baseline"], 256), (prune, report["runs"][0], 85)]:
@@ -138,13 +138,13 @@ def test_loglikelihood_is_the_hf_models_and_ranks_answers(tmp_path):
     lmm = VlmoptLMM(pretrained="tiny-llava", batch_size=4)
     samples = _random_samples("tiny-llava", "shapes", 3)
     lmm.task_dict = {"t": {"test": samples}}
-    choices = [list(models.tasks.TASKS["shapes"].families[s.family]) for s in samples]
+    choices = [list(reference.tasks.TASKS["shapes"].families[s.family]) for s in samples]
     requests = [
         Instance("loglikelihood", (s.question, f" {c}", _visuals, i, "t", "test"), idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1})
         for i, (s, options) in enumerate(zip(samples, choices)) for c in options[:2]
     ]
     losses = [r.text for r in lmm.loglikelihood(requests)]
-    model, processor = models.load("tiny-llava")
+    model, processor = reference.load("tiny-llava")
     for request, (loss, greedy) in zip(requests, losses):
         context, continuation, _, doc_id, _, _ = request.args
         sample = samples[doc_id]
@@ -165,6 +165,6 @@ def test_loglikelihood_is_the_hf_models_and_ranks_answers(tmp_path):
 def test_import_vlmopt_does_not_import_lmms_eval():
     import subprocess
 
-    code = "import vlmopt, vlmopt.models, sys; print('lmms_eval' in sys.modules, 'vlmopt.integrations' in sys.modules)"
+    code = "import vlmopt, vlmopt.reference, sys; print('lmms_eval' in sys.modules, 'vlmopt.integrations' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

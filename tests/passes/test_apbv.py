@@ -57,9 +57,9 @@ def test_golden_graph_diff(qwen, golden):
 
 
 def test_generate_on_the_reference_model_video():
-    from vlmopt.models import processing, tasks
+    from vlmopt.reference import processing, tasks
 
-    model, processor = vlmopt.models.load("models/tiny-qwen25vl")
+    model, processor = vlmopt.reference.load("models/tiny-qwen25vl")
     samples = list(tasks.get("needle").samples("test", n=2))
     batch = processing.encode(processor, samples)
     compiled = vlmopt.compile(model, passes=[APBV(hosts=4)])

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from vlmopt.models.processing import build_processor, encode
+from vlmopt.reference.processing import build_processor, encode
 
 
 def qwen_processor():

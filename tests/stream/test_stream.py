@@ -58,11 +58,11 @@ def test_frames_appended_after_a_question_continue_the_video(qwen, compiled, pro
 
 
 def test_shipped_model_needle_answers_match_one_shot():
-    from vlmopt import models
+    from vlmopt import reference
 
-    model, processor = models.load("tiny-qwen25vl")
+    model, processor = reference.load("tiny-qwen25vl")
     compiled = vlmopt.compile(model)
-    for sample in models.task_for("tiny-qwen25vl", "needle").samples("test", n=2):
+    for sample in reference.task_for("tiny-qwen25vl", "needle").samples("test", n=2):
         frames = sample.frames[:32]  # the first half of the needle video keeps the test fast
         stream = compiled.stream(processor=processor)
         stream.append(frames[:16])

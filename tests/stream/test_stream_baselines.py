@@ -70,9 +70,9 @@ def test_frame_subsample_encodes_a_uniform_share_of_whole_patches(qwen, processo
 def test_llava_stream_equals_one_shot_prefill():
     from PIL import Image
 
-    from vlmopt import models
+    from vlmopt import reference
 
-    model, processor = models.load("tiny-llava")
+    model, processor = reference.load("tiny-llava")
     frames = random_frames(2, seed=80, size=224)
     compiled = vlmopt.compile(model)
     question = "what colour is the circle?"

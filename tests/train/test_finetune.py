@@ -18,7 +18,7 @@ def model_dir(tmp_path_factory):
     from transformers import LlavaForConditionalGeneration
 
     from models import arch
-    from vlmopt.models import processing
+    from vlmopt.reference import processing
 
     shape = arch.LlavaArch(image_size=56, vision_hidden=32, vision_layers=2, vision_intermediate=64, text_hidden=64,
                            text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=128)
@@ -35,9 +35,9 @@ def model_dir(tmp_path_factory):
 
 
 def _load(model_dir):
-    from vlmopt import models
+    from vlmopt import reference
 
-    return lambda: models.load(model_dir)
+    return lambda: reference.load(model_dir)
 
 
 def test_cli_trains_standard_and_regate_runs_on_the_same_batches(model_dir, tmp_path, capsys):
@@ -73,7 +73,7 @@ def test_cli_trains_standard_and_regate_runs_on_the_same_batches(model_dir, tmp_
 def test_regate_keeping_every_token_trains_exactly_like_standard(model_dir):
     """Lockstep runs see the same batches: ReGATE with keep=1 (every answer token in the loss, a
     teacher computed on the side) ends with the standard run's weights."""
-    from vlmopt.models import tasks
+    from vlmopt.reference import tasks
 
     task = tasks.get("shapes-relations", size=56, grid=0, objects=(4, 5))
     config = FinetuneConfig(steps=2, batch_size=2, turns=1, eval_every=5, eval_n=2, test_n=0, lr=1e-3, lr_warmup=0)
@@ -86,7 +86,7 @@ def test_regate_keeping_every_token_trains_exactly_like_standard(model_dir):
     assert record["runs"][0]["losses"] == pytest.approx(record["runs"][1]["losses"], rel=1e-5)
     for (name, a), b in zip(standard.state_dict().items(), regate.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
-    assert any(not torch.equal(a, b) for a, b in zip(standard.parameters(), vlmopt.models.load(model_dir)[0].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(standard.parameters(), vlmopt.reference.load(model_dir)[0].parameters()))
 
 
 def test_batch_order_is_seeded_and_covers_each_epoch():

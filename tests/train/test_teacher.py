@@ -78,7 +78,7 @@ def test_another_lm_with_the_same_tokenizer(llava_clip):
 def test_precompute_cli_writes_a_cache_regate_reads(tmp_path, capsys):
     import warnings
 
-    from vlmopt import models
+    from vlmopt import reference
     from vlmopt.cli import main
 
     out = tmp_path / "teacher.pt"
@@ -87,9 +87,9 @@ def test_precompute_cli_writes_a_cache_regate_reads(tmp_path, capsys):
     assert "wrote teacher losses of 3 samples" in capsys.readouterr().out
     cache = vlmopt.train.TeacherCache.load(out)
     assert sorted(cache.losses) == [5, 6, 7] and cache.meta["task"] == "shapes"
-    model, processor = models.load("tiny-llava")
-    samples = list(models.task_for("tiny-llava", "shapes").samples("train", n=3, start=5))
-    batch = models.processing.encode(processor, samples, answers=True)
+    model, processor = reference.load("tiny-llava")
+    samples = list(reference.task_for("tiny-llava", "shapes").samples("train", n=3, start=5))
+    batch = reference.processing.encode(processor, samples, answers=True)
     direct = vlmopt.train.teacher_losses(model, batch)
     # other batching (2 + 1 rows, other padding) than here: equal up to float32 rounding
     torch.testing.assert_close(cache.for_batch([5, 6, 7], batch["labels"]), direct, rtol=1e-5, atol=1e-4)

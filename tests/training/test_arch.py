@@ -7,7 +7,7 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
 
 from models import arch as archs
-from vlmopt.models import processing
+from vlmopt.reference import processing
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from models.bench import token_needs
-from vlmopt import models
-from vlmopt.models import processing
+from vlmopt import reference
+from vlmopt.reference import processing
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
 def test_all_tokens_answer_is_generates_first_token(name):
     """With every visual token kept, ``answer_with`` (features → LM at the original positions; M-RoPE
     for Qwen) gives HF ``generate``'s first token, on random test samples."""
-    model, processor = models.load(name)
-    task = models.task_for(name, "shapes")
+    model, processor = reference.load(name)
+    task = reference.task_for(name, "shapes")
     start = int(np.random.default_rng().integers(0, 400))
     for sample in task.samples("test", n=3, start=start):
         batch = processing.encode(processor, [sample])

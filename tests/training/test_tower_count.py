@@ -10,7 +10,7 @@ import torch
 
 from models import train
 from models.bench import tower_count
-from vlmopt.models import processing, tasks
+from vlmopt.reference import processing, tasks
 
 
 def test_colour_probe_learns_on_a_tower_trained_alone(tmp_path):

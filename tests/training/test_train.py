@@ -12,9 +12,9 @@ import torch
 
 from models import train
 from models.train import tower_guide
-from vlmopt import models as reference
-from vlmopt.models import processing, scenes, tasks
-from vlmopt.models.render import COLOURS, SHAPES
+from vlmopt import reference
+from vlmopt.reference import processing, scenes, tasks
+from vlmopt.reference.render import COLOURS, SHAPES
 
 
 @pytest.fixture(scope="module")

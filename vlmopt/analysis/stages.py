@@ -126,7 +126,7 @@ def layer_entropy(model, batches: list[dict], k: int = 50) -> list[float]:
 def accuracy_and_flops(model, processor, batches, samples, passes) -> tuple[float, int]:
     """(accuracy, LLM prefill FLOPs of the first sample) of ``model`` compiled with ``passes``."""
     import vlmopt
-    from vlmopt.models import evaluate, processing, tasks
+    from vlmopt.reference import evaluate, processing, tasks
 
     compiled = vlmopt.compile(model, passes=passes)
     predicted = [answer for batch in batches for answer in evaluate.answers(compiled, processor, batch)]
@@ -166,7 +166,7 @@ def utility_curve(layers: int, measure: Callable[[list], tuple[float, int]], kee
 
 def analyze_stages(model, processor, samples, keep: float = 0.25, k: int = 50, batch_size: int = 16) -> StageReport:
     """Run the stage analysis of ``model`` on labelled task ``samples`` (see the module docstring)."""
-    from vlmopt.models import processing
+    from vlmopt.reference import processing
 
     samples = list(samples)
     batches = [processing.encode(processor, samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]

@@ -60,13 +60,13 @@ def pass_lists(specs: list[str]) -> list[list[str]]:
 def model_directory(name: str) -> Path | None:
     """The directory of model ``name`` after checking it holds a readable ``config.json``; None for a
     random-weight config name. Raises :class:`InputError` naming the problem and the fix."""
-    from vlmopt import configs, models
+    from vlmopt import configs, reference
 
     if name in configs.CONFIGS:
         return None
-    known = f"pass a Hugging Face model directory, one of {', '.join(models.MODEL_NAMES)}, or a random config ({', '.join(configs.CONFIGS)})"
+    known = f"pass a Hugging Face model directory, one of {', '.join(reference.MODEL_NAMES)}, or a random config ({', '.join(configs.CONFIGS)})"
     try:
-        directory = models.path(name)
+        directory = reference.path(name)
     except FileNotFoundError as error:
         raise InputError(f"{error}; or a random config ({', '.join(configs.CONFIGS)})") from None
     if not directory.is_dir():
@@ -94,10 +94,10 @@ def load_model(name: str) -> LoadedModel:
     directory = model_directory(name)
     if directory is None:
         return LoadedModel(name, configs.build(configs.CONFIGS[name]()))
-    from vlmopt import models
+    from vlmopt import reference
 
     try:
-        model, processor = models.load(directory)
+        model, processor = reference.load(directory)
     except VlmoptError:
         raise
     except Exception as error:  # noqa: BLE001 - from_pretrained raises OSError, ValueError, safetensors errors...
@@ -112,26 +112,26 @@ def load_model(name: str) -> LoadedModel:
 
 def check_task(name: str) -> None:
     """Refuse a task name that no reference task has (before any weights load)."""
-    from vlmopt import models
+    from vlmopt import reference
 
-    if name not in models.TASK_NAMES:
-        raise InputError(f"unknown task {name!r}; known tasks: {', '.join(sorted(models.TASK_NAMES))}")
+    if name not in reference.TASK_NAMES:
+        raise InputError(f"unknown task {name!r}; known tasks: {', '.join(sorted(reference.TASK_NAMES))}")
 
 
 def reference_task(model: str, task: str):
     """Task ``task`` as reference model ``model`` was trained on it (no weights are loaded); a clear
     error for an unknown task, a random-weight config (no processor, no tasks), or a task the model
     was not trained on."""
-    from vlmopt import models
+    from vlmopt import reference
 
     check_task(task)
     if model_directory(model) is None:
         raise InputError(f"{model} is a random-weight config without a processor or tasks; pass a reference model "
-                         f"({', '.join(models.MODEL_NAMES)}) or a local checkpoint")
+                         f"({', '.join(reference.MODEL_NAMES)}) or a local checkpoint")
     try:
-        return models.task_for(model, task)
+        return reference.task_for(model, task)
     except KeyError:
-        file = models.path(model) / "tasks.json"
+        file = reference.path(model) / "tasks.json"
         trained = sorted(json.loads(file.read_text())) if file.exists() else []
         raise InputError(f"{model} was not trained on task {task!r} ({file}); its tasks: {', '.join(trained) or 'none'}") from None
 

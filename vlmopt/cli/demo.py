@@ -28,13 +28,13 @@ def default_model() -> str:
     where the reference models were looked for and how to point at them)."""
     import sys
 
-    from vlmopt import models
+    from vlmopt import reference
 
     try:
-        models.path("tiny-llava")
+        reference.path("tiny-llava")
     except Exception:  # noqa: BLE001 - any failure to find the weights means: use the random config
         print(
-            f"no reference model in {models.models_dir()}: the reference models (tiny-llava, tiny-qwen25vl) are in "
+            f"no reference model in {reference.models_dir()}: the reference models (tiny-llava, tiny-qwen25vl) are in "
             "the models/ directory of a vlmopt checkout; pass --model <that directory>/tiny-llava or set "
             "VLMOPT_MODELS=<that directory>. Using the random-weight tiny-llava-random instead.",
             file=sys.stderr,
@@ -57,15 +57,15 @@ def add_parsers(subparsers) -> None:
 def run_reference(args: argparse.Namespace, loaded) -> int:
     """Questions from the model's test split, answered with and without passes; then the eval table."""
     import vlmopt
-    from vlmopt import models
+    from vlmopt import reference
     from vlmopt.cli.eval_cmd import report_table
     from vlmopt.evaluation import evaluate
-    from vlmopt.models import evaluate as reference
+    from vlmopt.reference import evaluate as reference_eval
 
     lists = [[]] + pass_lists(args.passes or REFERENCE_PASSES)
-    task = models.task_for(args.model, "shapes")
+    task = reference.task_for(args.model, "shapes")
     shown = task.samples("test", n=args.questions)
-    answers = [reference.predict(vlmopt.compile(loaded.model, passes=passes), loaded.processor, shown) for passes in lists]
+    answers = [reference_eval.predict(vlmopt.compile(loaded.model, passes=passes), loaded.processor, shown) for passes in lists]
     rows = [[s.question, s.answer, *(a[i].strip() for a in answers)] for i, s in enumerate(shown)]
     print(f"model: {args.model}, {args.questions} questions from the shapes test split")
     print(markdown_table(["question", "truth", *(" + ".join(p) or "(none)" for p in lists)], rows))

@@ -18,7 +18,7 @@ def add_parsers(subparsers) -> None:
         "indices start .. start+n-1, encoded with their answers (the fine-tuning format).",
     )
     add_model_argument(precompute, required=True)
-    precompute.add_argument("--task", required=True, help="task name (see vlmopt.models.TASK_NAMES)")
+    precompute.add_argument("--task", required=True, help="task name (see vlmopt.reference.TASK_NAMES)")
     precompute.add_argument("--n", type=positive_int, required=True, help="number of training samples")
     precompute.add_argument("--start", type=int, default=0, help="first sample index (default 0)")
     precompute.add_argument("--split", default="train", choices=["train", "validation", "test"])
@@ -28,7 +28,7 @@ def add_parsers(subparsers) -> None:
 
 
 def run_precompute(args: argparse.Namespace) -> int:
-    from vlmopt import models
+    from vlmopt import reference
     from vlmopt.cli.common import load_model
     from vlmopt.errors import VlmoptError
     from vlmopt.train import TeacherCache, teacher_losses
@@ -41,7 +41,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     cache = TeacherCache(meta={"model": str(args.model), "task": args.task, "split": args.split})
     for begin in range(0, len(samples), args.batch_size):
         chunk = list(samples[begin : begin + args.batch_size])
-        batch = models.processing.encode(loaded.processor, chunk, answers=True)
+        batch = reference.processing.encode(loaded.processor, chunk, answers=True)
         cache.add([s.index for s in chunk], batch["labels"], teacher_losses(loaded.model, batch))
     cache.save(args.out)
     tokens = sum(v.numel() for v in cache.losses.values())

@@ -40,12 +40,12 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{args.model} is a random-weight config without a processor; pass a model with one")
         batch = configs.synthetic_batch(loaded.model)
     else:
-        from vlmopt.models import processing
+        from vlmopt.reference import processing
 
         if not args.image:
-            from vlmopt import models
+            from vlmopt import reference
 
-            image = models.task_for(args.model, "shapes").samples("test", n=1)[0].pil_image()
+            image = reference.task_for(args.model, "shapes").samples("test", n=1)[0].pil_image()
         text = processing.prompt(processing.arch_of(loaded.processor), args.prompt)
         batch = dict(loaded.processor(text=[text], images=[image], return_tensors="pt"))
     picture = visualise(compiled, batch, loaded.processor)

@@ -2,7 +2,7 @@
 
 The prompt text comes from the processor's chat template when it has one (one user turn: the image,
 then the question; generation prompt appended), else from the reference models' format
-(:func:`vlmopt.models.processing.prompt`). Images are converted to RGB and, for an export, resized
+(:func:`vlmopt.reference.processing.prompt`). Images are converted to RGB and, for an export, resized
 to the export's fixed size first (a Qwen2.5-VL export is fixed to one image grid).
 """
 
@@ -34,14 +34,14 @@ def load_image(image: Any):
 
 def load_processor(directory: str | Path):
     """The processor saved in ``directory`` (the reference models' loader handles Qwen without torchvision)."""
-    from vlmopt.models.processing import load_processor as load
+    from vlmopt.reference.processing import load_processor as load
 
     return load(directory)
 
 
 def save_processor(processor: Any, directory: str | Path) -> None:
     """Write ``processor`` into ``directory`` so :func:`load_processor` reads it back."""
-    from vlmopt.models.processing import save_processor as save
+    from vlmopt.reference.processing import save_processor as save
 
     try:
         save(processor, Path(directory))
@@ -54,7 +54,7 @@ def prompt_text(processor: Any, family: str, question: str) -> str:
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    from vlmopt.models.processing import prompt
+    from vlmopt.reference.processing import prompt
 
     return prompt("qwen" if family == "qwen2_5_vl" else "llava", question)
 

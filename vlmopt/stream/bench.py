@@ -23,7 +23,7 @@ def stream_bench(config: str, passes: list[str], frames: int, width: float, repe
     import vlmopt
     from vlmopt import configs
     from vlmopt.measure import measure, prefill_runner
-    from vlmopt.models.processing import build_processor, encode
+    from vlmopt.reference.processing import build_processor, encode
 
     make = configs.CONFIGS[config]
     model = configs.build(make(width=width) if "shape" in config else make())

@@ -14,7 +14,7 @@ from typing import Any
 
 def visual_tokens_of(compiled, processor, frames) -> int:
     """Visual tokens the whole video takes in the cache (no eviction)."""
-    from vlmopt.models.processing import _video_config_of, video_grid
+    from vlmopt.reference.processing import _video_config_of, video_grid
 
     config = _video_config_of(processor)
     t, h, w, _, _ = video_grid(frames.shape[0], frames.shape[1], frames.shape[2], config)

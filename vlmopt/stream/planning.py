@@ -56,7 +56,7 @@ class QwenStreamPlanner:
     frame_multiple = 2
 
     def __init__(self, compiled, processor) -> None:
-        from vlmopt.models.processing import _video_config_of
+        from vlmopt.reference.processing import _video_config_of
 
         self.compiled = compiled
         self.tokenizer = processor.tokenizer
@@ -111,7 +111,7 @@ class QwenStreamPlanner:
         """(graph inputs of the chunk stage, the chunk's position ids [3, n]); ``patches`` are the
         frames' temporal patch indices counted from the stream's first frame (gaps where frames were
         dropped)."""
-        from vlmopt.models.processing import qwen_video_inputs
+        from vlmopt.reference.processing import qwen_video_inputs
 
         video = qwen_video_inputs(frames, self.video_cfg)
         t, h, w = (int(v) for v in video["video_grid_thw"][0])

@@ -234,7 +234,7 @@ class Stream:
 
 
 def _processor_of(compiled):
-    from vlmopt.models.processing import load_processor
+    from vlmopt.reference.processing import load_processor
 
     path = getattr(compiled.adapter.model.config, "_name_or_path", "") or ""
     try:

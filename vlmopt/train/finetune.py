@@ -1,7 +1,7 @@
 """Fine-tune a reference VLM on a task with the compiled training graph, several pass lists in lockstep.
 
 >>> runs = [Run("standard", []), Run("regate", [vlmopt.passes.ReGATE(keep=0.25)])]
->>> result = finetune(lambda: models.load("tiny-llava"), task, runs, FinetuneConfig(steps=400))
+>>> result = finetune(lambda: reference.load("tiny-llava"), task, runs, FinetuneConfig(steps=400))
 >>> result["runs"][1]["loss_tokens"], result["runs"][1]["test"]["accuracy"]
 
 Every run starts from its own fresh copy of the model (``load()`` is called once per run) and sees
@@ -9,7 +9,7 @@ the same batches in the same order: step ``s`` of every run trains on the same s
 same extra turns, and the runs take turns step by step, so that a change in the machine's load hits
 them alike and their times per step compare. A training batch is ``batch_size`` samples of the
 task's training split, each encoded with its answer and ``turns`` more (question, answer) turns
-about the same picture (:meth:`vlmopt.models.tasks.Sample.more_questions`), every answer token (the
+about the same picture (:meth:`vlmopt.reference.tasks.Sample.more_questions`), every answer token (the
 word and the end token) labelled: the format the reference models were trained in. The training set
 is the first ``train_n`` samples, reshuffled every epoch with ``seed``.
 
@@ -18,7 +18,7 @@ default teacher: a frozen copy of its model as it is before the first step, text
 (:func:`vlmopt.train.teacher_losses`), computed the first time a sample is seen and cached.
 
 Along the way each run is evaluated on ``eval_n`` validation samples (greedy answers, the reference
-models' evaluation: :func:`vlmopt.models.evaluate.evaluate`) at step 0, every ``eval_every`` steps
+models' evaluation: :func:`vlmopt.reference.evaluate.evaluate`) at step 0, every ``eval_every`` steps
 and at the end; the final model on ``test_n`` test samples. A run records the tokens in the loss
 (the answer tokens that carried it, ``out.active_tokens``) cumulatively, and the seconds of each
 step (forward, backward, optimiser step; not the batch encoding nor the teacher).
@@ -164,7 +164,7 @@ class _Learner:
         return float(out.loss.detach())
 
     def evaluate(self, step: int, processor, task) -> float:
-        from vlmopt.models.evaluate import evaluate
+        from vlmopt.reference.evaluate import evaluate
 
         result = evaluate(self.model, processor, task, "validation", n=self.config.eval_n, batch_size=self.config.eval_batch_size)
         self.record["curve"].append({
@@ -187,7 +187,7 @@ class _Learner:
 
 def score_on_test(model, processor, task, config: FinetuneConfig) -> dict:
     """``{n, accuracy, per_family}`` of ``model`` on the first ``config.test_n`` test samples."""
-    from vlmopt.models.evaluate import evaluate
+    from vlmopt.reference.evaluate import evaluate
 
     result = evaluate(model, processor, task, "test", n=config.test_n, batch_size=config.eval_batch_size)
     return {"n": result.n, "accuracy": result.accuracy, "per_family": result.per_family}
@@ -214,7 +214,7 @@ def finetune(
     ``test_n``) and ``runs`` (per run: ``curve`` [{step, loss_tokens, accuracy, ...}], ``losses``,
     ``step_seconds``, ``median_step_s``, ``loss_tokens``, ``answer_tokens``, ``test``); and, not for
     JSON, ``models`` and ``compiled``: each run's fine-tuned model and its compiled training graph."""
-    from vlmopt.models import processing
+    from vlmopt.reference import processing
 
     if not runs:
         raise InputError("finetune needs at least one run")

@@ -5,7 +5,7 @@ or [T, H, W, 3] (a video's frames), or file paths (images by extension; ``.mp4``
 ``.webm``/``.mkv`` videos, decoded with lmms-eval's PyAV reader). The prompt is the processor's own
 chat template applied to one user turn: the visuals, then the context (or the visuals where the
 context writes ``<image>`` placeholders, one per image), so a reference model sees exactly the prompt
-``vlmopt eval`` gives it (:func:`vlmopt.models.processing.prompt`).
+``vlmopt eval`` gives it (:func:`vlmopt.reference.processing.prompt`).
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def encode(processor, arch: str, prompts: list[Prompt], suffixes: list[str] | No
     prompt ``i``'s text after the chat template (a continuation to score).
 
     Images go through the HF processor. Qwen2.5-VL videos go through the processor's video processor
-    where it has one, else (no torchvision) through :func:`vlmopt.models.processing.qwen_video_inputs`,
-    exactly as :func:`vlmopt.models.processing.encode` does.
+    where it has one, else (no torchvision) through :func:`vlmopt.reference.processing.qwen_video_inputs`,
+    exactly as :func:`vlmopt.reference.processing.encode` does.
     """
-    from vlmopt.models import processing
+    from vlmopt.reference import processing
 
     kinds = {p.kind for p in prompts}
     if len(kinds) > 1:

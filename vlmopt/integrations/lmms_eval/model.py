@@ -67,14 +67,14 @@ def load_pretrained(pretrained: str, dtype) -> tuple[Any, Any]:
     """(model, processor) of a reference model name, a local directory, or a Hub id."""
     from pathlib import Path
 
-    from vlmopt import models
+    from vlmopt import reference
 
     name = str(pretrained)
-    if not Path(name).exists() and name not in models.MODEL_NAMES and name.count("/") == 1:
+    if not Path(name).exists() and name not in reference.MODEL_NAMES and name.count("/") == 1:
         from huggingface_hub import snapshot_download
 
         name = snapshot_download(name)
-    return models.load(name, dtype=dtype)
+    return reference.load(name, dtype=dtype)
 
 
 class VlmoptLMM(lmms):
@@ -113,7 +113,7 @@ class VlmoptLMM(lmms):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise InputError("vlmopt's lmms-eval model runs in one process; start lmms-eval with python -m lmms_eval, "
                              "not accelerate launch / torchrun with several processes")
-        from vlmopt.models import processing
+        from vlmopt.reference import processing
 
         self.specs = [part.strip() for part in _unquote(str(passes or "")).split("+") if part.strip()]
         self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")

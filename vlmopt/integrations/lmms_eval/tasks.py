@@ -10,10 +10,10 @@
 * ``vlmopt_shapes_choice.yaml``: the same samples as a ``multiple_choice`` task (the family's answers
   ranked by the model's loglikelihood);
 * ``utils.py``: ``doc_to_visual`` / ``doc_to_text`` and the scorer, which is vlmopt's own
-  (:func:`vlmopt.models.tasks.score`: the first word of the answer, normalised); metrics
+  (:func:`vlmopt.reference.tasks.score`: the first word of the answer, normalised); metrics
   ``accuracy`` and ``accuracy_<family>``.
 
-The samples are those of ``vlmopt.models.task_for(model, task)`` (the task as ``model`` was trained
+The samples are those of ``vlmopt.reference.task_for(model, task)`` (the task as ``model`` was trained
 on it): the recorded test split (indices ``0..n-1``), or ``n`` indices drawn from ``seed``, like
 ``vlmopt eval --n N [--seed S]``.
 """
@@ -29,7 +29,7 @@ UTILS = '''"""Written by `vlmopt tasks export`: prompt, visuals and scorer of vl
 
 import numpy as np
 
-from vlmopt.models import tasks
+from vlmopt.reference import tasks
 
 
 def doc_to_visual(doc):
@@ -45,7 +45,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    """1.0 if the first word of the answer is right (vlmopt.models.tasks.score), else 0.0; per family too."""
+    """1.0 if the first word of the answer is right (vlmopt.reference.tasks.score), else 0.0; per family too."""
     right = float(tasks.score(results[0], doc["answer"]))
     out = {"accuracy": right}
     for family in FAMILIES[doc["task"]]:
@@ -132,27 +132,27 @@ def _choice_yaml(name: str, data_dir: Path, metadata: dict) -> str:
 def export(task: str, n: int, out: str | Path, model: str = "tiny-llava", seed: int | None = None, name: str | None = None) -> Path:
     """Write reference task ``task`` (``n`` test samples, configured as ``model`` was trained on it)
     as an lmms-eval task under ``out``; returns the YAML's path."""
-    from vlmopt import models
+    from vlmopt import reference
 
     if n < 1:
         raise InputError(f"--n must be ≥ 1, got {n}")
-    if task not in models.TASK_NAMES:
-        raise InputError(f"unknown task {task!r}; known tasks: {', '.join(models.TASK_NAMES)}")
+    if task not in reference.TASK_NAMES:
+        raise InputError(f"unknown task {task!r}; known tasks: {', '.join(reference.TASK_NAMES)}")
     try:
-        reference = models.task_for(model, task)
+        task_obj = reference.task_for(model, task)
     except KeyError as error:
         raise InputError(f"{error.args[0]}; pick --model (tiny-llava: shapes; tiny-qwen25vl: all tasks)") from None
     try:
         import datasets
     except ImportError:
         raise MissingDependencyError('vlmopt tasks export needs the datasets package: pip install "vlmopt[lmms]"') from None
-    samples = reference.samples("test", n=n, seed=seed)
+    samples = task_obj.samples("test", n=n, seed=seed)
     name = name or task_name(task)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     columns = {"task": datasets.Value("string"), "index": datasets.Value("int64"), "family": datasets.Value("string"),
                "question": datasets.Value("string"), "answer": datasets.Value("string")}
-    if reference.video:
+    if task_obj.video:
         columns["frames"] = datasets.Sequence(datasets.Image())
     else:
         columns["image"] = datasets.Image()
@@ -162,7 +162,7 @@ def export(task: str, n: int, out: str | Path, model: str = "tiny-llava", seed: 
         part = [samples[i] for i in range(start, min(n, start + 32))]
         rows = {"task": [task] * len(part), "index": [s.index for s in part], "family": [s.family for s in part],
                 "question": [s.question for s in part], "answer": [s.answer for s in part]}
-        if reference.video:
+        if task_obj.video:
             rows["frames"] = [s.pil_frames() for s in part]
         else:
             rows["image"] = [s.pil_image() for s in part]
@@ -170,8 +170,8 @@ def export(task: str, n: int, out: str | Path, model: str = "tiny-llava", seed: 
     test = datasets.concatenate_datasets(chunks)
     data_dir = out / f"{name}_data"
     datasets.DatasetDict({"test": test}).save_to_disk(str(data_dir))
-    families = list(reference.families)
-    metadata = {"task": task, "model": str(model), "n": n, "seed": seed, "config": repr(reference.config)}
+    families = list(task_obj.families)
+    metadata = {"task": task, "model": str(model), "n": n, "seed": seed, "config": repr(task_obj.config)}
     yaml_path = out / f"{name}.yaml"
     yaml_path.write_text(_yaml(name, data_dir, families, metadata))
     utils = out / "utils.py"
@@ -182,6 +182,6 @@ def export(task: str, n: int, out: str | Path, model: str = "tiny-llava", seed: 
 
 
 def _task_classes():
-    from vlmopt.models import tasks
+    from vlmopt.reference import tasks
 
     return tasks.TASKS.values()

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vlmopt.models import scenes, tasks, videos
+from vlmopt.reference import scenes, tasks, videos
 
 SMALL_VIDEO = {"frames": (32, 40)}
 """Shorter videos keep these tests fast; the generator logic is the same."""
@@ -125,7 +125,7 @@ def test_score_normalises_one_word():
 
 
 def test_vocabulary_covers_every_question():
-    from vlmopt.models.processing import build_tokenizer
+    from vlmopt.reference.processing import build_tokenizer
 
     tok = build_tokenizer("qwen")
     unk = tok.convert_tokens_to_ids("<unk>")
@@ -184,7 +184,7 @@ def test_derived_turns_do_not_depend_on_the_process_string_hashing():
     start = int(np.random.default_rng().integers(0, 1000))
     code = (
         "import numpy as np\n"
-        "from vlmopt.models import scenes, tasks\n"
+        "from vlmopt.reference import scenes, tasks\n"
         "task = tasks.get('shapes', size=224)\n"
         f"for index in range({start}, {start + 12}):\n"
         "    s = task.sample('train', index)\n"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmopt.models.render import COLOURS, SHAPES, Obj, place
+from vlmopt.reference.render import COLOURS, SHAPES, Obj, place
 
 NUMBERS = ("one", "two", "three")
 DIRECTIONS = ("left", "right", "above", "below")

@@ -10,7 +10,7 @@
   two (or three) objects and every other colour on fewer, so the answer is also the colour that
   appears most.
 
-The reference models' tokenizers are word-level over :func:`vlmopt.models.tasks.vocabulary` (which
+The reference models' tokenizers are word-level over :func:`vlmopt.reference.tasks.vocabulary` (which
 has no "of", "which" or "most"): the questions use only words of that vocabulary (the tests check
 the shipped ``tokenizer.json`` files), so no word becomes ``<unk>``.
 """
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmopt.models import scenes
-from vlmopt.models.render import COLOURS, SHAPES, Obj, place
-from vlmopt.models.scenes import DIRECTIONS, NUMBERS, Question, ShapesConfig
+from vlmopt.reference import scenes
+from vlmopt.reference.render import COLOURS, SHAPES, Obj, place
+from vlmopt.reference.scenes import DIRECTIONS, NUMBERS, Question, ShapesConfig
 
 RELATION_FAMILIES: dict[str, tuple[str, ...]] = {
     "neighbour-shape": SHAPES,

@@ -1,16 +1,16 @@
 """Reference VLMs trained on synthetic tasks, shipped in the repository's ``models/`` directory: how to
 load them, their tasks and inputs, and the evaluation harness that scores them.
 
->>> from vlmopt import models
->>> model, processor = models.load("tiny-llava")          # LlavaForConditionalGeneration, eval mode
->>> task = models.task_for("tiny-llava", "shapes")         # the task as the model was trained on it
+>>> from vlmopt import reference
+>>> model, processor = reference.load("tiny-llava")          # LlavaForConditionalGeneration, eval mode
+>>> task = reference.task_for("tiny-llava", "shapes")         # the task as the model was trained on it
 >>> s = task.samples("test", n=500)[0]
->>> inputs = models.processing.encode(processor, [s])
+>>> inputs = reference.processing.encode(processor, [s])
 >>> answer = processor.batch_decode(model.generate(**inputs, max_new_tokens=3)[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
->>> models.tasks.score(answer, s)
+>>> reference.tasks.score(answer, s)
 
 Models: ``tiny-llava`` (images) and ``tiny-qwen25vl`` (images and videos). Tasks: ``shapes``,
-``shapes-video``, ``needle`` (see :mod:`vlmopt.models.tasks`). Submodules load lazily; importing this
+``shapes-video``, ``needle`` (see :mod:`vlmopt.reference.tasks`). Submodules load lazily; importing this
 package imports nothing beyond the standard library (torch/transformers come with :func:`load`).
 
 The code that trained the models (``python -m models.train``) and the research benchmarks about them
@@ -28,7 +28,7 @@ from typing import Any
 MODEL_NAMES = ("tiny-llava", "tiny-qwen25vl")
 """Reference models shipped in ``models/``."""
 TASK_NAMES = ("shapes", "shapes-video", "needle", "shapes-relations")
-"""Synthetic tasks (:mod:`vlmopt.models.tasks`); ``shapes-relations`` asks new questions about the
+"""Synthetic tasks (:mod:`vlmopt.reference.tasks`); ``shapes-relations`` asks new questions about the
 ``shapes`` pictures (no reference model was trained on it: it is for fine-tuning)."""
 _SUBMODULES = ("evaluate", "processing", "relations", "render", "scenes", "tasks", "videos")
 
@@ -65,18 +65,21 @@ def load(name: str | Path, dtype: Any = None) -> tuple[Any, Any]:
     """``(model, processor)`` of a reference model, loaded offline with ``from_pretrained``; model in eval mode.
 
     ``dtype`` defaults to ``torch.float32``. The processor is ``AutoProcessor.from_pretrained``, or
-    for Qwen2.5-VL without torchvision the same processor minus its video processor (see
-    :func:`vlmopt.models.processing.load_processor`); use :func:`vlmopt.models.processing.encode`
+    for Qwen2.5-VL and Qwen3-VL without torchvision the same processor minus its video processor (see
+    :func:`vlmopt.reference.processing.load_processor`); use :func:`vlmopt.reference.processing.encode`
     to turn samples (images or videos) into model inputs.
     """
     import torch
-    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
-    from vlmopt.models.processing import load_processor
+    from vlmopt.reference.processing import load_processor
 
     directory = path(name)
     model_type = json.loads((directory / "config.json").read_text())["model_type"]
-    classes = {"llava": LlavaForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+    classes = {
+        "llava": LlavaForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": Qwen3VLForConditionalGeneration,
+    }
     if model_type not in classes:
         raise ValueError(f"{directory} holds a {model_type!r} model; expected one of {sorted(classes)}")
     model = classes[model_type].from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True)
@@ -86,7 +89,7 @@ def load(name: str | Path, dtype: Any = None) -> tuple[Any, Any]:
 def task_for(name: str | Path, task: str):
     """Task ``task`` configured as model ``name`` was trained and evaluated on it (``tasks.json``);
     ``shapes-relations`` takes the model's ``shapes`` configuration (the same pictures)."""
-    from vlmopt.models import tasks
+    from vlmopt.reference import tasks
 
     if task not in TASK_NAMES:
         raise KeyError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlmopt import models
-from vlmopt.models import relations, scenes, tasks
-from vlmopt.models.render import COLOURS, SHAPES, Obj
+from vlmopt import reference
+from vlmopt.reference import relations, scenes, tasks
+from vlmopt.reference.render import COLOURS, SHAPES, Obj
 
 GOLDEN = Path(__file__).with_name("existing_tasks_golden.json")
 """The first samples of every existing task (question, answer, pixel hash, and for ``shapes`` the
@@ -35,15 +35,15 @@ def test_existing_tasks_samples_are_unchanged():
                 assert [list(t) for t in s.more_questions(3)] == turns
 
 
-@pytest.mark.parametrize("model", models.MODEL_NAMES)
+@pytest.mark.parametrize("model", reference.MODEL_NAMES)
 def test_every_word_is_in_the_shipped_vocabulary(model):
     """Questions and answers of the new families tokenize without <unk> with the models' own tokenizers."""
     from transformers import AutoTokenizer
 
-    vocab = json.loads((models.path(model) / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab = json.loads((reference.path(model) / "tokenizer.json").read_text())["model"]["vocab"]
     assert relations.vocabulary_words() <= set(vocab)
-    tok = AutoTokenizer.from_pretrained(models.path(model), local_files_only=True)
-    task = models.task_for(model, "shapes-relations")
+    tok = AutoTokenizer.from_pretrained(reference.path(model), local_files_only=True)
+    task = reference.task_for(model, "shapes-relations")
     for index in range(24):
         s = task.sample("train", index)
         texts = [s.question, s.answer] + [t for pair in s.more_questions(6, seed=index) for t in pair]
@@ -53,14 +53,14 @@ def test_every_word_is_in_the_shipped_vocabulary(model):
 
 
 def test_task_uses_the_models_shapes_pictures():
-    shapes, new = models.task_for("tiny-llava", "shapes"), models.task_for("tiny-llava", "shapes-relations")
+    shapes, new = reference.task_for("tiny-llava", "shapes"), reference.task_for("tiny-llava", "shapes-relations")
     assert new.config == shapes.config and new.name == "shapes-relations"
     with pytest.raises(KeyError, match="not trained on task 'needle'"):
-        models.task_for("tiny-llava", "needle")
+        reference.task_for("tiny-llava", "needle")
 
 
 def test_answers_are_balanced_and_match_the_oracle():
-    task = models.task_for("tiny-llava", "shapes-relations")
+    task = reference.task_for("tiny-llava", "shapes-relations")
     pairs = tasks.family_answers(task, "test", n=240)
     for family, answers in task.families.items():
         counts = Counter(a for f, a in pairs if f == family)
@@ -103,7 +103,7 @@ def test_oracle_refuses_ambiguous_scenes():
 
 
 def test_training_turns_mix_new_and_old_families_and_are_valid():
-    task = models.task_for("tiny-llava", "shapes-relations")
+    task = reference.task_for("tiny-llava", "shapes-relations")
     new_texts = {
         relations.question("neighbour-shape", (d, (c, s))).text
         for d in scenes.DIRECTIONS for c in COLOURS for s in SHAPES

@@ -1,6 +1,6 @@
 """Seeded synthetic vision-language tasks whose one-word answers need the right visual tokens.
 
->>> from vlmopt.models import tasks
+>>> from vlmopt.reference import tasks
 >>> task = tasks.get("shapes", size=224)
 >>> test = task.samples("test", n=500)        # the recorded test split: indices 0..499, lazy
 >>> s = test[0]; s.question, s.answer, s.family, s.image.shape
@@ -11,7 +11,7 @@ True
 Tasks: ``shapes`` (one image, families colour/shape/count/exist/position), ``shapes-video``
 (streaming video: what is on screen now, what appeared first), ``needle`` (a long video where one
 frame holds the answer) and ``shapes-relations`` (the ``shapes`` pictures, question families the
-reference models were not trained on: :mod:`vlmopt.models.relations`). Each sample is a pure function of (task, config, split, index): the numpy
+reference models were not trained on: :mod:`vlmopt.reference.relations`). Each sample is a pure function of (task, config, split, index): the numpy
 generator is seeded with ``[task code, split base + index]``, and the split bases are disjoint ranges
 (train ``[0, 1e9)``, validation ``[1e9, 1.1e9)``, test ``[2e9, 2.1e9)``). Families take turns
 (``index % n_families``) and answers cycle within a family, so answers are balanced in every split.
@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.models import relations, scenes, videos
-from vlmopt.models.render import COLOURS, SHAPES, Obj, add_noise, background, draw_objects
-from vlmopt.models.scenes import IMAGE_FAMILIES, NUMBERS, PLURALS, ShapesConfig
-from vlmopt.models.videos import NEEDLE_FAMILIES, STREAM_FAMILIES, VideoConfig
+from vlmopt.reference import relations, scenes, videos
+from vlmopt.reference.render import COLOURS, SHAPES, Obj, add_noise, background, draw_objects
+from vlmopt.reference.scenes import IMAGE_FAMILIES, NUMBERS, PLURALS, ShapesConfig
+from vlmopt.reference.videos import NEEDLE_FAMILIES, STREAM_FAMILIES, VideoConfig
 
 SPLIT_BASES = {"train": 0, "validation": 1_000_000_000, "test": 2_000_000_000}
 """First generator seed of each split."""
@@ -206,7 +206,7 @@ class ShapesTask(Task):
 
 class ShapesRelationsTask(ShapesTask):
     """``shapes-relations``: the ``shapes`` pictures with question families the reference models were
-    not trained on (:mod:`vlmopt.models.relations`), for fine-tuning experiments."""
+    not trained on (:mod:`vlmopt.reference.relations`), for fine-tuning experiments."""
 
     name, code = "shapes-relations", 104
     families = relations.RELATION_FAMILIES

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmopt.models import processing, tasks
+from vlmopt.reference import processing, tasks
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +118,11 @@ def test_prompt_for_gives_processor_arguments(llava_processor):
 
 
 def test_models_dir_follows_the_environment(monkeypatch, tmp_path):
-    from vlmopt import models
+    from vlmopt import reference
 
     monkeypatch.setenv("VLMOPT_MODELS", str(tmp_path))
-    assert models.models_dir() == tmp_path
+    assert reference.models_dir() == tmp_path
     with pytest.raises(FileNotFoundError, match="known models are tiny-llava, tiny-qwen25vl"):
-        models.path("tiny-llava")
+        reference.path("tiny-llava")
     monkeypatch.delenv("VLMOPT_MODELS")
-    assert models.models_dir().name == "models"
+    assert reference.models_dir().name == "models"

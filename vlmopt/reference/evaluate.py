@@ -1,7 +1,7 @@
 """Accuracy of a reference model on a task: greedy ``generate(max_new_tokens=3)`` then :func:`tasks.score`.
 
-    python -m vlmopt.models.evaluate --model tiny-llava --task shapes --n 500
-    python -m vlmopt.models.evaluate --model tiny-llava --task shapes --n 500 --text-only
+    python -m vlmopt.reference.evaluate --model tiny-llava --task shapes --n 500
+    python -m vlmopt.reference.evaluate --model tiny-llava --task shapes --n 500 --text-only
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from vlmopt.models import processing, tasks
+from vlmopt.reference import processing, tasks
 
 
 @dataclass
@@ -49,7 +49,7 @@ class EvalResult:
 
 @torch.no_grad()
 def answers(model, processor, batch: dict, max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers of ``model`` to an encoded ``batch`` (:func:`vlmopt.models.processing.encode`)."""
+    """Greedy answers of ``model`` to an encoded ``batch`` (:func:`vlmopt.reference.processing.encode`)."""
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -106,7 +106,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vlmopt import models
+    from vlmopt import reference
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava", help="reference model name or model directory")
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, processor = models.load(args.model)
-    task = models.task_for(args.model, args.task)
+    model, processor = reference.load(args.model)
+    task = reference.task_for(args.model, args.task)
     result = evaluate(model, processor, task, args.split, args.n, args.batch_size, args.text_only)
     print(json.dumps(result.summary(), indent=2))
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmopt.models.render import COLOURS, SHAPES, Obj, add_noise, background, draw_objects, object_rgb
-from vlmopt.models.scenes import NUMBERS
+from vlmopt.reference.render import COLOURS, SHAPES, Obj, add_noise, background, draw_objects, object_rgb
+from vlmopt.reference.scenes import NUMBERS
 
 STREAM_FAMILIES: dict[str, tuple[str, ...]] = {
     "first-colour": COLOURS,

@@ -6,18 +6,23 @@ Prompt formats (the answer is one word, then the end-of-sequence token):
   ``<image>`` to one token per patch, 256 for 224 px / patch 14).
 * Qwen2.5-VL: ``<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n``
   → ``{answer}<|im_end|>`` (``<|video_pad|>`` for a video; expanded to one token per merged patch).
+* Qwen3-VL: the same text; a video's ``<|vision_start|><|video_pad|><|vision_end|>`` becomes, per
+  temporal patch, ``<{t:.1f} seconds><|vision_start|><|video_pad|>*n<|vision_end|>`` (the
+  patch's mean frame time, as ``Qwen3VLProcessor`` writes it).
 
 The tokenizer is word-level (``tokenizers`` WordLevel, lower-casing, whitespace + punctuation
-pre-tokenizer) over :func:`vlmopt.models.tasks.vocabulary`.
+pre-tokenizer) over :func:`vlmopt.reference.tasks.vocabulary`; Qwen3-VL's also splits digits one by
+one and knows the words of its video timestamps (:data:`TIMESTAMP_WORDS`).
 
 Qwen2.5-VL videos: transformers' ``Qwen2VLVideoProcessor`` needs torchvision, which is not
 installed here, and ``Qwen2_5_VLProcessor`` then cannot even be constructed (its class check looks
 the video processor up). :func:`load_processor` builds it without a video processor in that case,
 and :func:`qwen_video_inputs` turns frames into ``pixel_values_videos`` / ``video_grid_thw`` /
 ``second_per_grid_ts`` with exactly the HF video processor's resize rule, normalisation and patch
-layout (``tests/models`` checks the layout against the HF source). The saved
+layout (``tests/reference`` checks the layout against the HF source). The saved
 ``video_preprocessor_config.json`` lets ``AutoProcessor`` load the full processor where torchvision
-is installed.
+is installed. Qwen3-VL (``Qwen3VLProcessor``, ``Qwen3VLVideoProcessor``) is handled the same way; its
+video inputs have no ``second_per_grid_ts`` (the timestamps are in the prompt instead).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ QWEN_SPECIAL = (
     "<|image_pad|>", "<|video_pad|>", "<unk>",
 )
 TEMPLATE_WORDS = ("\n", "user", "assistant", ":")
+TIMESTAMP_WORDS = ("<", ">", ".", "seconds", *"0123456789")
+"""What Qwen3-VL's ``<{t:.1f} seconds>`` timestamps split into (digits one by one, so any length fits)."""
+QWEN_ARCHS = ("qwen", "qwen3_vl")
+"""Architectures with Qwen's prompt format, merged visual tokens, M-RoPE and ``mm_token_type_ids``."""
 QWEN_VIDEO_FPS = 2.0
 """Frames per second the Qwen video inputs declare: one temporal patch (2 frames) = 1 s."""
 
@@ -57,11 +66,13 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def arch_of(processor_or_name: Any) -> str:
-    """``"llava"`` or ``"qwen"`` for a processor, a model, a model name or a model path."""
+    """``"llava"``, ``"qwen"`` (Qwen2.5-VL) or ``"qwen3_vl"`` for a processor, a model, a model name or a model path."""
     if isinstance(processor_or_name, (str, Path)):
         text = str(processor_or_name).lower()
-        return "qwen" if "qwen" in text else "llava"
+        return "qwen3_vl" if "qwen3" in text else "qwen" if "qwen" in text else "llava"
     name = type(processor_or_name).__name__.lower()
+    if "qwen3" in name:
+        return "qwen3_vl"
     if "qwen" in name:
         return "qwen"
     if "llava" in name:
@@ -70,18 +81,22 @@ def arch_of(processor_or_name: Any) -> str:
 
 
 def build_tokenizer(arch: str):
-    """A word-level ``PreTrainedTokenizerFast`` for ``arch`` ("llava" or "qwen")."""
+    """A word-level ``PreTrainedTokenizerFast`` for ``arch`` ("llava", "qwen" or "qwen3_vl")."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from vlmopt.models.tasks import vocabulary
+    from vlmopt.reference.tasks import vocabulary
 
     special = LLAVA_SPECIAL if arch == "llava" else QWEN_SPECIAL
     words = list(TEMPLATE_WORDS) + [w for w in vocabulary() if w not in TEMPLATE_WORDS]
+    splits = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    if arch == "qwen3_vl":
+        words += [w for w in TIMESTAMP_WORDS if w not in words]
+        splits.append(pre_tokenizers.Digits(individual_digits=True))
     vocab = {token: i for i, token in enumerate([*special, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
@@ -102,7 +117,12 @@ def build_tokenizer(arch: str):
 
 
 def build_processor(arch: str, image_size: int, video_size: int = 112):
-    """The HF processor of a reference model (LlavaProcessor / Qwen2_5_VLProcessor)."""
+    """The HF processor of a reference model (LlavaProcessor / Qwen2_5_VLProcessor / Qwen3VLProcessor).
+
+    Qwen3-VL keeps the 14 px patches of the reference models (Qwen3-VL's own default is 16) and
+    Qwen3-VL's image normalisation (mean and std 0.5); ``image_size`` is the largest image side kept,
+    ``video_size`` the frame side.
+    """
     tokenizer = build_tokenizer(arch)
     if arch == "llava":
         from transformers import CLIPImageProcessorPil, LlavaProcessor
@@ -117,15 +137,29 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
         )
     from transformers import Qwen2VLImageProcessorPil
 
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=image_size * image_size)
-    processor = _qwen_processor(image_processor, tokenizer, QWEN_CHAT_TEMPLATE)
-    processor._vlmopt_video_cfg = video_config(video_size)
+    if arch == "qwen3_vl":
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=QWEN3_PATCH, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56,
+            max_pixels=image_size * image_size, image_mean=list(QWEN3_MEAN), image_std=list(QWEN3_STD),
+        )
+    else:
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=image_size * image_size)
+    processor = _qwen_processor(image_processor, tokenizer, QWEN_CHAT_TEMPLATE, arch=arch)
+    processor._vlmopt_video_cfg = video_config(video_size, arch)
     return processor
 
 
-def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None):
-    """``Qwen2_5_VLProcessor``; without a video processor its class check is skipped for that slot."""
-    from transformers import Qwen2_5_VLProcessor
+QWEN3_PATCH = 14
+"""Patch side of the Qwen3-VL reference model: 448 px images give 32×32 patches → 256 merged tokens,
+as many as Qwen2.5-VL's (Qwen3-VL checkpoints use 16)."""
+QWEN3_MEAN = QWEN3_STD = (0.5, 0.5, 0.5)
+"""Qwen3-VL's image and video normalisation (``IMAGENET_STANDARD_MEAN`` / ``_STD``)."""
+
+
+def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None, arch: str = "qwen"):
+    """``Qwen2_5_VLProcessor`` (``arch="qwen"``) or ``Qwen3VLProcessor`` (``"qwen3_vl"``); without a
+    video processor its class check is skipped for that slot."""
+    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
     check = ProcessorMixin.check_argument_for_proper_class
@@ -133,16 +167,33 @@ def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=N
     def lenient(self, name, arg):
         return None if name == "video_processor" and arg is None else check(self, name, arg)
 
+    cls = Qwen3VLProcessor if arch == "qwen3_vl" else Qwen2_5_VLProcessor
     with unittest.mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lenient):
-        return Qwen2_5_VLProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=chat_template
-        )
+        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=chat_template)
 
 
-def video_config(video_size: int) -> dict:
-    """``video_preprocessor_config.json`` of the Qwen reference model (frames of ``video_size`` px)."""
+QWEN3_MAX_FRAMES = 768
+"""Most frames a Qwen3-VL reference clip keeps at full frame size (``Qwen3VLVideoProcessor.max_frames``):
+its size bounds count the pixels of all frames together."""
+
+
+def video_config(video_size: int, arch: str = "qwen") -> dict:
+    """``video_preprocessor_config.json`` of a Qwen reference model (frames of ``video_size`` px;
+    ``arch`` "qwen" or "qwen3_vl")."""
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+    if arch == "qwen3_vl":
+        return {
+            "video_processor_type": "Qwen3VLVideoProcessor",
+            "processor_class": "Qwen3VLProcessor",
+            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(QWEN3_MEAN), "image_std": list(QWEN3_STD), "do_convert_rgb": True,
+            # Qwen3VLVideoProcessor bounds t·h·w over the whole clip (Qwen2-VL's bound one frame)
+            "size": {"shortest_edge": 2 * 56 * 56, "longest_edge": QWEN3_MAX_FRAMES * video_size * video_size},
+            "patch_size": QWEN3_PATCH, "temporal_patch_size": 2, "merge_size": 2,
+            "do_sample_frames": False, "fps": QWEN_VIDEO_FPS, "cap_pixels_per_frame": False,
+            "max_frames": QWEN3_MAX_FRAMES, "resample": 3, "return_metadata": True,
+        }
     return {
         "video_processor_type": "Qwen2VLVideoProcessor",
         "processor_class": "Qwen2_5_VLProcessor",
@@ -163,14 +214,14 @@ def save_processor(processor, path: Path) -> None:
         return
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
-    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n")
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": type(processor).__name__}, indent=2) + "\n")
     (path / "chat_template.jinja").write_text(processor.chat_template)
     (path / "video_preprocessor_config.json").write_text(json.dumps(_video_config_of(processor), indent=2) + "\n")
 
 
 def load_processor(path: str | Path):
-    """``AutoProcessor.from_pretrained(path)``; for Qwen without torchvision, the same processor
-    assembled from the saved tokenizer, image processor and chat template, minus the video processor."""
+    """``AutoProcessor.from_pretrained(path)``; for Qwen2.5-VL or Qwen3-VL without torchvision, the same
+    processor assembled from the saved tokenizer, image processor and chat template, minus the video processor."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     path = Path(path)
@@ -181,32 +232,46 @@ def load_processor(path: str | Path):
         if "torchvision" not in str(error).lower() or not video_file.exists():
             raise
         template = path / "chat_template.jinja"
+        saved_class = json.loads((path / "processor_config.json").read_text()).get("processor_class", "")
         processor = _qwen_processor(
             AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-            template.read_text() if template.exists() else None,
+            template.read_text() if template.exists() else None, arch=arch_of(saved_class),
         )
     if video_file.exists():
         processor._vlmopt_video_cfg = json.loads(video_file.read_text())
     return processor
 
 
-def video_grid(num_frames: int, height: int, width: int, video_cfg: dict) -> tuple[int, int, int, int, int]:
-    """(grid_t, grid_h, grid_w, resized_h, resized_w) the Qwen2-VL video processor gives a clip."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+def _is_qwen3(video_cfg: dict) -> bool:
+    return video_cfg.get("video_processor_type") == "Qwen3VLVideoProcessor"
 
+
+def video_grid(num_frames: int, height: int, width: int, video_cfg: dict) -> tuple[int, int, int, int, int]:
+    """(grid_t, grid_h, grid_w, resized_h, resized_w) the Qwen2-VL or Qwen3-VL video processor
+    (``video_cfg["video_processor_type"]``) gives a clip."""
     factor = video_cfg["patch_size"] * video_cfg["merge_size"]
-    h, w = smart_resize(height, width, factor=factor, min_pixels=video_cfg["size"]["shortest_edge"], max_pixels=video_cfg["size"]["longest_edge"])
+    bounds = {"min_pixels": video_cfg["size"]["shortest_edge"], "max_pixels": video_cfg["size"]["longest_edge"]}
+    if _is_qwen3(video_cfg):
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_resize
+
+        h, w = qwen3_resize(num_frames, height, width, temporal_factor=video_cfg["temporal_patch_size"], factor=factor, **bounds)
+    else:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        h, w = smart_resize(height, width, factor=factor, **bounds)
     t = -(-num_frames // video_cfg["temporal_patch_size"])
     return t, h // video_cfg["patch_size"], w // video_cfg["patch_size"], h, w
 
 
 def qwen_video_inputs(frames: np.ndarray, video_cfg: dict) -> dict[str, torch.Tensor]:
-    """Qwen2.5-VL video inputs for one clip, as ``Qwen2VLVideoProcessor`` + ``Qwen2_5_VLProcessor`` make them.
+    """Qwen video inputs for one clip, as ``Qwen2VLVideoProcessor`` + ``Qwen2_5_VLProcessor`` make them
+    (or ``Qwen3VLVideoProcessor`` + ``Qwen3VLProcessor`` for a Qwen3-VL ``video_cfg``: the same layout).
 
-    ``frames``: uint8 [T, H, W, 3]. Returns ``pixel_values_videos`` [t·h·w, 3·2·14·14] (float32),
-    ``video_grid_thw`` [1, 3] = (t, h, w) with t = ceil(T / 2) (an odd clip repeats its last frame),
-    and ``second_per_grid_ts`` [1] = temporal_patch_size / fps. Frames whose size is not already a
-    multiple of 28 within the pixel bounds are resized with PIL bicubic (HF uses torchvision bicubic).
+    ``frames``: uint8 [T, H, W, 3]. Returns ``pixel_values_videos`` [t·h·w, 3·2·p·p] (float32, p the
+    patch side), ``video_grid_thw`` [1, 3] = (t, h, w) with t = ceil(T / 2) (an odd clip repeats its
+    last frame), and for Qwen2.5-VL ``second_per_grid_ts`` [1] = temporal_patch_size / fps (Qwen3-VL
+    writes :func:`video_timestamps` into the prompt instead). Frames whose size is not already a
+    multiple of 2p within the pixel bounds are resized with PIL bicubic (HF uses torchvision bicubic).
     """
     T, H, W, _ = frames.shape
     _, grid_h, grid_w, h, w = video_grid(T, H, W, video_cfg)
@@ -226,11 +291,27 @@ def qwen_video_inputs(frames: np.ndarray, video_cfg: dict) -> dict[str, torch.Te
     patches = x.view(1, grid_t, tp, 3, grid_h // ms, ms, ps, grid_w // ms, ms, ps)
     patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
     flat = patches.reshape(grid_t * grid_h * grid_w, 3 * tp * ps * ps)
-    return {
-        "pixel_values_videos": flat,
-        "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]]),
-        "second_per_grid_ts": torch.tensor([tp / video_cfg["fps"]]),
-    }
+    out = {"pixel_values_videos": flat, "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]])}
+    if not _is_qwen3(video_cfg):
+        out["second_per_grid_ts"] = torch.tensor([tp / video_cfg["fps"]])
+    return out
+
+
+def video_timestamps(num_frames: int, video_cfg: dict) -> list[float]:
+    """Seconds of each temporal patch of a clip of ``num_frames`` consecutive frames at
+    ``video_cfg["fps"]``: the mean time of its first and last frame (an odd clip repeats its last
+    frame), as ``Qwen3VLProcessor._calculate_timestamps`` computes them."""
+    tp, fps = video_cfg["temporal_patch_size"], video_cfg["fps"]
+    indices = list(range(num_frames)) + [num_frames - 1] * (-num_frames % tp)
+    return [(indices[i] / fps + indices[i + tp - 1] / fps) / 2 for i in range(0, len(indices), tp)]
+
+
+def qwen3_video_placeholder(num_frames: int, grid_thw: torch.Tensor, video_cfg: dict) -> str:
+    """The prompt text of one Qwen3-VL clip: per temporal patch ``<{t:.1f} seconds>`` then its
+    ``<|vision_start|><|video_pad|>…<|vision_end|>`` (one ``<|video_pad|>`` per merged token)."""
+    per_patch = int(grid_thw[1] * grid_thw[2]) // video_cfg["merge_size"] ** 2
+    frame = "<|vision_start|>" + "<|video_pad|>" * per_patch + "<|vision_end|>"
+    return "".join(f"<{t:.1f} seconds>{frame}" for t in video_timestamps(num_frames, video_cfg))
 
 
 def prompt(arch: str, question: str, video: bool = False) -> str:
@@ -257,7 +338,8 @@ def prompt_for(processor_or_model_name: Any, sample) -> dict[str, Any]:
     """Keyword arguments for the processor: ``text`` and ``images`` (PIL) or ``videos`` (uint8 [T, H, W, 3]).
 
     Videos need :func:`encode` here (no torchvision → no HF video processor); with torchvision,
-    ``processor(**prompt_for(processor, sample), return_tensors="pt")`` works for both.
+    ``processor(**prompt_for(processor, sample), return_tensors="pt")`` works for both (Qwen3-VL's
+    timestamps also need the clip's ``video_metadata``: fps 2, every frame).
     """
     arch = arch_of(processor_or_model_name)
     text = prompt(arch, sample.question, video=sample.is_video)
@@ -268,11 +350,11 @@ def prompt_for(processor_or_model_name: Any, sample) -> dict[str, Any]:
 
 def _video_config_of(processor) -> dict:
     """The video settings :func:`load_processor` / :func:`build_processor` attached (else 112 px defaults)."""
-    return getattr(processor, "_vlmopt_video_cfg", None) or video_config(112)
+    return getattr(processor, "_vlmopt_video_cfg", None) or video_config(112, arch_of(processor))
 
 
 def qwen_token_types(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
-    """Qwen2.5-VL's ``mm_token_type_ids`` [B, S]: 0 text, 1 image, 2 video tokens (M-RoPE reads them)."""
+    """Qwen's ``mm_token_type_ids`` [B, S]: 0 text, 1 image, 2 video tokens (M-RoPE reads them)."""
     types = torch.zeros_like(input_ids)
     types[input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
     types[input_ids == tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
@@ -282,7 +364,8 @@ def qwen_token_types(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for a batch of samples (all images or all videos), left-padded for ``generate``.
 
-    Qwen outputs include ``mm_token_type_ids`` (0 text, 1 image, 2 video). ``answers=True`` appends
+    Qwen outputs include ``mm_token_type_ids`` (0 text, 1 image, 2 video); Qwen3-VL prompts carry
+    each temporal patch's timestamp (:func:`qwen3_video_placeholder`). ``answers=True`` appends
     each sample's answer + end token and adds ``labels`` (-100 everywhere but the answer tokens) —
     the training format; ``turns[i]`` then adds more (question, answer) turns to sample ``i``'s
     conversation, their answers labelled too.
@@ -301,12 +384,17 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
         cfg = _video_config_of(processor)
         clips = [qwen_video_inputs(s.frames, cfg) for s in samples]
         merge = cfg["merge_size"] ** 2
-        texts = [t.replace("<|video_pad|>", "<|video_pad|>" * (int(c["video_grid_thw"].prod()) // merge)) for t, c in zip(texts, clips)]
+        if arch == "qwen3_vl":
+            wrapper = "<|vision_start|><|video_pad|><|vision_end|>"
+            texts = [t.replace(wrapper, qwen3_video_placeholder(len(s.frames), c["video_grid_thw"][0], cfg)) for t, s, c in zip(texts, samples, clips)]
+        else:
+            texts = [t.replace("<|video_pad|>", "<|video_pad|>" * (int(c["video_grid_thw"].prod()) // merge)) for t, c in zip(texts, clips)]
         out = dict(tok(texts, return_tensors="pt", padding=True))
         out["pixel_values_videos"] = torch.cat([c["pixel_values_videos"] for c in clips])
         out["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
-        out["second_per_grid_ts"] = torch.cat([c["second_per_grid_ts"] for c in clips])
-    if arch == "qwen" and "mm_token_type_ids" not in out:
+        if "second_per_grid_ts" in clips[0]:
+            out["second_per_grid_ts"] = torch.cat([c["second_per_grid_ts"] for c in clips])
+    if arch in QWEN_ARCHS and "mm_token_type_ids" not in out:
         out["mm_token_type_ids"] = qwen_token_types(tok, out["input_ids"])
     if answers:
         rows = []
