@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,20 @@ def llava_processor():
     return processing.build_processor("llava", 224)
 
 
-def _hf_video_patchify():
-    """``Qwen2VLVideoProcessor.patchify`` compiled from the installed transformers source (its module
-    imports torchvision, so it cannot be imported here; the method itself only uses torch)."""
-    import transformers.models.qwen2_vl as pkg
+@pytest.fixture(scope="module")
+def qwen3_processor():
+    return processing.build_processor("qwen3_vl", 448, 112)
 
-    source = (Path(inspect.getfile(pkg)).parent / "video_processing_qwen2_vl.py").read_text()
+
+def _hf_video_patchify(package: str = "qwen2_vl", class_name: str = "Qwen2VLVideoProcessor"):
+    """``<class_name>.patchify`` compiled from the installed transformers source (its module
+    imports torchvision, so it cannot be imported here; the method itself only uses torch)."""
+    import importlib
+
+    pkg = importlib.import_module(f"transformers.models.{package}")
+    source = (Path(inspect.getfile(pkg)).parent / f"video_processing_{package}.py").read_text()
     tree = ast.parse(source)
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Qwen2VLVideoProcessor")
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
     fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "patchify")
     fn.decorator_list = []
     module = ast.Module(body=[fn], type_ignores=[])
@@ -88,9 +95,9 @@ def test_llava_encode_expands_256_image_tokens(llava_processor):
     assert batch["pixel_values"].shape == (1, 3, 224, 224)
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen"])
-def test_training_labels_cover_only_the_answer(arch, llava_processor, qwen_processor):
-    processor = llava_processor if arch == "llava" else qwen_processor
+@pytest.mark.parametrize("arch", ["llava", "qwen", "qwen3_vl"])
+def test_training_labels_cover_only_the_answer(arch, llava_processor, qwen_processor, qwen3_processor):
+    processor = {"llava": llava_processor, "qwen": qwen_processor, "qwen3_vl": qwen3_processor}[arch]
     samples = [tasks.get("shapes", size=224 if arch == "llava" else 448).sample("test", i) for i in range(3)]
     batch = processing.encode(processor, samples, answers=True)
     tok = processor.tokenizer
@@ -100,9 +107,9 @@ def test_training_labels_cover_only_the_answer(arch, llava_processor, qwen_proce
     assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every row ends with its answer
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen"])
-def test_chat_template_matches_the_prompt(arch, llava_processor, qwen_processor):
-    processor = llava_processor if arch == "llava" else qwen_processor
+@pytest.mark.parametrize("arch", ["llava", "qwen", "qwen3_vl"])
+def test_chat_template_matches_the_prompt(arch, llava_processor, qwen_processor, qwen3_processor):
+    processor = {"llava": llava_processor, "qwen": qwen_processor, "qwen3_vl": qwen3_processor}[arch]
     q = "what colour is the star?"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -126,3 +133,102 @@ def test_models_dir_follows_the_environment(monkeypatch, tmp_path):
         reference.path("tiny-llava")
     monkeypatch.delenv("VLMOPT_MODELS")
     assert reference.models_dir().name == "models"
+
+
+def test_arch_of_tells_qwen3_from_qwen25_and_llava(qwen3_processor, qwen_processor, llava_processor):
+    assert processing.arch_of(qwen3_processor) == "qwen3_vl"
+    assert processing.arch_of(qwen_processor) == "qwen"
+    assert processing.arch_of(llava_processor) == "llava"
+    for name, arch in (("tiny-qwen3vl", "qwen3_vl"), ("models/tiny-qwen3vl-random", "qwen3_vl"), ("Qwen/Qwen3-VL-8B", "qwen3_vl"),
+                       ("tiny-qwen25vl", "qwen"), ("tiny-llava", "llava")):
+        assert processing.arch_of(name) == arch
+        assert processing.arch_of(Path(name)) == arch
+
+
+@pytest.mark.parametrize("frames", [4, 9])
+def test_qwen3_video_layout_matches_hf_video_processor(frames):
+    """Qwen3-VL clips: the HF Qwen3-VL patch layout at the reference model's 14 px patches, its
+    normalisation, its clip-wide size bound (112 px frames kept), and no ``second_per_grid_ts``."""
+    rng = np.random.default_rng(int(torch.randint(0, 10_000, ())))
+    clip = rng.integers(0, 256, (frames, 112, 112, 3), dtype=np.uint8)
+    cfg = processing.video_config(112, "qwen3_vl")
+    ours = processing.qwen_video_inputs(clip, cfg)
+    x = torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 255
+    ref, t, h, w = _hf_video_patchify("qwen3_vl", "Qwen3VLVideoProcessor")(None, ((x - 0.5) / 0.5)[None], 14, 2, 2)
+    assert torch.allclose(ours["pixel_values_videos"], ref[0], atol=1e-6)
+    assert ours["video_grid_thw"].tolist() == [[t, h, w]] == [[(frames + 1) // 2, 8, 8]]
+    assert "second_per_grid_ts" not in ours
+    longest = processing.QWEN3_MAX_FRAMES
+    assert processing.video_grid(longest, 112, 112, cfg)[1:] == (8, 8, 112, 112)
+
+
+def test_qwen3_timestamps_and_placeholders_are_hf_qwen3s(qwen3_processor):
+    """Each temporal patch's timestamp is ``Qwen3VLProcessor._calculate_timestamps``'s, and a clip's
+    prompt text is what ``Qwen3VLProcessor.replace_video_token`` writes for it (fps 2, every frame)."""
+    import copy
+    import types
+
+    from transformers import Qwen3VLProcessor
+    from transformers.video_utils import VideoMetadata
+
+    cfg = processing.video_config(112, "qwen3_vl")
+    hf = copy.copy(qwen3_processor)
+    hf.video_processor = types.SimpleNamespace(merge_size=2, temporal_patch_size=2)
+    for frames in torch.randint(2, 300, (6,)).tolist() + [1, 2, 3]:
+        theirs = Qwen3VLProcessor._calculate_timestamps(hf, list(range(frames)), cfg["fps"], 2)
+        assert processing.video_timestamps(frames, cfg) == theirs
+        grid = torch.tensor([[(frames + 1) // 2, 8, 8]])
+        metadata = VideoMetadata(total_num_frames=frames, fps=cfg["fps"], frames_indices=list(range(frames)))
+        expected = hf.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, 0)
+        assert processing.qwen3_video_placeholder(frames, grid[0], cfg) == expected
+
+
+def test_qwen3_tokenizer_knows_every_timestamp_word(qwen3_processor):
+    """No timestamp of any clip up to Qwen3's most frames becomes ``<unk>``: the prompts of the two
+    video tasks' clips, and every timestamp text a longer clip can hold."""
+    tok = qwen3_processor.tokenizer
+    cfg = processing.video_config(112, "qwen3_vl")
+    longest = processing.video_timestamps(processing.QWEN3_MAX_FRAMES + 1, cfg)
+    text = "".join(f"<{t:.1f} seconds>" for t in longest)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids).replace(" ", "") == text.replace(" ", "")
+    for task, frames in (("shapes-video", (32, 34)), ("needle", (64, 66))):
+        clip = tasks.get(task, frames=frames).sample("test", int(torch.randint(0, 1000, ())))
+        batch = processing.encode(qwen3_processor, [clip], answers=True)
+        assert tok.unk_token_id not in batch["input_ids"].tolist()[0]
+        t = clip.frames.shape[0] // 2
+        assert batch["video_grid_thw"].tolist() == [[t, 8, 8]]
+        assert int((batch["mm_token_type_ids"] == 2).sum()) == t * 16
+        assert (batch["input_ids"][batch["mm_token_type_ids"] == 2] == tok.convert_tokens_to_ids("<|video_pad|>")).all()
+        starts = tok.convert_tokens_to_ids("<|vision_start|>")
+        assert int((batch["input_ids"] == starts).sum()) == t  # one wrapper per temporal patch
+        assert set(batch) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw", "labels"}
+
+
+def test_qwen3_images_and_static_video_match_the_image_processor(qwen3_processor):
+    image = tasks.get("shapes", size=448).sample("test", int(torch.randint(0, 1000, ())))
+    batch = processing.encode(qwen3_processor, [image])
+    assert batch["image_grid_thw"].tolist() == [[1, 32, 32]]
+    assert int((batch["mm_token_type_ids"] == 1).sum()) == 256
+    assert batch["pixel_values"].shape == (1024, 3 * 2 * 14 * 14)
+    frame = tasks.get("shapes", size=112).sample("test", 3).image
+    video = processing.qwen_video_inputs(np.stack([frame, frame]), processing.video_config(112, "qwen3_vl"))
+    still = qwen3_processor.image_processor(images=[frame], return_tensors="pt")
+    assert video["video_grid_thw"].tolist() == still["image_grid_thw"].tolist()
+    assert torch.allclose(video["pixel_values_videos"], still["pixel_values"], atol=1e-5)
+
+
+def test_qwen3_processor_round_trips_through_its_files(qwen3_processor, tmp_path):
+    """Saved and loaded as users load a hub model, the Qwen3-VL processor encodes the same inputs."""
+    processing.save_processor(qwen3_processor, tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen3VLProcessor"
+    assert json.loads((tmp_path / "video_preprocessor_config.json").read_text())["video_processor_type"] == "Qwen3VLVideoProcessor"
+    loaded = processing.load_processor(tmp_path)
+    assert type(loaded).__name__ == "Qwen3VLProcessor" and processing.arch_of(loaded) == "qwen3_vl"
+    assert loaded.tokenizer.get_vocab() == qwen3_processor.tokenizer.get_vocab()
+    i = int(torch.randint(0, 1000, ()))
+    for sample in (tasks.get("shapes", size=448).sample("test", i), tasks.get("shapes-video", frames=(32, 34)).sample("test", i)):
+        ours, theirs = processing.encode(qwen3_processor, [sample], answers=True), processing.encode(loaded, [sample], answers=True)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
