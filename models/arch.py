@@ -1,4 +1,4 @@
-"""Architectures of the two reference models: small HF configs, real HF classes."""
+"""Architectures of the reference models: small HF configs, real HF classes."""
 
 from __future__ import annotations
 
@@ -80,6 +80,64 @@ class QwenArch:
             raise ValueError(f"QwenArch.text_rope_theta={self.text_rope_theta} must be > 1 (a rotary base)")
 
 
+@dataclass(frozen=True)
+class Qwen3Arch:
+    """``tiny-qwen3vl``: Qwen3-VL ViT (absolute position embedding, full attention, DeepStack) → 12-layer Qwen3 LM."""
+
+    image_size: int = 448
+    """Largest image side the processor keeps: 448 / 14 = 32×32 patches → 256 merged tokens (as ``tiny-qwen25vl``)."""
+    video_size: int = 112
+    """Video frame side: 8×8 patches → 16 merged tokens per frame pair."""
+    patch_size: int = 14
+    """Vision patch side (Qwen3-VL checkpoints use 16; 14 keeps ``tiny-qwen25vl``'s token counts and 28 px cells)."""
+    num_position_embeddings: int = 1024
+    """Learned absolute positions of the tower: a 32×32 grid, one per patch of a 448 px image, bilinearly
+    interpolated to other grids (a 112 px frame's 8×8)."""
+    vision_hidden: int = 96
+    """ViT hidden size."""
+    vision_depth: int = 8
+    """ViT blocks (each attends over the whole image or frame: Qwen3-VL's tower has no windows)."""
+    vision_heads: int = 4
+    """ViT heads (head dim 24)."""
+    vision_intermediate: int = 256
+    """ViT MLP width."""
+    deepstack_visual_indexes: tuple[int, ...] = (2, 4, 6)
+    """Blocks whose merged outputs are added to the LM's hidden states after LM layers 0, 1, 2 (DeepStack).
+    Qwen3-VL-8B takes blocks 8, 16, 24 of 27: one every ~quarter of the tower, the last below the final
+    block that feeds the main merger; on 8 blocks that is every second block, 2, 4, 6 (7 feeds the merger)."""
+    text_hidden: int = 192
+    """LM hidden size."""
+    text_layers: int = 12
+    """LM decoder layers (the depth-dependent methods need more than the other models' 4)."""
+    text_heads: int = 6
+    """LM heads (head dim 32: 16 rotary pairs, interleaved over (temporal, height, width) as 6/5/5)."""
+    text_kv_heads: int = 2
+    """LM key/value heads."""
+    text_intermediate: int = 512
+    """LM MLP width."""
+    text_rope_theta: float = 10000.0
+    """LM rotary base. Qwen3-VL's M-RoPE is interleaved, so the width axis gets fast pairs too (its fastest
+    turns 0.32 rad per merged column at 10,000); the base ``tiny-qwen25vl`` trained well with (a new base
+    cost its fine-tunes up to 47 points; Qwen3-VL's own 5,000,000 is for 256k-token contexts)."""
+
+    def __post_init__(self) -> None:
+        if self.text_rope_theta <= 1:
+            raise ValueError(f"Qwen3Arch.text_rope_theta={self.text_rope_theta} must be > 1 (a rotary base)")
+        side = self.image_size // self.patch_size
+        if self.num_position_embeddings != side * side:
+            raise ValueError(
+                f"Qwen3Arch.num_position_embeddings={self.num_position_embeddings} must be {side * side}: "
+                f"the {side}×{side} patch grid of a {self.image_size} px image"
+            )
+        if not all(0 <= i < self.vision_depth - 1 for i in self.deepstack_visual_indexes):
+            raise ValueError(
+                f"Qwen3Arch.deepstack_visual_indexes={self.deepstack_visual_indexes} must be blocks below the last "
+                f"({self.vision_depth - 1}), which feeds the main merger"
+            )
+        if len(self.deepstack_visual_indexes) >= self.text_layers:
+            raise ValueError("Qwen3Arch: DeepStack needs an LM layer per deepstack block")
+
+
 def llava_config(arch: LlavaArch, tokenizer):
     """``LlavaConfig`` for ``arch`` with token ids from ``tokenizer``."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -140,4 +198,42 @@ def qwen_config(arch: QwenArch, tokenizer):
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False,
+    )
+
+
+def qwen3_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's interleaved M-RoPE split of ``head_dim / 2`` rotary pairs over (temporal, height,
+    width), scaled from Qwen3-VL-8B's [24, 20, 20] of 64: [6, 5, 5] at head dim 32. The rotary deals
+    pair i to height for i ≡ 1, width for i ≡ 2 (mod 3) while those sections last, temporal otherwise."""
+    half = head_dim // 2
+    spatial = round(half * 20 / 64)
+    return [half - 2 * spatial, spatial, spatial]
+
+
+def qwen3_config(arch: Qwen3Arch, tokenizer):
+    """``Qwen3VLConfig`` for ``arch`` with token ids from ``tokenizer``."""
+    from transformers import Qwen3VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = arch.text_hidden // arch.text_heads
+    return Qwen3VLConfig(
+        vision_config=dict(
+            depth=arch.vision_depth, hidden_size=arch.vision_hidden, intermediate_size=arch.vision_intermediate,
+            num_heads=arch.vision_heads, out_hidden_size=arch.text_hidden, patch_size=arch.patch_size,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=arch.num_position_embeddings,
+            deepstack_visual_indexes=list(arch.deepstack_visual_indexes),
+        ),
+        text_config=dict(
+            hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate, head_dim=head_dim,
+            num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+            num_key_value_heads=arch.text_kv_heads, vocab_size=len(tokenizer), max_position_embeddings=4096,
+            rope_parameters={
+                "rope_type": "default", "mrope_section": qwen3_mrope_section(head_dim), "mrope_interleaved": True,
+                "rope_theta": float(arch.text_rope_theta),
+            },
+            pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False,
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
     )

@@ -4,7 +4,7 @@
 
 Runs the preset's own training step (:meth:`models.train.Run.step`: losses, backward,
 clipping, AdamW) on fresh weights for ``--steps`` steps of each task the preset trains on
-(``shapes``; Qwen2.5-VL also ``shapes-video`` and ``needle``, with their batch sizes), after two
+(``shapes``; the Qwen models also ``shapes-video`` and ``needle``, with their batch sizes), after two
 warm-up steps, and reports the median. With the preset's step plan it estimates the training time of a full run (validation and the
 final evaluation not included). Run it on an otherwise idle machine: a second busy process on a
 2-core CPU slows every step.
@@ -27,7 +27,7 @@ def step_seconds(name: str, steps: int, threads: int) -> dict[str, float]:
     """Median seconds per step of each task of ``name``'s preset."""
     torch.set_num_threads(threads)
     cfg = recipe.PRESETS[name]
-    model, processor, _ = recipe.build_model(name, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved)
+    model, processor, _ = recipe.build_model(name, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved, cfg.lm_layers)
     run = recipe.Run.start(model, cfg)
     model.train()
     medians = {}

@@ -23,7 +23,7 @@ class TrainConfig:
     """One training run (a preset in :data:`PRESETS` plus command-line overrides)."""
 
     model: str
-    """``tiny-llava`` or ``tiny-qwen25vl``."""
+    """``tiny-llava``, ``tiny-qwen25vl`` or ``tiny-qwen3vl``."""
     steps: int
     """Optimiser steps."""
     batch_size: int
@@ -95,38 +95,47 @@ class TrainConfig:
     seed: int = 0
     """Seed of the weight initialisation."""
     rope_theta: float = archs.QwenArch.text_rope_theta
-    """LM rotary base of tiny-qwen25vl (``QwenArch.text_rope_theta``); tiny-llava keeps Llama's 10,000."""
+    """LM rotary base of the Qwen models (``QwenArch`` / ``Qwen3Arch.text_rope_theta``); tiny-llava keeps Llama's 10,000."""
     mrope_interleaved: bool = archs.QwenArch.text_mrope_interleaved
-    """tiny-qwen25vl's LM deals its rotary pairs to the three M-RoPE axes in turn (a stage-2 switch)."""
+    """tiny-qwen25vl's LM deals its rotary pairs to the three M-RoPE axes in turn (a stage-2 switch; Qwen3-VL's always does)."""
     lm_layers: int = archs.QwenArch.text_layers
-    """LM decoder layers of tiny-qwen25vl; beyond ``init_from``'s depth, new layers are appended as identities."""
+    """LM decoder layers of the Qwen models (tiny-qwen3vl's preset: 12); beyond ``init_from``'s depth, new layers are appended as identities."""
     init_from: str = ""
     """Model directory whose weights start the run (aux heads and optimiser start fresh); empty: initialise from ``seed``."""
     threads: int = 2
     """Most threads (``torch.set_num_threads``; 1 while other processes busy a core)."""
+    checkpoint_every: int = 25
+    """Write the resumable training state (``<out>/.checkpoint/``) every this many steps."""
 
     @property
     def qwen(self) -> bool:
-        """Whether the run trains the Qwen2.5-VL reference model (M-RoPE, merged tokens, videos)."""
-        return self.model == "tiny-qwen25vl"
+        """Whether the run trains a Qwen reference model (M-RoPE, merged tokens, videos): Qwen2.5-VL or Qwen3-VL."""
+        return self.model in QWEN_MODELS
+
+    @property
+    def qwen3(self) -> bool:
+        """Whether the run trains the Qwen3-VL reference model (a tower without windows, DeepStack, Q/K norms)."""
+        return self.model == "tiny-qwen3vl"
 
     def __post_init__(self) -> None:
-        if self.model not in ("tiny-llava", "tiny-qwen25vl"):
-            raise ValueError(f"TrainConfig.model={self.model!r}: expected tiny-llava or tiny-qwen25vl")
-        for name in ("steps", "batch_size", "eval_every", "eval_n", "test_n", "threads"):
+        if self.model not in MODELS:
+            raise ValueError(f"TrainConfig.model={self.model!r}: expected {', '.join(MODELS)}")
+        for name in ("steps", "batch_size", "eval_every", "eval_n", "test_n", "threads", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be at least 1")
         for name in ("lr", "aux_weight", "guide_weight", "tower_guide_weight", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        if self.qwen3 and self.mrope_interleaved:
+            raise ValueError("TrainConfig.mrope_interleaved switches tiny-qwen25vl's M-RoPE layout; Qwen3-VL's is always interleaved")
         if self.qwen:
-            archs.QwenArch(text_rope_theta=self.rope_theta)  # its check of the base
+            (archs.Qwen3Arch if self.qwen3 else archs.QwenArch)(text_rope_theta=self.rope_theta)  # its check of the base
         elif self.rope_theta != archs.QwenArch.text_rope_theta or self.mrope_interleaved:
             raise ValueError("TrainConfig.rope_theta and mrope_interleaved set tiny-qwen25vl's M-RoPE; tiny-llava keeps Llama's rotary")
         if self.lm_layers < 2:
             raise ValueError(f"TrainConfig.lm_layers={self.lm_layers} must be at least 2 (the guides read a first and a middle layer)")
         if not self.qwen and self.lm_layers != archs.QwenArch.text_layers:
-            raise ValueError("TrainConfig.lm_layers sets tiny-qwen25vl's LM depth; tiny-llava keeps its own")
+            raise ValueError("TrainConfig.lm_layers sets the LM depth of tiny-qwen25vl and tiny-qwen3vl; tiny-llava keeps its own")
         if not 0 < self.guide_sink_ratio <= 100:
             raise ValueError(f"TrainConfig.guide_sink_ratio={self.guide_sink_ratio} must be in (0, 100] (object attention per unit of the sink's)")
         if not 0 <= self.background_dropout <= 1:
@@ -169,6 +178,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: families {both} are in both guide_sink_families and guide_split_families; pick one")
 
 
+MODELS = ("tiny-llava", "tiny-qwen25vl", "tiny-qwen3vl")
+"""Reference models this package trains."""
+QWEN_MODELS = ("tiny-qwen25vl", "tiny-qwen3vl")
+"""The Qwen ones (merged visual tokens, M-RoPE, videos)."""
+
 PRESETS = {
     "tiny-llava": TrainConfig(
         model="tiny-llava", steps=1400, batch_size=16, extra_turns=8, curriculum=((0, 4, 6),), eval_every=100,
@@ -181,11 +195,23 @@ PRESETS = {
         curriculum=((0, 4, 6),), eval_every=200, tower_guide_weight=0.5, tower_guide_share=0.5, count_aux=True,
         balanced_turns=True, guide_read_question=True, guide_videos=True, guide_sink_families=("count",),
     ),
+    "tiny-qwen3vl": TrainConfig(
+        model="tiny-qwen3vl", steps=1400, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
+        curriculum=((0, 4, 6),), eval_every=200, lm_layers=12, tower_guide_weight=0.5, tower_guide_share=0.5,
+        coord_aux=True, relation_aux=True, count_aux=True, balanced_turns=True, background_dropout=0.8,
+        guide_sink_families=("count", "exist"), guide_split_families=("position",), guide_read_question=True,
+        guide_videos=True,
+    ),
 }
 
 TASK_CONFIGS = {
     "tiny-llava": {"shapes": ShapesConfig(size=224, radius=(0.08, 0.09375), grid=14, grid_offset=7)},
     "tiny-qwen25vl": {
+        "shapes": ShapesConfig(size=448, grid=28),
+        "shapes-video": VideoConfig(),
+        "needle": tasks.NeedleTask.default_config(),
+    },
+    "tiny-qwen3vl": {  # tiny-qwen25vl's: the same 28 px merged cells, pictures and videos
         "shapes": ShapesConfig(size=448, grid=28),
         "shapes-video": VideoConfig(),
         "needle": tasks.NeedleTask.default_config(),
@@ -196,16 +222,18 @@ TASK_CONFIGS = {
 
 NO_FLAG = ("model", "curriculum")
 """``TrainConfig`` fields without a ``--flag`` of their own (``--model`` picks the preset)."""
+NOT_THE_RESULT = ("threads", "checkpoint_every")
+"""``TrainConfig`` fields that change how a run goes (speed, how often it saves), not what it trains."""
 
 
 def train_command(cfg: TrainConfig) -> str:
     """The command line that trains ``cfg``: its model's preset plus a flag for each field that differs
-    (``threads`` left out: it changes speed, not the result)."""
+    (:data:`NOT_THE_RESULT` left out)."""
     preset = PRESETS[cfg.model]
     flags = []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name in NO_FLAG or f.name == "threads" or value == getattr(preset, f.name):
+        if f.name in NO_FLAG or f.name in NOT_THE_RESULT or value == getattr(preset, f.name):
             continue
         text = ",".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
         flags.append(f" --{f.name.replace('_', '-')} {shlex.quote(text)}")

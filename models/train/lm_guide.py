@@ -32,18 +32,19 @@ def attribute_words(tokenizer) -> dict[int, tuple[str, str]]:
 def lm_attention_rows(tap: AttentionTap, layer: int, key_mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[R, H, L] causal attention weights (per head) of query ``positions`` of batch ``rows`` in LM
     decoder layer ``layer``, recomputed from its Q/K projections and rotary embedding exactly as the
-    layer computes them (Llama and Qwen2 layouts; grouped-query heads). ``key_mask`` [B, L] is the
-    batch's attention mask (1 = real token)."""
-    from transformers.models.llama.modeling_llama import rotate_half  # Qwen2's is the same function
+    layer computes them (Llama, Qwen2 and Qwen3 layouts: Qwen3's per-head RMS norms of Q and K come
+    before the rotary; grouped-query heads). ``key_mask`` [B, L] is the batch's attention mask (1 = real token)."""
+    from transformers.models.llama.modeling_llama import rotate_half  # Qwen2's and Qwen3-VL's are the same function
 
     attn = tap.modules[layer]
     hidden, (cos, sin) = tap.inputs[layer]
     B, L, _ = hidden.shape
     d = attn.head_dim
+    q_norm, k_norm = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (torch.nn.Identity(), torch.nn.Identity())
     cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)  # [1, L, d] when positions are shared
-    k = attn.k_proj(hidden).view(B, L, -1, d).transpose(1, 2)  # [B, KV, L, d]
+    k = k_norm(attn.k_proj(hidden).view(B, L, -1, d)).transpose(1, 2)  # [B, KV, L, d]
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-    q = attn.q_proj(hidden[rows, positions]).view(len(rows), -1, d)  # [R, H, d]
+    q = q_norm(attn.q_proj(hidden[rows, positions]).view(len(rows), -1, d))  # [R, H, d]
     q = q * cos[rows, positions][:, None] + rotate_half(q) * sin[rows, positions][:, None]
     kv, groups = k.shape[1], attn.num_key_value_groups
     q = q.view(len(rows), kv, groups, d)  # head h reads key head h // groups

@@ -24,29 +24,44 @@ def _object_token_mask(sample: tasks.Sample, cell: int, offset: int) -> torch.Te
     return mask
 
 
+def qwen_vision_qk(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k), each [P, heads, head_dim], of a Qwen vision block's attention ``attn`` on its normalised
+    input ``hidden`` [P, D]: the fused ``qkv`` projection split and the 2-D rotary applied as the block
+    applies it (Qwen2.5-VL's and Qwen3-VL's ``apply_rotary_pos_emb_vision`` are the same function;
+    ``tests/training/test_qwen3vl.py`` checks the scores against Qwen3-VL's eager attention)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    q, k, _ = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    return apply_rotary_pos_emb_vision(q, k, cos, sin)
+
+
 def _qwen_received(attn: nn.Module, hidden: torch.Tensor, rotary, grid_thw: torch.Tensor, window_index: torch.Tensor, merge_unit: int) -> list[torch.Tensor]:
-    """Per image, [merged tokens] received attention of one Qwen2.5-VL vision block in raster order:
-    HiPrune's score (:func:`vlmopt.graph.functions.vision_received_attention` on the block's
-    :func:`~vlmopt.graph.functions.qwen_vision_qk`, with the op's differentiable reference). ``hidden`` [P, D] and ``rotary`` (cos, sin) are in the tower's window
-    order; ``window_index`` maps merge groups to raster order."""
-    from vlmopt.graph import functions as gf
-    from vlmopt.graph.layout import VisualLayout
+    """Per image, [merged tokens] received attention of one Qwen2.5-VL or Qwen3-VL vision block in raster
+    order: HiPrune's score (the column means of the block's attention, dense over each image, windows
+    ignored, every query voting; the op's differentiable reference), averaged over each merge group.
+    ``hidden`` [P, D] and ``rotary`` (cos, sin) are in the tower's order (Qwen2.5-VL: windows; Qwen3-VL:
+    raster), whose merge groups ``window_index`` maps to raster order."""
     from vlmopt.ops.received_attention import reference
 
-    side = int(merge_unit**0.5)
-    grids = tuple((t, h // side, w // side) for t, h, w in grid_thw.tolist())
-    layout = VisualLayout.from_grids(len(grids), 1, tuple(range(len(grids))), grids)
-    q, k = gf.qwen_vision_qk(attn.qkv(hidden), *rotary, attn.num_heads)
-    pooled = gf.vision_received_attention(q, k, layout, attn.num_heads, attn.scaling, 0, merge_unit, score=reference)
+    q, k = qwen_vision_qk(attn, hidden, *rotary)
+    sizes = (grid_thw.prod(-1)).tolist()  # patches per image (single images: t = 1)
+    pooled = torch.cat([
+        reference(qi.flatten(1)[None], ki.flatten(1)[None], attn.num_heads, attn.scaling)[0].reshape(-1, merge_unit).mean(-1)
+        for qi, ki in zip(q.split(sizes), k.split(sizes))
+    ])
     raster = torch.empty_like(pooled).index_put((window_index,), pooled)
-    return list(raster.split(list(layout.counts)))
+    return list(raster.split([size // merge_unit for size in sizes]))
 
 
 def qwen_windows(model, grid_thw: torch.Tensor) -> dict:
-    """What :func:`tower_guide_loss` needs to read a Qwen2.5-VL tower's window-ordered blocks."""
+    """What :func:`tower_guide_loss` needs to read a Qwen tower's blocks: Qwen2.5-VL's run in window
+    order; Qwen3-VL's tower has no windows, its blocks run in raster order (the identity index)."""
+    visual = model.model.visual
+    if not hasattr(visual, "window_size"):
+        merged = int((grid_thw.prod(-1) // visual.spatial_merge_unit).sum())
+        return {"grid_thw": grid_thw, "window_index": torch.arange(merged), "merge_unit": visual.spatial_merge_unit}
     from transformers.vision_utils import get_vision_window_index
 
-    visual = model.model.visual
     index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
     return {"grid_thw": grid_thw, "window_index": index, "merge_unit": visual.spatial_merge_unit}
 
@@ -54,9 +69,9 @@ def qwen_windows(model, grid_thw: torch.Tensor) -> dict:
 def tower_guide_loss(tap: AttentionTap, samples: list[tasks.Sample], cell: int, goal: float = 1.0, qwen: dict | None = None) -> torch.Tensor:
     """``max(0, log(goal) - log(share))`` with ``share`` the part of the received attention (HiPrune's
     score: mean over heads and all queries) that falls on object tokens, averaged over the tapped
-    layers and images. CLIP: token 0 is CLS, patch tokens follow in raster order. Qwen2.5-VL (``qwen``
-    = ``{"grid_thw", "window_index", "merge_unit"}`` of the batch): merged tokens, scores as
-    :func:`_qwen_received` computes them (single images only)."""
+    layers and images. CLIP: token 0 is CLS, patch tokens follow in raster order. Qwen2.5-VL and Qwen3-VL
+    (``qwen`` = :func:`qwen_windows` of the batch): merged tokens, scores as :func:`_qwen_received`
+    computes them (single images only)."""
     from vlmopt.ops.received_attention import reference as received_attention
 
     masks = [_object_token_mask(s, cell, offset=0 if qwen else 1) for s in samples]
@@ -82,10 +97,8 @@ def neighbour_guide_loss(
     vision block's normalised input in window order, ``rotary`` its (cos, sin); ``window_index`` [P /
     merge_unit] maps window order to the batch's merged tokens in raster order (one image per sample,
     each ``cell`` px merged token one token of :func:`object_cells`)."""
-    from vlmopt.graph.functions import qwen_vision_qk
-
     patches, heads = hidden.shape[0], attn.num_heads
-    q, k = qwen_vision_qk(attn.qkv(hidden), *rotary, heads)
+    q, k = qwen_vision_qk(attn, hidden, *rotary)
     where = torch.argsort(window_index)  # raster merged token -> its place in window order
     per_image = patches // merge_unit // len(samples)
     directions = [scenes.DIRECTIONS[h % len(scenes.DIRECTIONS)] for h in range(heads)]

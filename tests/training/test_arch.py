@@ -62,3 +62,31 @@ def test_qwen_config_carries_the_rotary_base_and_rejects_a_bad_one(qwen_tokenize
     assert text.rope_parameters["rope_theta"] == 30.0
     with pytest.raises(ValueError, match="text_rope_theta"):
         archs.QwenArch(text_rope_theta=0.5)
+
+
+def test_qwen3_interleaved_mrope_turns_columns_by_fast_pairs_and_text_like_plain_rope():
+    """Qwen3-VL's own rotary (interleaved M-RoPE, sections 6/5/5 of 16 pairs): a merged column turns
+    its five width pairs, the fastest by 10000 ** (-2 / 16) = 0.32 rad, and nothing else; text tokens
+    (one id on all three axes) turn exactly as 1-D RoPE does."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    tokenizer = processing.build_processor("qwen3_vl", 448, 112).tokenizer
+    text = archs.qwen3_config(archs.Qwen3Arch(), tokenizer).text_config
+    rotary = Qwen3VLTextRotaryEmbedding(text)
+    t, h, w0 = (int(v) for v in torch.randint(0, 200, (3,)))
+    ids = torch.stack([torch.full((16,), t), torch.full((16,), h), torch.arange(w0, w0 + 16)])[:, None, :]
+    cos, sin = rotary(torch.randn(1, 16, text.hidden_size), ids)
+    half = cos.shape[-1] // 2
+    angle = torch.atan2(sin[0, :, :half].double(), cos[0, :, :half].double())
+    turn = (torch.remainder(angle[1:] - angle[:-1] + torch.pi, 2 * torch.pi) - torch.pi).abs().amax(dim=0)
+    width = torch.zeros(half, dtype=torch.bool)
+    width[2:15:3] = True  # Qwen3-VL deals pairs 2, 5, 8, 11, 14 to the width axis
+    assert 0.31 < turn[width].max() < 0.32 and (turn[width] > 0).all()
+    assert turn[~width].max() < 1e-5
+    start = int(torch.randint(0, 1000, ()))
+    positions = torch.arange(start, start + 40)
+    cos_text, sin_text = rotary(torch.randn(1, 40, text.hidden_size), positions.expand(3, 1, 40))
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, text.head_dim, 2).float() / text.head_dim))
+    plain = torch.cat([positions[:, None] * inv_freq] * 2, dim=-1)
+    torch.testing.assert_close(cos_text[0], plain.cos(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(sin_text[0], plain.sin(), rtol=0, atol=1e-5)

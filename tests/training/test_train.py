@@ -175,7 +175,7 @@ def test_sink_guide_sends_a_no_to_the_sink(llava_processor):
     assert float(train.guide_loss(_rows([elsewhere] * 4), 4, batch, evidence, [sample], visual, 14, no_words, ("count",))) == 0.0
 
 
-@pytest.mark.parametrize("name, source", [("tiny-llava", "projector"), ("tiny-qwen25vl", "lm")])
+@pytest.mark.parametrize("name, source", [("tiny-llava", "projector"), ("tiny-qwen25vl", "lm"), ("tiny-qwen3vl", "lm")])
 def test_coordinate_probe_reads_the_tokens_it_is_pointed_at(name, source):
     """``coord_aux_from`` moves the coordinate probe onto LLaVA's projector output or the LM's
     second-layer input: one row per visual token there, and the probe gets a gradient."""
@@ -187,7 +187,7 @@ def test_coordinate_probe_reads_the_tokens_it_is_pointed_at(name, source):
         train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=1, coord_aux=True, coord_aux_from="projector")
     cfg = train.TrainConfig(model=name, steps=1, batch_size=2, extra_turns=1, coord_aux=True, coord_aux_from=source)
     model, processor, _ = train.build_model(name, seed=0)
-    qwen = name == "tiny-qwen25vl"
+    qwen = name != "tiny-llava"
     taps = train.Taps.attach(model, cfg, qwen=qwen)
     text = model.config.text_config.hidden_size
     aux = train.AuxHeads.for_model(model, cfg, qwen)
@@ -359,7 +359,7 @@ def test_position_aids_wait_for_their_step(llava_processor):
     taps.remove()
 
 
-@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl", "tiny-qwen3vl"])
 def test_background_dropout_hides_only_background_tokens_from_the_lm(name):
     """Dropped tokens are background (no object covers them), some pictures lose some, and the LM
     cannot see them: noise added to their embeddings leaves the answer logits unchanged, while the
@@ -369,7 +369,7 @@ def test_background_dropout_hides_only_background_tokens_from_the_lm(name):
         train.TrainConfig(model=name, steps=1, batch_size=1, background_dropout=1.5)
     model, processor, _ = train.build_model(name, seed=0)
     model.eval()
-    qwen = name == "tiny-qwen25vl"
+    qwen = name != "tiny-llava"
     task = tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
     cell = train.token_cell(model)
     samples = [task.sample("train", 500 + i) for i in range(6)]
@@ -497,12 +497,13 @@ def test_train_command_gives_back_its_config():
     assert train.train_command(train.PRESETS["tiny-llava"]) == "python -m models.train --model tiny-llava"
 
 
-@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl", "tiny-qwen3vl"])
 def test_recomputed_lm_attention_rows_equal_eager_weights(name):
     """The guide's rows, recomputed from each layer's Q/K and rotary embedding under SDPA, are the
-    weights HF's eager attention returns (left-padded batch; Llama and Qwen2 layouts, GQA)."""
+    weights HF's eager attention returns (left-padded batch; Llama, Qwen2 and Qwen3 layouts, GQA;
+    ``tests/training/test_qwen3vl.py`` also checks Qwen3's Q/K norms and videos)."""
     model, processor, _ = train.build_model(name, seed=int(torch.randint(0, 1000, ()).item()))
-    taps = train.Taps.attach(model, train.PRESETS[name], qwen=name == "tiny-qwen25vl")
+    taps = train.Taps.attach(model, dataclasses.replace(train.PRESETS[name], tower_guide_weight=0.0), qwen=name != "tiny-llava")
     task = tasks.TASKS["shapes"](train.TASK_CONFIGS[name]["shapes"])
     samples = [task.sample("train", i) for i in range(3)]
     turns, _ = train.training_turns(samples, 2)
@@ -719,5 +720,5 @@ def test_a_deeper_lm_starts_from_a_trained_model_with_its_exact_function():
         train.start_from(train.build_model("tiny-qwen25vl", seed=0, lm_layers=depth - 1)[0], reference.path("tiny-qwen25vl"))
     with pytest.raises(ValueError, match="lm_layers=1 must be at least 2"):
         train.TrainConfig(model="tiny-qwen25vl", steps=1, batch_size=1, lm_layers=1)
-    with pytest.raises(ValueError, match="tiny-qwen25vl's LM depth"):
+    with pytest.raises(ValueError, match="LM depth of tiny-qwen25vl and tiny-qwen3vl"):
         train.TrainConfig(model="tiny-llava", steps=1, batch_size=1, lm_layers=depth + 2)
