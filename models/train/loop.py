@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from models.train import resume
 from models.train.build import build_model
 from models.train.checkpoint import recorded_commands, start_from
 from models.train.config import TASK_CONFIGS, TrainConfig, train_command
@@ -21,14 +22,18 @@ from vlmopt.reference import processing, tasks
 
 
 def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
-    """Train, evaluate and write the model directory; returns the ``eval.json`` dict."""
+    """Train, evaluate and write the model directory; returns the ``eval.json`` dict. The run saves its
+    state every ``cfg.checkpoint_every`` steps under ``out_dir`` and, started again with the same
+    configuration, continues from there (:mod:`models.train.resume`)."""
     from vlmopt.reference.evaluate import evaluate
 
+    out_dir = Path(out_dir)
     governor = ThreadGovernor(cfg.threads, log)
     began = time.time()
     model, processor, arch = build_model(cfg.model, cfg.seed, cfg.rope_theta, cfg.mrope_interleaved, cfg.lm_layers)
+    checkpoint = resume.read(out_dir, cfg)
     base_commands: list[str] = []
-    if cfg.init_from:
+    if cfg.init_from and checkpoint is None:
         start_from(model, Path(cfg.init_from))
         base_commands = recorded_commands(Path(cfg.init_from))  # read now: the run may overwrite that directory
         log(f"weights from {cfg.init_from}")
@@ -38,12 +43,19 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
     log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters; {cfg}")
 
     run = Run.start(model, cfg)
+    if checkpoint is None:
+        progress = resume.Progress(cursors={name: 0 for name in task_objs}, base_commands=base_commands)
+    else:
+        progress = resume.restore(checkpoint, model, run)
+        began -= progress.seconds
+        log(f"resuming from step {progress.step} ({resume.state_path(out_dir)})")
     plan = step_plan(cfg)
-    cursors = {name: 0 for name in task_objs}
-    history = []
+    cursors, history = progress.cursors, progress.history
     model.train()
     window = LossWindow()
     for step, task_name in enumerate(plan):
+        if step < progress.step:
+            continue
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         if step % 10 == 0:
@@ -69,10 +81,15 @@ def train(cfg: TrainConfig, out_dir: Path, log=print) -> dict:
                 log(f"validation {name} at step {step + 1}: {100 * r.accuracy:.1f}% ({families})")
             history.append(point)
             model.train()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            progress.step, progress.seconds = step + 1, time.time() - began
+            resume.save(out_dir, cfg, model, run, progress)
     run.taps.remove()
     train_seconds = time.time() - began
     model.eval()
-    return finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, base_commands, log)
+    results = finish(cfg, model, processor, arch, task_objs, out_dir, train_seconds, history, n_params, progress.base_commands, log)
+    resume.remove(out_dir)
+    return results
 
 
 def finish(cfg, model, processor, arch, task_objs, out_dir: Path, train_seconds, history, n_params, base_commands, log) -> dict:
