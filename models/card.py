@@ -25,6 +25,10 @@ ARCH_TEXT = {
     "`default` strategy drops CLS) → 2-layer MLP projector → Llama decoder",
     "tiny-qwen25vl": "`Qwen2_5_VLForConditionalGeneration`: windowed ViT (full attention in the blocks listed "
     "in `fullatt_block_indexes`), 2×2 patch merger → Qwen2 decoder with M-RoPE",
+    "tiny-qwen3vl": "`Qwen3VLForConditionalGeneration`: ViT with a learned absolute position grid (bilinearly "
+    "interpolated to each image's) and full attention per image or frame, 2×2 patch merger, DeepStack (the blocks "
+    "in `deepstack_visual_indexes` merged and added to the visual tokens after the first LM layers) → 12-layer "
+    "Qwen3 decoder (Q/K norms) with interleaved M-RoPE",
 }
 
 
@@ -34,6 +38,9 @@ CONTROL_MARGIN = 0.10
 """Most points the text-only control may score above the majority-answer rate."""
 VIDEO_TARGET = 0.80
 """Least accuracy over the video tasks (``tiny-qwen25vl``)."""
+MODEL_TARGETS = {"tiny-qwen3vl": {"video": 0.85, "family": 0.75}}
+"""Targets of a model that differ from the defaults: least video accuracy, least accuracy of every image
+question family (issue 40 set them for ``tiny-qwen3vl``)."""
 
 
 def targets(results: dict) -> list[tuple[str, float, str, bool]]:
@@ -47,10 +54,15 @@ def targets(results: dict) -> list[tuple[str, float, str, bool]]:
         ("text-only control", control["accuracy"], f"≤ majority {_pct(majority)} + {round(100 * CONTROL_MARGIN)} points",
          control["accuracy"] <= majority + CONTROL_MARGIN),
     ]
+    own = MODEL_TARGETS.get(results.get("model"), {})
+    if "family" in own:
+        family, worst = min(full["per_family"].items(), key=lambda item: item[1])
+        rows.append((f"images: every question family (least: {family})", worst, f"≥ {_pct(own['family'])}", worst >= own["family"]))
     videos = [results["test"][t]["full"] for t in ("shapes-video", "needle") if t in results["test"]]
     if videos:
+        goal = own.get("video", VIDEO_TARGET)
         accuracy = sum(v["accuracy"] * v["n"] for v in videos) / sum(v["n"] for v in videos)
-        rows.append(("videos: accuracy", accuracy, f"≥ {_pct(VIDEO_TARGET)}", accuracy >= VIDEO_TARGET))
+        rows.append(("videos: accuracy", accuracy, f"≥ {_pct(goal)}", accuracy >= goal))
     return rows
 
 
@@ -182,6 +194,22 @@ def _prompt_section(name: str) -> list[str]:
         return lines + [
             "`USER: <image>\\n{question} ASSISTANT:` → ` {answer}</s>` (the tokenizer adds `<s>`; the processor "
             "expands `<image>` to 256 tokens). The processor's chat template produces the same text.",
+            "",
+        ]
+    if name == "tiny-qwen3vl":
+        return lines + [
+            "`<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n` "
+            "→ `{answer}<|im_end|>`. 448 px images give 32×32 patches of 14 px → 256 merged tokens. A video's "
+            "`<|vision_start|><|video_pad|><|vision_end|>` becomes, per temporal patch (2 frames at 2 fps), "
+            "`<{t:.1f} seconds><|vision_start|>` + 16 `<|video_pad|>` + `<|vision_end|>`, as `Qwen3VLProcessor` writes it "
+            "(the word-level tokenizer splits the timestamps into `<`, digits, `.`, `seconds`, `>`).",
+            "",
+            "Videos: transformers' `Qwen3VLVideoProcessor` needs torchvision. Without it, `vlmopt.reference.load` / "
+            "`processing.load_processor` build `Qwen3VLProcessor` without the video processor, and `processing.encode` "
+            "makes `pixel_values_videos`, `video_grid_thw` and the timestamped prompt with the HF layout "
+            "(checked against the HF source in `tests/reference/test_processing.py`). With torchvision installed, "
+            "`AutoProcessor.from_pretrained` loads the full processor from these files (pass the clip's "
+            "`video_metadata`: fps 2, every frame).",
             "",
         ]
     return lines + [

@@ -521,12 +521,12 @@ def test_recomputed_lm_attention_rows_equal_eager_weights(name):
     taps.remove()
 
 
-@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl", "tiny-qwen3vl"])
 def test_tower_guide_moves_received_attention_onto_objects(name):
     """A few gradient steps on the tower guide alone raise the share of received attention (HiPrune's
     score at its default layers; Qwen: dense per image, pooled per merge group, in raster order) that
     object tokens get."""
-    qwen = name == "tiny-qwen25vl"
+    qwen = name != "tiny-llava"
     cfg = dataclasses.replace(train.PRESETS[name], tower_guide_weight=1.0)
     model, processor, _ = train.build_model(name, seed=3)
     taps = train.Taps.attach(model, cfg, qwen=qwen)
@@ -556,8 +556,9 @@ def test_tower_guide_moves_received_attention_onto_objects(name):
 def test_qwen_tower_scores_are_the_passes_scores_in_raster_order():
     """The guide's Qwen scores, mapped from window to raster order, equal the HiPrune pass's own
     score function (window order) permuted by the tower's window index."""
-    from vlmopt.graph import functions as gf
+    from vlmopt.adapters.qwen2_5_vl import qwen_vision_qk
     from vlmopt.graph.layout import VisualLayout
+    from vlmopt.passes.hiprune import vision_received_attention
 
     cfg = dataclasses.replace(train.PRESETS["tiny-qwen25vl"], tower_guide_weight=1.0)
     model, processor, _ = train.build_model("tiny-qwen25vl", seed=int(torch.randint(0, 1000, ()).item()))
@@ -573,8 +574,8 @@ def test_qwen_tower_scores_are_the_passes_scores_in_raster_order():
         mine = torch.cat(tower_guide._qwen_received(attn, hidden, (cos, sin), grid, window["window_index"], window["merge_unit"]))
         merged = [(int(t), int(h) // 2, int(w) // 2) for t, h, w in grid.tolist()]
         layout = VisualLayout.from_grids(2, 1, (0, 1), merged)
-        q, k = gf.qwen_vision_qk(attn.qkv(hidden), cos, sin, attn.num_heads)
-        theirs = gf.vision_received_attention(q, k, layout, attn.num_heads, attn.scaling, 0, window["merge_unit"])
+        q, k = qwen_vision_qk(attn.qkv(hidden), cos, sin, attn.num_heads)
+        theirs = vision_received_attention(q, k, layout, attn.num_heads, attn.scaling, 0, window["merge_unit"])
     taps.remove()
     torch.testing.assert_close(mine[window["window_index"]], theirs, rtol=1e-5, atol=1e-7)
 
