@@ -201,11 +201,11 @@ PRESETS = {
     # receives, as tiny-llava's read its projector output: coordinate probe on the merged tokens, relation probe,
     # split heads for position, sinks for count and exist, background dropout 0.8. From tiny-qwen25vl: its video
     # recipe (guided video turns, a clip batch every other step from step 500, 8 pictures / 4 clips per step) and
-    # its rotary base. 2,000 steps, not 1,400: tiny-llava was still rising at 1,100, and the LM has three times the
-    # layers; measured at 4.3 s per picture step and 3.6 / 8-10 s per shapes-video / needle step on one thread of
-    # the 2 shared cores (tower guide off), about 3 hours of training.
+    # its rotary base. 1,800 steps, not 1,400: tiny-llava was still rising at 1,100, and the LM has three times the
+    # layers; at the 4.65 s per picture step and 3.6 / 8-10 s per shapes-video / needle step measured on one thread
+    # of the 2 shared cores, 2.6 hours of training, about 4 at the contention seen beside another engineer's tests.
     "tiny-qwen3vl": TrainConfig(
-        model="tiny-qwen3vl", steps=2000, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
+        model="tiny-qwen3vl", steps=1800, batch_size=8, video_batch_size=4, video_every=2, video_from=500, extra_turns=8,
         curriculum=((0, 4, 6),), eval_every=200, lm_layers=12, tower_guide_weight=0.5, tower_guide_share=0.5,
         coord_aux=True, relation_aux=True, count_aux=True, balanced_turns=True, background_dropout=0.8,
         guide_sink_families=("count", "exist"), guide_split_families=("position",), guide_read_question=True,
