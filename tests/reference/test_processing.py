@@ -232,3 +232,22 @@ def test_qwen3_processor_round_trips_through_its_files(qwen3_processor, tmp_path
     for sample in (tasks.get("shapes", size=448).sample("test", i), tasks.get("shapes-video", frames=(32, 34)).sample("test", i)):
         ours, theirs = processing.encode(qwen3_processor, [sample], answers=True), processing.encode(loaded, [sample], answers=True)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_qwen3_checkpoint_loads_like_a_hub_model(tmp_path):
+    """``reference.load`` of a Qwen3-VL directory: the HF class, its processor, and the saved model's
+    logits on fresh inputs."""
+    from models.train import build_model
+    from vlmopt import reference
+
+    model, processor, _ = build_model("tiny-qwen3vl", seed=int(torch.randint(0, 1000, ())), lm_layers=4)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    processing.save_processor(processor, tmp_path)
+    loaded, loaded_processor = reference.load(tmp_path)
+    assert type(loaded).__name__ == "Qwen3VLForConditionalGeneration" and not loaded.training
+    assert type(loaded_processor).__name__ == "Qwen3VLProcessor"
+    clip = tasks.get("shapes-video", frames=(32, 34)).sample("test", int(torch.randint(0, 1000, ())))
+    batch = processing.encode(loaded_processor, [clip])
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
