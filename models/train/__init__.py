@@ -2,13 +2,16 @@
 
     python -m models.train --model tiny-llava
     python -m models.train --model tiny-qwen25vl
+    python -m models.train --model tiny-qwen3vl
 
 Training data is rendered on the fly from the ``train`` split (sample ``i`` of step ``s`` is train
-index ``s * batch + i``), so a run is reproducible from its seed. The language-model loss covers the
+index ``s * batch + i``), so a run is reproducible from its seed. Every ``--checkpoint-every`` steps
+(25) the run saves its state in ``<out>/.checkpoint/``; the same command started again resumes from
+it (:mod:`models.train.resume`). The language-model loss covers the
 answer tokens only (one word + end token). Auxiliary losses speed the from-scratch vision tower up
 (``--aux-weight 0`` turns them off); their heads are discarded, the saved model is the plain HF one:
 
-* per visual token (LLaVA: CLIP patch features at the selected layer; Qwen: merged tokens): the
+* per visual token (LLaVA: CLIP patch features at the selected layer; Qwen2.5-VL, Qwen3-VL: merged tokens): the
   colour and the shape of the object covering it (or "none"), and whether an object's centre is in it;
   optionally its grid coordinates (``--coord-aux``) and how many objects share its colour and its
   shape (``--count-aux``);
@@ -34,6 +37,7 @@ from models.train.heads import AuxHeads
 from models.train.hooks import AttentionTap, OutputTap, Taps, VisionTap
 from models.train.lm_guide import GuideRules, attribute_words, guide_loss, guided_middle_layers, lm_attention_rows
 from models.train.loop import finish, train
+from models.train.resume import Progress
 from models.train.schedule import lr_at, phase_task, step_plan, training_batch
 from models.train.step import LossWindow, Run, drop_background, forward_loss, qwen_image_positions
 from models.train.targets import (
@@ -55,7 +59,7 @@ from models.train.tower_guide import neighbour_guide_loss, qwen_windows, tower_g
 
 __all__ = [
     "COORD_SCALE", "COUNT_CLASSES", "NEIGHBOUR_ATTRIBUTES", "NO_FLAG", "PRESETS", "TASK_CONFIGS", "AttentionTap",
-    "AuxHeads", "GuideRules", "LossWindow", "OutputTap", "Run", "Taps", "ThreadGovernor", "TrainConfig", "VisionTap",
+    "AuxHeads", "GuideRules", "LossWindow", "OutputTap", "Progress", "Run", "Taps", "ThreadGovernor", "TrainConfig", "VisionTap",
     "answer_starts", "attribute_words", "aux_targets", "build_model", "cell_targets", "drop_background", "finish",
     "forward_loss", "guide_loss", "guided_middle_layers", "lm_attention_rows", "lm_layer_index", "lm_layers_appended",
     "lr_at", "main", "neighbour_guide_loss", "neighbour_targets", "object_cells", "parse_args", "phase_task",

@@ -1,4 +1,5 @@
-"""The command line: ``python -m models.train --model tiny-llava | tiny-qwen25vl [--<field> value ...]``."""
+"""The command line: ``python -m models.train --model tiny-llava | tiny-qwen25vl | tiny-qwen3vl [--<field> value ...]``
+(started again after a stop, the same command resumes the run from its last checkpoint)."""
 
 from __future__ import annotations
 
