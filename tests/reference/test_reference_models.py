@@ -61,8 +61,11 @@ def test_loads_offline_like_a_hub_model(shipped):
     from transformers import AutoTokenizer
 
     assert not model.training
-    assert type(model).__name__ == {"tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen25vl": "Qwen2_5_VLForConditionalGeneration"}[name]
-    assert type(processor).__name__ == {"tiny-llava": "LlavaProcessor", "tiny-qwen25vl": "Qwen2_5_VLProcessor"}[name]
+    assert type(model).__name__ == {
+        "tiny-llava": "LlavaForConditionalGeneration", "tiny-qwen25vl": "Qwen2_5_VLForConditionalGeneration",
+        "tiny-qwen3vl": "Qwen3VLForConditionalGeneration",
+    }[name]
+    assert type(processor).__name__ == {"tiny-llava": "LlavaProcessor", "tiny-qwen25vl": "Qwen2_5_VLProcessor", "tiny-qwen3vl": "Qwen3VLProcessor"}[name]
     tok = AutoTokenizer.from_pretrained(reference.path(name), local_files_only=True)
     assert tok.eos_token == processor.tokenizer.eos_token
     assert model.generation_config.eos_token_id == tok.eos_token_id
