@@ -21,10 +21,12 @@ import torch
 import vlmopt
 from vlmopt import configs
 from vlmopt.measure import hf_prefill_runner, measure, prefill_runner
+from vlmopt.adapters.llava import llava_15_7b_shape
+from vlmopt.adapters.qwen2_5_vl import qwen25vl_7b_shape
 
 
 def compile_time(repeats: int = 5) -> dict:
-    model = configs.build(configs.qwen25vl_7b_shape(width=0.02))
+    model = configs.build(qwen25vl_7b_shape(width=0.02))
     timing = measure(lambda: vlmopt.compile(model), repeats=repeats, warmup=0)
     text, vision = model.config.text_config, model.config.vision_config
     return {
@@ -61,7 +63,7 @@ def analytic_llm_flops(text, tokens: int) -> int:
 
 
 def flops_random_prune() -> dict:
-    model = configs.build(configs.llava_15_7b_shape(), device="meta")
+    model = configs.build(llava_15_7b_shape(), device="meta")
     batch = configs.synthetic_batch(model, [configs.PromptSpec(text_before=5, text_after=30)])
     seq = int(batch["input_ids"].shape[1])
     base = vlmopt.flops(model, batch)
@@ -90,8 +92,8 @@ def main() -> None:
     results = {
         "compile": compile_time(),
         "prefill": [
-            prefill_ratio("llava-1.5-7b-shape, width 0.125", configs.llava_15_7b_shape(width=0.125), None, args.repeats),
-            prefill_ratio("qwen2.5-vl-7b-shape, width 0.125", configs.qwen25vl_7b_shape(width=0.125), (32, 32), args.repeats),
+            prefill_ratio("llava-1.5-7b-shape, width 0.125", llava_15_7b_shape(width=0.125), None, args.repeats),
+            prefill_ratio("qwen2.5-vl-7b-shape, width 0.125", qwen25vl_7b_shape(width=0.125), (32, 32), args.repeats),
         ],
         "flops": flops_random_prune(),
     }

@@ -2,7 +2,7 @@
 
     python benchmarks/regate_step.py [--steps 10] [--threads 2] [--answer 192] [--json out.json]
 
-A random-weight LLaVA (``vlmopt.configs.llava_config`` with a wider, deeper LM) on a synthetic
+A random-weight LLaVA (``vlmopt.llava_config`` with a wider, deeper LM) on a synthetic
 batch whose rows end in an ``--answer``-token labelled span (long answers: where ReGATE's elision
 pays). Every step is sparse (no warm-up, no dense steps) with ``keep=0.5``, so the numbers compare
 one sparse step of each kind, taking turns: the standard loss, ReGATE gating the loss only (``elide=False``: the
@@ -22,6 +22,7 @@ import torch
 
 import vlmopt
 from vlmopt import configs
+from vlmopt.adapters.llava import llava_config
 
 
 def batch_and_labels(model, answer: int, rows: int, seed: int = 0):
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    model = configs.build(configs.llava_config(text_hidden=256, text_layers=6, text_heads=8, kv_heads=4, vocab_size=512), seed=0)
+    model = configs.build(llava_config(text_hidden=256, text_layers=6, text_heads=8, kv_heads=4, vocab_size=512), seed=0)
     batch, labels = batch_and_labels(model, args.answer, args.rows)
     sparse = {"keep": 0.5, "warmup_steps": 0, "dense_steps": 0}
     settings = {

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from vlmopt import configs
+from vlmopt.adapters.llava import llava_config
+from vlmopt.adapters.qwen2_5_vl import qwen25vl_config
 
 
 def pytest_addoption(parser):
@@ -31,17 +33,17 @@ def golden(request):
 
 @pytest.fixture(scope="session")
 def llava_clip():
-    return configs.build(configs.llava_config(tower="clip"), seed=1)
+    return configs.build(llava_config(tower="clip"), seed=1)
 
 
 @pytest.fixture(scope="session")
 def llava_siglip():
-    return configs.build(configs.llava_config(tower="siglip"), seed=2)
+    return configs.build(llava_config(tower="siglip"), seed=2)
 
 
 @pytest.fixture(scope="session")
 def qwen():
-    return configs.build(configs.qwen25vl_config(), seed=3)
+    return configs.build(qwen25vl_config(), seed=3)
 
 
 @pytest.fixture(params=["llava_clip", "llava_siglip", "qwen"])

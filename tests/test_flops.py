@@ -2,6 +2,8 @@
 
 import vlmopt
 from vlmopt import configs
+from vlmopt.adapters.llava import llava_config
+from vlmopt.adapters.qwen2_5_vl import qwen25vl_config
 
 
 def llm_flops(text_config, tokens: int) -> int:
@@ -15,7 +17,7 @@ def llm_flops(text_config, tokens: int) -> int:
 
 
 def test_llm_flops_match_the_analytic_count():
-    model = configs.build(configs.llava_config(), seed=0)
+    model = configs.build(llava_config(), seed=0)
     batch = configs.synthetic_batch(model)
     seq = batch["input_ids"].shape[1]
     report = vlmopt.flops(model, batch)
@@ -30,11 +32,11 @@ def test_llm_flops_match_the_analytic_count():
 
 
 def test_meta_device_model_counts_without_memory():
-    model = configs.build(configs.qwen25vl_config(), device="meta")
+    model = configs.build(qwen25vl_config(), device="meta")
     batch = configs.synthetic_batch(model)
     report = vlmopt.flops(model, batch)
     assert report.by_stage["vision"] > 0 and report.llm > 0
-    real = vlmopt.flops(configs.build(configs.qwen25vl_config()), batch)
+    real = vlmopt.flops(configs.build(qwen25vl_config()), batch)
     assert real.by_stage == report.by_stage
 
 
@@ -42,7 +44,7 @@ def test_op_formulas_come_from_the_op_files():
     """HiPrune's scoring adds its projections and the received-attention formula of its op file."""
     from vlmopt.ops import received_attention
 
-    model = configs.build(configs.llava_config(), seed=0)
+    model = configs.build(llava_config(), seed=0)
     batch = configs.synthetic_batch(model)
     base = vlmopt.flops(model, batch)
     pruned = vlmopt.flops(vlmopt.compile(model, ["hiprune:keep_ratio=0.5,object_layer=0,deep_layer=1"]), batch)

@@ -65,7 +65,7 @@ def test_forward_returns_cache_and_rejects_labels(llava_clip):
 def test_image_token_mismatch_is_a_clear_error(any_model):
     batch = padded_batch(any_model)
     ids = batch["input_ids"].clone()
-    ids[ids == 5] = 11  # image placeholders become text
+    ids[ids == any_model.config.image_token_id] = 11  # image placeholders become text
     with pytest.raises(vlmopt.InputError, match="image tokens"):
         vlmopt.compile(any_model)(**dict(batch, input_ids=ids))
 

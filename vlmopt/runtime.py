@@ -18,18 +18,8 @@ if TYPE_CHECKING:
 
 BACKENDS = ("eager", "inductor", "torch_tensorrt")
 
-#: Processor outputs the compiled model reads (everything else is rejected, never ignored silently).
-BATCH_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "position_ids",
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "second_per_grid_ts",
-    "mm_token_type_ids",
-)
+#: Text inputs every compiled model reads; the adapter adds its family's (``Adapter.batch_keys``).
+TEXT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
 class CompiledVLM(nn.Module):
@@ -69,11 +59,6 @@ class CompiledVLM(nn.Module):
         if states is None or name not in states.states:
             raise KeyError(f"no train-stage pass {name!r} with a state in this compiled model")
         return states.states[name]
-
-    @property
-    def regate_state(self):
-        """The :class:`vlmopt.passes.regate.ReGATEState` of a ReGATE training graph."""
-        return self.pass_state("regate")
 
     @property
     def lossless(self) -> bool:
@@ -121,9 +106,13 @@ class CompiledVLM(nn.Module):
 
     def plan(self, batch: dict[str, Any], for_generation: bool = False) -> Prompt:
         """Plan a batch of processor outputs for the graphs (see the adapter's ``plan``)."""
-        unknown = sorted(k for k, v in batch.items() if v is not None and k not in BATCH_KEYS)
+        known = TEXT_KEYS + self.adapter.batch_keys
+        unknown = sorted(k for k, v in batch.items() if v is not None and k not in known)
         if unknown:
-            raise InputError(f"unsupported inputs {unknown}; CompiledVLM reads {', '.join(BATCH_KEYS)}")
+            raise InputError(
+                f"unsupported inputs {unknown}; a compiled {type(self.adapter.model).__name__} reads {', '.join(known)} "
+                "(everything else is refused, never ignored)"
+            )
         if batch.get("input_ids") is None or batch["input_ids"].dim() != 2:
             raise InputError("input_ids [batch, sequence] are required (pass the processor's outputs)")
         prompt = self.adapter.plan({k: v for k, v in batch.items() if v is not None}, for_generation)

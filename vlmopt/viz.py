@@ -1,7 +1,7 @@
 """Draw which visual tokens a pruning pass keeps, on the image the model actually saw.
 
-The image is rebuilt from the processor's ``pixel_values`` (un-normalised, and for Qwen2.5-VL
-un-patchified), so every token box lines up with what the vision tower read. Kept tokens are
+The image is rebuilt from the processor's ``pixel_values`` (un-normalised, and un-patchified by the
+adapter), so every token box lines up with what the vision tower read. Kept tokens are
 outlined by kind — HiPrune's anchors, buffers and registers, or just "kept" for other passes —
 and dropped tokens are dimmed.
 """
@@ -52,16 +52,17 @@ def kept_tokens(compiled: CompiledVLM, batch: dict[str, Any]) -> KeptTokens:
     kept_global = torch.searchsorted(slots, values[slots_node.name]).numpy()
     layout = prompt.layout
     starts = np.cumsum((0,) + layout.counts[:-1])
-    leading = np.zeros(len(kept_global), dtype=bool)  # a CLS token kept in front of a grid is not drawn
-    for start, lead in zip(starts, layout.leading):
-        leading |= (kept_global >= start) & (kept_global < start + lead)
-    kept_grid = kept_global[~leading]
+    # grid cell of each of the batch's visual tokens (-1: a structural token, CLS or newline, not drawn)
+    cells = np.full(layout.total, -1, dtype=np.int64)
+    for index, start in enumerate(starts):
+        cells[start + np.array(layout.grid_indices(index), dtype=np.int64)] = np.arange(layout.grid_counts[index])
+    kept_grid = kept_global[cells[kept_global] >= 0]
     kinds = values.get("token_kinds")
     kinds = kinds.numpy() if kinds is not None else np.full(len(kept_grid), -1)
     grids, kept, kind_lists = list(layout.grids), [], []
-    for start, lead, count in zip(starts, layout.leading, layout.counts):
-        mine = (kept_grid >= start + lead) & (kept_grid < start + count)
-        kept.append(kept_grid[mine] - start - lead)
+    for start, count in zip(starts, layout.counts):
+        mine = (kept_grid >= start) & (kept_grid < start + count)
+        kept.append(cells[kept_grid[mine]])
         kind_lists.append(kinds[mine])
     return KeptTokens(grids, kept, kind_lists)
 
@@ -71,20 +72,9 @@ def images_from_pixels(model, processor, batch: dict[str, Any]) -> list[np.ndarr
     image_processor = getattr(processor, "image_processor", None)
     mean = np.array(getattr(image_processor, "image_mean", None) or CLIP_MEAN)
     std = np.array(getattr(image_processor, "image_std", None) or CLIP_STD)
-    pixels = batch["pixel_values"].float().numpy()
-    if model.config.model_type == "llava":
-        frames = [p.transpose(1, 2, 0) for p in pixels]
-    else:
-        vision = model.config.vision_config
-        patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
-        frames, offset = [], 0
-        for t, h, w in batch["image_grid_thw"].tolist():
-            count = t * h * w
-            block = pixels[offset : offset + count].reshape(t, h // merge, w // merge, merge, merge, 3, temporal, patch, patch)
-            # (t, h/m, w/m, m, m, C, T, p, p) → (t, T, h/m, m, p, w/m, m, p, C): undo the processor's flattening
-            image = block.transpose(0, 6, 1, 3, 7, 2, 4, 8, 5).reshape(t * temporal, h * patch, w * patch, 3)
-            frames.append(image[0])
-            offset += count
+    from vlmopt.adapters import adapter_for
+
+    frames = adapter_for(model).pixel_frames(batch)
     return [np.clip((f * std + mean) * 255, 0, 255).astype(np.uint8) for f in frames]
 
 

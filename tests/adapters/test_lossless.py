@@ -6,6 +6,7 @@ import torch
 import vlmopt
 from tests.conftest import padded_batch, row
 from vlmopt import configs
+from vlmopt.adapters.llava import llava_config
 
 
 def hf_logits(model, batch):
@@ -49,7 +50,7 @@ def test_compile_leaves_the_model_alone(any_model):
     ids=["multi_layer", "full_strategy", "last_layer"],
 )
 def test_llava_feature_selection_variants(options):
-    model = configs.build(configs.llava_config(**options), seed=4)
+    model = configs.build(llava_config(**options), seed=4)
     batch = padded_batch(model, seed=2)
     with torch.no_grad():
         assert torch.equal(vlmopt.compile(model)(**batch).logits, hf_logits(model, batch))

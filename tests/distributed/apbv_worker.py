@@ -1,5 +1,5 @@
 """One rank of the APB-V gloo tests (run as ``python -m tests.distributed.apbv_worker``): joins a
-group, runs a prefill and a greedy generation of a tiny random Qwen2.5-VL on a video prompt, and
+group, runs a prefill and a greedy generation of a tiny random Qwen2.5-VL (or Qwen3-VL) on a video prompt, and
 writes its last-token logits and tokens, its vision-tower FLOPs and its graph diff (or its error) to
 ``<out>/rank<r>.pt``."""
 
@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 import vlmopt
 from vlmopt import configs
+from vlmopt.adapters.qwen2_5_vl import qwen25vl_config
+from vlmopt.adapters.qwen3_vl import qwen3vl_config
 from vlmopt.passes import APBV
 
 SETTINGS = {"anchor_len": 5, "passing_len": 3}
@@ -32,8 +34,11 @@ def batch_prompt(model):
     return configs.synthetic_batch(model, specs, video_grids=[(6, 8, 8)], seed=82)
 
 
-def tiny_model():
-    return configs.build(configs.qwen25vl_config(), seed=3)
+def tiny_model(family: str = "qwen2_5_vl"):
+    """The tiny random Qwen2.5-VL (or, with ``family="qwen3_vl"``, Qwen3-VL with DeepStack) of the tests."""
+    if family == "qwen3_vl":
+        return configs.build(qwen3vl_config(), seed=3)
+    return configs.build(qwen25vl_config(), seed=3)
 
 
 def run(compiled, batch):
@@ -57,13 +62,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--fail-in", choices=("attention", "vision"), default="attention")
     parser.add_argument("--batch", type=int, default=0, help="1: run the two-row batch instead of one video")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     result: dict = {}
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
                                 world_size=args.world, timeout=timedelta(seconds=30))
-        model = tiny_model()
+        model = tiny_model(args.family)
         compiled = vlmopt.compile(model, passes=[APBV(hosts=args.hosts or args.world, **SETTINGS)])
         if args.rank == args.fail_rank:
             from vlmopt.distributed import attention

@@ -11,6 +11,8 @@ import vlmopt
 from vlmopt import configs
 from vlmopt.distributed.frames import FrameShare, split_frames
 from vlmopt.errors import InputError
+from vlmopt.adapters.llava import llava_config
+from vlmopt.adapters.qwen2_5_vl import qwen25vl_config
 
 
 def tower_tokens(compiled, inputs: dict) -> torch.Tensor:
@@ -51,14 +53,14 @@ def test_a_host_without_frames_encodes_one_and_sends_none():
 
 
 def qwen_prompt(seed):
-    model = configs.build(configs.qwen25vl_config(), seed=seed)
+    model = configs.build(qwen25vl_config(), seed=seed)
     specs = [configs.PromptSpec(images=1, text_before=3, text_after=6), configs.PromptSpec(images=0, text_before=3, text_after=6)]
     batch = configs.synthetic_batch(model, specs, image_grids=[(8, 12)], video_grids=[(8, 8, 12)], seed=seed + 10)
     return model, batch
 
 
 def llava_prompt(seed):
-    model = configs.build(configs.llava_config(), seed=seed)
+    model = configs.build(llava_config(), seed=seed)
     specs = [configs.PromptSpec(images=2, text_before=3, text_after=6), configs.PromptSpec(images=3, text_before=4, text_after=5)]
     return model, configs.synthetic_batch(model, specs, seed=seed + 10)
 

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from vlmopt import configs
+from vlmopt.adapters.llava import llava_config
+from vlmopt.adapters.qwen2_5_vl import qwen25vl_config
 
 QWEN_IMAGE = 112
 """Qwen exports are fixed to 112×112 px images (8×8 patches, 16 merged tokens)."""
@@ -48,23 +50,23 @@ class Export:
 
 @pytest.fixture(scope="session")
 def small_llava():
-    return configs.build(configs.llava_config(vision_layers=2, text_layers=2), seed=11)
+    return configs.build(llava_config(vision_layers=2, text_layers=2), seed=11)
 
 
 @pytest.fixture(scope="session")
 def small_qwen():
-    return configs.build(configs.qwen25vl_config(vision_depth=2, full_attention_blocks=(1,), text_layers=2), seed=12)
+    return configs.build(qwen25vl_config(vision_depth=2, full_attention_blocks=(1,), text_layers=2), seed=12)
 
 
 @pytest.fixture(scope="session")
 def llava_three_layers():
     """HalfV needs three text layers (a probe, a cut, a later stage)."""
-    return configs.build(configs.llava_config(vision_layers=2, text_layers=3), seed=15)
+    return configs.build(llava_config(vision_layers=2, text_layers=3), seed=15)
 
 
 @pytest.fixture(scope="session")
 def qwen_three_layers():
-    return configs.build(configs.qwen25vl_config(vision_depth=2, full_attention_blocks=(1,), text_layers=3), seed=16)
+    return configs.build(qwen25vl_config(vision_depth=2, full_attention_blocks=(1,), text_layers=3), seed=16)
 
 
 def _save(model, processor, directory: Path) -> Path:

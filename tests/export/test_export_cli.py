@@ -89,5 +89,5 @@ def test_run_errors_are_clear(exported, picture, tmp_path, capsys):
 
 
 def test_generate_needs_a_processor(capsys, picture):
-    message = _error(capsys, ["generate", "--model", "tiny-llava-random", "--image", str(picture), "--prompt", "hi"])
-    assert "random-weight config" in message
+    message = _error(capsys, ["generate", "--model", "tiny-llava-siglip-random", "--image", str(picture), "--prompt", "hi"])
+    assert "random-weight config without a tokenizer or processor" in message

@@ -37,7 +37,7 @@ def test_split_refuses_an_llm_node_reading_a_vision_value(llava_clip):
 
 
 def test_qwen_vision_block_stand_in_matches_the_hf_block(qwen):
-    from vlmopt.export.leaves import QwenVisionBlockForExport
+    from vlmopt.adapters.qwen_common import QwenVisionBlockForExport
 
     compiled = vlmopt.compile(qwen)
     batch = vlmopt.configs.synthetic_batch(qwen, [vlmopt.configs.PromptSpec()] * 2, image_grids=[(8, 8), (4, 8)], seed=9)

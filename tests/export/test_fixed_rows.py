@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import fx, nn
 
-from vlmopt.export.fixed_rows import bind_visual_rows, compact_slots
+from vlmopt.export.fixed_rows import bind_visual_rows
 from vlmopt.graph import functions as gf
+from vlmopt.graph.functions import compact_slots
 from vlmopt.graph.layout import VisualLayout
+from vlmopt.passes.halfv_cut import EXPORT_BINDINGS, halfv_active_rows, halfv_keep, row_budgets
 
 PER_ROW = 10
 """Visual tokens an image brings to the LLM in these tests."""
@@ -23,8 +25,8 @@ def pipeline_graph(current: float, keep: float, anchor_frac: float, with_states:
     """relevance, states, span, layout → (halfv_keep, halfv_active_rows), as HalfV inserts them."""
     graph = fx.Graph()
     relevance, states, span, layout = (graph.placeholder(name) for name in ("relevance", "states", "span", "layout"))
-    kept = graph.call_function(gf.halfv_keep, (relevance, states if with_states else None, span, layout, current, keep, anchor_frac))
-    active = graph.call_function(gf.halfv_active_rows, (span, layout, current))
+    kept = graph.call_function(halfv_keep, (relevance, states if with_states else None, span, layout, current, keep, anchor_frac))
+    active = graph.call_function(halfv_active_rows, (span, layout, current))
     graph.output((kept, active))
     return fx.GraphModule(nn.Module(), graph)
 
@@ -44,11 +46,11 @@ def prompt(seed: int, batch: int, seq: int, visual: int):
 @pytest.mark.parametrize("cut", CUTS)
 def test_bound_cut_gives_the_pipeline_slots(cut):
     current = cut[0]
-    visual = PER_ROW if current == 1.0 else gf._row_budgets(VisualLayout(1, 1, (0,), (PER_ROW,), None), current)[0]
+    visual = PER_ROW if current == 1.0 else row_budgets(VisualLayout(1, 1, (0,), (PER_ROW,), None), current)[0]
     module = pipeline_graph(*cut)
     batches = [prompt(seed, 3, 24, visual) for seed in (1, 2, 3)]
     expected = [module(*inputs) for inputs in batches]
-    assert bind_visual_rows(module, PER_ROW) == ["halfv_keep", "halfv_active_rows"]
+    assert bind_visual_rows(module, PER_ROW, EXPORT_BINDINGS) == ["halfv_keep", "halfv_active_rows"]
     assert [n.target for n in module.graph.nodes if n.op == "placeholder"] == ["relevance", "states", "span"]
     for inputs, (kept, active) in zip(batches, expected):
         got_kept, got_active = module(*inputs[:3])
@@ -76,7 +78,7 @@ def test_bound_cut_in_onnxruntime_at_other_shapes(tmp_path):
 
     module = pipeline_graph(*CUTS[0]).eval()
     reference = [module(*prompt(seed, b, s, PER_ROW)) for seed, b, s in ((5, 4, 31), (6, 1, 17))]
-    bind_visual_rows(module, PER_ROW)
+    bind_visual_rows(module, PER_ROW, EXPORT_BINDINGS)
     example = prompt(0, 2, 24, PER_ROW)[:3]
     batch, seq = Dim("batch", min=1, max=8), Dim("sequence", min=PER_ROW + 4, max=64)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq})

@@ -87,7 +87,7 @@ def test_context_too_short_for_the_hosts(qwen):
 
 def test_prompt_without_question_or_video(qwen):
     batch = video_batch(qwen, seed=73)
-    cut = int((batch["input_ids"][0] == configs.VIDEO_TOKEN).nonzero().max()) + 1  # ends on a visual token
+    cut = int((batch["input_ids"][0] == qwen.config.video_token_id).nonzero().max()) + 1  # ends on a visual token
     trimmed = dict(batch, input_ids=batch["input_ids"][:, :cut], attention_mask=batch["attention_mask"][:, :cut],
                    mm_token_type_ids=batch["mm_token_type_ids"][:, :cut])
     compiled = vlmopt.compile(qwen, passes=[APBV(hosts=2)])

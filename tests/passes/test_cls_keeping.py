@@ -12,6 +12,7 @@ from vlmopt.graph.edit import GraphEditor
 from vlmopt.graph.layout import keep_count, pooled_grid
 from vlmopt.graph.probe import run_with_probes
 from vlmopt.passes import HiPrune, PoolPrune, RandomPrune
+from vlmopt.adapters.llava import llava_config
 
 PASSES = {
     "random_prune": RandomPrune(keep_ratio=0.5, seed=3),
@@ -22,7 +23,7 @@ PASSES = {
 
 @pytest.fixture(scope="module")
 def llava_cls():
-    return configs.build(configs.llava_config(strategy="full"), seed=8)
+    return configs.build(llava_config(strategy="full"), seed=8)
 
 
 def kept_grid(pass_, grid):

@@ -86,7 +86,8 @@ def test_llava_frozen_rows_skip_the_visual_rows(llava_clip):
 def test_inactive_rows_cost_only_their_keys_and_values(llava_clip):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vlmopt.adapters.inactive_rows import InactiveRowsLayer
+    from vlmopt.adapters import adapter_for
+    from vlmopt.layers.inactive_rows import InactiveRowsLayer
     from vlmopt.flops import register_flop_formulas
 
     register_flop_formulas()
@@ -99,7 +100,8 @@ def test_inactive_rows_cost_only_their_keys_and_values(llava_clip):
     cos, sin = llava_clip.model.language_model.rotary_emb(hidden, torch.arange(seq).expand(batch, seq))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        out = InactiveRowsLayer(layer)(hidden, slots, torch.ones(batch, seq), cos, sin, None)
+        view = adapter_for(llava_clip).decoder_view
+        out = InactiveRowsLayer(layer, view)(hidden, slots, torch.ones(batch, seq), cos, sin, None)
     width, kv_width = config.hidden_size, config.num_key_value_heads * layer.self_attn.head_dim
     expected = 2 * batch * (
         2 * seq * width * kv_width  # keys and values of every row
@@ -175,7 +177,7 @@ def test_bad_fields(kwargs, message):
         ("qwen", HalfV(ssr_layer=3), r"ssr_layer=3, but this model's language model has decoder layers 0..2"),
         ("qwen", HalfV(ivr_layer=2), "ssr_layer=2 must come after ivr_layer=2"),
         ("qwen", HalfV(ivr_keep=0.1, ssr_keep=0.2), "ssr_keep=0.2 keeps more than ivr_keep=0.1"),
-        ("llava_clip", HalfV(ssr_keep=0.1), "ssr_keep applies to Qwen2.5-VL only"),
+        ("llava_clip", HalfV(ssr_keep=0.1), "ssr_keep applies where saturation is token sparsity"),
         ("llava_clip", [HalfV(), RandomPrune(keep_ratio=0.5)], r"RandomPrune \(vision stage\) comes after HalfV"),
     ],
 )

@@ -11,6 +11,8 @@ from vlmopt import configs
 from vlmopt.graph.probe import run_with_probes
 from vlmopt.ops.hiprune_select import ANCHOR, BUFFER, REGISTER
 from vlmopt.passes import HiPrune
+from vlmopt.adapters.llava import llava_15_7b_shape, llava_config
+from vlmopt.adapters.qwen2_5_vl import qwen25vl_7b_shape, qwen25vl_config
 
 
 def probe(compiled, batch, names):
@@ -21,7 +23,7 @@ def probe(compiled, batch, names):
 
 
 def test_llava_scores_are_the_eager_attention_column_means():
-    model = configs.build(configs.llava_config(vision_layers=6), seed=5)
+    model = configs.build(llava_config(vision_layers=6), seed=5)
     batch = padded_batch(model, seed=1)
     compiled = vlmopt.compile(model, passes=[HiPrune(keep_ratio=0.5, object_layer=1, deep_layer=4)])
     _, values = probe(compiled, batch, {"vision_1_received", "vision_4_received"})
@@ -32,7 +34,7 @@ def test_llava_scores_are_the_eager_attention_column_means():
 
 
 def test_qwen_scores_are_dense_per_image_in_full_attention_blocks():
-    model = configs.build(configs.qwen25vl_config(vision_depth=4, full_attention_blocks=(1, 3)), seed=6)
+    model = configs.build(qwen25vl_config(vision_depth=4, full_attention_blocks=(1, 3)), seed=6)
     batch = configs.synthetic_batch(model, [configs.PromptSpec(images=2)], image_grids=[(8, 8), (4, 12)], seed=2)
     compiled = vlmopt.compile(model, passes=[HiPrune(keep_ratio=0.5, object_layer=1, deep_layer=3)])
     prompt, values = probe(compiled, batch, {"vision_1_received"})
@@ -108,11 +110,11 @@ def test_golden_graph_diff(family_model, golden):
 
 
 def test_paper_default_layers_scale_with_depth():
-    llava = vlmopt.compile(configs.build(configs.llava_15_7b_shape(), device="meta"))
-    qwen = vlmopt.compile(configs.build(configs.qwen25vl_7b_shape(), device="meta"))
+    llava = vlmopt.compile(configs.build(llava_15_7b_shape(), device="meta"))
+    qwen = vlmopt.compile(configs.build(qwen25vl_7b_shape(), device="meta"))
     assert HiPrune(keep_ratio=0.33).layers(llava.adapter) == (8, 22)
     assert HiPrune(keep_ratio=0.33).layers(qwen.adapter) == (15, 31)
-    small = vlmopt.compile(configs.build(configs.llava_config(vision_layers=8)))
+    small = vlmopt.compile(configs.build(llava_config(vision_layers=8)))
     assert HiPrune(keep_ratio=0.33).layers(small.adapter) == (2, 6)
 
 

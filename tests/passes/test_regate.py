@@ -28,7 +28,7 @@ def test_keep_one_is_exactly_the_standard_loss(family_model):
     opt = vlmopt.compile(family_model, [ReGATE(keep=1.0, **SPARSE)], mode="train")
     with pytest.warns(UserWarning, match="no teacher_losses"):
         out = opt(**batch, labels=labels, sample_ids=[0, 1])
-    assert not opt.regate_state.is_dense(0)
+    assert not opt.pass_state("regate").is_dense(0)
     assert torch.equal(out.loss, standard.loss) and torch.equal(out.active_tokens, standard.active_tokens)
     actual = gradients(family_model, out.loss)
     assert all((g is None and actual[n] is None) or torch.equal(g, actual[n]) for n, g in expected.items())
@@ -60,7 +60,7 @@ def test_warmup_and_dense_steps_are_honoured(llava_clip):
     answer = (labels[:, 1:] != -100).sum(1)
     config = ReGATE(keep=0.5, warmup_steps=2, cycle=3, dense_steps=1)
     opt = vlmopt.compile(llava_clip, [config], mode="train")
-    dense = [opt.regate_state.is_dense(step) for step in range(9)]
+    dense = [opt.pass_state("regate").is_dense(step) for step in range(9)]
     assert dense == [True, True, True, False, False, True, False, False, True]
     with pytest.warns(UserWarning):
         for step in range(6):
@@ -68,10 +68,10 @@ def test_warmup_and_dense_steps_are_honoured(llava_clip):
             expected = answer if dense[step] else torch.tensor([math.ceil(0.5 * int(n)) for n in answer])
             assert out.active_tokens.sum(1).tolist() == expected.tolist(), step
             gradients(llava_clip, out.loss)
-    assert opt.regate_state.step == 6
+    assert opt.pass_state("regate").step == 6
     with torch.no_grad():  # evaluation: every answer token, and the state stays where it was
         out = opt(**batch, labels=labels, sample_ids=[1, 2])
-    assert out.active_tokens.sum(1).tolist() == answer.tolist() and opt.regate_state.step == 6
+    assert out.active_tokens.sum(1).tolist() == answer.tolist() and opt.pass_state("regate").step == 6
 
 
 def train(model, config, batches, steps, saved=None):
@@ -82,7 +82,7 @@ def train(model, config, batches, steps, saved=None):
         opt.load_state_dict(saved["compiled"])
         optimizer.load_state_dict(saved["optimizer"])
     losses, masks = [], []
-    start = opt.regate_state.step
+    start = opt.pass_state("regate").step
     for step in range(start, start + steps):
         batch, labels, ids, teacher = batches[step % len(batches)]
         out = opt(**batch, labels=labels, sample_ids=ids, teacher_losses=teacher)
@@ -117,8 +117,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(llava_clip):
 
 
 def test_bad_state_and_inputs_are_refused(llava_clip):
-    state = vlmopt.compile(llava_clip, [ReGATE(keep=0.5)], mode="train").regate_state
-    other = vlmopt.compile(llava_clip, [ReGATE(keep=0.25, cycle=64)], mode="train").regate_state
+    state = vlmopt.compile(llava_clip, [ReGATE(keep=0.5)], mode="train").pass_state("regate")
+    other = vlmopt.compile(llava_clip, [ReGATE(keep=0.25, cycle=64)], mode="train").pass_state("regate")
     with pytest.raises(vlmopt.InputError, match="saved under another configuration \\(differs in cycle, keep"):
         other.load_state_dict(state.state_dict())
     batch = padded_batch(llava_clip, seed=55)

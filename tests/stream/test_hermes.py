@@ -120,8 +120,11 @@ def test_tiers_and_schedules():
     hermes = Hermes()
     tiers = hermes.tiers(28)
     assert tiers[:2] == ["sensory"] * 2 and tiers[2:19] == ["working"] * 17 and tiers[19:] == ["long_term"] * 9
-    alphas, rates = hermes.schedule("qwen2_5_vl", 28)
+    from vlmopt.adapters.llava import LlavaAdapter
+    from vlmopt.adapters.qwen2_5_vl import Qwen25VLAdapter
+
+    alphas, rates = hermes.schedule(Qwen25VLAdapter, 28)  # the class: only its paper_settings are read
     assert alphas[0] == 1 and alphas[2] == pytest.approx(0.75) and alphas[19] == 0
     assert rates[2] == pytest.approx(20) and alphas[18] == pytest.approx(0.75 - 0.6 * 16 / 17)
-    llava_alphas, llava_rates = hermes.schedule("llava", 28)
+    llava_alphas, llava_rates = hermes.schedule(LlavaAdapter, 28)
     assert llava_alphas[18] == pytest.approx(1 - 0.9 * 16 / 17) and llava_rates[18] == pytest.approx(20 - 19.5 * 16 / 17)

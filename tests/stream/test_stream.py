@@ -83,7 +83,7 @@ def _pil(frame):
         (lambda f: f.astype(np.float32), "uint8"),
         (lambda f: f[..., :2], r"\[T, H, W, 3\]"),
         (lambda f: f[0], r"\[T, H, W, 3\]"),
-        (lambda f: f[:3], "even number"),
+        (lambda f: f[:3], "multiple of 2 frames"),
         (lambda f: np.ascontiguousarray(f[:, :28, :28]), "keep the frame size"),
         (lambda f: "frames.mp4", "PIL images or a uint8 array"),
     ],

@@ -40,7 +40,7 @@ def test_trainer_trains_saves_the_pass_state_and_resumes(llava_clip, tmp_path):
                                            data_collator=lambda items: items[0])
     trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert opt.regate_state.step == 4 and len(logged) == 4
+    assert opt.pass_state("regate").step == 4 and len(logged) == 4
     saved = torch.load(tmp_path / "a" / "checkpoint-2" / "vlmopt_pass_states.pt", weights_only=True)
     assert saved["regate"]["step"] == 2
 
@@ -50,5 +50,5 @@ def test_trainer_trains_saves_the_pass_state_and_resumes(llava_clip, tmp_path):
                                            data_collator=lambda items: items[0])
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     # 2 steps from the checkpoint's state: had it not been restored, the counter would read 2.
-    assert resumed.regate_state.step == 4
-    assert sorted(resumed.regate_state.ema) == sorted(opt.regate_state.ema) == [0, 1, 2, 3, 4, 5]
+    assert resumed.pass_state("regate").step == 4
+    assert sorted(resumed.pass_state("regate").ema) == sorted(opt.pass_state("regate").ema) == [0, 1, 2, 3, 4, 5]

@@ -94,7 +94,7 @@ def test_precompute_cli_writes_a_cache_regate_reads(tmp_path, capsys):
     # other batching (2 + 1 rows, other padding) than here: equal up to float32 rounding
     torch.testing.assert_close(cache.for_batch([5, 6, 7], batch["labels"]), direct, rtol=1e-5, atol=1e-4)
     opt = vlmopt.compile(model, [vlmopt.passes.ReGATE(keep=0.5)], mode="train")
-    opt.regate_state.teacher_cache = cache
+    opt.pass_state("regate").teacher_cache = cache
     labels = batch.pop("labels")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -556,7 +556,7 @@ def test_tower_guide_moves_received_attention_onto_objects(name):
 def test_qwen_tower_scores_are_the_passes_scores_in_raster_order():
     """The guide's Qwen scores, mapped from window to raster order, equal the HiPrune pass's own
     score function (window order) permuted by the tower's window index."""
-    from vlmopt.adapters.qwen2_5_vl import qwen_vision_qk
+    from vlmopt.adapters.qwen_common import qwen_vision_qk
     from vlmopt.graph.layout import VisualLayout
     from vlmopt.passes.hiprune import vision_received_attention
 

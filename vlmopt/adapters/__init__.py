@@ -1,32 +1,56 @@
-"""Architecture adapters: one per supported HF VLM class."""
+"""Architecture adapters: one file per VLM family, registered by the HF classes it serves.
+
+>>> from vlmopt.adapters import adapter_for
+>>> adapter_for(model).capabilities
+frozenset({'vision_qk', 'grids', ...})
+
+A family is one adapter file plus its tests: an :class:`Adapter` subclass decorated with
+:func:`~vlmopt.adapters.base.register`, imported below. Passes say what they need
+(``Pass.needs``), adapters what they have (``Adapter.capabilities``); ``Pass.check`` compares them.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from vlmopt.adapters.base import Adapter, Prompt
-from vlmopt.adapters.llava import LlavaAdapter
-from vlmopt.adapters.qwen2_5_vl import Qwen25VLAdapter
+from vlmopt.adapters import llava, qwen2_5_vl, qwen3_vl  # noqa: F401  (each registers its adapter)
+from vlmopt.adapters.base import CAPABILITIES, REGISTRY, Adapter, NamedConfig, Prompt, register
+from vlmopt.adapters.layer_view import DecoderLayerView
 from vlmopt.errors import UnsupportedModelError
 
-ADAPTERS: dict[str, type[Adapter]] = {
-    LlavaAdapter.model_class_name: LlavaAdapter,
-    Qwen25VLAdapter.model_class_name: Qwen25VLAdapter,
-}
 
-FAMILIES = tuple(adapter.family for adapter in ADAPTERS.values())
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of ``model``'s architecture; a clear error names the supported classes."""
+def adapter_class(model: nn.Module) -> type[Adapter]:
+    """The adapter class serving ``model``'s HF class (or a subclass of one); a clear error names the supported classes."""
     for cls in type(model).__mro__:
-        if cls.__name__ in ADAPTERS:
-            return ADAPTERS[cls.__name__](model)
+        if cls.__name__ in REGISTRY:
+            return REGISTRY[cls.__name__]
     raise UnsupportedModelError(
         f"vlmopt cannot compile {type(model).__name__}: supported model classes are "
-        f"{', '.join(ADAPTERS)}. Load the checkpoint with one of them (for example "
-        "LlavaForConditionalGeneration.from_pretrained(...))."
+        f"{', '.join(sorted(REGISTRY))}. Load the checkpoint with one of them (for example "
+        "AutoModelForImageTextToText.from_pretrained(...)), or add an adapter (docs/adding-a-family.md)."
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "FAMILIES", "LlavaAdapter", "Prompt", "Qwen25VLAdapter", "adapter_for"]
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s architecture."""
+    return adapter_class(model)(model)
+
+
+def adapter_for_config(config) -> type[Adapter]:
+    """The adapter class of a HF config (by its ``model_type``)."""
+    for cls in dict.fromkeys(REGISTRY.values()):
+        if config.model_type in cls.model_classes:
+            return cls
+    known = sorted(t for cls in REGISTRY.values() for t in cls.model_classes)
+    raise UnsupportedModelError(f"no vlmopt adapter serves model_type {config.model_type!r}; known: {', '.join(known)}")
+
+
+def families() -> list[type[Adapter]]:
+    """Every registered adapter class, once each, in registration order."""
+    return list(dict.fromkeys(REGISTRY.values()))
+
+
+__all__ = [
+    "CAPABILITIES", "REGISTRY", "Adapter", "DecoderLayerView", "NamedConfig", "Prompt",
+    "adapter_class", "adapter_for", "adapter_for_config", "families", "register",
+]

@@ -1,135 +1,79 @@
-"""What every architecture adapter shares: the LLM half of the pipeline, and the adapter contract.
+"""What every architecture adapter shares: the registry, the LLM half of the pipeline, the contract.
 
-An adapter turns one Hugging Face VLM into small traceable *pipeline modules* (prefill with vision,
-text-only prefill, one decode step) whose forwards call the HF submodules directly, and plans each
-batch in eager Python (positions, visual-token slots, vision-tower metadata) so that the graphs
-only see tensors and static ints.
+An adapter turns one family of Hugging Face VLMs into small traceable *pipeline modules* (prefill
+with vision, text-only prefill, one decode step) whose forwards call the HF submodules directly, and
+plans each batch in eager Python (positions, visual-token slots, vision-tower metadata) so that the
+graphs only see tensors and static ints. It also says what the family *has*
+(:data:`CAPABILITIES`), which passes compare with what they *need*; the settings the methods' papers
+give for the family (:attr:`Adapter.paper_settings`); and how its decoder layer computes
+(:class:`~vlmopt.adapters.layer_view.DecoderLayerView`). Nothing outside ``vlmopt/adapters`` names a
+family: a new family is one adapter file, registered with :func:`register`.
 """
 
 from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from vlmopt.adapters.layer_view import DecoderLayerView, layer_mask_kinds
+from vlmopt.adapters.text import TextPipeline
 from vlmopt.errors import InputError, UnsupportedModelError
 from vlmopt.graph import functions as gf
-from vlmopt.graph.capture import mark, role
 
 if TYPE_CHECKING:
     from torch import fx
 
     from vlmopt.graph.edit import GraphEditor
 
-SUPPORTED_TEXT_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen2_5_VLTextModel")
+#: What an adapter can provide, and what each means. A pass lists the ones it needs (``Pass.needs``).
+CAPABILITIES: dict[str, str] = {
+    "vision_qk": "the queries and keys of the vision tower's blocks (Adapter.insert_vision_qk)",
+    "grids": "visual tokens on (t, h, w) grids in raster order",
+    "video": "video inputs",
+    "mrope": "3-D M-RoPE position ids",
+    "stream": "frames streamed into a filled KV cache (Adapter.stream_planner)",
+    "frames": "frames encoded apart, for frame-parallel vision (Adapter.frame_tokens / frame_inputs)",
+    "export": "ONNX export of the vision, prefill and decode graphs (Adapter.export_image_size, export_leaves)",
+    "deepstack": "visual features added to the hidden states of the first decoder layers (DeepStack)",
+}
+
+#: HF model class name → adapter class (filled by :func:`register`; ``vlmopt.adapters`` imports every adapter).
+REGISTRY: dict[str, type[Adapter]] = {}
 
 
-class CausalMask(nn.Module):
-    """The 4-D attention mask, built by the same HF function the text model calls (one graph node).
-
-    ``position_ids`` is never passed: with an explicit 2-D mask HF does not look for packed
-    sequences, and pruned (non-contiguous) positions must not be mistaken for packing.
-    """
-
-    def __init__(self, config, sliding: bool) -> None:
-        super().__init__()
-        self.config = config
-        self.sliding = sliding
-
-    def forward(self, embeds: Tensor, attention_mask: Tensor, cache: Any, layer_idx: int | None = None):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        build = create_sliding_window_causal_mask if self.sliding else create_causal_mask
-        kwargs = {} if layer_idx is None else {"layer_idx": layer_idx}
-        return build(
-            config=self.config,
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=None,
-            **kwargs,
-        )
-
-    def extra_repr(self) -> str:
-        return f"sliding={self.sliding}"
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: serve every HF class in ``cls.model_classes`` with the adapter ``cls``."""
+    unknown = set(cls.capabilities) - set(CAPABILITIES)
+    if unknown:
+        raise TypeError(f"{cls.__name__} declares unknown capabilities {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
+    for name in cls.model_classes.values():
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise TypeError(f"{name} is served by {REGISTRY[name].__name__} already")
+        REGISTRY[name] = cls
+    return cls
 
 
-def layer_mask_kinds(config) -> list[bool]:
-    """Per decoder layer: does it use a sliding-window mask (as the HF text model decides)?"""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return [kind == "sliding_attention" for kind in layer_types[: config.num_hidden_layers]]
-    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
-    return [bool(sliding)] * config.num_hidden_layers
+@dataclass(frozen=True)
+class NamedConfig:
+    """A model config vlmopt builds without downloads (``vlmopt.configs.CONFIGS``)."""
 
-
-class TextPipeline(nn.Module):
-    """Token embedding → decoder layers → final norm → LM head, calling the HF modules as leaves.
-
-    Used as is for the text-only prefill and the decode step; the vision pipelines subclass it.
-    ``position_dims`` are the (batch, sequence) dims of the position ids: (0, 1) for 1-D RoPE ids
-    [B, S], (1, 2) for M-RoPE ids [3, B, S].
-    """
-
-    def __init__(self, text_model: nn.Module, lm_head: nn.Module, position_dims: tuple[int, int]) -> None:
-        super().__init__()
-        if type(text_model).__name__ not in SUPPORTED_TEXT_MODELS:
-            raise UnsupportedModelError(
-                f"vlmopt supports the text models {', '.join(SUPPORTED_TEXT_MODELS)}; this model's language "
-                f"model is {type(text_model).__name__}"
-            )
-        config = text_model.config
-        self.embed_tokens = text_model.embed_tokens
-        self.rotary_emb = text_model.rotary_emb
-        self.layers = text_model.layers
-        self.norm = text_model.norm
-        self.lm_head = lm_head
-        self.sliding_layers = layer_mask_kinds(config)
-        self.causal_mask = CausalMask(config, sliding=False)
-        if any(self.sliding_layers):
-            self.sliding_mask = CausalMask(config, sliding=True)
-        self.position_dims = position_dims
-
-    def mark_text_inputs(self, input_ids, attention_mask, position_ids) -> None:
-        mark(input_ids, seq_dim=(0, 1))
-        mark(attention_mask, seq_dim=(0, 1))
-        mark(position_ids, seq_dim=self.position_dims)
-
-    def forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep):
-        self.mark_text_inputs(input_ids, attention_mask, position_ids)
-        with role("embed"):
-            embeds = mark(self.embed_tokens(input_ids), seq_dim=(0, 1))
-        return self.llm(embeds, attention_mask, position_ids, cache, logits_to_keep)
-
-    def llm(self, embeds, attention_mask, position_ids, cache, logits_to_keep):
-        with role("causal_mask"):
-            masks = {False: self.causal_mask(embeds, attention_mask, cache)}
-            if any(self.sliding_layers):
-                masks[True] = self.sliding_mask(embeds, attention_mask, cache)
-        with role("rope"):
-            rope = self.rotary_emb(embeds, position_ids)
-            cos, sin = mark(rope[0], seq_dim=(0, 1)), mark(rope[1], seq_dim=(0, 1))
-        hidden = embeds
-        for index, layer in enumerate(self.layers):
-            with role("decoder_layer", index):
-                hidden = layer(
-                    hidden,
-                    attention_mask=masks[self.sliding_layers[index]],
-                    position_embeddings=(cos, sin),
-                    cache=cache,
-                )
-            mark(hidden, seq_dim=(0, 1))
-        with role("final_norm"):
-            hidden = self.norm(hidden)
-        with role("keep_last"):
-            hidden = gf.keep_last(hidden, logits_to_keep)
-        with role("lm_head"):
-            logits = self.lm_head(hidden)
-        return {"logits": logits, "attention_mask": attention_mask}
+    make: Callable[..., Any]
+    """Builds the HF config; a ``*-shape`` config takes ``width`` (1.0 = the real model's widths)."""
+    image_grid: tuple[int, int] | None = None
+    """Patch grid (h, w) of the benchmark image for native-resolution towers (None: the tower's fixed size)."""
+    description: str = ""
+    """One line: what the config is."""
+    processor: Callable[..., Any] | None = None
+    """Builds a processor whose tokenizer fits the config (its special ids), so the CLI can prompt it;
+    takes ``image_size`` / ``video_size`` (pixels) where the family's tower takes any size."""
+    tasks: Mapping[str, Mapping[str, Any]] | None = None
+    """Reference task configs (``vlmopt.reference.tasks.get(name, **config)``) a random model is evaluated on."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +81,8 @@ class VisionQK:
     """Queries and keys of one vision block, as the block computes them (rotary applied, if any).
 
     ``q`` and ``k`` hold P × (heads·head_dim) values in the tower's token order, every visual input's
-    frames one after the other (LLaVA: [N, S, H·D]; Qwen2.5-VL: [P, H, D] in window order); a frame
-    is ``leading`` tokens then its grid, ``merge`` tower tokens per visual token.
+    frames one after the other (LLaVA: [N, S, H·D]; Qwen: [P, H, D], Qwen2.5-VL in window order); a
+    frame is ``leading`` tokens then its grid, ``merge`` tower tokens per visual token.
     """
 
     q: fx.Node
@@ -150,7 +94,7 @@ class VisionQK:
     leading: int
     """Tower tokens before each frame's grid (CLIP's CLS: 1), which no visual grid token matches."""
     merge: int
-    """Tower tokens merged into one visual token (Qwen2.5-VL's 2×2 merger: 4; LLaVA: 1)."""
+    """Tower tokens merged into one visual token (Qwen's 2×2 merger: 4; LLaVA: 1)."""
     frames: fx.Node
     """The graph's input :class:`~vlmopt.graph.layout.VisualLayout`, whose grids are the tower's frames."""
     order: fx.Node | None
@@ -195,9 +139,24 @@ class Adapter(ABC):
     """Turns one family of HF VLMs into pipeline modules and plans batches for them."""
 
     family: ClassVar[str]
-    """Short family name passes declare support for (``"llava"``, ``"qwen2_5_vl"``)."""
-    model_class_name: ClassVar[str]
-    """The HF class this adapter serves."""
+    """Short family name (the ``model_type`` of the family's main config: ``"llava"``, ``"qwen2_5_vl"``)."""
+    model_classes: ClassVar[Mapping[str, str]]
+    """The HF classes this adapter serves, by their config's ``model_type``."""
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    """What the family has, of :data:`CAPABILITIES`; passes refuse a model that lacks what they need."""
+    paper_settings: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Per pass name, the settings its paper or official code gives for this family (a pass falls
+    back to its own depth-scaled default where there is no entry)."""
+    decoder_view: ClassVar[DecoderLayerView] = DecoderLayerView()
+    """How the family's decoder layer computes, by role (the Llama layout by default)."""
+    configs: ClassVar[Mapping[str, NamedConfig]] = {}
+    """Random-weight configs of the family (``vlmopt.configs.CONFIGS``)."""
+    position_dims: ClassVar[tuple[int, int]] = (0, 1)
+    """(batch, sequence) dims of the position ids: (0, 1) for 1-D RoPE [B, S], (1, 2) for M-RoPE [3, B, S]."""
+    batch_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Processor outputs besides ``input_ids`` / ``attention_mask`` / ``position_ids`` the family reads."""
+    host_inputs: ClassVar[tuple[str, ...]] = ()
+    """Planned inputs the HF modules read back as Python numbers (they stay real under fake tensors)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -210,15 +169,20 @@ class Adapter(ABC):
 
     def text_pipeline(self) -> nn.Module:
         """The prefill step of a text-only prompt, and the decode step (same computation)."""
-        return TextPipeline(self.text_model, self.model.lm_head, self.position_dims)
+        return TextPipeline(self.text_model, self.model.lm_head, self.position_dims, self.decoder_view)
 
     @property
     @abstractmethod
     def text_model(self) -> nn.Module: ...
 
-    position_dims: ClassVar[tuple[int, int]] = (0, 1)
-    host_inputs: ClassVar[tuple[str, ...]] = ()
-    """Planned inputs the HF modules read back as Python numbers (they stay real under fake tensors)."""
+    @property
+    def mask_kinds(self) -> list[str]:
+        """``"full"`` or ``"sliding"`` attention, per decoder layer."""
+        return layer_mask_kinds(self.text_config)
+
+    def decoder_layer(self, index: int) -> nn.Module:
+        """The HF decoder layer ``index`` of the language model."""
+        return self.text_model.layers[index]
 
     # ----- vision-tower facts passes use ---------------------------------------------------
     @property
@@ -234,10 +198,18 @@ class Adapter(ABC):
     leading_tokens: int = 0
     """Tokens each visual input feeds the LLM before its grid (a CLS token); pruning always keeps them."""
 
-    @abstractmethod
+    @property
+    def structural_tokens(self) -> bool:
+        """Can a visual input's features hold structural tokens (CLS, row newlines), which a pruning pass
+        keeps outside its budget and never scores (:class:`~vlmopt.graph.layout.VisualLayout`)?"""
+        return bool(self.leading_tokens)
+    frames_per_patch: int = 1
+    """Video frames the tower encodes together (a temporal patch): a stream appends frames in multiples of it."""
+
     def insert_vision_qk(self, editor: GraphEditor, block: int, role: str = "attention_score") -> VisionQK:
         """Insert nodes computing vision block ``block``'s queries and keys from its input, as the block
-        computes them (its rotary embedding applied, where the tower has one)."""
+        computes them (its rotary embedding applied, where the tower has one). Capability ``vision_qk``."""
+        raise UnsupportedModelError(f"the {self.family} adapter cannot read its vision tower's queries and keys")
 
     # ----- frames, for encoding them apart (frame-parallel vision) -------------------------
     def frame_tokens(self, prompt: Prompt) -> list[int]:
@@ -249,6 +221,35 @@ class Adapter(ABC):
         """The vision-tower inputs of frames ``[first, stop)`` of a planned prefill, planned as for a
         prompt holding only those frames: the tower then gives exactly their visual tokens."""
         raise UnsupportedModelError(f"the {self.family} adapter cannot encode frames apart")
+
+    # ----- streams ------------------------------------------------------------------------
+    def stream_planner(self, compiled, processor):
+        """The planner of a :class:`vlmopt.stream.Stream` on this family (capability ``stream``): the
+        prompt around the frames, each chunk's graph inputs and positions (see :mod:`vlmopt.stream.planning`)."""
+        raise UnsupportedModelError(f"the {self.family} adapter does not stream frames (vlmopt.stream)")
+
+    # ----- export -------------------------------------------------------------------------
+    def export_image_size(self, processor: Any, requested: int | None) -> int:
+        """The square image side (pixels) an ONNX export is fixed to (``requested`` where the tower takes it)."""
+        raise UnsupportedModelError(f"the {self.family} adapter does not export to ONNX")
+
+    def export_image_grid(self, image_size: int) -> tuple[int, int] | None:
+        """The patch grid (h, w) of one ``image_size`` px image for :func:`vlmopt.configs.synthetic_batch`
+        (None: the tower's fixed size)."""
+        return None
+
+    def export_leaves(self) -> Mapping[str, Callable[[nn.Module, fx.Node, dict[str, Any]], nn.Module]]:
+        """HF leaf class name → factory(module, node, constants) of an export-friendly stand-in, for leaves
+        ``torch.export`` cannot trace as they are (data-dependent splits); none by default."""
+        return {}
+
+    def pixel_frames(self, batch: dict[str, Any]) -> list:
+        """The normalised images [H, W, 3] (numpy) of a batch's ``pixel_values``, one per image (``vlmopt viz``)."""
+        raise UnsupportedModelError(f"the {self.family} adapter cannot rebuild images from pixel_values")
+
+    def prompt_text(self, question: str) -> str:
+        """The prompt of one image and ``question`` for a processor without a chat template."""
+        raise UnsupportedModelError(f"the {self.family} adapter has no default prompt format; use a processor with a chat template")
 
     # ----- LLM facts passes use ------------------------------------------------------------
     def decoder_layer_nodes(self, graph: fx.GraphModule) -> list[fx.Node]:
@@ -264,7 +265,8 @@ class Adapter(ABC):
         self, editor: GraphEditor, layer: int, rope: bool = True, role: str = "attention_score"
     ) -> DecoderQK:
         """Insert nodes computing decoder layer ``layer``'s queries and keys from its input hidden
-        states, with the layer's rotary embedding (``rope``) or without."""
+        states (through the family's decoder-layer view: per-head norms included), with the layer's
+        rotary embedding (``rope``) or without."""
         nodes = self.decoder_layer_nodes(editor.module)
         if not 0 <= layer < len(nodes):
             raise ValueError(f"the language model has decoder layers 0..{len(nodes) - 1}, not {layer}")
@@ -273,19 +275,20 @@ class Adapter(ABC):
         cos, sin = editor.input_of(node, "position_embeddings")
         order = editor.order()
         chain = editor.chain(max((hidden, cos, sin), key=order.__getitem__))
-        attention = self.text_model.layers[layer].self_attn
-        heads, kv_heads = self.text_config.num_attention_heads, self.text_config.num_key_value_heads
+        view, module = self.decoder_view, self.decoder_layer(layer)
+        head_dim = view.head_dim(module)
         prefix, name = f"layers.{layer}", f"layer_{layer}"
-        normed = chain.module(f"{prefix}.input_layernorm", hidden, role=role, stage="llm", name=f"{name}_norm")
-        q = chain.module(f"{prefix}.self_attn.q_proj", normed, role=role, stage="llm", name=f"{name}_q_proj")
-        k = chain.module(f"{prefix}.self_attn.k_proj", normed, role=role, stage="llm", name=f"{name}_k_proj")
+        normed = view.insert_input_norm(chain, prefix, hidden, node_role=role, name=f"{name}_norm")
+        q = view.insert_heads(chain, prefix, "q_proj", normed, head_dim, node_role=role, name=f"{name}_q_proj")
+        k = view.insert_heads(chain, prefix, "k_proj", normed, head_dim, node_role=role, name=f"{name}_k_proj")
         qk = chain(
-            gf.decoder_qk, q, k, cos if rope else None, sin if rope else None, attention.head_dim,
+            gf.decoder_qk, q, k, cos if rope else None, sin if rope else None, head_dim,
             role=role, stage="llm", name=f"{name}_qk",
         )
         q = chain(operator.getitem, qk, 0, role=role, stage="llm", name=f"{name}_q")
         k = chain(operator.getitem, qk, 1, role=role, stage="llm", name=f"{name}_k")
-        return DecoderQK(q, k, heads, kv_heads, attention.head_dim, attention.scaling, rope)
+        config = self.text_config
+        return DecoderQK(q, k, config.num_attention_heads, config.num_key_value_heads, head_dim, view.scale(module), rope)
 
     # ----- planning -----------------------------------------------------------------------
     @abstractmethod
@@ -295,6 +298,20 @@ class Adapter(ABC):
     def decode_inputs(self, tokens: Tensor, attention_mask: Tensor, position: Tensor) -> dict[str, Any]:
         """Graph inputs of one decode step: tokens [B, 1], the 2-D mask over cache + new token."""
         return {"input_ids": tokens, "attention_mask": attention_mask, "position_ids": position}
+
+    # ----- random inputs (vlmopt.configs.synthetic_batch) ----------------------------------
+    @classmethod
+    def synthetic_visual(cls, config, kind: str, grid: tuple[int, ...] | None, generator: torch.Generator) -> tuple[list[int], dict[str, Tensor]]:
+        """One random image (``kind="image"``, patch grid (h, w) or None for the default) or video
+        (``"video"``, grid (t, h, w) in frames): its prompt ids with the model's placeholder tokens, and
+        its processor outputs, concatenated along dim 0 across a batch's items: tensors, or a
+        ``torch.Size`` for random pixels of that shape (drawn once all text ids are)."""
+        raise UnsupportedModelError(f"the {cls.family} adapter makes no synthetic {kind} inputs")
+
+    @classmethod
+    def synthetic_extras(cls, config, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Processor outputs derived from a synthetic batch's ids (Qwen's ``mm_token_type_ids``); none by default."""
+        return {}
 
     # ----- shared helpers -----------------------------------------------------------------
     @staticmethod

@@ -6,31 +6,114 @@ the ``default`` strategy, concatenate several layers for a list) → flat visual
 projector → token embedding → ``vlmopt::merge_visual`` → LLM.
 
 Visual tokens: one image is ``(image_size / patch_size)²`` tokens on a square grid (``+1`` CLS and
-a leading CLS token before the grid with the ``full`` strategy and a CLIP tower). Positions are 1-D RoPE ids [B, S]: ``arange`` for ``forward``,
-the count of real tokens (left padding) for ``generate``, exactly as HF makes them.
+a leading CLS token before the grid with the ``full`` strategy and a CLIP tower). Positions are 1-D
+RoPE ids [B, S]: ``arange`` for ``forward``, the count of real tokens (left padding) for
+``generate``, exactly as HF makes them.
+
+Streams: every frame is one image (``<image>`` expanded to the tower's tokens, then a newline), 1-D
+positions counting on, as in the one-shot prompt ``USER: <image>\\n<image>\\n… {question} ASSISTANT:``.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlmopt.adapters.base import Adapter, Prompt, TextPipeline, VisionQK
+from vlmopt.adapters.base import Adapter, NamedConfig, Prompt, TextPipeline, VisionQK, register
 from vlmopt.errors import InputError, UnsupportedModelError
 from vlmopt.graph.capture import mark, role
 from vlmopt.graph.layout import VisualLayout
 
 SUPPORTED_TOWERS = ("CLIPVisionModel", "SiglipVisionModel")
+IMAGE_TOKEN, PAD_TOKEN = 4, 0
+"""Token ids of the random-weight configs: those of the word-level tokenizer built for them (vlmopt.reference.processing)."""
+
+
+def llava_config(
+    tower: str = "clip",
+    image_size: int = 56,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 4,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 3,
+    text_heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int = 256,
+    feature_layer: int | list[int] = -2,
+    strategy: str | None = None,
+):
+    """A LLaVA config (CLIP or SigLIP tower, Llama LM)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
+
+    tower_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[tower]
+    vision = tower_cls(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 2 + text_hidden // 2,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy or ("default" if tower == "clip" else "full"),
+    )
+
+
+def reference_processor(arch: str, image_size: int = 112, video_size: int = 112):
+    """The word-level processor :mod:`vlmopt.reference.processing` builds offline for ``arch`` (its
+    special ids are the random configs' ones); ``image_size`` the largest image side, ``video_size`` the frames'."""
+    from vlmopt.reference.processing import build_processor
+
+    return build_processor(arch, image_size, video_size)
+
+
+def llava_15_7b_shape(width: float = 1.0):
+    """LLaVA-1.5-7B's shape: CLIP ViT-L/14-336 (24 layers, 576 tokens) + Vicuna-7B (32 layers)."""
+    from vlmopt.configs import scaled
+
+    return llava_config(
+        tower="clip",
+        image_size=336,
+        patch_size=14,
+        vision_hidden=scaled(1024, width, 16),
+        vision_layers=24,
+        vision_heads=16,
+        text_hidden=scaled(4096, width, 64),  # head dim stays even (rotary)
+        text_layers=32,
+        text_heads=32,
+        kv_heads=32,
+        vocab_size=32064,
+    )
 
 
 class LlavaPrefill(TextPipeline):
     """Prefill with images, calling the HF LLaVA submodules as leaves."""
 
-    def __init__(self, model: nn.Module, feature_layers: list[int], drop_cls: bool) -> None:
+    def __init__(self, model: nn.Module, feature_layers: list[int], drop_cls: bool, view) -> None:
         inner = model.model
-        super().__init__(inner.language_model, model.lm_head, position_dims=(0, 1))
+        super().__init__(inner.language_model, model.lm_head, (0, 1), view)
         tower = inner.vision_tower
         self.vision_embeddings = tower.embeddings
         self.vision_pre_norm = getattr(tower, "pre_layrnorm", None)
@@ -67,9 +150,27 @@ class LlavaPrefill(TextPipeline):
         return self.llm(embeds, attention_mask, position_ids, cache, logits_to_keep)
 
 
+@register
 class LlavaAdapter(Adapter):
     family = "llava"
-    model_class_name = "LlavaForConditionalGeneration"
+    model_classes = {"llava": "LlavaForConditionalGeneration"}
+    capabilities = frozenset({"vision_qk", "grids", "stream", "frames", "export"})
+    paper_settings = {
+        # HiPrune's object layer: the 9th of CLIP ViT-L's 24 (official scripts).
+        "hiprune": {"object_layer": (9, 24)},
+        # HalfV's LLaVA-1.5-7B schedule; saturation is layer inactivity on Vicuna / Mistral LMs.
+        "halfv": {"ivr_layer": (3, 32), "ssr_layer": (15, 32), "ivr_keep": 0.5, "anchor_frac": 0.2, "saturation": "inactive_rows"},
+        # HERMES's working-tier curve for LLaVA-OneVision (official code): alpha = 1 − 0.9p, k = 20 − 19.5p.
+        "hermes": {"working_schedule": (1.0, -0.9, 20.0, -19.5)},
+    }
+    configs = {
+        "tiny-llava-random": NamedConfig(
+            llava_config, description="LLaVA, CLIP tower, 3-layer Llama (random weights)",
+            processor=partial(reference_processor, "llava", image_size=56), tasks={"shapes": {"size": 56, "grid": 14}},
+        ),
+        "tiny-llava-siglip-random": NamedConfig(lambda: llava_config(tower="siglip"), description="LLaVA with a SigLIP tower"),
+        "llava-1.5-7b-shape": NamedConfig(llava_15_7b_shape, description="LLaVA-1.5-7B's depths, heads and tokens"),
+    }
     position_dims = (0, 1)
 
     def __init__(self, model: nn.Module) -> None:
@@ -105,7 +206,7 @@ class LlavaAdapter(Adapter):
         return self.model.model.language_model
 
     def prefill_pipeline(self) -> nn.Module:
-        return LlavaPrefill(self.model, self.feature_layers, self.drop_cls)
+        return LlavaPrefill(self.model, self.feature_layers, self.drop_cls, self.decoder_view)
 
     @property
     def vision_depth(self) -> int:
@@ -135,6 +236,24 @@ class LlavaAdapter(Adapter):
 
     def frame_inputs(self, prompt: Prompt, first: int, stop: int) -> dict[str, Any]:
         return {"pixel_values": prompt.inputs["pixel_values"][first:stop]}
+
+    def stream_planner(self, compiled, processor):
+        return LlavaStreamPlanner(compiled, processor)
+
+    def export_image_size(self, processor: Any, requested: int | None) -> int:
+        from vlmopt.export.errors import ExportError
+
+        size = self.model.config.vision_config.image_size
+        if requested not in (None, size):
+            raise ExportError(f"this LLaVA's vision tower reads {size}×{size} images; image_size={requested} cannot be exported")
+        return size
+
+    def prompt_text(self, question: str) -> str:
+        return f"USER: <image>\n{question} ASSISTANT:"
+
+    def pixel_frames(self, batch: dict[str, Any]) -> list[np.ndarray]:
+        """The normalised images [H, W, 3] of a batch's ``pixel_values`` (for ``vlmopt viz``)."""
+        return [p.transpose(1, 2, 0) for p in batch["pixel_values"].float().numpy()]
 
     def plan(self, batch: dict[str, Any], for_generation: bool) -> Prompt:
         input_ids: Tensor = batch["input_ids"]
@@ -173,3 +292,73 @@ class LlavaAdapter(Adapter):
             "layout": layout,
         }
         return Prompt("prefill", inputs, next_position, layout)
+
+    @classmethod
+    def synthetic_visual(cls, config, kind, grid, generator):
+        if kind != "image":
+            raise UnsupportedModelError("LLaVA takes images only; pass no video grids")
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        leading = int(config.vision_feature_select_strategy == "full" and vision.model_type == "clip_vision_model")
+        pixels = torch.Size((1, 3, vision.image_size, vision.image_size))
+        return [config.image_token_id] * (leading + side * side), {"pixel_values": pixels}
+
+
+class LlavaStreamPlanner:
+    """Chunk inputs and positions of a LLaVA stream (see the module docstring)."""
+
+    position_axes = 1
+    frame_multiple = 1
+
+    def __init__(self, compiled, processor) -> None:
+        self.compiled = compiled
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.image_token = compiled.config.image_token_id
+        self.tokens_per_image = compiled.adapter.tokens_per_image
+        self.newline = self.text("\n")
+        self.reset(0)
+
+    def reset(self, start: int) -> None:
+        self.next = start
+        self.patches = 0
+        self.frame_size: tuple[int, int] | None = None
+
+    def text(self, text: str) -> Tensor:
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].long()
+
+    def prefix_ids(self, system_prompt: str) -> Tensor:
+        bos = self.tokenizer.bos_token or ""
+        return self.text(f"{bos}{system_prompt + ' ' if system_prompt else ''}USER: ")
+
+    def question_ids(self, question: str) -> Tensor:
+        return self.text(f"{question} ASSISTANT:")
+
+    def text_positions(self, first: int, count: int) -> Tensor:
+        return (torch.arange(count) + first).view(1, 1, -1)
+
+    def text_start(self) -> int:
+        return self.next
+
+    def check(self, frames: np.ndarray) -> None:
+        if self.frame_size is not None and frames.shape[1:3] != self.frame_size:
+            raise InputError(
+                f"frames of {frames.shape[2]}x{frames.shape[1]} px after frames of {self.frame_size[1]}x{self.frame_size[0]}: "
+                "a stream is one video; keep the frame size"
+            )
+
+    def chunk(self, frames: np.ndarray, cache_length: int, timestamps, patches) -> tuple[dict[str, Any], Tensor]:
+        from PIL import Image
+
+        pixels = self.image_processor([Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
+        frame_ids = torch.cat([torch.full((1, self.tokens_per_image), self.image_token), self.newline], dim=1)
+        ids = frame_ids.repeat(1, frames.shape[0])
+        positions = (torch.arange(ids.shape[1]) + self.next)[None]
+        prompt = self.compiled.plan({"input_ids": ids, "pixel_values": pixels, "position_ids": positions})
+        inputs = dict(prompt.inputs, attention_mask=torch.ones(1, cache_length + ids.shape[1], dtype=torch.long))
+        self.frame_size = frames.shape[1:3]
+        self.next += ids.shape[1]
+        return inputs, positions
+
+    def after_reindex(self, positions: Tensor) -> None:
+        self.next = int(positions.max()) + 1

@@ -12,29 +12,126 @@ segment, exactly as separate calls would.
 
 Visual tokens: one image or video is a ``(t, h/2, w/2)`` grid of merged tokens in raster order.
 Positions are M-RoPE ids [3, B, S]; decoding continues at the last prompt position + 1 per axis.
+
 """
 
 from __future__ import annotations
 
-import operator
-from typing import Any
+from functools import partial
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from vlmopt.adapters.base import Adapter, Prompt, TextPipeline, VisionQK
-from vlmopt.errors import InputError
-from vlmopt.graph import functions as gf
+from vlmopt.adapters.base import NamedConfig, TextPipeline, register
+from vlmopt.adapters.llava import reference_processor
+from vlmopt.adapters.qwen_common import QwenVLAdapter
 from vlmopt.graph.capture import mark, role
-from vlmopt.graph.layout import VisualLayout
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END, PAD_TOKEN = 5, 6, 3, 4, 0
+"""Token ids of the random-weight configs: those of the word-level tokenizer built for them (vlmopt.reference.processing)."""
+
+
+#: The reference tasks a random-weight Qwen model is evaluated on: 112 px images and frames.
+RANDOM_MODEL_TASKS = {"shapes": {"size": 112, "grid": 28}, "shapes-video": {}, "needle": {}}
+
+
+def qwen25vl_config(
+    vision_depth: int = 4,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    full_attention_blocks: tuple[int, ...] = (1, 3),
+    text_hidden: int = 64,
+    text_layers: int = 3,
+    text_heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vision_intermediate: int | None = None,
+    vocab_size: int = 256,
+    window_size: int = 56,
+):
+    """A Qwen2.5-VL config; ``mrope_section`` follows the head dim like the real model's (16/24/24 of 64)."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_intermediate or vision_hidden * 2,
+            num_heads=vision_heads,
+            out_hidden_size=text_hidden,
+            fullatt_block_indexes=list(full_attention_blocks),
+            window_size=window_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        text_config=dict(
+            hidden_size=text_hidden,
+            intermediate_size=intermediate or text_hidden * 2,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=kv_heads,
+            vocab_size=vocab_size,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "mrope_section": mrope_section(text_hidden // text_heads), "rope_theta": 1000000.0},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=PAD_TOKEN,
+        ),
+        **special_token_ids(),
+    )
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen's (temporal, height, width) split of ``head_dim / 2`` rotary pairs (16/24/24 of 64)."""
+    half = head_dim // 2
+    section = [half // 4, (half - half // 4) // 2]
+    return section + [half - sum(section)]
+
+
+def special_token_ids() -> dict[str, int]:
+    """Token ids of the random-weight Qwen configs' placeholders."""
+    return dict(
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_TOKEN,
+    )
+
+
+def qwen25vl_7b_shape(width: float = 1.0):
+    """Qwen2.5-VL-7B's shape: 32-block windowed ViT (full attention at 7/15/23/31) + 28-layer LM."""
+    from vlmopt.configs import scaled
+
+    return qwen25vl_config(
+        vision_depth=32,
+        vision_hidden=scaled(1280, width, 64),  # vision head dim stays a multiple of 4 (2-D rotary)
+        vision_heads=16,
+        full_attention_blocks=(7, 15, 23, 31),
+        text_hidden=scaled(3584, width, 28 * 2),
+        text_layers=28,
+        text_heads=28,
+        kv_heads=4,
+        intermediate=scaled(18944, width, 32),
+        vision_intermediate=scaled(3420, width, 4),
+        vocab_size=152064,
+        window_size=112,
+    )
+
+
+def window_permute(x: Tensor, window_index: Tensor, unit: int) -> Tensor:
+    """Reorder Qwen2.5-VL patch rows into window order (groups of ``unit`` patches move together)."""
+    seq = x.shape[0]
+    return x.reshape(seq // unit, unit, -1)[window_index, :, :].reshape(seq, -1)
+
+
+fx.wrap("window_permute")  # one graph node, as the pipeline reads it
 
 
 class Qwen25VLPrefill(TextPipeline):
     """Prefill with images and/or videos, calling the HF Qwen2.5-VL submodules as leaves."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, view) -> None:
         inner = model.model
-        super().__init__(inner.language_model, model.lm_head, position_dims=(1, 2))
+        super().__init__(inner.language_model, model.lm_head, (1, 2), view)
         visual = inner.visual
         self.patch_embed = visual.patch_embed
         self.vision_rotary = visual.rotary_pos_emb
@@ -63,11 +160,11 @@ class Qwen25VLPrefill(TextPipeline):
         with role("vision_embed"):
             hidden = self.patch_embed(pixel_values)
         with role("window_permute"):
-            hidden = gf.window_permute(hidden, window_index, self.merge_unit)
+            hidden = window_permute(hidden, window_index, self.merge_unit)
         with role("vision_rope"):
             rope = self.vision_rotary(hidden, vision_position_ids)
-            cos = gf.window_permute(rope[0], window_index, self.merge_unit)
-            sin = gf.window_permute(rope[1], window_index, self.merge_unit)
+            cos = window_permute(rope[0], window_index, self.merge_unit)
+            sin = window_permute(rope[1], window_index, self.merge_unit)
         for index, block in enumerate(self.blocks):
             segments = cu_seqlens if index in self.full_attention_blocks else cu_window_seqlens
             with role("vision_block", index):
@@ -83,117 +180,34 @@ class Qwen25VLPrefill(TextPipeline):
         return self.llm(embeds, attention_mask, position_ids, cache, logits_to_keep)
 
 
-class Qwen25VLAdapter(Adapter):
+@register
+class Qwen25VLAdapter(QwenVLAdapter):
     family = "qwen2_5_vl"
-    model_class_name = "Qwen2_5_VLForConditionalGeneration"
-    position_dims = (1, 2)
+    model_classes = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    capabilities = frozenset({"vision_qk", "grids", "video", "mrope", "stream", "frames", "export"})
+    paper_settings = {
+        # HiPrune's object layer on Qwen2.5-VL: block 16 of 32 (official scripts).
+        "hiprune": {"object_layer": (16, 32)},
+        # HalfV's Qwen2.5-VL-7B schedule (official code); saturation is token sparsity on Qwen LMs.
+        "halfv": {"ivr_layer": (2, 28), "ssr_layer": (21, 28), "ivr_keep": 0.25, "anchor_frac": 0.2, "ssr_keep": 0.05,
+                  "saturation": "sparse_tokens"},
+        # HERMES's working-tier curve for Qwen2.5-VL (official code): alpha = 0.75 − 0.6p, k = 20 − 12p.
+        "hermes": {"working_schedule": (0.75, -0.6, 20.0, -12.0)},
+    }
+    configs = {
+        "tiny-qwen25vl-random": NamedConfig(
+            qwen25vl_config, description="Qwen2.5-VL, 4-block windowed ViT, 3-layer LM",
+            processor=partial(reference_processor, "qwen"), tasks=RANDOM_MODEL_TASKS,
+        ),
+        "qwen2.5-vl-7b-shape": NamedConfig(qwen25vl_7b_shape, image_grid=(64, 64), description="Qwen2.5-VL-7B's depths, heads and tokens", processor=partial(reference_processor, "qwen")),
+    }
     host_inputs = ("cu_seqlens", "cu_window_seqlens")
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.vision_config = model.config.vision_config
-        self.merge_size = self.vision_config.spatial_merge_size
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
     def prefill_pipeline(self) -> nn.Module:
-        return Qwen25VLPrefill(self.model)
+        return Qwen25VLPrefill(self.model, self.decoder_view)
 
-    @property
-    def vision_depth(self) -> int:
-        return self.vision_config.depth
-
-    @property
-    def feature_block(self) -> int:
-        return self.vision_config.depth - 1
-
-    def insert_vision_qk(self, editor, block: int, role: str = "attention_score") -> VisionQK:
-        if not 0 <= block < self.vision_depth:
-            raise ValueError(f"the vision tower has blocks 0..{self.vision_depth - 1}, not {block}")
-        node = editor.one("vision_block", block)
-        source = editor.input_of(node, "hidden_states")
-        cos, sin = editor.input_of(node, "position_embeddings")
-        order = editor.order()
-        chain = editor.chain(max((source, cos, sin), key=order.__getitem__))
-        attention = self.model.model.visual.blocks[block].attn
-        prefix = f"blocks.{block}"
-        normed = chain.module(f"{prefix}.norm1", source, role=role, stage="vision", name=f"vision_{block}_norm")
-        qkv = chain.module(f"{prefix}.attn.qkv", normed, role=role, stage="vision", name=f"vision_{block}_qkv")
-        qk = chain(gf.qwen_vision_qk, qkv, cos, sin, attention.num_heads, role=role, stage="vision", name=f"vision_{block}_qk")
-        q = chain(operator.getitem, qk, 0, role=role, stage="vision", name=f"vision_{block}_q")
-        k = chain(operator.getitem, qk, 1, role=role, stage="vision", name=f"vision_{block}_k")
-        merge = self.model.model.visual.spatial_merge_unit
-        return VisionQK(
-            q, k, attention.num_heads, attention.scaling, leading=0, merge=merge, frames=editor.placeholder("layout"),
-            order=editor.placeholder("reverse_index"),
-        )
-
-    def token_types(self, input_ids: Tensor, given: Tensor | None) -> Tensor:
-        """``mm_token_type_ids`` (0 text, 1 image, 2 video); derived from the ids when not given."""
-        if given is not None:
-            return given
-        config = self.model.config
-        types = torch.zeros_like(input_ids, dtype=torch.int)
-        types[input_ids == config.image_token_id] = 1
-        types[input_ids == config.video_token_id] = 2
-        return types
-
-    def plan(self, batch: dict[str, Any], for_generation: bool) -> Prompt:
-        config = self.model.config
-        input_ids: Tensor = batch["input_ids"]
-        size, seq_len = input_ids.shape
-        attention_mask = self.attention_mask_of(input_ids, batch.get("attention_mask"))
-        image_grid, video_grid = batch.get("image_grid_thw"), batch.get("video_grid_thw")
-        pixel_parts, grid_parts, slot_parts = [], [], []
-        for pixels, grid, token_id, name in (
-            (batch.get("pixel_values"), image_grid, config.image_token_id, "image"),
-            (batch.get("pixel_values_videos"), video_grid, config.video_token_id, "video"),
-        ):
-            slots = self.slots_of(input_ids == token_id)
-            if pixels is None:
-                if slots.numel():
-                    raise InputError(f"the prompt has {slots.numel()} {name} tokens but no {name} pixels")
-                continue
-            if grid is None:
-                raise InputError(f"{name} pixels were given without their {name}_grid_thw")
-            expected = int((grid.prod(-1) // self.merge_size**2).sum())
-            if slots.numel() != expected:
-                raise InputError(
-                    f"the prompt has {slots.numel()} {name} tokens but the {name} grids give {expected} "
-                    "features; build inputs with the model's processor"
-                )
-            pixel_parts.append(pixels)
-            grid_parts.append(grid)
-            slot_parts.append(slots)
-        position_ids = batch.get("position_ids")
-        if position_ids is None:
-            position_ids = self.positions(batch, input_ids, attention_mask, for_generation, bool(grid_parts))
-        elif position_ids.dim() == 3 and position_ids.shape[0] == 4:
-            position_ids = position_ids[1:]
-        next_position = position_ids[..., -1:] + 1
-        if not grid_parts:
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-            return Prompt("prefill_text", inputs, next_position)
-
-        grid_thw = torch.cat(grid_parts)
-        pixels = torch.cat(pixel_parts).type(self.model.model.visual.dtype)
-        merged_grids = tuple((t, h // self.merge_size, w // self.merge_size) for t, h, w in grid_thw.tolist())
-        slots = torch.cat(slot_parts)
-        counts = [t * h * w for t, h, w in merged_grids]
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        rows = tuple(int(slots[start]) // seq_len for start in starts)
-        layout = VisualLayout.from_grids(size, seq_len, rows, merged_grids)
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "visual_positions": slots,
-            "layout": layout,
-        }
-        inputs.update(self.tower_inputs(pixels, grid_thw))
-        return Prompt("prefill", inputs, next_position, layout, {"grid_thw": grid_thw})
+    def tower_order(self, editor) -> fx.Node | None:
+        return editor.placeholder("reverse_index")  # the tower runs in window order
 
     def tower_inputs(self, pixel_values: Tensor, grid_thw: Tensor) -> dict[str, Tensor]:
         """The vision tower's planned inputs for patches ``pixel_values`` of the items ``grid_thw``."""
@@ -215,40 +229,3 @@ class Qwen25VLAdapter(Adapter):
             "window_index": window_index,
             "reverse_index": torch.argsort(window_index),
         }
-
-    def frame_tokens(self, prompt: Prompt) -> list[int]:
-        return [h * w // self.merge_size**2 for t, h, w in prompt.extras["grid_thw"].tolist() for _ in range(t)]
-
-    def frame_inputs(self, prompt: Prompt, first: int, stop: int) -> dict[str, Any]:
-        """Each item (an image, or a video of ``t`` temporal patches) keeps its frames in the range
-        as an item of grid ``(frames, h, w)``; patch rows are frame-major, so the range is one slice."""
-        grids, rows, item_frame, item_row = [], [], 0, 0
-        for t, h, w in prompt.extras["grid_thw"].tolist():
-            lo, hi = max(first, item_frame), min(stop, item_frame + t)
-            if lo < hi:
-                grids.append((hi - lo, h, w))
-                rows += [item_row + (lo - item_frame) * h * w, item_row + (hi - item_frame) * h * w]
-            item_frame, item_row = item_frame + t, item_row + t * h * w
-        if not grids:
-            raise InputError(f"frames {first}..{stop - 1} are outside this prompt's {item_frame} frames")
-        pixels = prompt.inputs["pixel_values"][rows[0] : rows[-1]]
-        return self.tower_inputs(pixels, torch.tensor(grids, dtype=prompt.extras["grid_thw"].dtype))
-
-    def positions(self, batch, input_ids, attention_mask, for_generation: bool, has_visual: bool) -> Tensor:
-        """M-RoPE ids [3, B, S] exactly as HF's ``forward`` / ``generate`` compute them."""
-        size, seq_len = input_ids.shape
-        if has_visual:
-            position_ids, _ = self.model.model.get_rope_index(
-                input_ids,
-                mm_token_type_ids=self.token_types(input_ids, batch.get("mm_token_type_ids")),
-                image_grid_thw=batch.get("image_grid_thw"),
-                video_grid_thw=batch.get("video_grid_thw"),
-                second_per_grid_ts=batch.get("second_per_grid_ts"),
-                attention_mask=attention_mask,
-            )
-            return position_ids
-        if for_generation:
-            text = self.generation_positions(attention_mask)
-        else:
-            text = torch.arange(seq_len, device=input_ids.device).expand(size, seq_len)
-        return text.unsqueeze(0).expand(3, size, seq_len)

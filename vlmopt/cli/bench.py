@@ -14,11 +14,16 @@ import json
 
 from vlmopt.cli.common import add_passes_argument, markdown_table, pass_lists, positive_int, unit_fraction
 
-#: Inputs of each shape: (image grid for Qwen or None, text before, question length).
-BENCH_CONFIGS = {
-    "llava-1.5-7b-shape": {"image_grid": None, "text_before": 5, "question": 30},
-    "qwen2.5-vl-7b-shape": {"image_grid": (64, 64), "text_before": 5, "question": 30},
-}
+#: Text around the benchmark image (the image's patch grid is the config's ``NamedConfig.image_grid``).
+PROMPT_SHAPE = {"text_before": 5, "question": 30}
+
+
+def bench_shape(config: str) -> dict:
+    """The benchmark prompt of ``config``: its image grid (None: the tower's fixed size), text before, question."""
+    from vlmopt import configs
+
+    return {"image_grid": configs.CONFIGS.named(config).image_grid, **PROMPT_SHAPE}
+
 #: Roles of nodes that passes insert (their time is the passes' own overhead).
 PASS_ROLES = (
     "prune_score", "prune_select", "prune_kinds", "prune_layout", "prune_pool", "visual_positions",
@@ -56,7 +61,7 @@ def add_parsers(subparsers) -> None:
 def _batch(model, config: str):
     from vlmopt import configs
 
-    shape = BENCH_CONFIGS.get(config, {"image_grid": None, "text_before": 5, "question": 30})
+    shape = bench_shape(config)
     spec = [configs.PromptSpec(text_before=shape["text_before"], text_after=shape["question"])]
     grid = [shape["image_grid"]] if shape["image_grid"] else None
     return configs.synthetic_batch(model, spec, image_grids=grid, seed=0)
@@ -126,23 +131,32 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         from vlmopt.stream.bench import print_report, stream_bench
 
-        if "qwen" not in args.config:
+        from vlmopt import configs
+        from vlmopt.adapters import adapter_for_config
+
+        capabilities = adapter_for_config(configs.CONFIGS[args.config]()).capabilities
+        if not {"stream", "video"} <= capabilities:
             from vlmopt.errors import UnsupportedModelError
 
-            raise UnsupportedModelError(f"bench --stream supports Qwen2.5-VL configs so far, not {args.config}")
+            raise UnsupportedModelError(
+                f"bench --stream needs a family that streams frames and takes whole videos (its baseline re-prefills the "
+                f"video in one prompt); {args.config} does not"
+            )
 
-        reports = [stream_bench(args.config, passes, args.video_frames or 64, args.width, args.repeats, args.frame_size)
-                   for passes in lists or [[]]]
-        for entry in reports:
+        def one(passes):
+            return stream_bench(args.config, passes, args.video_frames or 64, args.width, args.repeats, args.frame_size)
+
+        report = {"config": args.config, "mode": "stream", "baseline": one([]), "runs": [one(p) for p in lists if p]}
+        for entry in [report["baseline"], *report["runs"]]:
             print_report(entry)
         if args.json:
             with open(args.json, "w") as handle:
-                json.dump(reports, handle, indent=2)
+                json.dump(report, handle, indent=2)
         return 0
     if args.context_tokens is not None or args.video_frames is not None:
         from vlmopt.cli.bench_apbv import run_apbv
 
-        return run_apbv(args, lists, BENCH_CONFIGS.get(args.config, {}))
+        return run_apbv(args, lists, bench_shape(args.config))
     report = bench_report(args.config, lists, args.width, args.repeats)
     rows = []
     for entry in [report["baseline"]] + report["runs"]:

@@ -20,7 +20,14 @@ class LoadedModel:
     model: Any
     """The Hugging Face model, in eval mode."""
     processor: Any = None
-    """Its processor (None for random-weight configs)."""
+    """Its processor (None for a random-weight config that comes without one)."""
+
+    @property
+    def random(self) -> bool:
+        """Is it a random-weight config (not a trained checkpoint)?"""
+        from vlmopt import configs
+
+        return self.name in configs.CONFIGS
 
 
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None, required: bool | None = None) -> None:
@@ -93,7 +100,8 @@ def load_model(name: str) -> LoadedModel:
 
     directory = model_directory(name)
     if directory is None:
-        return LoadedModel(name, configs.build(configs.CONFIGS[name]()))
+        named = configs.CONFIGS.named(name)
+        return LoadedModel(name, configs.build(named.make()), named.processor() if named.processor else None)
     from vlmopt import reference
 
     try:
@@ -126,8 +134,15 @@ def reference_task(model: str, task: str):
 
     check_task(task)
     if model_directory(model) is None:
-        raise InputError(f"{model} is a random-weight config without a processor or tasks; pass a reference model "
-                         f"({', '.join(reference.MODEL_NAMES)}) or a local checkpoint")
+        from vlmopt import configs
+
+        named = configs.CONFIGS.named(model)
+        base = getattr(reference.tasks.TASKS[task], "base", task)  # a task asking new questions about another's pictures
+        if named.tasks is None or base not in named.tasks:
+            raise InputError(f"{model} is a random-weight config without task {task!r}; pass a reference model "
+                             f"({', '.join(reference.MODEL_NAMES)}), a local checkpoint or a random config with tasks "
+                             f"({', '.join(n for n in configs.CONFIGS if configs.CONFIGS.named(n).tasks)})")
+        return reference.tasks.get(task, **named.tasks[base])
     try:
         return reference.task_for(model, task)
     except KeyError:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     args.model = args.model or default_model()
     pass_lists(args.passes)  # an unknown pass or a bad option fails before the model loads
     loaded = load_model(args.model)
-    if loaded.processor is not None:
+    if not loaded.random:
         return run_reference(args, loaded)
     model = loaded.model
     batch = configs.synthetic_batch(model, [configs.PromptSpec(text_before=6, text_after=16)], seed=0)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         new = ids[0, batch["input_ids"].shape[1] :].tolist()
         text = loaded.processor.decode(new) if loaded.processor is not None else " ".join(map(str, new))
         rows.append([" + ".join(passes) or "(none)", f"{kept} / {total}", report.total / 1e9, timing.median_s * 1e3, text])
-    print(f"model: {args.model} ({type(model).__name__}, random weights: generated tokens are ids)"
-          if loaded.processor is None else f"model: {args.model}")
+    print(f"model: {args.model} ({type(model).__name__}, random weights"
+          + (": generated tokens are ids)" if loaded.processor is None else ")"))
     print(markdown_table(["passes", "visual tokens", "prefill GFLOPs", "prefill ms", "generated"], rows))
     return 0

@@ -92,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from vlmopt import passes as passes_module
     from vlmopt.distributed.group import init_from_env, is_rank_zero
     from vlmopt.errors import InputError
-    from vlmopt.export.inputs import encode_prompt, load_image
+    from vlmopt.export.inputs import encode_prompt, load_image, template_of
 
     _check_max_new(args.max_new_tokens)
     _check_json_target(args.json)
@@ -110,7 +110,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     compiled = vlmopt.compile(loaded.model, passes=resolved)
     size = (args.image_size, args.image_size) if args.image_size else None
-    batch = encode_prompt(loaded.processor, compiled.adapter.family, image, args.prompt, size)
+    batch = encode_prompt(loaded.processor, template_of(compiled.adapter), image, args.prompt, size)
     tensors = {key: torch.from_numpy(value) for key, value in batch.items()}
     ids = compiled.generate(**tensors, max_new_tokens=args.max_new_tokens, do_sample=False)
     if not is_rank_zero():  # under torchrun (APB-V's hosts as ranks) rank 0 alone writes

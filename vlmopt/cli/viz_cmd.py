@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
         from vlmopt.reference import processing
 
         if not args.image:
-            from vlmopt import reference
+            from vlmopt.cli.common import reference_task
 
-            image = reference.task_for(args.model, "shapes").samples("test", n=1)[0].pil_image()
+            image = reference_task(args.model, "shapes").samples("test", n=1)[0].pil_image()
         text = processing.prompt(processing.arch_of(loaded.processor), args.prompt)
         batch = dict(loaded.processor(text=[text], images=[image], return_tensors="pt"))
     picture = visualise(compiled, batch, loaded.processor)

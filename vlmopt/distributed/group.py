@@ -71,15 +71,16 @@ def left_padded(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
     return index, real
 
 
-def local_rows(hidden: Tensor, cos: Tensor, sin: Tensor, plans: list[HostPlan], rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank ``rank``'s tokens of ``hidden`` [B, S, D] and their cos/sin [B, S, Dh], every row
-    left-padded to the longest (a graph function): [B, L, ·]."""
+def local_rows(hidden: Tensor, cos: Tensor, sin: Tensor, plans: list[HostPlan], rank: int, *others: Tensor) -> tuple[Tensor, ...]:
+    """Rank ``rank``'s tokens of ``hidden`` [B, S, D], their cos/sin [B, S, Dh] and of every other
+    sequence value ``others`` [B, S, ·] (DeepStack's injected features), every row left-padded to the
+    longest (a graph function): [B, L, ·] each."""
     index, _ = left_padded([plan.local_index(rank, device=hidden.device) for plan in plans])
 
     def take(x: Tensor) -> Tensor:
         return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
-    return take(hidden), take(cos), take(sin)
+    return tuple(take(x) for x in (hidden, cos, sin, *others))
 
 
 class GroupHosts:

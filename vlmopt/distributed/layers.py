@@ -1,5 +1,5 @@
 """The attention modules APB-V's decoder-layer stand-ins call (see
-:mod:`vlmopt.adapters.attention_standin`): prefill over hosts, and host-merged decoding.
+:mod:`vlmopt.layers.attention_standin`): prefill over hosts, and host-merged decoding.
 
 In the single-process simulation (:class:`~vlmopt.distributed.hosts.SimulatedHosts`) the layer sees
 the whole padded batch: each row is cut into the hosts' local token sets, run through

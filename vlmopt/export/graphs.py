@@ -21,7 +21,8 @@ segment's stays ``past_sequence``). The cut's layout-reading nodes are bound to 
 
 The planned non-tensor inputs of the vision graph (the :class:`VisualLayout`, Qwen's window index,
 ``cu_seqlens``, rotary ids) are bound to constants of a one-image layout, so ``torch.export`` sees
-static ints; Qwen's vision blocks are swapped for export stand-ins (:mod:`vlmopt.export.leaves`).
+static ints; leaves ``torch.export`` cannot trace are swapped for the adapter's export stand-ins
+(:mod:`vlmopt.export.leaves`).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class FixedLayout:
     pixel_shape: tuple[int, ...]
     """Shape of one image's ``pixel_values``."""
     grid_thw: tuple[int, int, int] | None = None
-    """Qwen2.5-VL: the image's (t, h, w) patch grid (``image_grid_thw``)."""
+    """Native-resolution towers: the image's (t, h, w) patch grid (``image_grid_thw``)."""
     vision_constants: dict[str, Any] = field(default_factory=dict)
     """Values the vision graph's planned inputs are bound to."""
 
@@ -135,52 +136,18 @@ def layer_masks(num_layers: int, first_layers: list[int], base: str) -> list[str
             for i in range(num_layers)]
 
 
-def default_image_size(compiled: CompiledVLM, processor: Any, config: ExportConfig) -> int:
-    adapter = compiled.adapter
-    if adapter.family == "llava":
-        size = compiled.config.vision_config.image_size
-        if config.image_size not in (None, size):
-            raise ExportError(f"this LLaVA's vision tower reads {size}×{size} images; image_size={config.image_size} cannot be exported")
-        return size
-    if config.image_size is not None:
-        return config.image_size
-    image_processor = getattr(processor, "image_processor", None)
-    size = getattr(image_processor, "size", None)
-    max_pixels = getattr(image_processor, "max_pixels", None) or getattr(size, "longest_edge", None)
-    if max_pixels:  # Qwen's processor keeps images up to max_pixels: the largest square is the export's size
-        return int(max_pixels**0.5) // 28 * 28
-    return 224
+def export_bindings(compiled: CompiledVLM) -> dict:
+    """Every pass's export bindings (:meth:`~vlmopt.passes.base.Pass.export_bindings`), merged."""
+    return {fn: bind for item in compiled.passes for fn, bind in item.export_bindings().items()}
 
 
 def one_image_batch(model: nn.Module, image_size: int, prompts: list[configs.PromptSpec], seed: int) -> dict:
     """Processor-like inputs with one image of ``image_size`` px per prompt (fresh random pixels and
     text), using the model's own special token ids."""
-    if model.config.model_type == "qwen2_5_vl":
-        vision = model.config.vision_config
-        unit = vision.patch_size * vision.spatial_merge_size
-        if image_size % unit:
-            raise ExportError(f"Qwen2.5-VL images must be a multiple of {unit} px; image_size={image_size} is not")
-        side = image_size // vision.patch_size
-        batch = configs.synthetic_batch(model, prompts, image_grids=[(side, side)] * len(prompts), seed=seed)
-    else:
-        batch = configs.synthetic_batch(model, prompts, seed=seed)
-    batch["input_ids"] = _model_token_ids(batch["input_ids"], batch["attention_mask"], model.config)
-    return batch
+    from vlmopt.adapters import adapter_for
 
-
-def _model_token_ids(ids: Tensor, mask: Tensor, config) -> Tensor:
-    """``synthetic_batch`` ids with its placeholder ids replaced by the model's, and random text ids
-    that happen to equal one of the model's special ids moved to a plain text id."""
-    names = {configs.IMAGE_TOKEN: "image_token_id", configs.VIDEO_TOKEN: "video_token_id",
-             configs.VISION_START: "vision_start_token_id", configs.VISION_END: "vision_end_token_id"}
-    mapping = {src: getattr(config, name) for src, name in names.items() if getattr(config, name, None) is not None}
-    targets = torch.tensor(sorted(set(mapping.values())), dtype=ids.dtype)
-    text = ~torch.isin(ids, torch.tensor(list(mapping), dtype=ids.dtype)) & mask.bool()
-    plain = next(t for t in range(configs.FIRST_TEXT_TOKEN, 10**9) if t not in mapping.values())
-    out = ids.masked_fill(text & torch.isin(ids, targets), plain)
-    for src, dst in mapping.items():
-        out = out.masked_fill(ids == src, dst)
-    return out
+    grid = adapter_for(model).export_image_grid(image_size)
+    return configs.synthetic_batch(model, prompts, image_grids=[grid] * len(prompts) if grid else None, seed=seed)
 
 
 def fixed_layout(compiled: CompiledVLM, split: PrefillSplit, image_size: int, seed: int) -> tuple[FixedLayout, VisionForExport, Tensor]:
@@ -192,7 +159,7 @@ def fixed_layout(compiled: CompiledVLM, split: PrefillSplit, image_size: int, se
     if "visual_positions" in constants:  # slots = arange(T): the vision graph returns indices into the image
         constants["visual_positions"] = torch.arange(layout.total)
     pixels = prompt.inputs["pixel_values"]
-    vision = VisionForExport(_vision_module(split, constants), constants).eval()
+    vision = VisionForExport(_vision_module(split, constants, compiled.adapter.export_leaves()), constants).eval()
     with torch.no_grad():
         outputs = vision(pixels)
     grid = tuple(int(v) for v in batch["image_grid_thw"][0]) if "image_grid_thw" in batch else None
@@ -207,12 +174,12 @@ def fixed_layout(compiled: CompiledVLM, split: PrefillSplit, image_size: int, se
     return fixed, vision, pixels
 
 
-def _vision_module(split: PrefillSplit, constants: dict[str, Any]) -> fx.GraphModule:
+def _vision_module(split: PrefillSplit, constants: dict[str, Any], stand_ins) -> fx.GraphModule:
     """A copy of the vision graph with export stand-ins swapped in (the split keeps the original)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(split.vision.graph, {}))
     module = fx.GraphModule(split.vision, graph, "vision")
-    make_exportable(module, constants)
+    make_exportable(module, constants, stand_ins)
     return module
 
 
@@ -220,11 +187,12 @@ def build_graphs(compiled: CompiledVLM, processor: Any, config: ExportConfig) ->
     """The vision, prefill and decode graphs of ``compiled``, with example inputs."""
     from torch.export import Dim
 
-    split = split_prefill(compiled.graph["prefill"])
-    image_size = default_image_size(compiled, processor, config)
+    bindings = export_bindings(compiled)
+    split = split_prefill(compiled.graph["prefill"], bindings)
+    image_size = compiled.adapter.export_image_size(processor, config.image_size)
     layout, vision_module, pixels = fixed_layout(compiled, split, image_size, config.seed)
     if split.row_bound:
-        bind_visual_rows(split.llm, layout.kept_per_image)
+        bind_visual_rows(split.llm, layout.kept_per_image, bindings)
     generator = torch.Generator().manual_seed(config.seed + 1)
     pixels = torch.randn(pixels.shape, generator=generator).to(pixels.dtype)
 

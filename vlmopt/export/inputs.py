@@ -49,26 +49,38 @@ def save_processor(processor: Any, directory: str | Path) -> None:
         processor.save_pretrained(directory)
 
 
-def prompt_text(processor: Any, family: str, question: str) -> str:
-    """The full prompt for one image and ``question``, image placeholder not yet expanded."""
+def prompt_text(processor: Any, template: str | None, question: str) -> str:
+    """The full prompt for one image and ``question``, image placeholder not yet expanded: the
+    processor's chat template, else ``template`` (the adapter's prompt format, ``{question}`` inside)."""
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    from vlmopt.reference.processing import prompt
+    if template is None:
+        raise InputError("the processor has no chat template and the export records no prompt format; re-export the model")
+    return template.replace("{question}", question)
 
-    return prompt("qwen" if family == "qwen2_5_vl" else "llava", question)
+
+def template_of(adapter) -> str | None:
+    """The adapter's one-image prompt format with a ``{question}`` slot (None: it has none)."""
+    from vlmopt.errors import UnsupportedModelError
+
+    try:
+        return adapter.prompt_text("{question}")
+    except UnsupportedModelError:
+        return None
 
 
 def encode_prompt(
-    processor: Any, family: str, image: Any, question: str, image_size: tuple[int, int] | None = None
+    processor: Any, template: str | None, image: Any, question: str, image_size: tuple[int, int] | None = None
 ) -> dict[str, np.ndarray]:
-    """Processor outputs (numpy) for one image and ``question``; ``image_size`` (h, w) resizes first."""
+    """Processor outputs (numpy) for one image and ``question`` (``template``: see :func:`prompt_text`);
+    ``image_size`` (h, w) resizes first."""
     picture = load_image(image)
     if image_size is not None and picture.size != (image_size[1], image_size[0]):
         from PIL import Image
 
         picture = picture.resize((image_size[1], image_size[0]), Image.BICUBIC)
-    text = prompt_text(processor, family, question)
+    text = prompt_text(processor, template, question)
     out = processor(text=[text], images=[picture], return_tensors="np", padding=True)
     keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     return {key: np.asarray(out[key]) for key in keep if key in out}

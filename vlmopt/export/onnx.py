@@ -308,7 +308,10 @@ def text_entry(compiled: CompiledVLM, segments: Sequence[str] = ()) -> dict[str,
     text = compiled.config.get_text_config()
     settings = GenerationSettings.resolve(compiled.generation_config, do_sample=False)
     heads = text.num_attention_heads
+    from vlmopt.export.inputs import template_of
+
     return {
+        "prompt_template": template_of(compiled.adapter),
         "num_layers": int(text.num_hidden_layers),
         "num_key_value_heads": int(getattr(text, "num_key_value_heads", None) or heads),
         "head_dim": int(getattr(text, "head_dim", None) or text.hidden_size // heads),

@@ -153,7 +153,7 @@ class OnnxVLM:
                 f"{self.directory} holds no processor (the model was exported without one), so text prompts cannot be "
                 "tokenized; call OnnxVLM.generate with input_ids and pixel_values instead"
             )
-        batch = encode_prompt(self.processor, self.manifest["family"], image, prompt, tuple(self.layout["image_size"]))
+        batch = encode_prompt(self.processor, self.text.get("prompt_template"), image, prompt, tuple(self.layout["image_size"]))
         ids = self.generate(**batch, max_new_tokens=max_new_tokens)
         new = ids[0, batch["input_ids"].shape[1] :].tolist()
         text = self.processor.batch_decode([new], skip_special_tokens=True)[0]

@@ -14,21 +14,21 @@ the vision part (nodes whose ``meta["stage"]`` is ``vision`` or ``projector``) e
 LLM nodes that read a :class:`~vlmopt.graph.layout.VisualLayout` cannot have dynamic shapes. The
 ones listed in :data:`PLANNED_FUNCTIONS` are index bookkeeping computed from slots alone; they
 leave the graph and become inputs of the same name, which the runtime plans in numpy
-(:mod:`vlmopt.export.planning`). The ones in
-:data:`~vlmopt.export.fixed_rows.ROW_BOUND_FUNCTIONS` (HalfV's in-LLM cut) stay, reading a
-``layout`` input of the LLM graph until :func:`~vlmopt.export.fixed_rows.bind_visual_rows` binds them
-to the export's one-image-per-row layout (:attr:`PrefillSplit.row_bound`). Any other such node is
-refused with a clear error.
+(:mod:`vlmopt.export.planning`). The ones a pass declares export bindings for
+(:meth:`~vlmopt.passes.base.Pass.export_bindings`: HalfV's in-LLM cut) stay, reading a ``layout``
+input of the LLM graph until :func:`~vlmopt.export.fixed_rows.bind_visual_rows` binds them to the
+export's one-image-per-row layout (:attr:`PrefillSplit.row_bound`). Any other such node is refused
+with a clear error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from torch import fx
 
 from vlmopt.export.errors import ExportError
-from vlmopt.export.fixed_rows import ROW_BOUND_FUNCTIONS
 from vlmopt.graph import functions as gf
 from vlmopt.graph.capture import args_of
 
@@ -79,8 +79,9 @@ def _is_vision(node: fx.Node) -> bool:
     return node.op not in ("placeholder", "output") and node.meta.get("stage") in VISION_STAGES
 
 
-def split_prefill(module: fx.GraphModule) -> PrefillSplit:
-    """Cut ``module`` (a ``prefill`` stage graph, passes applied) at the visual merge."""
+def split_prefill(module: fx.GraphModule, row_bound: Collection[Callable] = ()) -> PrefillSplit:
+    """Cut ``module`` (a ``prefill`` stage graph, passes applied) at the visual merge; LLM nodes calling a
+    function in ``row_bound`` (the passes' export bindings) may read the layout until bound."""
     nodes = list(module.graph.nodes)
     merges = [n for n in nodes if n.meta.get("role") == "merge"]
     if len(merges) != 1:
@@ -103,7 +104,7 @@ def split_prefill(module: fx.GraphModule) -> PrefillSplit:
             )
     cut = {tokens: VISUAL_EMBEDS, slots: VISUAL_SLOTS}
     llm = [n for n in nodes if n.op != "placeholder" and n not in vision and n not in planned]
-    bound = [n for n in llm if n.op == "call_function" and n.target in ROW_BOUND_FUNCTIONS]
+    bound = [n for n in llm if n.op == "call_function" and n.target in row_bound]
     # what the bound nodes read as their layout: the input, or a vision pass's pruned layout
     layouts = {a for n in bound for a in args_of(n) if a in vision or (a.op == "placeholder" and a.target == "layout")}
     for node in llm:

@@ -252,11 +252,12 @@ class GraphEditor:
         return any(order.get(user, -1) > limit and user is not index for user in node.users)
 
     # ----- cuts between decoder layers ----------------------------------------------------
-    def visual_span(self) -> fx.Node:
+    def visual_span(self, layout: fx.Node | None = None) -> fx.Node:
         """The [B, S] bool mask of the visual tokens in the LLM sequence as it stands at the last cut.
 
         Built on first use from the merge's slots (and the vision-side ``sequence_index``, if any),
-        marked with ``seq_dim`` so every later cut carries it along (:meth:`cut_sequence`).
+        marked with ``seq_dim`` so every later cut carries it along (:meth:`cut_sequence`). Given the
+        ``layout`` node of the merged tokens, the span leaves their structural tokens out.
         """
         spans = [n for n in self.graph.nodes if n.meta.get("visual_span")]
         if spans:
@@ -265,16 +266,22 @@ class GraphEditor:
 
         merge = self.one("merge")
         first_layer = min(self.nodes("decoder_layer"), key=lambda n: n.meta["index"])
-        chain = self.chain(first_layer.prev)
+        order = self.order()
+        positions = self.input_of(merge, "positions")
+        after = first_layer.prev if layout is None else max(first_layer.prev, layout, key=order.__getitem__)
+        chain = self.chain(after)
+        if layout is not None:
+            positions = chain(gf.grid_positions, positions, layout, role="visual_span", stage="llm", name="visual_grid_positions")
+        meta = {"seq_dim": (0, 1), "visual_span": True}
         span = chain(
-            gf.visual_span_mask, self.input_of(merge, "embeds"), self.input_of(merge, "positions"),
-            role="visual_span", stage="llm", name="visual_span", seq_dim=(0, 1), visual_span=True,
+            gf.visual_span_mask, self.input_of(merge, "embeds"), positions,
+            role="visual_span", stage="llm", name="visual_span", meta=meta,
         )
         index = self.last("sequence_index")
         if index is not None:
             span = chain(
                 torch.ops.vlmopt.gather_sequence.default, span, index, 0, 1,
-                role="visual_span", stage="llm", name="visual_span_kept", seq_dim=(0, 1), visual_span=True,
+                role="visual_span", stage="llm", name="visual_span_kept", meta=meta,
             )
         return span
 
@@ -359,16 +366,22 @@ class GraphEditor:
 
 
 class Inserter:
-    """Appends nodes in order after a starting node (see :meth:`GraphEditor.chain`)."""
+    """Appends nodes in order after a starting node (see :meth:`GraphEditor.chain`).
+
+    ``chain(torch.sum, x, dim=1, role="score", meta={"seq_dim": (0, 1)})`` inserts ``torch.sum(x, dim=1)``:
+    keywords other than ``role``, ``stage``, ``name`` and ``meta`` go to the target, never into the
+    node's metadata (``meta`` does).
+    """
 
     def __init__(self, editor: GraphEditor, after: fx.Node) -> None:
         self.editor = editor
         self.cursor = after
 
     def __call__(
-        self, target: Callable[..., Any], *args: Any, role: str, stage: str | None = None, name: str | None = None, **meta: Any
+        self, target: Callable[..., Any], *args: Any, role: str, stage: str | None = None, name: str | None = None,
+        meta: dict[str, Any] | None = None, **kwargs: Any,
     ) -> fx.Node:
-        self.cursor = self.editor.insert(self.cursor, target, args, role=role, stage=stage, name=name, **meta)
+        self.cursor = self.editor.insert(self.cursor, target, args, kwargs, role=role, stage=stage, name=name, **(meta or {}))
         return self.cursor
 
     def module(self, target: str, *args: Any, role: str, stage: str, name: str | None = None) -> fx.Node:

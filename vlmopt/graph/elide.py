@@ -55,7 +55,7 @@ def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], af
     gathered = {
         node: chain(
             torch.ops.vlmopt.gather_sequence.default, node, index, 0, 1,
-            role="elide_gather", stage="llm", name=f"{node.name}_elided", seq_dim=(0, 1),
+            role="elide_gather", stage="llm", name=f"{node.name}_elided", meta={"seq_dim": (0, 1)},
         )
         for node in (hidden, cos, sin)
     }
@@ -67,7 +67,7 @@ def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], af
         two_d = editor.input_of(mask, "attention_mask")
         kept_two_d = chain(
             torch.ops.vlmopt.gather_sequence.default, two_d, index, 0, 1,
-            role="elide_gather", stage="llm", name=f"{two_d.name}_elided", seq_dim=(0, 1),
+            role="elide_gather", stage="llm", name=f"{two_d.name}_elided", meta={"seq_dim": (0, 1)},
         )
         rebuilt = editor.copy_node(mask, after=chain.cursor, replace={**gathered, two_d: kept_two_d})
         chain.cursor = masks[mask] = rebuilt

@@ -16,12 +16,6 @@ from vlmopt.graph.layout import VisualLayout, keep_count, pooled_grid
 ops = torch.ops.vlmopt
 
 
-def window_permute(x: Tensor, window_index: Tensor, unit: int) -> Tensor:
-    """Reorder Qwen2.5-VL patch rows into window order (groups of ``unit`` patches move together)."""
-    seq = x.shape[0]
-    return x.reshape(seq // unit, unit, -1)[window_index, :, :].reshape(seq, -1)
-
-
 def keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:
     """The last ``logits_to_keep`` positions of ``hidden`` [B, S, D] (all of them for 0), as HF does."""
     if logits_to_keep == 0:
@@ -30,53 +24,54 @@ def keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:
 
 
 def layout_keep(layout: VisualLayout, keep_ratio: float | None, num_tokens: int | None) -> VisualLayout:
-    """The layout after keeping a fixed number of grid tokens of every visual input (leading kept)."""
-    kept = (lead + keep_count(c, keep_ratio, num_tokens) for lead, c in zip(layout.leading, layout.grid_counts))
+    """The layout after keeping a fixed number of grid tokens of every visual input (structural kept)."""
+    kept = (len(s) + keep_count(c, keep_ratio, num_tokens) for s, c in zip(layout.structural, layout.grid_counts))
     return layout.with_counts(tuple(kept))
 
 
 def layout_grid(layout: VisualLayout) -> VisualLayout:
-    """The layout of the grid tokens alone (each input's leading tokens left out)."""
+    """The layout of the grid tokens alone (each input's structural tokens left out)."""
     return layout.grid_only()
 
 
 def layout_with_leading(kept: VisualLayout, layout: VisualLayout) -> VisualLayout:
-    """``kept`` (a pruned grid-only layout) with ``layout``'s leading tokens back in front."""
+    """``kept`` (a pruned grid-only layout) with ``layout``'s structural tokens back, in front."""
     return kept.with_leading_of(layout)
 
 
 def grid_index(tokens: Tensor, layout: VisualLayout) -> Tensor:
-    """[T_grid] indices of the grid tokens among the visual ``tokens`` [T, D] (leading tokens skipped)."""
+    """[T_grid] indices of the grid tokens among the visual ``tokens`` [T, D] (structural tokens skipped)."""
     parts, offset = [], 0
-    for lead, count in zip(layout.leading, layout.counts):
-        parts.append(torch.arange(offset + lead, offset + count, device=tokens.device))
+    for index, count in enumerate(layout.counts):
+        parts.append(torch.tensor(layout.grid_indices(index), dtype=torch.long, device=tokens.device) + offset)
         offset += count
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=tokens.device)
 
 
 def keep_with_leading(keep: Tensor, grid: Tensor, layout: VisualLayout, kept: VisualLayout) -> Tensor:
-    """[T'] indices into the [T] visual tokens: each input's leading tokens, then its kept grid tokens.
+    """[T'] indices into the [T] visual tokens: each input's structural tokens, then its kept grid tokens.
 
     ``keep`` [sum(kept.counts)] indexes the grid tokens, ``grid`` [T_grid] maps them to [T].
     """
     parts, offset, start = [], 0, 0
-    for lead, count, budget in zip(layout.leading, layout.counts, kept.counts):
-        parts += [torch.arange(offset, offset + lead, device=keep.device), grid[keep[start : start + budget]]]
+    for structural, count, budget in zip(layout.structural, layout.counts, kept.counts):
+        parts += [torch.tensor(structural, dtype=torch.long, device=keep.device) + offset, grid[keep[start : start + budget]]]
         offset, start = offset + count, start + budget
     return torch.cat(parts) if parts else keep
 
 
 def tokens_with_leading(tokens: Tensor, kept_tokens: Tensor, layout: VisualLayout, kept: VisualLayout) -> Tensor:
-    """[T', D]: each input's leading rows of ``tokens`` [T, D], then its rows of ``kept_tokens``."""
+    """[T', D]: each input's structural rows of ``tokens`` [T, D], then its rows of ``kept_tokens``."""
     parts, offset, start = [], 0, 0
-    for lead, count, budget in zip(layout.leading, layout.counts, kept.counts):
-        parts += [tokens[offset : offset + lead], kept_tokens[start : start + budget]]
+    for structural, count, budget in zip(layout.structural, layout.counts, kept.counts):
+        rows = torch.tensor(structural, dtype=torch.long, device=tokens.device) + offset
+        parts += [tokens.index_select(0, rows), kept_tokens[start : start + budget]]
         offset, start = offset + count, start + budget
     return torch.cat(parts) if parts else kept_tokens
 
 
 def layout_pool(layout: VisualLayout, keep_ratio: float) -> VisualLayout:
-    """The layout after spatial pooling of every frame's grid (leading tokens kept)."""
+    """The layout after spatial pooling of every frame's grid (structural tokens kept)."""
     if layout.grids is None:
         raise ValueError("layout_pool needs token grids; an earlier pass already pruned the visual tokens")
     return layout.with_grids(tuple(pooled_grid(g, keep_ratio) for g in layout.grids))
@@ -113,26 +108,6 @@ def sequence_keep_index(
     )
 
 
-def received_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
-    """[N, S] attention each token receives, from q, k [N, S, H·D]; see :mod:`vlmopt.ops.received_attention`."""
-    return ops.received_attention(q, k, num_heads, scale)
-
-
-def qwen_vision_qk(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
-    """(q, k), each [P, heads, head_dim], of a Qwen2.5-VL vision block from its fused projection ``qkv``
-    [P, 3·D], with the 2-D rotary applied as the block applies it."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
-    q, k, _ = qkv.reshape(qkv.shape[0], 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    return apply_rotary_pos_emb_vision(q, k, cos, sin)
-
-
-def hiprune_select(
-    object_scores: Tensor, deep_scores: Tensor, layout: VisualLayout, kept: VisualLayout, alpha: float
-) -> tuple[Tensor, Tensor]:
-    """(kept indices [T'], kinds [T']) — HiPrune's selection with ``round(alpha · N' / 5)`` anchors."""
-    anchors = [min(budget, int(alpha * budget / 5 + 0.5)) for budget in kept.counts]
-    return ops.hiprune_select(object_scores, deep_scores, layout.flat_grids, list(kept.counts), anchors)
 
 
 def decoder_qk(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None, head_dim: int) -> tuple[Tensor, Tensor]:
@@ -148,33 +123,19 @@ def decoder_qk(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None, hea
     return apply_rotary_pos_emb(q, k, cos, sin)
 
 
-def vision_received_attention(
-    q: Tensor, k: Tensor, layout: VisualLayout, num_heads: int, scale: float, leading: int, merge: int,
-    score=ops.received_attention,
-) -> Tensor:
-    """[T_grid] attention each grid visual token receives in one vision block, in the tower's order.
 
-    ``q``, ``k`` hold the block's queries and keys of every frame (see
-    :class:`vlmopt.adapters.base.VisionQK`): attention is dense per image or frame (windows
-    ignored, inputs never mixed), every query votes, the ``leading`` columns (CLS) are dropped,
-    and the scores of the ``merge`` tower tokens of one visual token are averaged. Frames of one size
-    go through ``score`` (the op; training passes its differentiable reference) together.
-    """
-    sizes = [(t, leading + h * w * merge) for t, h, w in layout.grids]
-    total = sum(t * size for t, size in sizes)
-    q, k = q.reshape(total, -1), k.reshape(total, -1)
-    scores, offset, first = [], 0, 0
-    while first < len(sizes):
-        size, last = sizes[first][1], first
-        while last < len(sizes) and sizes[last][1] == size:
-            last += 1
-        frames = sum(t for t, _ in sizes[first:last])
-        block = slice(offset, offset + frames * size)
-        received = score(q[block].reshape(frames, size, -1), k[block].reshape(frames, size, -1), num_heads, scale)
-        scores.append(received[:, leading:].reshape(-1))
-        offset, first = offset + frames * size, last
-    flat = torch.cat(scores)
-    return flat if merge == 1 else flat.reshape(-1, merge).mean(-1)
+
+def visual_features_at(embeds: Tensor, features: Tensor, positions: Tensor, part: int) -> Tensor:
+    """[B, S, D]: zeros shaped like ``embeds`` [B, S, D] with part ``part`` of the visual ``features``
+    [T, D·n] (channels ``[part·D, (part + 1)·D)``) at their flat slots ``positions`` [T]: features a
+    model adds to the hidden states of a decoder layer at the visual tokens (DeepStack)."""
+    dim = embeds.shape[-1]
+    return ops.merge_visual(torch.zeros_like(embeds), features[:, part * dim : (part + 1) * dim], positions)
+
+
+def split_heads(x: Tensor, head_dim: int) -> Tensor:
+    """[B, S, heads, head_dim] view of a projection ``x`` [B, S, heads·head_dim] (for per-head norms)."""
+    return x.view(*x.shape[:-1], -1, head_dim)
 
 
 def visual_span_mask(embeds: Tensor, positions: Tensor) -> Tensor:
@@ -195,57 +156,20 @@ def right_aligned(flags: Tensor, out_len: int) -> Tensor:
     return torch.where(values >= seq, index, torch.full_like(index, -1))
 
 
-def _row_budgets(layout: VisualLayout, keep: float) -> list[int]:
-    budgets = [0] * layout.batch
-    for row, count in zip(layout.rows, layout.counts):
-        budgets[row] += keep_count(count, keep, None)
-    return budgets
+def compact_slots(flags: Tensor, out_len: int) -> Tensor:
+    """[B, out_len] ascending slots of the True entries of ``flags`` [B, S], right-aligned and
+    left-padded with -1 (:func:`right_aligned` for rows of at most ``out_len`` Trues), built from a
+    cumulative count and a scatter instead of a sort (no data-sized ``TopK`` in an export)."""
+    batch, seq = flags.shape
+    counts = flags.long().sum(1, keepdim=True)
+    target = flags.long().cumsum(1) - 1 + (out_len - counts)  # the slot's place in its right-aligned row
+    target = torch.where(flags, target, torch.full_like(target, out_len))  # dropped slots go to a spare column
+    slots = torch.arange(seq, device=flags.device).expand(batch, seq)
+    out = torch.full((batch, out_len + 1), -1, dtype=torch.long, device=flags.device)
+    return out.scatter(1, target, slots)[:, :out_len]
 
 
-def _visual_per_row(layout: VisualLayout, current: float) -> list[int]:
-    """Visual tokens per row once ``current`` of each input's visual tokens remain (static counts)."""
-    return _row_budgets(layout, current) if current < 1.0 else list(layout.tokens_per_row())
-
-
-def last_token_relevance(q: Tensor, k: Tensor, span: Tensor, scale: float) -> Tensor:
-    """[B, S] how much the last token's queries (``q`` [B, H, S, D]) attend to each key of ``k``
-    [B, Hkv, S, D], softmax over the visual ``span`` [B, S] only, mean over heads."""
-    return ops.last_token_attention(q[:, :, -1, :], k, span, scale)
-
-
-def halfv_keep(
-    relevance: Tensor, states: Tensor | None, span: Tensor, layout: VisualLayout, current: float, keep: float,
-    anchor_frac: float,
-) -> Tensor:
-    """[B, S'] slots surviving one HalfV cut: every non-visual slot, and per row ``keep`` of its
-    visual tokens (counted on ``layout``, summed over the row's inputs): the top ``anchor_frac`` of
-    that budget by ``relevance`` [B, S], the rest by k-center coverage of ``states`` [B, S, D]
-    (``vlmopt::kcenter_select``; ``states`` None = all by relevance). ``current`` is the keep
-    fraction already applied to the visual span (1.0 before any cut), so the row counts are static.
-    """
-    counts = _visual_per_row(layout, current)
-    budgets = [min(b, c) for b, c in zip(_row_budgets(layout, keep), counts)]
-    seq = span.shape[1]
-    rows = []
-    for b, (count, budget) in enumerate(zip(counts, budgets)):
-        flags = ~span[b]
-        if count:
-            visual = right_aligned(span[b : b + 1], count)[0]  # [count] ascending slots of the span
-            anchors = budget if states is None else min(budget, int(anchor_frac * budget))
-            chosen = relevance[b].index_select(0, visual).topk(anchors).indices
-            if anchors < budget:
-                marked = torch.zeros(1, count, dtype=torch.bool, device=span.device).index_fill(1, chosen, True)
-                row_states = states[b].index_select(0, visual)[None]
-                picks = ops.kcenter_select(row_states, torch.ones_like(marked), marked, budget - anchors)[0]
-                chosen = torch.cat([chosen, picks])
-            flags = flags.index_fill(0, visual.index_select(0, chosen), True)
-        rows.append(flags)
-    out_len = seq - min(c - b for c, b in zip(counts, budgets))
-    return right_aligned(torch.stack(rows), out_len)
-
-
-def halfv_active_rows(span: Tensor, layout: VisualLayout, current: float) -> Tensor:
-    """[B, A] ascending slots of the non-visual rows of ``span`` [B, S] (left-padded with -1), where
-    ``current`` of each input's visual tokens remain (static counts)."""
-    counts = _visual_per_row(layout, current)
-    return right_aligned(~span, span.shape[1] - min(counts))
+def grid_positions(positions: Tensor, layout: VisualLayout) -> Tensor:
+    """The slots [T_grid] of the grid (non-structural) tokens among ``positions`` [T] (the visual span a
+    pass inside the LLM may prune: structural tokens stay outside it)."""
+    return positions.index_select(0, grid_index(positions, layout))

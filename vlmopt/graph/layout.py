@@ -4,6 +4,16 @@ A :class:`VisualLayout` is computed by the architecture adapter in eager Python 
 runs and enters the prefill graph as an input. Graph nodes read plain ints from it (token counts,
 grids, rows), so every ``vlmopt::`` op sees static sizes: this is what keeps pruning fixed-count
 and exportable. Passes that change the number of visual tokens return a new layout.
+
+**Structural tokens.** Some visual features are not grid cells: a CLS token fed to the LLM (LLaVA
+with the ``full`` strategy), a learned newline after each row of a high-resolution grid (LLaVA-NeXT
+/ OneVision). The layout records, per visual input, the indices of these tokens among its features
+(:attr:`VisualLayout.structural`); the grid is the rest, in raster order. A pruning pass keeps them
+outside its budget and never scores them. Once a pass has pruned an input its tokens flow as its
+structural tokens first (in their original order), then its kept grid tokens: every token still
+carries its own sequence slot, so the LLM sees them in their original order whatever the flat order.
+Structural *text* tokens (Mistral 3's ``[IMG_BREAK]``, SmolVLM's row/column tokens, Qwen3-VL's
+timestamps) are not visual features: they are text, which no pass removes.
 """
 
 from __future__ import annotations
@@ -29,30 +39,52 @@ class VisualLayout:
     grids: tuple[Grid, ...] | None
     """(t, h, w) token grid of each input in raster order, or None once tokens no longer form grids."""
     leading: tuple[int, ...] | None = None
-    """Tokens of each input before its grid (a CLS token), counted in ``counts``; None = none."""
+    """Structural tokens in front of each input's grid (a CLS token); counted in ``counts``; None = none.
+    Shorthand for ``structural`` = ``(0, …, leading - 1)``."""
+    structural: tuple[tuple[int, ...], ...] | None = None
+    """Ascending indices, among each input's ``counts[i]`` tokens, of its structural tokens (never
+    scored, always kept); None = the ``leading`` ones."""
 
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.counts):
             raise ValueError(f"VisualLayout: {len(self.rows)} rows for {len(self.counts)} inputs")
-        leading = (0,) * len(self.counts) if self.leading is None else tuple(self.leading)
-        if len(leading) != len(self.counts) or any(lead < 0 or lead > c for lead, c in zip(leading, self.counts)):
-            raise ValueError(f"VisualLayout: leading tokens {leading} do not fit counts {self.counts}")
-        object.__setattr__(self, "leading", leading)
-        if self.grids is not None and tuple(lead + t * h * w for lead, (t, h, w) in zip(leading, self.grids)) != self.counts:
-            raise ValueError(f"VisualLayout: grids {self.grids} (after {leading} leading tokens) do not match counts {self.counts}")
+        if self.structural is None:
+            leading = (0,) * len(self.counts) if self.leading is None else tuple(self.leading)
+            if len(leading) != len(self.counts):
+                raise ValueError(f"VisualLayout: leading tokens {leading} do not fit counts {self.counts}")
+            structural = tuple(tuple(range(lead)) for lead in leading)
+        else:
+            structural = tuple(tuple(s) for s in self.structural)
+        if len(structural) != len(self.counts) or any(
+            list(s) != sorted(set(s)) or (s and (s[0] < 0 or s[-1] >= c)) for s, c in zip(structural, self.counts)
+        ):
+            raise ValueError(f"VisualLayout: structural tokens {structural} do not fit counts {self.counts}")
+        object.__setattr__(self, "structural", structural)
+        object.__setattr__(self, "leading", tuple(_leading_run(s) for s in structural))
+        if self.grids is not None and tuple(len(s) + t * h * w for s, (t, h, w) in zip(structural, self.grids)) != self.counts:
+            raise ValueError(f"VisualLayout: grids {self.grids} (beside structural tokens {structural}) do not match counts {self.counts}")
 
     @classmethod
     def from_grids(
-        cls, batch: int, seq_len: int, rows: tuple[int, ...], grids: tuple[Grid, ...], leading: tuple[int, ...] | None = None
+        cls, batch: int, seq_len: int, rows: tuple[int, ...], grids: tuple[Grid, ...], leading: tuple[int, ...] | None = None,
+        structural: tuple[tuple[int, ...], ...] | None = None,
     ) -> VisualLayout:
-        lead = leading or (0,) * len(grids)
-        counts = tuple(a + t * h * w for a, (t, h, w) in zip(lead, grids))
-        return cls(batch, seq_len, tuple(rows), counts, tuple(grids), leading)
+        """The layout of inputs with ``grids``, after ``leading`` structural tokens each or with
+        ``structural`` token indices (interleaved with the grid)."""
+        if structural is None:
+            structural = tuple(tuple(range(a)) for a in (leading or (0,) * len(grids)))
+        counts = tuple(len(s) + t * h * w for s, (t, h, w) in zip(structural, grids))
+        return cls(batch, seq_len, tuple(rows), counts, tuple(grids), structural=structural)
 
     @property
     def total(self) -> int:
         """T, the number of visual tokens of the whole batch."""
         return sum(self.counts)
+
+    @property
+    def has_structural(self) -> bool:
+        """Does any input carry structural tokens?"""
+        return any(self.structural)
 
     @property
     def flat_grids(self) -> list[int]:
@@ -62,32 +94,49 @@ class VisualLayout:
 
     @property
     def grid_counts(self) -> tuple[int, ...]:
-        """Tokens of each input after its leading tokens."""
-        return tuple(c - lead for c, lead in zip(self.counts, self.leading))
+        """Tokens of each input that are not structural."""
+        return tuple(c - len(s) for c, s in zip(self.counts, self.structural))
+
+    def grid_indices(self, index: int) -> list[int]:
+        """Indices, among input ``index``'s tokens, of its grid (non-structural) tokens, ascending."""
+        structural = set(self.structural[index])
+        return [i for i in range(self.counts[index]) if i not in structural]
 
     def with_counts(self, counts: tuple[int, ...]) -> VisualLayout:
-        """The layout with ``counts`` tokens per input (leading tokens included); grids are gone."""
-        return replace(self, counts=tuple(counts), grids=None)
+        """The layout after pruning: ``counts`` tokens per input, its structural tokens first (as many
+        as before), then its kept grid tokens; grids are gone."""
+        structural = tuple(tuple(range(len(s))) for s in self.structural)
+        return replace(self, counts=tuple(counts), grids=None, leading=None, structural=structural)
 
     def with_grids(self, grids: tuple[Grid, ...]) -> VisualLayout:
-        """The layout with new grids after the same leading tokens."""
-        counts = tuple(lead + t * h * w for lead, (t, h, w) in zip(self.leading, grids))
-        return replace(self, counts=counts, grids=tuple(grids))
+        """The layout with new grids (pooling) after the same structural tokens, now in front."""
+        structural = tuple(tuple(range(len(s))) for s in self.structural)
+        counts = tuple(len(s) + t * h * w for s, (t, h, w) in zip(structural, grids))
+        return replace(self, counts=counts, grids=tuple(grids), leading=None, structural=structural)
 
     def grid_only(self) -> VisualLayout:
-        """The layout of the grid tokens alone (leading tokens removed)."""
-        return replace(self, counts=self.grid_counts, leading=None)
+        """The layout of the grid tokens alone (structural tokens removed)."""
+        return replace(self, counts=self.grid_counts, leading=None, structural=((),) * len(self.counts))
 
     def with_leading_of(self, other: VisualLayout) -> VisualLayout:
-        """This grid-only layout with ``other``'s leading tokens put back in front of each input."""
-        counts = tuple(c + lead for c, lead in zip(self.counts, other.leading))
-        return replace(self, counts=counts, leading=other.leading)
+        """This grid-only layout with ``other``'s structural tokens put back in front of each input."""
+        structural = tuple(tuple(range(len(s))) for s in other.structural)
+        counts = tuple(c + len(s) for c, s in zip(self.counts, structural))
+        return replace(self, counts=counts, leading=None, structural=structural)
 
     def tokens_per_row(self) -> list[int]:
         per_row = [0] * self.batch
         for row, count in zip(self.rows, self.counts):
             per_row[row] += count
         return per_row
+
+
+def _leading_run(structural: tuple[int, ...]) -> int:
+    """How many of the first indices are 0, 1, 2, … (the structural tokens in front of the grid)."""
+    run = 0
+    while run < len(structural) and structural[run] == run:
+        run += 1
+    return run
 
 
 def keep_count(count: int, keep_ratio: float | None, num_tokens: int | None) -> int:

@@ -7,7 +7,9 @@ slots are a subset of the image placeholders) and the op exports to ONNX as one 
 Shapes
 ------
 embeds    : [B, S, D]  token embeddings of the whole prompt
-features  : [T, D] or [N, P, D] (flattened to [T, D])  visual features, in the order of ``positions``
+features  : [T, D'] or [N, P, D'] (flattened to [T, D']), D' ≥ D  visual features, in the order of
+            ``positions``; only the first D channels are written (more channels may ride along
+            with a token, such as the DeepStack features a model adds in later layers)
 positions : [T] int64  flat slot index ``b * S + s`` of each feature
 returns   : [B, S, D]  a copy of ``embeds`` with the T slots overwritten (cast to ``embeds.dtype``)
 """
@@ -21,12 +23,17 @@ from torch import Tensor
 def reference(embeds: Tensor, features: Tensor, positions: Tensor) -> Tensor:
     batch, seq, dim = embeds.shape
     flat = embeds.reshape(batch * seq, dim).clone()
-    flat[positions] = features.reshape(-1, dim).to(flat.dtype)
+    flat[positions] = features.reshape(-1, features.shape[-1])[:, :dim].to(flat.dtype)
     return flat.view(batch, seq, dim)
 
 
 @torch.library.custom_op("vlmopt::merge_visual", mutates_args=())
 def merge_visual(embeds: Tensor, features: Tensor, positions: Tensor) -> Tensor:
+    if features.shape[-1] < embeds.shape[-1]:
+        raise ValueError(
+            f"merge_visual: visual features of width {features.shape[-1]} for embeddings of width {embeds.shape[-1]}; "
+            "the projector's output width must be the language model's hidden size"
+        )
     if features.numel() // features.shape[-1] != positions.numel():
         raise ValueError(
             f"merge_visual: {features.numel() // features.shape[-1]} visual features for "
@@ -51,7 +58,11 @@ def _backward(ctx, grad: Tensor):
     (positions,) = ctx.saved_tensors
     batch, seq, dim = grad.shape
     flat = grad.reshape(batch * seq, dim)
-    grad_features = flat[positions].to(ctx.feature_dtype).reshape(ctx.feature_shape)
+    width = ctx.feature_shape[-1]
+    grad_rows = flat[positions].to(ctx.feature_dtype)
+    if width > dim:  # the channels riding along get no gradient from the merge
+        grad_rows = torch.cat([grad_rows, grad_rows.new_zeros(grad_rows.shape[0], width - dim)], dim=-1)
+    grad_features = grad_rows.reshape(ctx.feature_shape)
     grad_embeds = flat.clone()
     grad_embeds[positions] = 0
     return grad_embeds.view(batch, seq, dim), grad_features, None
@@ -71,7 +82,9 @@ def onnx_translation():
     def merge_visual(embeds, features, positions):
         rows_of = op.Concat(op.Constant(value_ints=[-1]), op.Shape(embeds, start=2), axis=0)
         flat = op.Reshape(embeds, rows_of)
-        rows = op.CastLike(op.Reshape(features, rows_of), flat)
+        wide = op.Reshape(features, op.Concat(op.Constant(value_ints=[-1]), op.Shape(features, start=-1), axis=0))
+        first = op.Slice(wide, op.Constant(value_ints=[0]), op.Shape(embeds, start=2), op.Constant(value_ints=[1]))
+        rows = op.CastLike(first, flat)
         merged = op.ScatterND(flat, op.Unsqueeze(positions, op.Constant(value_ints=[1])), rows)
         return op.Reshape(merged, op.Shape(embeds))
 

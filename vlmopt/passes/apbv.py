@@ -12,7 +12,7 @@ each host's cache and merges (:mod:`vlmopt.distributed.attention`).
 Graph rewrite: the prefill gets one input ``apbv_plans`` (the per-row split, planned in eager Python
 from the visual slots and the 2-D mask by :meth:`APBV.plan_inputs`, so it stays real when FLOPs are
 counted on fake tensors) and every decoder layer becomes a stand-in
-(:class:`~vlmopt.adapters.attention_standin.AttentionStandIn`) running the layer's own projections,
+(:class:`~vlmopt.layers.attention_standin.AttentionStandIn`) running the layer's own projections,
 rotary embedding, norms and MLP around the APB-V attention; the decode graph's layers become
 stand-ins that merge the hosts' attentions. The text-only prefill is left alone (no visual context
 to split). With no ``torch.distributed`` process group the H hosts are simulated in one process and
@@ -59,10 +59,12 @@ class APBV(Pass):
 
     def check(self, adapter, before) -> None:
         super().check(adapter, before)
-        from vlmopt.adapters.base import layer_mask_kinds
-
-        if any(layer_mask_kinds(adapter.text_config)):
-            raise IncompatiblePassError("APBV does not support sliding-window attention layers")
+        if "sliding" in adapter.mask_kinds:
+            raise IncompatiblePassError(
+                "APBV replaces every layer's attention with anchor / passing-block attention over full causal "
+                "context; sliding-window layers (this model has some) would attend differently: use a model whose "
+                "layers all attend fully"
+            )
         self.group_hosts()  # under a process group: hosts must equal its size (a clear error before tracing)
         for earlier in before:
             raise IncompatiblePassError(
@@ -119,20 +121,21 @@ class APBV(Pass):
             group.announce_failure()
 
     def apply(self, graph) -> None:
-        from vlmopt.adapters.attention_standin import replace_attention
+        from vlmopt.layers.attention_standin import replace_attention
         from vlmopt.distributed.layers import APBVPrefill, HostMergedDecode
         from vlmopt.graph.edit import GraphEditor
 
         group = self.group_hosts()
         editor = GraphEditor(graph["prefill"])
         plan = editor.add_input("apbv_plans", role="apbv_plan", stage="llm")
-        layers = replace_attention(editor, lambda index: APBVPrefill(self.pool, group), plan, "apbv")
+        view = graph.adapter.decoder_view
+        layers = replace_attention(editor, view, lambda index: APBVPrefill(self.pool, group), plan, "apbv")
         if group is not None:
             self.gather_frames(editor, group)
             self.keep_local_rows(editor, layers, plan, group.rank)
         editor.finish()
         decode = GraphEditor(graph["decode"])
-        replace_attention(decode, lambda index: HostMergedDecode(group), decode.placeholder("attention_mask"), "apbv")
+        replace_attention(decode, view, lambda index: HostMergedDecode(group), decode.placeholder("attention_mask"), "apbv")
         decode.finish()
 
     @staticmethod
@@ -146,24 +149,28 @@ class APBV(Pass):
         share = editor.add_input("apbv_frames", role="apbv_frames", stage="vision")
         editor.module.add_submodule("apbv_gather_frames", FrameGather(group))
         gathered = editor.insert_module(tokens, "apbv_gather_frames", (tokens, share), role="apbv_frames", stage="vision")
-        editor.set_input(merge, "features", gathered)
+        editor.replace_uses(tokens, gathered, after=gathered)  # the merge, and DeepStack's features riding along
 
     @staticmethod
     def keep_local_rows(editor, layers, plan, rank: int) -> None:
         """Under a process group: from the first decoder layer on, run this rank's tokens only (hidden
-        states and rotary cos/sin sliced by the plan; positions stay global)."""
+        states, rotary cos/sin and DeepStack's injected features sliced by the plan; positions stay global)."""
         import operator
 
         from vlmopt.distributed.group import local_rows
 
         first = layers[0]
         hidden, cos, sin = first.args[:3]
+        injected = editor.nodes("deepstack_scatter")
         order = editor.order()
-        chain = editor.chain(max((hidden, cos, sin, plan), key=order.__getitem__))
-        rows = chain(local_rows, hidden, cos, sin, plan, rank, role="apbv_plan", stage="llm", name="apbv_local_rows")
+        chain = editor.chain(max((hidden, cos, sin, plan, *injected), key=order.__getitem__))
+        rows = chain(local_rows, hidden, cos, sin, plan, rank, *injected, role="apbv_plan", stage="llm", name="apbv_local_rows")
+        names = ["hidden", "cos", "sin"] + [f"deepstack_{i}" for i in range(len(injected))]
         local = [chain(operator.getitem, rows, i, role="apbv_plan", stage="llm", name=f"apbv_local_{name}")
-                 for i, name in enumerate(("hidden", "cos", "sin"))]
+                 for i, name in enumerate(names)]
         first.update_arg(0, local[0])
         for layer in layers:
             layer.update_arg(1, local[1])
             layer.update_arg(2, local[2])
+        for node, local_node in zip(injected, local[3:]):
+            editor.replace_uses(node, local_node, after=local_node)

@@ -29,12 +29,9 @@ if TYPE_CHECKING:
     from vlmopt.adapters.base import Adapter
     from vlmopt.graph.pipeline import VLMGraph
 
-ALL_FAMILIES = ("llava", "qwen2_5_vl")
-
-
 def snake_case(name: str) -> str:
     """``RandomPrune`` → ``random_prune``; ``HiPrune`` → ``hiprune``; ``ReGATE`` → ``regate``."""
-    special = {"HiPrune": "hiprune", "HalfV": "halfv", "ReGATE": "regate", "APBV": "apbv", "HERMES": "hermes", "SnapKV": "snapkv"}
+    special = {"HiPrune": "hiprune", "HalfV": "halfv", "ReGATE": "regate", "APBV": "apbv", "SnapKV": "snapkv"}
     if name in special:
         return special[name]
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
@@ -53,8 +50,8 @@ class Pass:
     """Where the pass works: one of :data:`PASS_STAGES`; ``compile`` checks their order."""
     lossless: ClassVar[bool] = False
     """Does the compiled model still give bit-exact logits, whatever the config?"""
-    families: ClassVar[tuple[str, ...]] = ALL_FAMILIES
-    """Model families (adapter ``family``) the pass supports."""
+    needs: ClassVar[tuple[str, ...]] = ()
+    """Capabilities the model's adapter must have (:data:`vlmopt.adapters.base.CAPABILITIES`)."""
     query_aware: ClassVar[bool] = False
     """Does the pass read the question (so a prefix cannot be reused across questions)?"""
     paper: ClassVar[str] = ""
@@ -95,11 +92,22 @@ class Pass:
         return self.name() + (":" + ",".join(values) if values else "")
 
     def check(self, adapter: Adapter, before: Sequence[Pass]) -> None:
-        """Raise :class:`IncompatiblePassError` if the pass cannot serve this model after ``before``."""
-        if adapter.family not in self.families:
+        """Raise :class:`IncompatiblePassError` if the pass cannot serve this model after ``before``
+        (by default: the adapter lacks a capability the pass needs)."""
+        from vlmopt.adapters.base import CAPABILITIES
+
+        missing = [need for need in self.needs if need not in adapter.capabilities]
+        if missing:
+            what = "; ".join(f"{need}: {CAPABILITIES[need]}" for need in missing)
             raise IncompatiblePassError(
-                f"{type(self).__name__} supports {', '.join(self.families)} models; this one is {adapter.family}"
+                f"{type(self).__name__} needs what {type(adapter).__name__} ({type(adapter.model).__name__}) does not "
+                f"provide — {what}"
             )
+
+    def paper_setting(self, adapter: Adapter, key: str, default):
+        """The setting ``key`` the method's paper gives for the model's family (the adapter's
+        ``paper_settings``), else ``default``."""
+        return adapter.paper_settings.get(self.name(), {}).get(key, default)
 
     def specialize(self, adapter: Adapter, before: Sequence[Pass]) -> Pass:
         """This config made concrete for the model (settings chosen by measuring it, such as HalfV's
@@ -121,6 +129,12 @@ class Pass:
         computed in eager Python from real values (they stay real when FLOPs are counted on fake
         tensors): new inputs the pass's graph edits read, or replacements of planned ones (APB-V's
         rank-local frames); ``{}`` by default."""
+        return {}
+
+    def export_bindings(self) -> dict:
+        """For ``vlmopt export``: the functions this pass inserts into the LLM that read the prompt's
+        layout, each with how it binds to one image per row (see :mod:`vlmopt.export.fixed_rows`);
+        none by default."""
         return {}
 
     def stage_failed(self, error: Exception) -> None:
@@ -223,7 +237,7 @@ class VisualSite:
         return cls(editor, adapter, editor.last("visual_tokens"), editor.input_of(merge, "positions"), layout)
 
     def grid_part(self, chain: Inserter) -> tuple[VisualSite, fx.Node]:
-        """This site without each input's leading non-grid tokens (CLS), and the index [T_grid] of
+        """This site without each input's structural tokens (CLS, newlines), and the index [T_grid] of
         the grid tokens among the current ones."""
         grid_index = chain(
             gf.grid_index, self.tokens, self.layout, role="visual_grid", stage="vision", name="grid_index"
@@ -241,7 +255,7 @@ class VisualSite:
         self, grid_index: fx.Node, kept: tuple[fx.Node, fx.Node, fx.Node], chain: Inserter
     ) -> tuple[fx.Node, fx.Node, fx.Node]:
         """(tokens, keep, layout) of a method that pruned :meth:`grid_part`, with every input's
-        leading tokens put back in front of its kept grid tokens."""
+        structural tokens put back in front of its kept grid tokens (each keeps its own slot)."""
         tokens, keep, layout = kept
         full_layout = chain(
             gf.layout_with_leading, layout, self.layout, role="prune_layout", stage="vision", name="kept_full_layout"
@@ -265,6 +279,8 @@ class VisualSite:
         editor.replace_uses(self.tokens, tokens, after=positions)
         merge = editor.one("merge")
         editor.set_input(merge, "positions", positions)
+        for reader in editor.nodes("deepstack_scatter"):  # visual features injected into decoder layers follow the tokens
+            editor.set_input(reader, "positions", positions)
         index = editor.last("sequence_index")
         if index is None:
             visual_positions = editor.placeholder("visual_positions")
@@ -291,9 +307,10 @@ class VisualTokenPrune(Pass):
     never move; decoding continues at the unpruned length. Causal attention over the kept tokens is
     unchanged because they stay in their original order.
 
-    Leading non-grid tokens (the CLS token a LLaVA with ``vision_feature_select_strategy='full'``
-    feeds its LLM) are always kept, on top of the budget: ``keep_ratio`` and ``num_tokens`` count
-    grid tokens only, and a method sees (and scores) the grid tokens only.
+    Structural tokens (the CLS token a LLaVA with ``vision_feature_select_strategy='full'`` feeds its
+    LLM; the newline after each grid row of an any-resolution image) are always kept, on top of the
+    budget: ``keep_ratio`` and ``num_tokens`` count grid tokens only, and a method sees (and scores)
+    the grid tokens only.
     """
 
     stage: ClassVar[str] = "vision"
@@ -336,7 +353,7 @@ class VisualTokenPrune(Pass):
         site = VisualSite.find(editor, graph.adapter)
         order = editor.order()
         chain = editor.chain(max((site.tokens, site.positions, site.layout), key=order.__getitem__))
-        if graph.adapter.leading_tokens:
+        if graph.adapter.structural_tokens:
             grid, grid_index = site.grid_part(chain)
             tokens, keep, layout = site.with_leading(grid_index, self.prune(grid, chain), chain)
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from vlmopt.passes.base import check_range
-from vlmopt.stream.tiers import KVStreamPass
+from vlmopt.passes.kv_stream import KVStreamPass
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,6 @@ class FrameSubsample(KVStreamPass):
         check_range("FrameSubsample", "keep_ratio", self.keep_ratio, 0, 1, low_open=True)
 
     def keeps_patch(self, index: int) -> bool:
-        """Is temporal patch ``index`` (counted from the stream's first frame) encoded?"""
         return math.floor((index + 1) * self.keep_ratio + 1e-9) > math.floor(index * self.keep_ratio + 1e-9)
 
     def apply(self, graph) -> None:

@@ -13,26 +13,32 @@ Two stages inside the language model:
   relevance ("semantic anchoring"), the rest by k-center greedy coverage of the L2-normalised,
   final-norm'd input states of ``ivr_layer`` (``vlmopt::kcenter_select``). Text never moves; kept
   tokens keep their position ids (1-D RoPE or M-RoPE).
-* **Saturation** at decoder layer ``ssr_layer``, by family:
+* **Saturation** at decoder layer ``ssr_layer``, as the paper found it for the LM family (the
+  adapter's ``paper_settings["halfv"]["saturation"]``):
 
-  - Qwen2.5-VL, *token sparsity*: keep the top ``ssr_keep`` of the original visual count by the last
-    token's attention at the layer before (RoPE on, the layer's 1/√d scaling), restricted to the
-    visual span as it stands after the first cut (the official code's probe can pick text tokens;
-    this one cannot).
-  - LLaVA, *layer inactivity*: from ``ssr_layer`` on, the visual rows issue no query and get no
-    attention output or MLP update, while their keys and values still serve the text. The LLaVA
-    code is unreleased; this implements the paper's description with a decoder-layer stand-in
-    (:class:`~vlmopt.adapters.inactive_rows.InactiveRowsLayer`) that computes only the active rows'
-    queries, attention and MLP (the frozen rows cost only their K/V projections), so the saving is
-    real in FLOPs and time. ``ssr_keep`` does not apply to LLaVA.
+  - ``"sparse_tokens"`` (Qwen LMs), *token sparsity*: keep the top ``ssr_keep`` of the original
+    visual count by the last token's attention at the layer before (RoPE on, the layer's own
+    softmax scale), restricted to the visual span as it stands after the first cut (the official
+    code's probe can pick text tokens; this one cannot).
+  - ``"inactive_rows"`` (Vicuna / Mistral LMs, LLaVA), *layer inactivity*: from ``ssr_layer`` on, the
+    visual rows issue no query and get no attention output or MLP update, while their keys and
+    values still serve the text. The LLaVA code is unreleased; this implements the paper's
+    description with a decoder-layer stand-in (:class:`~vlmopt.layers.inactive_rows.InactiveRowsLayer`)
+    that computes only the active rows' queries, attention and MLP (the frozen rows cost only their
+    K/V projections), so the saving is real in FLOPs and time. ``ssr_keep`` does not apply.
 
-Defaults, from the paper's scripts (``(layer, out of a depth)``), scaled to the model's depth by the
-same fraction (at least layer 1 for ``ivr_layer``, which needs a layer before it for the probe, and
-at least one layer after it for ``ssr_layer``):
+Defaults: the paper's schedule for the family (``(layer, out of a depth)``, from its scripts), scaled
+to the model's depth by the same fraction (at least layer 1 for ``ivr_layer``, which needs a layer
+before it for the probe, and at least one layer after it for ``ssr_layer``):
 
 * Qwen2.5-VL-7B: ``ivr_layer`` 2/28, ``ivr_keep`` 0.25, ``anchor_frac`` 0.2 (the CLI default; the
-  README example uses 0.1), ``ssr_layer`` 21/28, ``ssr_keep`` 0.05.
-* LLaVA-1.5-7B: ``ivr_layer`` 3/32, ``ivr_keep`` 0.5, ``anchor_frac`` 0.2, ``ssr_layer`` 15/32.
+  README example uses 0.1), ``ssr_layer`` 21/28, ``ssr_keep`` 0.05, token sparsity. A family the
+  paper did not cover takes this schedule (token sparsity works on every layer kind).
+* LLaVA-1.5-7B: ``ivr_layer`` 3/32, ``ivr_keep`` 0.5, ``anchor_frac`` 0.2, ``ssr_layer`` 15/32, layer inactivity.
+
+Structural tokens (a CLS token fed to the LLM, row newlines) stay outside the visual span: never
+scored, never cut, never frozen. DeepStack features injected after a cut's layer follow the kept
+slots (they are sequence values like the hidden states).
 
 ``ivr_layer="auto"`` (and/or ``ssr_layer="auto"``) chooses the layers by the stage analysis
 (:func:`vlmopt.analysis.stages.analyze_calibration`) on the processor outputs given as
@@ -51,21 +57,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vlmopt.errors import IncompatiblePassError, PassConfigError
-from vlmopt.graph import functions as gf
 from vlmopt.graph.edit import GraphEditor
 from vlmopt.passes.base import Pass, VisualSite, check_range, cut_llm
+from vlmopt.passes.halfv_cut import EXPORT_BINDINGS, halfv_active_rows, halfv_keep, last_token_relevance
 
-#: Per family: (ivr layer, ssr layer, out of this depth), ivr_keep, anchor_frac, ssr_keep.
-PAPER_DEFAULTS = {
-    "qwen2_5_vl": ((2, 21, 28), 0.25, 0.2, 0.05),
-    "llava": ((3, 15, 32), 0.5, 0.2, None),
+#: The schedule of a family the paper did not cover (Qwen2.5-VL-7B's; layers as (layer, out of a depth)).
+DEFAULT_SETTINGS = {
+    "ivr_layer": (2, 28), "ssr_layer": (21, 28), "ivr_keep": 0.25, "anchor_frac": 0.2, "ssr_keep": 0.05,
+    "saturation": "sparse_tokens",
 }
 
 
 @dataclass(frozen=True)
 class HalfV(Pass):
-    """Inherited-redundancy pruning at ``ivr_layer``, saturation pruning (Qwen) or frozen visual rows
-    (LLaVA) from ``ssr_layer``. Every field left None takes the family's paper default."""
+    """Inherited-redundancy pruning at ``ivr_layer``, then token-sparsity pruning or frozen visual rows
+    from ``ssr_layer`` (see the module docstring). Every field left None takes the family's paper default."""
 
     stage: ClassVar[str] = "llm"
     query_aware: ClassVar[bool] = True
@@ -127,7 +133,7 @@ class HalfV(Pass):
             return self
         from vlmopt.analysis.stages import analyze_calibration
 
-        _, ivr_keep, *_ = PAPER_DEFAULTS[adapter.family]
+        ivr_keep = self.default(adapter, "ivr_keep")
         fixed_ivr = None if self.ivr_layer == "auto" else self.settings(adapter)[0]
         report = analyze_calibration(
             adapter.model, self.calibration, keep=self.ivr_keep or ivr_keep, before=before, ivr_layer=fixed_ivr
@@ -138,20 +144,31 @@ class HalfV(Pass):
             ssr_layer=report.ssr_layer if self.ssr_layer == "auto" else self.ssr_layer,
         )
 
+    def default(self, adapter, key: str):
+        """The paper's setting ``key`` for the model's family (or :data:`DEFAULT_SETTINGS`')."""
+        return (adapter.paper_settings.get(self.name()) or DEFAULT_SETTINGS).get(key)
+
+    def saturation(self, adapter) -> str:
+        """How saturation is pruned on this model: ``"sparse_tokens"`` or ``"inactive_rows"``."""
+        return self.default(adapter, "saturation")
+
     def settings(self, adapter) -> tuple[int, float, float, int, float | None]:
         """(ivr_layer, ivr_keep, anchor_frac, ssr_layer, ssr_keep) for this model, defaults filled in."""
-        (ivr, ssr, depth), ivr_keep, anchor_frac, ssr_keep = PAPER_DEFAULTS[adapter.family]
+        (ivr, depth), (ssr, _) = self.default(adapter, "ivr_layer"), self.default(adapter, "ssr_layer")
         layers = adapter.text_config.num_hidden_layers
         default_ivr = max(1, math.floor(ivr / depth * layers + 0.5))
         ivr_layer = default_ivr if self.ivr_layer is None else self.ivr_layer
         default_ssr = min(layers - 1, max(ivr_layer + 1, math.floor(ssr / depth * layers + 0.5)))
         return (
             ivr_layer,
-            ivr_keep if self.ivr_keep is None else self.ivr_keep,
-            anchor_frac if self.anchor_frac is None else self.anchor_frac,
+            self.default(adapter, "ivr_keep") if self.ivr_keep is None else self.ivr_keep,
+            self.default(adapter, "anchor_frac") if self.anchor_frac is None else self.anchor_frac,
             default_ssr if self.ssr_layer is None else self.ssr_layer,
-            ssr_keep if self.ssr_keep is None else self.ssr_keep,
+            self.default(adapter, "ssr_keep") if self.ssr_keep is None else self.ssr_keep,
         )
+
+    def export_bindings(self) -> dict:
+        return dict(EXPORT_BINDINGS)
 
     def check(self, adapter, before) -> None:
         super().check(adapter, before)
@@ -171,15 +188,13 @@ class HalfV(Pass):
             raise IncompatiblePassError(
                 f"HalfV.ssr_layer={ssr_layer} must come after ivr_layer={ivr_layer}; raise ssr_layer or lower ivr_layer"
             )
-        if adapter.family == "llava":
+        if self.saturation(adapter) == "inactive_rows":
             if self.ssr_keep is not None:
                 raise IncompatiblePassError(
-                    "HalfV.ssr_keep applies to Qwen2.5-VL only: on LLaVA the saturation stage freezes the visual "
-                    "rows (layer inactivity) instead of dropping tokens; leave ssr_keep unset"
+                    f"HalfV.ssr_keep applies where saturation is token sparsity; on {type(adapter.model).__name__} the "
+                    "saturation stage freezes the visual rows (layer inactivity) instead of dropping tokens; leave ssr_keep unset"
                 )
-            from vlmopt.adapters.base import layer_mask_kinds
-
-            if any(layer_mask_kinds(adapter.text_config)):
+            if "sliding" in adapter.mask_kinds:
                 raise IncompatiblePassError("HalfV's layer inactivity does not support sliding-window attention layers")
         elif ssr_keep > ivr_keep:
             raise IncompatiblePassError(
@@ -193,8 +208,8 @@ class HalfV(Pass):
         editor = GraphEditor(module)
         layout = VisualSite.find(editor, adapter).layout
         self.cut(graph, editor, ivr_layer, layout, 1.0, ivr_keep, anchor_frac, rope=False)
-        if adapter.family == "llava":
-            self.freeze_visual_rows(editor, ssr_layer, layout, ivr_keep)
+        if self.saturation(adapter) == "inactive_rows":
+            self.freeze_visual_rows(graph, editor, ssr_layer, layout, ivr_keep)
         else:
             self.cut(graph, editor, ssr_layer, layout, ivr_keep, ssr_keep, 1.0, rope=True)
         editor.finish()
@@ -202,41 +217,42 @@ class HalfV(Pass):
     def cut(self, graph, editor: GraphEditor, layer: int, layout, current: float, keep: float, anchor_frac: float, *, rope: bool) -> None:
         """Probe at ``layer - 1``, choose the kept slots after it, and cut the sequence before ``layer``."""
         adapter, stage = graph.adapter, f"halfv_{layer}"
-        span = editor.visual_span()
+        span = editor.visual_span(layout if adapter.structural_tokens else None)
         qk = adapter.insert_decoder_qk(editor, layer - 1, rope=rope, role="prune_score")
         order = editor.order()
         chain = editor.chain(max((qk.q, qk.k, span), key=order.__getitem__))
         relevance = chain(
-            gf.last_token_relevance, qk.q, qk.k, span, qk.scale if rope else 1.0,
+            last_token_relevance, qk.q, qk.k, span, qk.scale if rope else 1.0,
             role="prune_score", stage="llm", name=f"{stage}_relevance",
         )
-        chain = editor.chain(adapter.decoder_layer_nodes(editor.module)[layer - 1])
+        # the cut sits where layer K's input is made: after layer K-1 (and what is added to its output)
+        hidden = editor.input_of(adapter.decoder_layer_nodes(editor.module)[layer], "hidden_states")
+        chain = editor.chain(hidden)
         states = None
         if anchor_frac < 1.0:
-            hidden = chain.cursor
             states = chain.module("norm", hidden, role="prune_score", stage="llm", name=f"{stage}_states")
         index = chain(
-            gf.halfv_keep, relevance, states, span, layout, current, keep, anchor_frac,
+            halfv_keep, relevance, states, span, layout, current, keep, anchor_frac,
             role="sequence_cut", stage="llm", name=f"{stage}_keep",
         )
         cut_llm(graph, editor, layer, index)
 
-    def freeze_visual_rows(self, editor: GraphEditor, layer: int, layout, current: float) -> None:
+    def freeze_visual_rows(self, graph, editor: GraphEditor, layer: int, layout, current: float) -> None:
         """Replace decoder layers ``layer``.. of the prefill with stand-ins that update text rows only."""
-        from vlmopt.adapters.inactive_rows import InactiveRowsLayer
+        from vlmopt.layers.inactive_rows import InactiveRowsLayer
 
-        module = editor.module
+        module, view = editor.module, graph.adapter.decoder_view
         nodes = [n for n in editor.nodes("decoder_layer") if n.meta["index"] >= layer]
         span = editor.visual_span()
         first = min(nodes, key=lambda n: n.meta["index"])
         active = editor.insert(
-            first.prev, gf.halfv_active_rows, (span, layout, current), role="prune_select", stage="llm",
+            first.prev, halfv_active_rows, (span, layout, current), role="prune_select", stage="llm",
             name="halfv_active_rows",
         )
         for node in sorted(nodes, key=lambda n: n.meta["index"]):
             index = node.meta["index"]
             target = f"halfv_inactive.{index}"
-            module.add_submodule(target, InactiveRowsLayer(module.get_submodule(node.target)))
+            module.add_submodule(target, InactiveRowsLayer(module.get_submodule(node.target), view))
             mask = editor.input_of(node, "attention_mask")
             cos, sin = editor.input_of(node, "position_embeddings")
             args = (editor.input_of(node, "hidden_states"), active, editor.input_of(mask, "attention_mask"), cos, sin,

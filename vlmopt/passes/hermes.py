@@ -3,9 +3,10 @@ https://arxiv.org/abs/2601.14724).
 
 Layers form three tiers by depth: *sensory* (the first ``sensory_frac`` of the layers) keep by
 recency, *long-term* (the last ``longterm_frac``) by the attention of a generic pseudo-query, and
-*working* memory in between blends the two with depth-dependent weights (the family schedules of
-the official code: Qwen2.5-VL α = 0.75 − 0.6p, k = 20 − 12p; LLaVA α = 1 − 0.9p, k = 20 − 19.5p, p
-the depth within the working tier). Scores are min-max normalised per layer, smoothed top-down across
+*working* memory in between blends the two with depth-dependent weights (the family's curve of the
+official code, from the adapter's ``paper_settings``: Qwen2.5-VL α = 0.75 − 0.6p, k = 20 − 12p;
+LLaVA-OneVision α = 1 − 0.9p, k = 20 − 19.5p, p the depth within the working tier; a family the
+paper did not cover takes the LLaVA-OneVision curve, its main model). Scores are min-max normalised per layer, smoothed top-down across
 layers (γ = 0.4 long-term, 0.3 working, 0.1 sensory), and every layer keeps the system prompt plus its
 top ``kv_budget - prompt`` visual entries; long-term layers keep one fewer and fold everything they
 evict into a summary token (mean value; mean key re-rotated to the summary's position).
@@ -14,7 +15,7 @@ Pseudo-queries (fast path): ``Q = W_q · RMSNorm(Embed(q))`` per layer, hidden s
 with the rotary embedding at the positions after the cache; q_L ("describe the current scene…")
 for sensory, q_G ("summarize the video…") for long-term, q_M = q_L + "; " + q_G for working layers.
 The stream (:mod:`vlmopt.stream.session`) tokenises them, prefixed with the last question and answer
-once there is one, and feeds them to the chunk graph. The machinery is :mod:`vlmopt.stream.tiers`.
+once there is one, and feeds them to the chunk graph. The machinery is :mod:`vlmopt.passes.kv_stream`.
 """
 
 from __future__ import annotations
@@ -25,17 +26,30 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
+from vlmopt.graph import functions as gf
 from vlmopt.passes.base import check_range
+from vlmopt.passes.kv_stream import ChunkSite, KVStreamPass
 from vlmopt.stream import functions as sf
-from vlmopt.stream.tiers import ChunkSite, KVStreamPass
 
 ops = torch.ops.vlmopt
 
-#: Working-tier schedules per family: (alpha at p=0, alpha slope, k at p=0, k slope).
-SCHEDULES = {"qwen2_5_vl": (0.75, -0.6, 20.0, -12.0), "llava": (1.0, -0.9, 20.0, -19.5)}
+#: The working-tier curve (alpha at p=0, alpha slope, k at p=0, k slope) of a family the paper did
+#: not cover: LLaVA-OneVision's, the paper's main model.
+DEFAULT_SCHEDULE = (1.0, -0.9, 20.0, -19.5)
 GAMMAS = {"sensory": 0.1, "working": 0.3, "long_term": 0.4}
 QUERY_OF_TIER = {"sensory": "local", "working": "mixed", "long_term": "global"}
+LOCAL_QUERY = "Describe the current scene in detail, focusing on specific objects, fine-grained actions, and spatial relationships."
+GLOBAL_QUERY = "Summarize the video narrative, identifying main characters, key events, timeline changes, and the overall theme."
+
+
+def pseudo_query_heads(q: Tensor, cos: Tensor, sin: Tensor, head_dim: int, spans: dict, tier: str) -> Tensor:
+    """[1, H, Q_t, D]: a layer's pseudo-query projections ``q`` [1, Q, H·D] (or [1, Q, H, D] normed per
+    head) split into heads, with the rotary embedding (cos, sin [1, Q, D]) applied, rows ``spans[tier]``."""
+    start, end = spans[tier]
+    rotated, _ = gf.decoder_qk(q, q, cos, sin, head_dim)
+    return rotated[:, :, start:end]
 
 
 @dataclass(frozen=True)
@@ -69,12 +83,12 @@ class Hermes(KVStreamPass):
     def summary_layers(self, layers: int) -> list[bool]:
         return [tier == "long_term" for tier in self.tiers(layers)]
 
-    def schedule(self, family: str, layers: int) -> tuple[list[float], list[float]]:
+    def schedule(self, adapter, layers: int) -> tuple[list[float], list[float]]:
         """(alpha, recency sharpness k) of every layer."""
         tiers = self.tiers(layers)
         first = tiers.index("working") if "working" in tiers else 0
         last = len(tiers) - tiers[::-1].index("working") if "working" in tiers else 0
-        alpha0, alpha_slope, k0, k_slope = SCHEDULES[family]
+        alpha0, alpha_slope, k0, k_slope = self.paper_setting(adapter, "working_schedule", DEFAULT_SCHEDULE)
         alphas, rates = [], []
         for index, tier in enumerate(tiers):
             if tier == "sensory":
@@ -107,20 +121,32 @@ class Hermes(KVStreamPass):
         cos = call(operator.getitem, rope, 0, name="pseudo_query_cos")
         sin = call(operator.getitem, rope, 1, name="pseudo_query_sin")
         tiers = self.tiers(site.layers)
-        per_layer = []
+        view, per_layer = adapter.decoder_view, []
         for layer, tier in enumerate(tiers):
-            attention = adapter.text_model.layers[layer].self_attn
-            normed = chain.module(
-                f"layers.{layer}.input_layernorm", embeds, role=role, stage="llm", name=f"pseudo_query_{layer}_norm"
-            )
-            q = chain.module(f"layers.{layer}.self_attn.q_proj", normed, role=role, stage="llm", name=f"pseudo_query_{layer}_q")
-            heads = call(sf.pseudo_query_heads, q, cos, sin, attention.head_dim, spans, QUERY_OF_TIER[tier],
-                         name=f"pseudo_query_{layer}_heads")
+            module, prefix = adapter.decoder_layer(layer), f"layers.{layer}"
+            head_dim = view.head_dim(module)
+            normed = view.insert_input_norm(chain, prefix, embeds, node_role=role, name=f"pseudo_query_{layer}_norm")
+            q = view.insert_heads(chain, prefix, "q_proj", normed, head_dim, node_role=role, name=f"pseudo_query_{layer}_q")
+            heads = call(pseudo_query_heads, q, cos, sin, head_dim, spans, QUERY_OF_TIER[tier], name=f"pseudo_query_{layer}_heads")
             keys = call(sf.layer_keys, site.keys, layer, name=f"layer_{layer}_keys")
-            per_layer.append(call(ops.pseudo_query_attention, heads, keys, site.prefix, attention.scaling,
+            per_layer.append(call(ops.pseudo_query_attention, heads, keys, site.prefix, view.scale(module),
                                   name=f"pseudo_attention_{layer}"))
         attention = call(torch.cat, per_layer, 0, name="pseudo_attention")
-        alphas, rates = self.schedule(adapter.family, site.layers)
+        alphas, rates = self.schedule(adapter, site.layers)
         recency = call(ops.recency_scores, attention, rates, name="recency")
         raw = call(ops.tier_blend, attention, recency, alphas, name="tier_scores")
         return call(ops.cross_layer_smooth, raw, [GAMMAS[t] for t in tiers], name="smoothed_scores")
+
+    def query_inputs(self, stream) -> dict:
+        """The pseudo-queries q_L, q_M = q_L; q_G, q_G as one token row, the rows of each, and their
+        positions (after the cache), for the next chunk of ``stream``."""
+        local, global_ = LOCAL_QUERY, GLOBAL_QUERY
+        if stream.history:
+            question, answer = stream.history[-1]
+            local = f"Find recent details related to: {question} {answer}. {local}"
+            global_ = f"Context summary: {question} {answer}. {global_}"
+        local_ids, sep_ids, global_ids = stream.text_ids(local), stream.text_ids("; "), stream.text_ids(global_)
+        ids = torch.cat([local_ids, sep_ids, global_ids], dim=1)
+        total, first_global = ids.shape[1], ids.shape[1] - global_ids.shape[1]
+        spans = {"local": (0, local_ids.shape[1]), "mixed": (0, total), "global": (first_global, total)}
+        return {"pseudo_query_ids": ids, "pseudo_query_positions": stream.text_positions(total), "pseudo_query_spans": spans}

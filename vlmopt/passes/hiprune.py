@@ -8,13 +8,11 @@ their grid neighbours as buffers, and registers (most attended at the deep layer
 budget. Scores come from each layer's own Q/K (``vlmopt::received_attention``), so the model keeps
 running SDPA; selection is ``vlmopt::hiprune_select``. Training-free, query-agnostic, prefill only.
 
-Default layers, from the paper, scaled to other depths by the same fraction of the tower:
-
-* LLaVA: object layer = the 9th of 24 (index 8), i.e. index ``round(0.375·L) − 1``; deep layer =
-  the layer producing the LLM's features (``vision_feature_layer``; index 22 for LLaVA-1.5).
-* Qwen2.5-VL: object block = the 16th of 32 (index 15), i.e. ``round(0.5·D) − 1``; deep = the last
-  block. Scores are dense per image or frame (windows ignored, inputs never mixed) and averaged
-  over each 2×2 merge group.
+Default layers: the object layer the paper gives for the family (the adapter's ``paper_settings``:
+CLIP ViT-L's 9th of 24, Qwen2.5-VL's 16th of 32), scaled to the model's tower by the same fraction
+(index ``round(layer / depth · D) − 1``), or the middle block of a tower the paper did not cover; the
+deep layer is the deepest block feeding the LLM. Scores are dense per image or frame (windows
+ignored, inputs never mixed) and averaged over the tower tokens a merger joins into one visual token.
 """
 
 from __future__ import annotations
@@ -24,15 +22,55 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from vlmopt.errors import IncompatiblePassError
 from vlmopt.graph import functions as gf
 from vlmopt.graph.edit import Inserter
+from vlmopt.graph.layout import VisualLayout
 from vlmopt.passes.base import VisualSite, VisualTokenPrune, check_range
 
-#: (object layer, out of a tower this deep) from the paper, per family.
-PAPER_OBJECT_LAYER = {"llava": (9, 24), "qwen2_5_vl": (16, 32)}
+ops = torch.ops.vlmopt
+
+#: (object layer, out of a tower this deep) where the paper gives none for the family: the middle block.
+DEFAULT_OBJECT_LAYER = (1, 2)
+
+
+def vision_received_attention(
+    q: Tensor, k: Tensor, layout: VisualLayout, num_heads: int, scale: float, leading: int, merge: int,
+    score=ops.received_attention,
+) -> Tensor:
+    """[T_grid] attention each grid visual token receives in one vision block, in the tower's order.
+
+    ``q``, ``k`` hold the block's queries and keys of every frame (see
+    :class:`vlmopt.adapters.base.VisionQK`): attention is dense per image or frame (windows
+    ignored, inputs never mixed), every query votes, the ``leading`` columns (CLS) are dropped,
+    and the scores of the ``merge`` tower tokens of one visual token are averaged. Frames of one size
+    go through ``score`` (the op; training passes its differentiable reference) together.
+    """
+    sizes = [(t, leading + h * w * merge) for t, h, w in layout.grids]
+    total = sum(t * size for t, size in sizes)
+    q, k = q.reshape(total, -1), k.reshape(total, -1)
+    scores, offset, first = [], 0, 0
+    while first < len(sizes):
+        size, last = sizes[first][1], first
+        while last < len(sizes) and sizes[last][1] == size:
+            last += 1
+        frames = sum(t for t, _ in sizes[first:last])
+        block = slice(offset, offset + frames * size)
+        received = score(q[block].reshape(frames, size, -1), k[block].reshape(frames, size, -1), num_heads, scale)
+        scores.append(received[:, leading:].reshape(-1))
+        offset, first = offset + frames * size, last
+    flat = torch.cat(scores)
+    return flat if merge == 1 else flat.reshape(-1, merge).mean(-1)
+
+
+def hiprune_select(
+    object_scores: Tensor, deep_scores: Tensor, layout: VisualLayout, kept: VisualLayout, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """(kept indices [T'], kinds [T']) — HiPrune's selection with ``round(alpha · N' / 5)`` anchors."""
+    anchors = [min(budget, int(alpha * budget / 5 + 0.5)) for budget in kept.counts]
+    return ops.hiprune_select(object_scores, deep_scores, layout.flat_grids, list(kept.counts), anchors)
 
 
 @dataclass(frozen=True)
@@ -40,11 +78,14 @@ class HiPrune(VisualTokenPrune):
     """Keep anchors, buffers and registers chosen by the vision tower's attention.
 
     Position policy: kept tokens keep their original position ids; see :class:`VisualTokenPrune`.
-    A CLS token fed to the LLM (LLaVA, strategy ``full``) is always kept, on top of the budget; the
-    grid tokens' scores leave the CLS column out (it is never a grid neighbour).
+    Structural tokens (a CLS token fed to the LLM, newline tokens) are always kept, on top of the
+    budget; the grid tokens' scores leave the CLS column out (it is never a grid neighbour). Each
+    image or video frame is scored and selected on its own grid (a tiled image's tiles and base
+    image are the adapter's frames).
     """
 
     needs_grid: ClassVar[bool] = True
+    needs: ClassVar[tuple[str, ...]] = ("vision_qk", "grids")
     paper: ClassVar[str] = "https://arxiv.org/abs/2508.00553"
 
     alpha: float = 0.1
@@ -64,7 +105,7 @@ class HiPrune(VisualTokenPrune):
 
     def layers(self, adapter) -> tuple[int, int]:
         """(object layer, deep layer) for this model."""
-        layer, depth = PAPER_OBJECT_LAYER[adapter.family]
+        layer, depth = self.paper_setting(adapter, "object_layer", DEFAULT_OBJECT_LAYER)
         default_object = max(0, round(layer / depth * adapter.vision_depth) - 1)
         object_layer = default_object if self.object_layer is None else self.object_layer
         deep_layer = adapter.feature_block if self.deep_layer is None else self.deep_layer
@@ -85,7 +126,7 @@ class HiPrune(VisualTokenPrune):
         qk = site.adapter.insert_vision_qk(site.editor, block, role="prune_score")
         chain = site.editor.chain(max((qk.q, qk.k), key=site.editor.order().__getitem__))
         scores = chain(
-            gf.vision_received_attention, qk.q, qk.k, qk.frames, qk.heads, qk.scale, qk.leading, qk.merge,
+            vision_received_attention, qk.q, qk.k, qk.frames, qk.heads, qk.scale, qk.leading, qk.merge,
             role="prune_score", stage="vision", name=f"vision_{block}_received",
         )
         if qk.order is None:
@@ -101,7 +142,7 @@ class HiPrune(VisualTokenPrune):
             name="kept_layout",
         )
         selected = chain(
-            gf.hiprune_select, object_scores, deep_scores, site.layout, layout, self.alpha,
+            hiprune_select, object_scores, deep_scores, site.layout, layout, self.alpha,
             role="prune_select", stage="vision", name="hiprune_select",
         )
         keep = chain(operator.getitem, selected, 0, role="prune_select", stage="vision", name="keep")

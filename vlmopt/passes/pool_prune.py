@@ -20,11 +20,13 @@ class PoolPrune(VisualTokenPrune):
 
     The kept count per frame is ``h'·w'`` with ``h' = round(h·√r)`` (at least 1): close to, not always
     exactly, ``round(r·h·w)`` — e.g. 196 of 576 tokens at r = 1/3. Each pooled token takes the
-    position id of the top-left token of its window. A CLS token fed to the LLM (LLaVA, strategy
-    ``full``) is kept as it is, on top of the pooled grid.
+    position id of the top-left token of its window. Structural tokens (a CLS token fed to the LLM,
+    row newlines) are kept as they are, on top of the pooled grid. Each frame (an image, a tile, a
+    temporal patch) is pooled within its own grid.
     """
 
     needs_grid: ClassVar[bool] = True
+    needs: ClassVar[tuple[str, ...]] = ("grids",)
 
     def __post_init__(self) -> None:
         if self.num_tokens is not None:

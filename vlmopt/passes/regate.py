@@ -76,11 +76,11 @@ class ReGATE(Pass):
     carry the loss ((16 + 112·0.5) / 128).
 
     Batch inputs: ``sample_ids`` [B] (whole numbers, the same sample the same id every epoch) key
-    the EMAs; ``teacher_losses`` [B, S] give ``ℓ_ref`` (or ``regate_state.teacher_cache``, a
+    the EMAs; ``teacher_losses`` [B, S] give ``ℓ_ref`` (or ``pass_state("regate").teacher_cache``, a
     :class:`vlmopt.train.TeacherCache` read by sample id). Without ``teacher_losses`` the score is the
     EMA alone; without ``sample_ids`` the EMA has no memory across steps (the score uses this step's
     loss); each fallback warns once. The state (EMAs, step counter) lives in
-    :class:`ReGATEState` (``compiled.regate_state``, and in ``compiled.state_dict()``), never in this
+    :class:`ReGATEState` (``compiled.pass_state("regate")``, and in ``compiled.state_dict()``), never in this
     frozen config.
 
     Choices the paper leaves open:

@@ -5,7 +5,7 @@ After each chunk, the queries of its last ``window`` tokens (the observation win
 layer's own Q projection of its input hidden states, with rotary) attend to the layer's whole cache;
 the attention is averaged over the window and the heads, average-pooled along the cache
 (``kernel_size``, SnapKV's clustering), and every layer keeps its top entries at ``kv_budget`` — on
-the same KV-tier machinery as HERMES (:mod:`vlmopt.stream.tiers`). Deviation from the paper: one
+the same KV-tier machinery as HERMES (:mod:`vlmopt.passes.kv_stream`). Deviation from the paper: one
 selection per layer (the machinery keeps the same entries for every head of a layer), not per head;
 the window is the chunk's end, since a stream compresses before the question exists.
 """
@@ -17,11 +17,25 @@ from typing import ClassVar
 
 import torch
 
+from torch import Tensor
+
 from vlmopt.passes.base import check_range
-from vlmopt.stream import functions as sf
-from vlmopt.stream.tiers import ChunkSite, KVStreamPass
+from vlmopt.passes.kv_stream import ChunkSite, KVStreamPass
 
 ops = torch.ops.vlmopt
+
+
+def window_queries(queries: list[Tensor], window: int) -> Tensor:
+    """[L, H, w, D]: the last ``window`` rows of every layer's chunk queries (each [1, H, S, D])."""
+    return torch.cat([q[:, :, -window:] for q in queries], dim=0)
+
+
+def pool_scores(scores: Tensor, kernel: int) -> Tensor:
+    """``scores`` [L, V] average-pooled along V (odd ``kernel``, same length; SnapKV's clustering)."""
+    if kernel <= 1 or scores.shape[1] == 0:
+        return scores
+    pooled = torch.nn.functional.avg_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled[:, 0, : scores.shape[1]]
 
 
 @dataclass(frozen=True)
@@ -43,9 +57,9 @@ class SnapKV(KVStreamPass):
     def scores(self, site: ChunkSite):
         chain, role, adapter = site.chain, self.role, site.adapter
         queries = [adapter.insert_decoder_qk(site.editor, layer, rope=True, role=role) for layer in range(site.layers)]
-        window = chain(sf.window_queries, [qk.q for qk in queries], self.window, role=role, stage="llm", name="window_queries")
+        window = chain(window_queries, [qk.q for qk in queries], self.window, role=role, stage="llm", name="window_queries")
         attention = chain(
             ops.pseudo_query_attention, window, site.keys, site.prefix, queries[0].scale, role=role, stage="llm",
             name="window_attention",
         )
-        return chain(sf.pool_scores, attention, self.kernel_size, role=role, stage="llm", name="pooled_scores")
+        return chain(pool_scores, attention, self.kernel_size, role=role, stage="llm", name="pooled_scores")

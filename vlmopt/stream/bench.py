@@ -22,12 +22,15 @@ QUESTION = "what colour was the first object to appear?"
 def stream_bench(config: str, passes: list[str], frames: int, width: float, repeats: int, frame_size: int = 112) -> dict:
     import vlmopt
     from vlmopt import configs
+    from vlmopt.errors import UnsupportedModelError
     from vlmopt.measure import measure, prefill_runner
-    from vlmopt.reference.processing import build_processor, encode
+    from vlmopt.reference.processing import encode
 
-    make = configs.CONFIGS[config]
-    model = configs.build(make(width=width) if "shape" in config else make())
-    processor = build_processor("qwen", frame_size, video_size=frame_size)
+    named = configs.CONFIGS.named(config)
+    model = configs.build(named.make(width=width) if "shape" in config else named.make())
+    if named.processor is None:
+        raise UnsupportedModelError(f"{config} comes with no processor to tokenise a stream's prompts; bench a config that has one")
+    processor = named.processor(image_size=frame_size, video_size=frame_size)
     video = np.random.default_rng(0).integers(0, 256, (frames, frame_size, frame_size, 3), dtype=np.uint8)
     plain = vlmopt.compile(model)
     from types import SimpleNamespace

@@ -38,14 +38,6 @@ def layer_keys(keys: Tensor, layer: int) -> Tensor:
     return keys[layer : layer + 1]
 
 
-def pseudo_query_heads(q: Tensor, cos: Tensor, sin: Tensor, head_dim: int, spans: dict, tier: str) -> Tensor:
-    """[1, H, Q_t, D]: a layer's pseudo-query projections ``q`` [1, Q, H·D] split into heads, with
-    the rotary embedding (cos, sin [1, Q, D]) applied, rows ``spans[tier]`` (the tier's pseudo-query)."""
-    from vlmopt.graph.functions import decoder_qk
-
-    start, end = spans[tier]
-    rotated, _ = decoder_qk(q, q, cos, sin, head_dim)
-    return rotated[:, :, start:end]
 
 
 def summary_positions(positions: Tensor, keep: Tensor) -> Tensor:
@@ -81,21 +73,3 @@ def gather_kept(
 def visual_span(keys: Tensor, prefix: int) -> Tensor:
     """[L, V] zeros shaped like the visual entries of the stacked ``keys`` [L, H, N, D]."""
     return keys.new_zeros((keys.shape[0], keys.shape[2] - prefix), dtype=torch.float32)
-
-
-def with_sinks(scores: Tensor, sinks: int) -> Tensor:
-    """``scores`` [L, V] with the first ``sinks`` visual entries above every other (attention sinks)."""
-    return torch.cat([torch.full_like(scores[:, :sinks], float("inf")), scores[:, sinks:]], dim=1)
-
-
-def window_queries(queries: list[Tensor], window: int) -> Tensor:
-    """[L, H, w, D]: the last ``window`` rows of every layer's chunk queries (each [1, H, S, D])."""
-    return torch.cat([q[:, :, -window:] for q in queries], dim=0)
-
-
-def pool_scores(scores: Tensor, kernel: int) -> Tensor:
-    """``scores`` [L, V] average-pooled along V (odd ``kernel``, same length; SnapKV's clustering)."""
-    if kernel <= 1 or scores.shape[1] == 0:
-        return scores
-    pooled = torch.nn.functional.avg_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    return pooled[:, 0, : scores.shape[1]]

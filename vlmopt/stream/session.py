@@ -19,7 +19,7 @@ from torch import Tensor
 from vlmopt.errors import IncompatiblePassError, InputError, PassConfigError
 from vlmopt.generation import GenerationSettings, TokenChooser
 from vlmopt.stream import functions as sf
-from vlmopt.stream.planning import HERMES_GLOBAL, HERMES_LOCAL, as_frames, planner_for
+from vlmopt.stream.planning import as_frames, planner_for
 
 
 @dataclass
@@ -144,9 +144,8 @@ class Stream:
                 )
         unit, first_patch, count = self.planner.frame_multiple, self.planner.patches, frames.shape[0]
         patches = [first_patch + i for i in range(count // unit)]
-        keeps = getattr(self.kv_pass, "keeps_patch", None)
-        if keeps is not None:  # uniform frame sampling: whole patches dropped before encoding
-            patches = [p for p in patches if keeps(p)]
+        if self.kv_pass is not None:  # a pass may drop whole patches before encoding (uniform frame sampling)
+            patches = [p for p in patches if self.kv_pass.keeps_patch(p)]
             rows = [(p - first_patch) * unit + i for p in patches for i in range(unit)]
             frames = frames[rows]
             timestamps = None if timestamps is None else [timestamps[r] for r in rows]
@@ -161,34 +160,28 @@ class Stream:
         state = self.state
         inputs, positions = self.planner.chunk(frames, self.cache_length, timestamps, patches)
         all_positions = torch.cat([state.positions, positions[None].expand(self.layers, -1, -1)], dim=2)
-        module = self.compiled.stages["chunk"]
-        names = {n.target for n in module.graph.nodes if n.op == "placeholder"}
-        if "cache_positions" in names:
-            inputs.update(
-                cache_positions=all_positions, stream_prefix=state.prefix, visual_budget=self.kv_budget - state.prefix
-            )
-        if "pseudo_query_ids" in names:
-            inputs.update(self._pseudo_queries())
+        if self.kv_pass is not None:
+            inputs.update(self.kv_pass.chunk_inputs(self, all_positions))
         out = self.compiled.run_stage("chunk", inputs, state.cache, logits_to_keep=1)
         state.positions = out.get("cache_positions", all_positions)
         if "kept_positions" in out and not torch.equal(out["kept_positions"], state.positions):
             self.planner.after_reindex(state.positions)
         state.kv_bytes_per_chunk.append(self.memory()["total"])
 
-    def _pseudo_queries(self) -> dict:
-        """HERMES's pseudo-queries q_L, q_M = q_L; q_G, q_G as one token row and the rows of each."""
-        local, global_ = HERMES_LOCAL, HERMES_GLOBAL
-        if self.state.history:
-            question, answer = self.state.history[-1]
-            local = f"Find recent details related to: {question} {answer}. {local}"
-            global_ = f"Context summary: {question} {answer}. {global_}"
+    # ----- what a kv pass reads (KVStreamPass.query_inputs) ----------------------------------
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        """The (question, answer) pairs asked so far, oldest first."""
+        return list(self.state.history)
+
+    def text_ids(self, text: str) -> Tensor:
+        """[1, n] token ids of ``text`` (no special tokens added), as the stream's prompts tokenise."""
+        return self.planner.text(text)
+
+    def text_positions(self, count: int) -> Tensor:
+        """Graph position ids of ``count`` text tokens written after the frames so far."""
         planner = self.planner
-        local_ids, sep_ids, global_ids = planner.text(local), planner.text("; "), planner.text(global_)
-        ids = torch.cat([local_ids, sep_ids, global_ids], dim=1)
-        total, first_global = ids.shape[1], ids.shape[1] - global_ids.shape[1]
-        spans = {"local": (0, local_ids.shape[1]), "mixed": (0, total), "global": (first_global, total)}
-        positions = self._graph_positions(planner.text_positions(planner.text_start(), total))
-        return {"pseudo_query_ids": ids, "pseudo_query_positions": positions, "pseudo_query_spans": spans}
+        return self._graph_positions(planner.text_positions(planner.text_start(), count))
 
     # ----- questions --------------------------------------------------------------------------
     @torch.no_grad()

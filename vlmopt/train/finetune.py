@@ -181,7 +181,7 @@ class _Learner:
         if self.config.test_n:
             record["test"] = score_on_test(self.model, processor, task, self.config)
         if self.teacher is not None:
-            record["regate_steps"] = self.compiled.regate_state.step
+            record["regate_steps"] = self.compiled.pass_state("regate").step
         return record
 
 

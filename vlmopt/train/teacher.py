@@ -120,7 +120,7 @@ def teacher_losses(
 class TeacherCache:
     """Teacher losses of each sample's answer tokens, by sample id (``vlmopt regate precompute``).
 
-    Give it to ReGATE with ``compiled.regate_state.teacher_cache = TeacherCache.load(path)``: a
+    Give it to ReGATE with ``compiled.pass_state("regate").teacher_cache = TeacherCache.load(path)``: a
     batch with ``sample_ids`` and no ``teacher_losses`` then reads its reference losses here.
     """
 

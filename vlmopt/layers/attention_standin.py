@@ -3,11 +3,11 @@
 A pass that changes *how a layer attends* (APB-V's anchor/passing-block attention, distributed
 decoding) swaps every ``decoder_layer`` node of a stage graph for an :class:`AttentionStandIn`: a
 module that holds the HF decoder layer (sharing its weights, never copying or patching it) and
-runs its input norm, its q/k/v projections, the rotary embedding the graph already computed
-(``cos``/``sin``, 1-D RoPE or M-RoPE, applied as HF's Llama-style attention applies it), then an
-*attention module* the pass supplies, then the layer's own output projection, residuals,
-post-attention norm and MLP. The attention module receives the rotated queries, keys and values and
-the KV cache and calls the ``vlmopt::`` ops (its ``extra_repr`` names them).
+runs, through the family's decoder-layer view, its input norm, its q/k/v projections (and per-head
+q/k norms), the rotary embedding the graph already computed (``cos``/``sin``, 1-D RoPE or M-RoPE),
+then an *attention module* the pass supplies, then the layer's own output projection (and its norm),
+residuals, feed-forward norms and MLP. The attention module receives the rotated queries, keys and
+values and the KV cache and calls the ``vlmopt::`` ops (its ``extra_repr`` names them).
 
 Why a stand-in rather than a level-2 ``torch.export`` graph of each layer with its
 ``aten.scaled_dot_product_attention`` node replaced: the replacement is not one op for one op. APB-V
@@ -18,7 +18,7 @@ static graph surgery, and the exported layer would need re-exporting per sequenc
 dynamic shapes) and its own cache handling. The stand-in keeps the level-1 pipeline graph as the one
 place passes edit, reuses the HF modules exactly (the projections, norms and MLP are the same
 objects), and shows in ``vlmopt diff`` as the decoder-layer nodes replaced by stand-in nodes. It is
-the same road as :mod:`vlmopt.adapters.inactive_rows` (HalfV's frozen rows). The user's model and
+the same road as :mod:`vlmopt.layers.inactive_rows` (HalfV's frozen rows). The user's model and
 its config are never touched: only the compiled stage graphs hold the stand-ins.
 """
 
@@ -29,14 +29,11 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from vlmopt.errors import UnsupportedModelError
-
 if TYPE_CHECKING:
     from torch import fx
 
+    from vlmopt.adapters.layer_view import DecoderLayerView
     from vlmopt.graph.edit import GraphEditor
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class AttentionStandIn(nn.Module):
@@ -47,39 +44,30 @@ class AttentionStandIn(nn.Module):
     the KV cache update (it may store keys in any layout its decode counterpart reads back).
     """
 
-    def __init__(self, layer: nn.Module, attention: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, attention: nn.Module, view: DecoderLayerView) -> None:
         super().__init__()
-        self_attn = getattr(layer, "self_attn", None)
-        if self_attn is None or not all(hasattr(self_attn, name) for name in PROJECTIONS):
-            raise UnsupportedModelError(
-                f"{type(layer).__name__}: replacing attention needs a self_attn with separate q/k/v/o projections"
-            )
+        view.check(layer)
         self.layer = layer
         self.attention = attention
+        self.view = view
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, cache, context=None) -> Tensor:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        layer, self_attn = self.layer, self.layer.self_attn
+        layer, view = self.layer, self.view
         batch, seq, _ = hidden.shape
-        head_dim = self_attn.head_dim
-
-        def heads(x: Tensor) -> Tensor:
-            return x.view(batch, seq, -1, head_dim).transpose(1, 2)
-
-        normed = layer.input_layernorm(hidden)
-        q, k, v = heads(self_attn.q_proj(normed)), heads(self_attn.k_proj(normed)), heads(self_attn.v_proj(normed))
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        out = self.attention(q, k, v, cache=cache, layer_idx=self_attn.layer_idx, scale=self_attn.scaling, context=context)
-        hidden = hidden + self_attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        normed = view.part(layer, "input_norm")(hidden)
+        q, k, v = (view.heads(layer, role, normed) for role in ("q_proj", "k_proj", "v_proj"))
+        q, k = view.rotate(q, cos, sin), view.rotate(k, cos, sin)
+        out = self.attention(q, k, v, cache=cache, layer_idx=view.layer_index(layer), scale=view.scale(layer), context=context)
+        hidden = view.after_attention(layer, hidden, out.transpose(1, 2).reshape(batch, seq, -1))
+        return view.feed_forward(layer, hidden)
 
 
 def replace_attention(
-    editor: GraphEditor, make_attention: Callable[[int], nn.Module], context: fx.Node | None, prefix: str
+    editor: GraphEditor, view: DecoderLayerView, make_attention: Callable[[int], nn.Module], context: fx.Node | None,
+    prefix: str,
 ) -> list[fx.Node]:
-    """Swap every decoder layer of ``editor``'s graph for an :class:`AttentionStandIn` whose attention
-    is ``make_attention(layer_index)``; each stand-in also reads ``context`` (a node, e.g. a per-batch
+    """Swap every decoder layer of ``editor``'s graph for an :class:`AttentionStandIn` (reading the layer
+    through ``view``) whose attention is ``make_attention(layer_index)``; each stand-in also reads ``context`` (a node, e.g. a per-batch
     plan or the 2-D mask, or None). The stand-ins are submodules ``{prefix}.{index}`` and nodes
     ``{prefix}_layer_{index}`` with role ``decoder_layer`` and the layer's index; mask nodes left
     without users are removed. Returns the new nodes by layer index."""
@@ -89,7 +77,7 @@ def replace_attention(
     for node in layers:
         index = node.meta["index"]
         target = f"{prefix}.{index}"
-        module.add_submodule(target, AttentionStandIn(module.get_submodule(node.target), make_attention(index)))
+        module.add_submodule(target, AttentionStandIn(module.get_submodule(node.target), make_attention(index), view))
         mask = editor.input_of(node, "attention_mask")
         cos, sin = editor.input_of(node, "position_embeddings")
         args = (editor.input_of(node, "hidden_states"), cos, sin, editor.input_of(node, "cache"), context)

@@ -16,7 +16,9 @@ cache). After the last decoder layer has written the chunk's keys and values, it
 
 The graph gains the inputs ``cache_positions`` [L, P, N] (every layer's position ids, chunk
 included), ``stream_prefix`` and ``visual_budget`` (ints), and the outputs ``cache_positions``,
-``kept_positions`` (before re-indexing) and ``cache_lengths``; the stream (:mod:`vlmopt.stream.session`) owns them between chunks. Position
+``kept_positions`` (before re-indexing) and ``cache_lengths``; the stream (:mod:`vlmopt.stream.session`)
+owns them between chunks and asks the pass for each chunk's inputs (:meth:`KVStreamPass.chunk_inputs`),
+so the stream runtime knows no method by name. Position
 policy: kept entries keep their ids until re-indexed (eager: every chunk; lazy: once a layer's
 largest id passes ``max_position_embeddings - reindex_margin``); the stream's next chunk and
 questions continue after the largest id in the cache.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from vlmopt.errors import IncompatiblePassError
 from vlmopt.graph.edit import GraphEditor, Inserter
@@ -69,6 +71,7 @@ class KVStreamPass(Pass):
     ``generate`` and ``forward`` are unchanged and the pass matters for :meth:`CompiledVLM.stream`)."""
 
     stage: ClassVar[str] = "kv"
+    needs: ClassVar[tuple[str, ...]] = ("stream",)
     role: ClassVar[str] = "kv_tier"
 
     kv_budget: int = 2048
@@ -94,9 +97,11 @@ class KVStreamPass(Pass):
 
     def check(self, adapter: Adapter, before: Sequence[Pass]) -> None:
         super().check(adapter, before)
-        if adapter.family == "qwen2_5_vl" and self.chunk_frames % 2:
+        unit = adapter.frames_per_patch
+        if self.chunk_frames % unit:
             raise IncompatiblePassError(
-                f"{type(self).__name__}.chunk_frames={self.chunk_frames}: Qwen2.5-VL encodes frames in pairs; use an even number"
+                f"{type(self).__name__}.chunk_frames={self.chunk_frames}: {type(adapter.model).__name__} encodes frames "
+                f"in groups of {unit} (temporal patches); use a multiple of {unit}"
             )
 
     # ----- what a method says -------------------------------------------------------------------
@@ -111,6 +116,26 @@ class KVStreamPass(Pass):
     def scores(self, site: ChunkSite) -> fx.Node:
         """Insert nodes computing [L, V] scores of the visual entries (higher = keep)."""
         raise NotImplementedError
+
+    def keeps_patch(self, index: int) -> bool:
+        """Is temporal patch ``index`` (counted from the stream's first frame) encoded at all? (Yes by
+        default; uniform frame sampling drops whole patches before encoding.)"""
+        return True
+
+    def query_inputs(self, stream) -> dict:
+        """Values of the method's own graph inputs (:meth:`add_inputs`) for the next chunk of ``stream``
+        (a :class:`vlmopt.stream.Stream`); none by default."""
+        return {}
+
+    def chunk_inputs(self, stream, cache_positions: Tensor) -> dict:
+        """The chunk graph's inputs this pass added, for the next chunk of ``stream``: the machinery's
+        (``cache_positions`` [L, P, N] with the chunk's, the prefix length, the visual budget) and the
+        method's own (:meth:`query_inputs`)."""
+        if not any(n.op == "placeholder" and n.target == "cache_positions" for n in stream.compiled.stages["chunk"].graph.nodes):
+            return {}  # a pass that leaves the chunk graph alone (frame sampling)
+        prefix = stream.state.prefix
+        return {"cache_positions": cache_positions, "stream_prefix": prefix, "visual_budget": stream.kv_budget - prefix,
+                **self.query_inputs(stream)}
 
     def position_limit(self, adapter: Adapter) -> int:
         if self.position_policy == "eager":

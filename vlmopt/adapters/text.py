@@ -1,0 +1,121 @@
+"""The LLM half of every pipeline: token embedding → decoder layers → final norm → LM head.
+
+Each HF module is called as a leaf (one graph node); the causal mask is HF's own builder
+(``create_causal_mask``, one node per mask kind), so the mask stays bit-exact and a cut inside the
+LLM can rebuild it for a shorter segment of layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from vlmopt.adapters.layer_view import DecoderLayerView, layer_mask_kinds
+from vlmopt.errors import UnsupportedModelError
+from vlmopt.graph import functions as gf
+from vlmopt.graph.capture import mark, role
+
+
+class CausalMask(nn.Module):
+    """The 4-D attention mask, built by the same HF function the text model calls (one graph node).
+
+    ``position_ids`` is never passed: with an explicit 2-D mask HF does not look for packed
+    sequences, and pruned (non-contiguous) positions must not be mistaken for packing.
+    """
+
+    def __init__(self, config, sliding: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.sliding = sliding
+
+    def forward(self, embeds: Tensor, attention_mask: Tensor, cache: Any, layer_idx: int | None = None):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        build = create_sliding_window_causal_mask if self.sliding else create_causal_mask
+        kwargs = {} if layer_idx is None else {"layer_idx": layer_idx}
+        return build(
+            config=self.config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=None,
+            **kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"sliding={self.sliding}"
+
+
+class TextPipeline(nn.Module):
+    """Token embedding → decoder layers → final norm → LM head, calling the HF modules as leaves.
+
+    Used as is for the text-only prefill and the decode step; the vision pipelines subclass it.
+    ``position_dims`` are the (batch, sequence) dims of the position ids: (0, 1) for 1-D RoPE ids
+    [B, S], (1, 2) for M-RoPE ids [3, B, S]. Every layer is checked against the family's decoder-layer
+    ``view`` (a clear error for a layer shape vlmopt cannot read).
+    """
+
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module, position_dims: tuple[int, int], view: DecoderLayerView) -> None:
+        super().__init__()
+        missing = [name for name in ("embed_tokens", "rotary_emb", "layers", "norm") if not hasattr(text_model, name)]
+        if missing:
+            raise UnsupportedModelError(
+                f"{type(text_model).__name__} has no {', '.join(missing)}; vlmopt's text pipeline calls a language "
+                "model's token embedding, rotary embedding, decoder layers and final norm"
+            )
+        for layer in text_model.layers:
+            view.check(layer)
+        config = text_model.config
+        self.embed_tokens = text_model.embed_tokens
+        self.rotary_emb = text_model.rotary_emb
+        self.layers = text_model.layers
+        self.norm = text_model.norm
+        self.lm_head = lm_head
+        self.sliding_layers = [kind == "sliding" for kind in layer_mask_kinds(config)]
+        self.causal_mask = CausalMask(config, sliding=False)
+        if any(self.sliding_layers):
+            self.sliding_mask = CausalMask(config, sliding=True)
+        self.position_dims = position_dims
+
+    def mark_text_inputs(self, input_ids, attention_mask, position_ids) -> None:
+        mark(input_ids, seq_dim=(0, 1))
+        mark(attention_mask, seq_dim=(0, 1))
+        mark(position_ids, seq_dim=self.position_dims)
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep):
+        self.mark_text_inputs(input_ids, attention_mask, position_ids)
+        with role("embed"):
+            embeds = mark(self.embed_tokens(input_ids), seq_dim=(0, 1))
+        return self.llm(embeds, attention_mask, position_ids, cache, logits_to_keep)
+
+    def llm(self, embeds, attention_mask, position_ids, cache, logits_to_keep, injected=()):
+        """The LLM on ``embeds`` [B, S, D]; ``injected`` [B, S, D] values (DeepStack's visual
+        features at their slots, zero elsewhere) are added to the output of decoder layers 0, 1, …"""
+        with role("causal_mask"):
+            masks = {False: self.causal_mask(embeds, attention_mask, cache)}
+            if any(self.sliding_layers):
+                masks[True] = self.sliding_mask(embeds, attention_mask, cache)
+        with role("rope"):
+            rope = self.rotary_emb(embeds, position_ids)
+            cos, sin = mark(rope[0], seq_dim=(0, 1)), mark(rope[1], seq_dim=(0, 1))
+        hidden = embeds
+        for index, layer in enumerate(self.layers):
+            with role("decoder_layer", index):
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks[self.sliding_layers[index]],
+                    position_embeddings=(cos, sin),
+                    cache=cache,
+                )
+            mark(hidden, seq_dim=(0, 1))
+            if index < len(injected):
+                with role("deepstack", index):
+                    hidden = mark(hidden + injected[index], seq_dim=(0, 1))
+        with role("final_norm"):
+            hidden = self.norm(hidden)
+        with role("keep_last"):
+            hidden = gf.keep_last(hidden, logits_to_keep)
+        with role("lm_head"):
+            logits = self.lm_head(hidden)
+        return {"logits": logits, "attention_mask": attention_mask}
