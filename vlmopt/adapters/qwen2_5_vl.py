@@ -18,6 +18,7 @@ Positions are M-RoPE ids [3, B, S]; decoding continues at the last prompt positi
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -208,6 +209,9 @@ class Qwen25VLAdapter(QwenVLAdapter):
 
     def tower_order(self, editor) -> fx.Node | None:
         return editor.placeholder("reverse_index")  # the tower runs in window order
+
+    def rope_extras(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"second_per_grid_ts": batch.get("second_per_grid_ts")}  # a video's time axis
 
     def tower_inputs(self, pixel_values: Tensor, grid_thw: Tensor) -> dict[str, Tensor]:
         """The vision tower's planned inputs for patches ``pixel_values`` of the items ``grid_thw``."""
