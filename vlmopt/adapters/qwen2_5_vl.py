@@ -198,9 +198,9 @@ class Qwen25VLAdapter(QwenVLAdapter):
     configs = {
         "tiny-qwen25vl-random": NamedConfig(
             qwen25vl_config, description="Qwen2.5-VL, 4-block windowed ViT, 3-layer LM",
-            processor=partial(reference_processor, "qwen"), tasks=RANDOM_MODEL_TASKS,
+            processor=partial(reference_processor, "qwen2_5_vl"), tasks=RANDOM_MODEL_TASKS,
         ),
-        "qwen2.5-vl-7b-shape": NamedConfig(qwen25vl_7b_shape, image_grid=(64, 64), description="Qwen2.5-VL-7B's depths, heads and tokens", processor=partial(reference_processor, "qwen")),
+        "qwen2.5-vl-7b-shape": NamedConfig(qwen25vl_7b_shape, image_grid=(64, 64), description="Qwen2.5-VL-7B's depths, heads and tokens", processor=partial(reference_processor, "qwen2_5_vl")),
     }
     host_inputs = ("cu_seqlens", "cu_window_seqlens")
 
