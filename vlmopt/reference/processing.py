@@ -14,15 +14,12 @@ The tokenizer is word-level (``tokenizers`` WordLevel, lower-casing, whitespace 
 pre-tokenizer) over :func:`vlmopt.reference.tasks.vocabulary`; Qwen3-VL's also splits digits one by
 one and knows the words of its video timestamps (:data:`TIMESTAMP_WORDS`).
 
-Qwen2.5-VL videos: transformers' ``Qwen2VLVideoProcessor`` needs torchvision, which is not
-installed here, and ``Qwen2_5_VLProcessor`` then cannot even be constructed (its class check looks
-the video processor up). :func:`load_processor` builds it without a video processor in that case,
-and :func:`qwen_video_inputs` turns frames into ``pixel_values_videos`` / ``video_grid_thw`` /
-``second_per_grid_ts`` with exactly the HF video processor's resize rule, normalisation and patch
-layout (``tests/reference`` checks the layout against the HF source). The saved
-``video_preprocessor_config.json`` lets ``AutoProcessor`` load the full processor where torchvision
-is installed. Qwen3-VL (``Qwen3VLProcessor``, ``Qwen3VLVideoProcessor``) is handled the same way; its
-video inputs have no ``second_per_grid_ts`` (the timestamps are in the prompt instead).
+Qwen videos: transformers' video processors need torchvision, which is not installed here, and the
+Qwen processors then cannot even be constructed (their class check looks the video processor up).
+:func:`load_processor` builds them without a video processor in that case, and
+:mod:`vlmopt.reference.video_inputs` makes the video inputs with exactly the HF video processors'
+resize rule, normalisation and patch layout. The saved ``video_preprocessor_config.json`` lets
+``AutoProcessor`` load the full processor where torchvision is installed.
 """
 
 from __future__ import annotations
@@ -32,8 +29,22 @@ import unittest.mock
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from vlmopt.reference.video_inputs import (  # noqa: F401  (re-exported: the reference API)
+    QWEN3_MAX_FRAMES,
+    QWEN3_MEAN,
+    QWEN3_PATCH,
+    QWEN3_STD,
+    QWEN_VIDEO_FPS,
+    _video_config_of,
+    qwen3_video_placeholder,
+    qwen_video_inputs,
+    video_batch,
+    video_config,
+    video_grid,
+    video_timestamps,
+)
 
 LLAVA_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 QWEN_SPECIAL = (
@@ -43,10 +54,8 @@ QWEN_SPECIAL = (
 TEMPLATE_WORDS = ("\n", "user", "assistant", ":")
 TIMESTAMP_WORDS = ("<", ">", ".", "seconds", *"0123456789")
 """What Qwen3-VL's ``<{t:.1f} seconds>`` timestamps split into (digits one by one, so any length fits)."""
-QWEN_ARCHS = ("qwen", "qwen3_vl")
+QWEN_ARCHS = ("qwen2_5_vl", "qwen3_vl")
 """Architectures with Qwen's prompt format, merged visual tokens, M-RoPE and ``mm_token_type_ids``."""
-QWEN_VIDEO_FPS = 2.0
-"""Frames per second the Qwen video inputs declare: one temporal patch (2 frames) = 1 s."""
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -66,22 +75,23 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def arch_of(processor_or_name: Any) -> str:
-    """``"llava"``, ``"qwen"`` (Qwen2.5-VL) or ``"qwen3_vl"`` for a processor, a model, a model name or a model path."""
+    """The family (the adapters' name: ``"llava"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"``) of a processor, a model,
+    a model name or a model path."""
     if isinstance(processor_or_name, (str, Path)):
         text = str(processor_or_name).lower()
-        return "qwen3_vl" if "qwen3" in text else "qwen" if "qwen" in text else "llava"
+        return "qwen3_vl" if "qwen3" in text else "qwen2_5_vl" if "qwen" in text else "llava"
     name = type(processor_or_name).__name__.lower()
     if "qwen3" in name:
         return "qwen3_vl"
     if "qwen" in name:
-        return "qwen"
+        return "qwen2_5_vl"
     if "llava" in name:
         return "llava"
     raise TypeError(f"cannot tell the architecture of {type(processor_or_name).__name__}")
 
 
 def build_tokenizer(arch: str):
-    """A word-level ``PreTrainedTokenizerFast`` for ``arch`` ("llava", "qwen" or "qwen3_vl")."""
+    """A word-level ``PreTrainedTokenizerFast`` for ``arch`` ("llava", "qwen2_5_vl" or "qwen3_vl")."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -149,15 +159,8 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
     return processor
 
 
-QWEN3_PATCH = 14
-"""Patch side of the Qwen3-VL reference model: 448 px images give 32×32 patches → 256 merged tokens,
-as many as Qwen2.5-VL's (Qwen3-VL checkpoints use 16)."""
-QWEN3_MEAN = QWEN3_STD = (0.5, 0.5, 0.5)
-"""Qwen3-VL's image and video normalisation (``IMAGENET_STANDARD_MEAN`` / ``_STD``)."""
-
-
-def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None, arch: str = "qwen"):
-    """``Qwen2_5_VLProcessor`` (``arch="qwen"``) or ``Qwen3VLProcessor`` (``"qwen3_vl"``); without a
+def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None, arch: str = "qwen2_5_vl"):
+    """``Qwen2_5_VLProcessor`` (``arch="qwen2_5_vl"``) or ``Qwen3VLProcessor`` (``"qwen3_vl"``); without a
     video processor its class check is skipped for that slot."""
     from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
     from transformers.processing_utils import ProcessorMixin
@@ -172,38 +175,6 @@ def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=N
         return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=chat_template)
 
 
-QWEN3_MAX_FRAMES = 768
-"""Most frames a Qwen3-VL reference clip keeps at full frame size (``Qwen3VLVideoProcessor.max_frames``):
-its size bounds count the pixels of all frames together."""
-
-
-def video_config(video_size: int, arch: str = "qwen") -> dict:
-    """``video_preprocessor_config.json`` of a Qwen reference model (frames of ``video_size`` px;
-    ``arch`` "qwen" or "qwen3_vl")."""
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    if arch == "qwen3_vl":
-        return {
-            "video_processor_type": "Qwen3VLVideoProcessor",
-            "processor_class": "Qwen3VLProcessor",
-            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(QWEN3_MEAN), "image_std": list(QWEN3_STD), "do_convert_rgb": True,
-            # Qwen3VLVideoProcessor bounds t·h·w over the whole clip (Qwen2-VL's bound one frame)
-            "size": {"shortest_edge": 2 * 56 * 56, "longest_edge": QWEN3_MAX_FRAMES * video_size * video_size},
-            "patch_size": QWEN3_PATCH, "temporal_patch_size": 2, "merge_size": 2,
-            "do_sample_frames": False, "fps": QWEN_VIDEO_FPS, "cap_pixels_per_frame": False,
-            "max_frames": QWEN3_MAX_FRAMES, "resample": 3, "return_metadata": True,
-        }
-    return {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
-        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True,
-        "size": {"shortest_edge": 56 * 56, "longest_edge": video_size * video_size},
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "do_sample_frames": False, "fps": QWEN_VIDEO_FPS, "cap_pixels_per_frame": False,
-        "resample": 3,
-    }
 
 
 def save_processor(processor, path: Path) -> None:
@@ -242,78 +213,6 @@ def load_processor(path: str | Path):
     return processor
 
 
-def _is_qwen3(video_cfg: dict) -> bool:
-    return video_cfg.get("video_processor_type") == "Qwen3VLVideoProcessor"
-
-
-def video_grid(num_frames: int, height: int, width: int, video_cfg: dict) -> tuple[int, int, int, int, int]:
-    """(grid_t, grid_h, grid_w, resized_h, resized_w) the Qwen2-VL or Qwen3-VL video processor
-    (``video_cfg["video_processor_type"]``) gives a clip."""
-    factor = video_cfg["patch_size"] * video_cfg["merge_size"]
-    bounds = {"min_pixels": video_cfg["size"]["shortest_edge"], "max_pixels": video_cfg["size"]["longest_edge"]}
-    if _is_qwen3(video_cfg):
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_resize
-
-        h, w = qwen3_resize(num_frames, height, width, temporal_factor=video_cfg["temporal_patch_size"], factor=factor, **bounds)
-    else:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        h, w = smart_resize(height, width, factor=factor, **bounds)
-    t = -(-num_frames // video_cfg["temporal_patch_size"])
-    return t, h // video_cfg["patch_size"], w // video_cfg["patch_size"], h, w
-
-
-def qwen_video_inputs(frames: np.ndarray, video_cfg: dict) -> dict[str, torch.Tensor]:
-    """Qwen video inputs for one clip, as ``Qwen2VLVideoProcessor`` + ``Qwen2_5_VLProcessor`` make them
-    (or ``Qwen3VLVideoProcessor`` + ``Qwen3VLProcessor`` for a Qwen3-VL ``video_cfg``: the same layout).
-
-    ``frames``: uint8 [T, H, W, 3]. Returns ``pixel_values_videos`` [t·h·w, 3·2·p·p] (float32, p the
-    patch side), ``video_grid_thw`` [1, 3] = (t, h, w) with t = ceil(T / 2) (an odd clip repeats its
-    last frame), and for Qwen2.5-VL ``second_per_grid_ts`` [1] = temporal_patch_size / fps (Qwen3-VL
-    writes :func:`video_timestamps` into the prompt instead). Frames whose size is not already a
-    multiple of 2p within the pixel bounds are resized with PIL bicubic (HF uses torchvision bicubic).
-    """
-    T, H, W, _ = frames.shape
-    _, grid_h, grid_w, h, w = video_grid(T, H, W, video_cfg)
-    if (h, w) != (H, W):
-        from PIL import Image
-
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() * video_cfg["rescale_factor"]
-    mean = torch.tensor(video_cfg["image_mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(video_cfg["image_std"]).view(1, 3, 1, 1)
-    x = ((x - mean) / std)[None]  # [1, T, C, H, W]
-    tp, ps, ms = video_cfg["temporal_patch_size"], video_cfg["patch_size"], video_cfg["merge_size"]
-    if pad := -T % tp:
-        x = torch.cat([x, x[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
-    grid_t = x.shape[1] // tp
-    # the layout of Qwen2VLVideoProcessor.patchify (transformers 5.x)
-    patches = x.view(1, grid_t, tp, 3, grid_h // ms, ms, ps, grid_w // ms, ms, ps)
-    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-    flat = patches.reshape(grid_t * grid_h * grid_w, 3 * tp * ps * ps)
-    out = {"pixel_values_videos": flat, "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]])}
-    if not _is_qwen3(video_cfg):
-        out["second_per_grid_ts"] = torch.tensor([tp / video_cfg["fps"]])
-    return out
-
-
-def video_timestamps(num_frames: int, video_cfg: dict) -> list[float]:
-    """Seconds of each temporal patch of a clip of ``num_frames`` consecutive frames at
-    ``video_cfg["fps"]``: the mean time of its first and last frame (an odd clip repeats its last
-    frame), as ``Qwen3VLProcessor._calculate_timestamps`` computes them."""
-    tp, fps = video_cfg["temporal_patch_size"], video_cfg["fps"]
-    indices = list(range(num_frames)) + [num_frames - 1] * (-num_frames % tp)
-    return [(indices[i] / fps + indices[i + tp - 1] / fps) / 2 for i in range(0, len(indices), tp)]
-
-
-def qwen3_video_placeholder(num_frames: int, grid_thw: torch.Tensor, video_cfg: dict) -> str:
-    """The prompt text of one Qwen3-VL clip: per temporal patch ``<{t:.1f} seconds>`` then its
-    ``<|vision_start|><|video_pad|>…<|vision_end|>`` (one ``<|video_pad|>`` per merged token)."""
-    per_patch = int(grid_thw[1] * grid_thw[2]) // video_cfg["merge_size"] ** 2
-    frame = "<|vision_start|>" + "<|video_pad|>" * per_patch + "<|vision_end|>"
-    return "".join(f"<{t:.1f} seconds>{frame}" for t in video_timestamps(num_frames, video_cfg))
-
-
 def prompt(arch: str, question: str, video: bool = False) -> str:
     """The prompt text (visual placeholder not yet expanded) for one question."""
     if arch == "llava":
@@ -348,11 +247,6 @@ def prompt_for(processor_or_model_name: Any, sample) -> dict[str, Any]:
     return {"text": [text], "images": [sample.pil_image()]}
 
 
-def _video_config_of(processor) -> dict:
-    """The video settings :func:`load_processor` / :func:`build_processor` attached (else 112 px defaults)."""
-    return getattr(processor, "_vlmopt_video_cfg", None) or video_config(112, arch_of(processor))
-
-
 def qwen_token_types(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
     """Qwen's ``mm_token_type_ids`` [B, S]: 0 text, 1 image, 2 video tokens (M-RoPE reads them)."""
     types = torch.zeros_like(input_ids)
@@ -381,19 +275,8 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
     if not all(videos):
         out = dict(processor(text=texts, images=[s.pil_image() for s in samples], return_tensors="pt", padding=True))
     else:
-        cfg = _video_config_of(processor)
-        clips = [qwen_video_inputs(s.frames, cfg) for s in samples]
-        merge = cfg["merge_size"] ** 2
-        if arch == "qwen3_vl":
-            wrapper = "<|vision_start|><|video_pad|><|vision_end|>"
-            texts = [t.replace(wrapper, qwen3_video_placeholder(len(s.frames), c["video_grid_thw"][0], cfg)) for t, s, c in zip(texts, samples, clips)]
-        else:
-            texts = [t.replace("<|video_pad|>", "<|video_pad|>" * (int(c["video_grid_thw"].prod()) // merge)) for t, c in zip(texts, clips)]
-        out = dict(tok(texts, return_tensors="pt", padding=True))
-        out["pixel_values_videos"] = torch.cat([c["pixel_values_videos"] for c in clips])
-        out["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
-        if "second_per_grid_ts" in clips[0]:
-            out["second_per_grid_ts"] = torch.cat([c["second_per_grid_ts"] for c in clips])
+        texts, inputs = video_batch(processor, texts, [[s.frames] for s in samples])
+        out = dict(tok(texts, return_tensors="pt", padding=True), **inputs)
     if arch in QWEN_ARCHS and "mm_token_type_ids" not in out:
         out["mm_token_type_ids"] = qwen_token_types(tok, out["input_ids"])
     if answers:
