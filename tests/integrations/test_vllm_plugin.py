@@ -1,6 +1,6 @@
 """The vLLM plugin's parts that need no vLLM: which pass lists it runs and refuses, its kept counts,
 its eager pruning against vlmopt's compiled graphs, and its M-RoPE positions against HF's
-``get_rope_index`` (engine tests: tests/integrations/vllm/, in the vLLM environment)."""
+``get_rope_index`` (engine and server tests: test_vllm_engine.py, test_vllm_server.py, in the vLLM environment)."""
 
 import numpy as np
 import pytest
@@ -46,6 +46,24 @@ def test_families_and_values_the_plugin_cannot_serve_are_refused():
         plugin_passes(with_passes(qwen25vl_config(), 0.5))
     assert plugin_passes(llava_config()) == ()  # no passes: vLLM's own model, whatever the family
     assert plugin_passes(with_passes(qwen3vl_config(), " ")) == ()
+
+
+def test_every_registered_family_gets_its_vllm_class_or_a_refusing_one():
+    """The plugin's architectures come from the adapter registry: a family's own vLLM classes (named in
+    its adapter file), else vLLM's class refusing a pass list with the family's reason."""
+    from vlmopt.adapters import REGISTRY
+    from vlmopt.integrations.vllm import REFUSING, architectures
+
+    found = architectures()
+    assert set(found) == set(REGISTRY)
+    for hf_class, adapter in REGISTRY.items():
+        if hf_class in adapter.vllm_classes:
+            assert found[hf_class] == adapter.vllm_classes[hf_class] and found[hf_class].startswith("vlmopt.adapters.")
+        else:
+            assert found[hf_class] == f"{REFUSING}:{hf_class}"
+            assert adapter.vllm_refusal
+    assert any(path.startswith(REFUSING) for path in found.values())
+    assert any(not path.startswith(REFUSING) for path in found.values())
 
 
 def test_the_paper_layers_are_the_familys_scaled_to_the_tower():

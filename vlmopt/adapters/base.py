@@ -157,6 +157,23 @@ class Adapter(ABC):
     """Processor outputs besides ``input_ids`` / ``attention_mask`` / ``position_ids`` the family reads."""
     host_inputs: ClassVar[tuple[str, ...]] = ()
     """Planned inputs the HF modules read back as Python numbers (they stay real under fake tensors)."""
+    vllm_classes: ClassVar[Mapping[str, str]] = {}
+    """vLLM plugin (:mod:`vlmopt.integrations.vllm`): per HF class served, the ``module:Class`` of vLLM's
+    model with vlmopt's pruning, imported by vLLM only when it serves such a model (none: refused)."""
+    vllm_refusal: ClassVar[str] = "vlmopt's vLLM plugin has no model class for this family"
+    """Why the vLLM plugin refuses a pass list on this family (no :attr:`vllm_classes`), and what to run instead."""
+
+    @classmethod
+    def vllm_tower(cls, config: Any) -> tuple[int, int]:
+        """(vision blocks, tower tokens merged along each side of a visual token) of a HF config, for
+        the vLLM plugin's pass checks and kept counts (only families with :attr:`vllm_classes`)."""
+        raise UnsupportedModelError(f"{cls.vllm_refusal} ({cls.family})")
+
+    @classmethod
+    def vllm_prompt(cls, text: str, video: bool) -> str:
+        """A reference prompt (``vlmopt.reference.processing.prompt``) as vLLM's processor for the
+        family expects it, so its tokens are vlmopt's processor's (the same by default)."""
+        return text
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -1,12 +1,12 @@
-"""M-RoPE positions of Qwen prompts whose visual inputs were pruned (no vLLM import).
+"""M-RoPE positions of prompts whose visual inputs were pruned (no vLLM import).
 
 vlmopt's position policy: every kept visual token keeps the position the unpruned prompt gives it,
 and every text token keeps its own (HF's ``get_rope_index`` of the unpruned prompt). In vLLM a visual
 input is one *span* of prompt rows that the model fills (its placeholder range):
 
-* an image, or a Qwen2.5-VL video: the visual tokens alone;
-* a Qwen3-VL video: per temporal patch, its timestamp text and ``<|vision_start|>``, the patch's
-  tokens, ``<|vision_end|>`` (the text rows are filled with their token embeddings).
+* an image, or a video written as one grid: the visual tokens alone;
+* a video written patch by patch: per temporal patch, its text (a timestamp) and start marker, the
+  patch's tokens, its end marker (the text rows are filled with their token embeddings).
 
 Positions inside a span depend on which tokens the tower's attention keeps, so the model writes them
 next to the span's rows (:func:`grid_positions`, :func:`video_span`); positions outside spans depend
@@ -22,8 +22,8 @@ import numpy as np
 
 def grid_positions(grid: tuple[int, int, int], t_step: float = 1.0) -> np.ndarray:
     """[3, t·h·w] int64 (t, h, w) positions of a merged token grid in raster order, relative to its
-    first token; the temporal id of patch i is ``int(i · t_step)`` (Qwen2.5-VL videos:
-    ``second_per_grid_t · tokens_per_second``; 1 for images)."""
+    first token; the temporal id of patch i is ``int(i · t_step)`` (a video whose temporal ids follow
+    time: seconds per patch · ids per second; 1 for images)."""
     t, h, w = grid
     ids = np.indices((t, h, w)).reshape(3, -1).astype(np.int64)
     if t_step != 1.0:
@@ -38,8 +38,8 @@ def grid_extent(grid: tuple[int, int, int], t_step: float = 1.0) -> int:
 
 
 def frame_text_counts(span_ids: Sequence[int], vision_start: int, vision_end: int) -> list[int]:
-    """Per temporal patch of a Qwen3-VL video span (token ids), the text rows before its tokens:
-    its timestamp tokens and ``<|vision_start|>``."""
+    """Per temporal patch of a video span written patch by patch (token ids), the text rows before its
+    tokens: its timestamp tokens and its start marker."""
     counts, start = [], 0
     for index, token in enumerate(span_ids):
         if token == vision_start:
@@ -50,11 +50,11 @@ def frame_text_counts(span_ids: Sequence[int], vision_start: int, vision_end: in
 
 
 def video_span(text_counts: Sequence[int], grid: tuple[int, int, int], keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """A Qwen3-VL video's span with the tokens ``keep`` (ascending indices into the t·h·w grid):
+    """A patch-by-patch video's span with the tokens ``keep`` (ascending indices into the t·h·w grid):
     (positions [3, n] relative to the span's first row, visual [n] bool, extent).
 
-    Rows per temporal patch i: ``text_counts[i]`` text rows (timestamp, ``<|vision_start|>``), its kept
-    tokens at ``(0, row, col)`` after them, ``<|vision_end|>``. Every patch's positions are those of the
+    Rows per temporal patch i: ``text_counts[i]`` text rows (timestamp, start marker), its kept
+    tokens at ``(0, row, col)`` after them, the end marker. Every patch's positions are those of the
     unpruned span: a patch's text starts one past the previous patch's largest id.
     """
     t, h, w = grid

@@ -59,7 +59,7 @@ class TowerQK:
     scale: float
     """Softmax scale of the vision attention."""
     order: Tensor | None
-    """[T] index from the tower's token order to raster order (Qwen2.5-VL's reverse window index); None: the same."""
+    """[T] index from the tower's token order to raster order (a windowed tower's reverse window index); None: the same."""
 
 
 class TowerAdapter:
@@ -94,7 +94,7 @@ def prune(
     """(kept tokens [T', D], their indices into ``tokens`` [T'], the kept layout) after the passes.
 
     ``tokens`` [T, D] are the visual tokens of items with merged ``grids`` (t, h, w), each item's in
-    raster order, items one after the other (a Qwen3-VL token carries its DeepStack features in D, so
+    raster order, items one after the other (a DeepStack token carries its DeepStack features in D, so
     they are kept, pooled or dropped with it). Each item keeps its own budget; indices ascend within it.
     """
     layout = VisualLayout.from_grids(len(grids), 0, tuple(range(len(grids))), tuple(grids))

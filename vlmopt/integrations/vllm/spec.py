@@ -22,17 +22,6 @@ from vlmopt.passes.base import Pass, VisualTokenPrune
 OVERRIDE_KEY = "vlmopt_passes"
 """The ``hf_overrides`` key holding the pass list, e.g. ``{"vlmopt_passes": "hiprune:keep_ratio=1/3"}``."""
 
-SERVED = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl"}
-"""``model_type`` → the vlmopt family whose settings (paper layers) the plugin uses in vLLM."""
-
-REFUSED = {
-    "llava": "LLaVA's language model uses 1-D RoPE, and vLLM numbers a prompt's positions 0, 1, 2, ... over "
-    "the tokens it holds: after pruning, the kept visual tokens and the text after them would be renumbered "
-    "instead of keeping their original positions (vlmopt's position policy). Run LLaVA with vlmopt.compile "
-    "or vlmopt's lmms-eval model",
-}
-"""``model_type`` → why the plugin refuses passes on it (families vlmopt compiles but vLLM cannot serve pruned)."""
-
 
 def spec_of(hf_config: Any) -> str:
     """The pass list written in ``hf_config`` (``""`` when none); a clear error for a value that is no spec."""
@@ -56,8 +45,8 @@ class TowerFacts:
     """The HF config's ``model_type``."""
     vision_depth: int
     """Blocks of the vision tower."""
-    merge: int
-    """Tower tokens merged into one visual token (Qwen's 2×2 merger: 4)."""
+    merge_side: int
+    """Tower tokens merged along each side of a visual token (a 2×2 merger: 2)."""
     paper_settings: Any
     """Per pass name, the settings the method's paper gives for the family (vlmopt's adapter's)."""
 
@@ -65,6 +54,11 @@ class TowerFacts:
     """What the plugin gives passes in vLLM: the tower's Q/K (read from vLLM's vision attention),
     (t, h, w) grids in raster order, videos, M-RoPE positions."""
     structural_tokens: ClassVar[bool] = False
+
+    @property
+    def merge(self) -> int:
+        """Tower tokens merged into one visual token."""
+        return self.merge_side**2
 
     @property
     def feature_block(self) -> int:
@@ -78,20 +72,19 @@ class TowerFacts:
 
     @classmethod
     def of(cls, hf_config: Any) -> TowerFacts:
-        """The facts of a HF config served by the plugin (else :class:`UnsupportedModelError` with the reason)."""
-        model_type = hf_config.model_type
-        if model_type in REFUSED:
-            raise UnsupportedModelError(f"vlmopt's vLLM plugin cannot prune {model_type}: {REFUSED[model_type]}")
-        if model_type not in SERVED:
-            raise UnsupportedModelError(
-                f"vlmopt's vLLM plugin prunes {', '.join(sorted(SERVED))} models, not {model_type}; drop "
-                f"hf_overrides[{OVERRIDE_KEY!r}]"
-            )
-        from vlmopt.adapters.base import REGISTRY
+        """The facts of a HF config served by the plugin, from its family's adapter (the registry's);
+        else :class:`UnsupportedModelError` with the reason."""
+        from vlmopt.adapters import adapter_for_config
 
-        family = next(a for a in REGISTRY.values() if a.family == SERVED[model_type])
-        vision = hf_config.vision_config
-        return cls(model_type, vision.depth, vision.spatial_merge_size**2, family.paper_settings)
+        model_type = hf_config.model_type
+        try:
+            family = adapter_for_config(hf_config)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"vlmopt's vLLM plugin cannot prune this model: {error}; drop hf_overrides[{OVERRIDE_KEY!r}]") from None
+        if not any(family.model_classes.get(model_type) == name for name in family.vllm_classes):
+            raise UnsupportedModelError(f"vlmopt's vLLM plugin cannot prune {model_type}: {family.vllm_refusal}")
+        depth, merge_side = family.vllm_tower(hf_config)
+        return cls(model_type, depth, merge_side, family.paper_settings)
 
 
 def plugin_passes(hf_config: Any) -> tuple[VisualTokenPrune, ...]:

@@ -1,4 +1,6 @@
-"""vLLM's Qwen2.5-VL and Qwen3-VL (dense and MoE) with vlmopt's visual-token pruning before the LLM.
+"""vLLM's Qwen2.5-VL and Qwen3-VL (dense and MoE) with vlmopt's visual-token pruning before the LLM:
+the classes the Qwen adapters name in ``vllm_classes``, registered by vlmopt's vLLM plugin
+(:mod:`vlmopt.integrations.vllm`) and imported only by vLLM (this module imports vLLM).
 
 Each class subclasses vLLM's own and changes nothing unless ``hf_config.vlmopt_passes`` names passes:
 
