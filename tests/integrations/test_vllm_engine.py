@@ -40,8 +40,10 @@ def vlmopt_side(command: str, payload: dict):
     if not Path(REFERENCE_PYTHON).exists():
         pytest.skip(f"vlmopt's own environment is not at {REFERENCE_PYTHON} (set VLMOPT_REFERENCE_PYTHON)")
     script = ROOT / "tests" / "integrations" / "vllm_reference.py"
+    # this checkout's vlmopt, whichever checkout that environment has installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([REFERENCE_PYTHON, str(script), command, json.dumps(payload)], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+                          timeout=900, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -133,7 +135,7 @@ def test_passes_the_plugin_cannot_run_stop_the_engine_before_it_starts(spec, err
 
 def test_a_1d_rope_family_is_refused_with_the_reason():
     with pytest.raises(UnsupportedModelError, match="1-D RoPE"):
-        evaluate.engine("tiny-llava", HIPRUNE, limit_mm_per_prompt={"image": 1})
+        evaluate.engine("tiny-llava", HIPRUNE, limit_mm_per_prompt={"image": 1}, max_model_len=1024)
 
 
 def test_the_plugin_runs_on_vllms_transformers():

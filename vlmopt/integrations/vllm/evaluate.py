@@ -194,7 +194,7 @@ def table(runs: list[VllmRun]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmopt.integrations.vllm.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="reference model name or model directory (an M-RoPE family)")
+    parser.add_argument("--model", help="reference model name or model directory (an M-RoPE family)")
     parser.add_argument("--task", default="shapes")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--passes", action="append", default=[], help="a pass list (repeatable); the unpruned model always runs")
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         earlier = json.loads(open(args.runs).read())
         args.model, args.task, args.n = earlier["model"], earlier["task"], earlier["n"]
+    elif not args.model:
+        parser.error("--model is required (a reference model name or a model directory), or --runs")
     if compare and (compare["task"], compare["n"]) != (args.task, args.n):
         parser.error(f"--compare holds {compare['task']} n={compare['n']}, not {args.task} n={args.n}")
     if args.runs:
