@@ -35,7 +35,7 @@ ENTRIES: tuple[tuple[str, str], ...] = (
     ("models/tiny-qwen25vl/", "the same for Qwen2.5-VL"),
     ("models/train/", "training of the reference models: python -m models.train"),
     ("models/bench/", "research benchmarks on the reference models (python -m models.bench.<name>)"),
-    ("benchmarks/", "core.py, export.py, this tree (tree.py), results/ (measured numbers)"),
+    ("benchmarks/", "core.py, export.py, gpu_check.py, this tree (tree.py), results/ (measured numbers)"),
     ("docs/", "reference models, evaluation, export, benchmarks: every number with its command"),
     ("tests/", "mirrors the package; golden graph diffs in tests/passes/golden/"),
     (".ci/run", "CI: install from scratch, then the test command"),
