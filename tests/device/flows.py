@@ -63,7 +63,20 @@ def audit_configs(cls: type[Pass]) -> tuple[Pass, ...]:
 
 def family_configs() -> dict[str, str]:
     """Family name → its first random-weight config."""
-    return {cls.family: next(name for name in cls.configs if name.endswith("-random")) for cls in families()}
+    found = {}
+    for cls in families():
+        names = [name for name in cls.configs if name.endswith("-random")]
+        assert names, f"{cls.__name__} has no *-random config in Adapter.configs: the audits need a tiny model of it"
+        found[cls.family] = names[0]
+    return found
+
+
+def unsupported(family: str, passes: tuple[Pass, ...], flow: str) -> str | None:
+    """Why ``compile`` refuses this case by design (the family lacks a capability), or None."""
+    cls = next(c for c in families() if c.family == family)
+    needs = {need for p in passes for need in p.needs} | ({"stream"} if flow == "stream" else set())
+    missing = sorted(needs - cls.capabilities)
+    return f"{cls.__name__} has no {', '.join(missing)}: compile refuses this case" if missing else None
 
 
 def cases() -> Iterator[tuple[str, tuple[Pass, ...], str]]:

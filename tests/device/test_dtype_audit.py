@@ -14,6 +14,8 @@ from tests.device import flows
 @pytest.mark.parametrize("case", list(flows.cases()), ids=flows.case_id)
 def test_flow_keeps_the_model_dtype(case, dtype):
     family, passes, flow = case
+    if reason := flows.unsupported(family, passes, flow):
+        pytest.skip(reason)
     model = flows.build(family, dtype)
 
     def keeps_dtype(stage, outputs, cache) -> None:
