@@ -8,9 +8,9 @@ Every part either runs, or is skipped with the reason (no GPU, no flash-attn, no
 not enough GPU memory, the time budget spent); the script exits 1 when a part fails. ``--dry-run``
 lists every part with the reason it would be skipped here and runs the parts that need no GPU (the
 device audit and the bf16 audit, both on the CPU); a GPU run skips those two unless ``--parts`` names
-them (the test suite runs them on every CPU). The parts are in :mod:`gpu_parts`; ``--budget-s``
-(default 480: an 8-minute device lease) skips the parts that no longer fit, each part's estimate
-being its measured time on an H100 plus a margin.
+them (the test suite runs them on every CPU). The parts are in :mod:`gpu_parts`; on a GPU,
+``--budget-s`` (default 480: an 8-minute device lease) skips the parts that no longer fit by their
+time estimates (guesses until an H100 times them).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SCHEMA = "vlmopt-gpu-check/1"
+#: Seconds a GPU run may take by default: the 8 minutes of a device lease.
+GPU_BUDGET_S = 480.0
 STATUSES = ("passed", "failed", "skipped")
 
 
@@ -167,7 +169,8 @@ def parse(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="on a CPU: list every part, run the CPU ones")
     parser.add_argument("--parts", help=f"comma-separated parts to run, of: {', '.join(names)} (default: all)")
     parser.add_argument("--json", type=Path, help="write the report here")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="seconds the parts may take in all (default 480)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"seconds the parts may take in all (default {GPU_BUDGET_S:.0f} on a GPU, none with --dry-run)")
     parser.add_argument("--samples", type=int, default=100, help="evaluation samples per pass list (default 100)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (default 10)")
     args = parser.parse_args(argv)
@@ -178,7 +181,7 @@ def parse(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
             parser.error(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(names)}")
         args.parts = chosen
     for name in ("budget_s", "samples", "repeats"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None, parts: list[Part] | None = None) -> int:
     began, started = time.monotonic(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     selected = [p for p in parts if args.parts is None or p.name in args.parts]
     with tempfile.TemporaryDirectory(prefix="vlmopt-gpu-check-") as work:
-        context = Context(args.dry_run, Path(work), began + args.budget_s, args.samples, args.repeats)
+        budget = args.budget_s or (float("inf") if args.dry_run else GPU_BUDGET_S)
+        context = Context(args.dry_run, Path(work), began + budget, args.samples, args.repeats)
         outcomes = []
         for part in selected:
             outcome = run_part(part, context, chosen=args.parts is not None)

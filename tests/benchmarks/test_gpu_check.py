@@ -88,6 +88,12 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
     assert reasons["long"].startswith("time budget: it takes about 600 s") and reasons["blocked"] == "no such thing here"
 
 
+def test_a_dry_run_has_no_default_budget():
+    ran = []
+    assert gpu_check.main(["--dry-run"], parts=[part("slow", lambda c: ran.append("slow") or {}, 10_000)]) == 0
+    assert ran == ["slow"]  # the CPU audits take longer than a GPU lease; the budget is the lease's
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--parts", "kernels,warp_drive"], "unknown part(s) warp_drive"),
     (["--parts", ","], "unknown part(s) (none given)"),
