@@ -75,5 +75,18 @@ def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], af
         editor.set_input(layer, "attention_mask", masks[editor.input_of(layer, "attention_mask")])
         editor.set_input(layer, "position_embeddings", (gathered[cos], gathered[sin]))
     editor.set_input(first, "hidden_states", gathered[hidden])
+    # other sequence values added between the layers (DeepStack's visual features) follow the same index
+    order = editor.order()
+    between = [n for n in editor.graph.nodes if order[first] < order[n] < order[last] and n.meta.get("role") != "decoder_layer"]
+    for node in between:
+        for value in node.all_input_nodes:
+            if order[value] < order[first] and value.meta.get("seq_dim") and value not in gathered:
+                dims = value.meta["seq_dim"]
+                gathered[value] = chain(
+                    torch.ops.vlmopt.gather_sequence.default, value, index, dims[0], dims[1],
+                    role="elide_gather", stage="llm", name=f"{value.name}_elided", meta={"seq_dim": dims},
+                )
+            if value in gathered:
+                node.replace_input_with(value, gathered[value])
     scattered = editor.insert(last, scatter_sequence, (hidden, last, index), role="elide_scatter", stage="llm", name="elide_scatter")
     editor.replace_uses(last, scattered, after=scattered)
