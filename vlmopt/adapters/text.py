@@ -2,11 +2,15 @@
 
 Each HF module is called as a leaf (one graph node); the causal mask is HF's own builder
 (``create_causal_mask``, one node per mask kind), so the mask stays bit-exact and a cut inside the
-LLM can rebuild it for a shorter segment of layers.
+LLM can rebuild it for a shorter segment of layers. The rotary embedding is one node per *rope
+kind*: a language model whose rotary embedding takes a ``layer_type`` (Gemma 3: a local base for
+sliding-window layers, a global one for full layers) gets one cos/sin pair per layer type, and each
+decoder layer reads its own type's pair.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import Tensor, nn
@@ -47,6 +51,16 @@ class CausalMask(nn.Module):
         return f"sliding={self.sliding}"
 
 
+def rope_kinds(rotary_emb: nn.Module, config) -> list[str | None]:
+    """Per decoder layer, the ``layer_type`` its rotary embedding is computed for: the config's
+    ``layer_types`` where the rotary module takes one (per-type frequencies), else None for every layer
+    (one cos/sin pair serves them all)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "layer_type" in inspect.signature(rotary_emb.forward).parameters:
+        return list(layer_types[: config.num_hidden_layers])
+    return [None] * config.num_hidden_layers
+
+
 class TextPipeline(nn.Module):
     """Token embedding → decoder layers → final norm → LM head, calling the HF modules as leaves.
 
@@ -73,6 +87,7 @@ class TextPipeline(nn.Module):
         self.norm = text_model.norm
         self.lm_head = lm_head
         self.sliding_layers = [kind == "sliding" for kind in layer_mask_kinds(config)]
+        self.layer_ropes = rope_kinds(text_model.rotary_emb, config)
         self.causal_mask = CausalMask(config, sliding=False)
         if any(self.sliding_layers):
             self.sliding_mask = CausalMask(config, sliding=True)
@@ -97,15 +112,17 @@ class TextPipeline(nn.Module):
             if any(self.sliding_layers):
                 masks[True] = self.sliding_mask(embeds, attention_mask, cache)
         with role("rope"):
-            rope = self.rotary_emb(embeds, position_ids)
-            cos, sin = mark(rope[0], seq_dim=(0, 1)), mark(rope[1], seq_dim=(0, 1))
+            ropes = {}
+            for kind in dict.fromkeys(self.layer_ropes):
+                rope = self.rotary_emb(embeds, position_ids) if kind is None else self.rotary_emb(embeds, position_ids, kind)
+                ropes[kind] = (mark(rope[0], seq_dim=(0, 1)), mark(rope[1], seq_dim=(0, 1)))
         hidden = embeds
         for index, layer in enumerate(self.layers):
             with role("decoder_layer", index):
                 hidden = layer(
                     hidden,
                     attention_mask=masks[self.sliding_layers[index]],
-                    position_embeddings=(cos, sin),
+                    position_embeddings=ropes[self.layer_ropes[index]],
                     cache=cache,
                 )
             mark(hidden, seq_dim=(0, 1))
