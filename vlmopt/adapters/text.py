@@ -11,6 +11,7 @@ decoder layer reads its own type's pair.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -21,19 +22,34 @@ from vlmopt.graph import functions as gf
 from vlmopt.graph.capture import mark, role
 
 
+#: ``build(config, sliding, embeds, attention_mask, cache, layer_idx, mask_input)`` → a 4-D mask: how a
+#: family whose mask reads more than the 2-D padding mask (Gemma 3: bidirectional attention inside each
+#: image, from block ids) builds it, with HF's own mask functions.
+MaskBuilder = Callable[..., Any]
+
+
 class CausalMask(nn.Module):
     """The 4-D attention mask, built by the same HF function the text model calls (one graph node).
 
     ``position_ids`` is never passed: with an explicit 2-D mask HF does not look for packed
     sequences, and pruned (non-contiguous) positions must not be mistaken for packing.
+
+    ``mask_input`` [B, S] is an extra sequence input of the mask (marked with the sequence dim, so a
+    cut or a prune gathers it like the 2-D mask); given one, the family's ``build`` makes the mask
+    from it, and without one (a decode step) the plain causal / sliding mask is built.
     """
 
-    def __init__(self, config, sliding: bool) -> None:
+    def __init__(self, config, sliding: bool, build: MaskBuilder | None = None) -> None:
         super().__init__()
         self.config = config
         self.sliding = sliding
+        self.build = build
 
-    def forward(self, embeds: Tensor, attention_mask: Tensor, cache: Any, layer_idx: int | None = None):
+    def forward(self, embeds: Tensor, attention_mask: Tensor, cache: Any, layer_idx: int | None = None, mask_input: Tensor | None = None):
+        if mask_input is not None:
+            if self.build is None:
+                raise UnsupportedModelError("a mask input was given, but this family's adapter has no mask builder")
+            return self.build(self.config, self.sliding, embeds, attention_mask, cache, layer_idx, mask_input)
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         build = create_sliding_window_causal_mask if self.sliding else create_causal_mask
@@ -70,7 +86,10 @@ class TextPipeline(nn.Module):
     ``view`` (a clear error for a layer shape vlmopt cannot read).
     """
 
-    def __init__(self, text_model: nn.Module, lm_head: nn.Module, position_dims: tuple[int, int], view: DecoderLayerView) -> None:
+    def __init__(
+        self, text_model: nn.Module, lm_head: nn.Module, position_dims: tuple[int, int], view: DecoderLayerView,
+        mask_builder: MaskBuilder | None = None,
+    ) -> None:
         super().__init__()
         missing = [name for name in ("embed_tokens", "rotary_emb", "layers", "norm") if not hasattr(text_model, name)]
         if missing:
@@ -88,9 +107,9 @@ class TextPipeline(nn.Module):
         self.lm_head = lm_head
         self.sliding_layers = [kind == "sliding" for kind in layer_mask_kinds(config)]
         self.layer_ropes = rope_kinds(text_model.rotary_emb, config)
-        self.causal_mask = CausalMask(config, sliding=False)
+        self.causal_mask = CausalMask(config, sliding=False, build=mask_builder)
         if any(self.sliding_layers):
-            self.sliding_mask = CausalMask(config, sliding=True)
+            self.sliding_mask = CausalMask(config, sliding=True, build=mask_builder)
         self.position_dims = position_dims
 
     def mark_text_inputs(self, input_ids, attention_mask, position_ids) -> None:
@@ -104,13 +123,15 @@ class TextPipeline(nn.Module):
             embeds = mark(self.embed_tokens(input_ids), seq_dim=(0, 1))
         return self.llm(embeds, attention_mask, position_ids, cache, logits_to_keep)
 
-    def llm(self, embeds, attention_mask, position_ids, cache, logits_to_keep, injected=()):
+    def llm(self, embeds, attention_mask, position_ids, cache, logits_to_keep, injected=(), mask_input=None):
         """The LLM on ``embeds`` [B, S, D]; ``injected`` [B, S, D] values (DeepStack's visual
-        features at their slots, zero elsewhere) are added to the output of decoder layers 0, 1, …"""
+        features at their slots, zero elsewhere) are added to the output of decoder layers 0, 1, …;
+        ``mask_input`` [B, S] (a sequence value) is the family's extra mask input (see :class:`CausalMask`)."""
+        extra = {} if mask_input is None else {"mask_input": mask_input}
         with role("causal_mask"):
-            masks = {False: self.causal_mask(embeds, attention_mask, cache)}
+            masks = {False: self.causal_mask(embeds, attention_mask, cache, **extra)}
             if any(self.sliding_layers):
-                masks[True] = self.sliding_mask(embeds, attention_mask, cache)
+                masks[True] = self.sliding_mask(embeds, attention_mask, cache, **extra)
         with role("rope"):
             ropes = {}
             for kind in dict.fromkeys(self.layer_ropes):
