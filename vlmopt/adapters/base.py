@@ -29,6 +29,7 @@ from vlmopt.graph import functions as gf
 if TYPE_CHECKING:
     from torch import fx
 
+    from vlmopt.adapters.formats import PromptFormat
     from vlmopt.graph.edit import GraphEditor
 
 #: What an adapter can provide, and what each means. A pass lists the ones it needs (``Pass.needs``).
@@ -157,6 +158,9 @@ class Adapter(ABC):
     """Processor outputs besides ``input_ids`` / ``attention_mask`` / ``position_ids`` the family reads."""
     host_inputs: ClassVar[tuple[str, ...]] = ()
     """Planned inputs the HF modules read back as Python numbers (they stay real under fake tensors)."""
+    prompt_format: ClassVar[PromptFormat | None] = None
+    """How the reference tasks prompt the family, where :mod:`vlmopt.reference.processing` has no built-in
+    format for it (:mod:`vlmopt.adapters.formats`)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
