@@ -48,11 +48,19 @@ CAPABILITIES: dict[str, str] = {
 REGISTRY: dict[str, type[Adapter]] = {}
 
 
+def missing_capability(adapter: Adapter | type[Adapter], need: str) -> str:
+    """``need: what it means`` and, where the family says why it lacks it, the reason."""
+    reason = adapter.lacks.get(need)
+    return f"{need}: {CAPABILITIES[need]}" + (f" ({reason})" if reason else "")
+
+
 def register(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator: serve every HF class in ``cls.model_classes`` with the adapter ``cls``."""
-    unknown = set(cls.capabilities) - set(CAPABILITIES)
+    unknown = (set(cls.capabilities) | set(cls.lacks)) - set(CAPABILITIES)
     if unknown:
-        raise TypeError(f"{cls.__name__} declares unknown capabilities {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
+        raise TypeError(f"{cls.__name__} names unknown capabilities {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
+    if set(cls.capabilities) & set(cls.lacks):
+        raise TypeError(f"{cls.__name__} both has and lacks {sorted(set(cls.capabilities) & set(cls.lacks))}")
     for name in cls.model_classes.values():
         if name in REGISTRY and REGISTRY[name] is not cls:
             raise TypeError(f"{name} is served by {REGISTRY[name].__name__} already")
@@ -145,6 +153,8 @@ class Adapter(ABC):
     """The HF classes this adapter serves, by their config's ``model_type``."""
     capabilities: ClassVar[frozenset[str]] = frozenset()
     """What the family has, of :data:`CAPABILITIES`; passes refuse a model that lacks what they need."""
+    lacks: ClassVar[Mapping[str, str]] = {}
+    """Capability → why the family does not have it (a refusal quotes it)."""
     paper_settings: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     """Per pass name, the settings its paper or official code gives for this family (a pass falls
     back to its own depth-scaled default where there is no entry)."""

@@ -100,9 +100,11 @@ class GraphEditor:
         raise LookupError(f"graph has no input {name!r}")
 
     def add_input(self, name: str, **meta: Any) -> fx.Node:
-        """A new graph input ``name`` after the existing ones, tagged with ``meta`` (and the pass)."""
+        """A new graph input ``name`` after the existing ones that have no default value (inputs with one,
+        such as an optional mask input, stay last), tagged with ``meta`` (and the pass)."""
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        with self.graph.inserting_after(placeholders[-1]):
+        required = [n for n in placeholders if not n.args]
+        with self.graph.inserting_after(required[-1] if required else placeholders[0].prev):
             node = self.graph.placeholder(name)
         node.meta.update(meta)
         self._tag(node)
@@ -362,7 +364,9 @@ class GraphEditor:
         mask_input = self.add_input(segment_mask_name(layer), role="input", stage="input", seq_dim=(0, 1))
         for mask in sorted(masks, key=order.__getitem__):
             first = min(u.meta["index"] for u in mask.users if u in layers)
-            rebuilt = self._segment_mask(mask, mask, layer, {self.input_of(mask, "attention_mask"): mask_input}, first)
+            inputs = {value: value for value in self._mask_sequence_inputs(mask)}  # a decode step's other mask inputs stay
+            inputs[self.input_of(mask, "attention_mask")] = mask_input
+            rebuilt = self._segment_mask(mask, mask, layer, inputs, first)
             for user in list(mask.users):
                 if user in layers:
                     user.replace_input_with(mask, rebuilt)

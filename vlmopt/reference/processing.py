@@ -454,7 +454,10 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
             raise ValueError(f"the {arch} reference format takes images only; pick an image task")
         out = dict(fmt.videos(processor, texts, [s.frames for s in samples]))
     elif not all(videos):
-        out = dict(processor(text=texts, images=[s.pil_image() for s in samples], return_tensors="pt", padding=True))
+        pictures = [s.pil_image() for s in samples]
+        if fmt is not None:  # one list of images per prompt, as every processor reads it
+            pictures = [[picture] for picture in pictures]
+        out = dict(processor(text=texts, images=pictures, return_tensors="pt", padding=True))
     else:
         cfg = _video_config_of(processor)
         clips = [qwen_video_inputs(s.frames, cfg) for s in samples]
