@@ -247,6 +247,11 @@ class Adapter(ABC):
         """The square image side (pixels) an ONNX export is fixed to (``requested`` where the tower takes it)."""
         raise UnsupportedModelError(f"the {self.family} adapter does not export to ONNX")
 
+    def export_processor(self, processor: Any) -> Any:
+        """The processor an ONNX export saves and writes its prompts with: one that gives one image the
+        export's fixed layout (``processor`` itself by default)."""
+        return processor
+
     def export_image_grid(self, image_size: int) -> tuple[int, int] | None:
         """The patch grid (h, w) of one ``image_size`` px image for :func:`vlmopt.configs.synthetic_batch`
         (None: the tower's fixed size)."""

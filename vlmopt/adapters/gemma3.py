@@ -199,10 +199,8 @@ def image_processor(size: int):
 def assemble(tokenizer, images, image_size: int, video_size: int):
     from transformers import Gemma3Processor
 
-    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+    return Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
                                 image_seq_length=(image_size // 28) ** 2)
-    processor._vlmopt_video_size = video_size
-    return processor
 
 
 FORMAT = PromptFormat(

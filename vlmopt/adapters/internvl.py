@@ -81,10 +81,8 @@ def image_processor(size: int):
 def assemble(tokenizer, images, image_size: int, video_size: int):
     from transformers import InternVLProcessor
 
-    processor = lenient_construction(InternVLProcessor, image_processor=images, tokenizer=tokenizer, video_processor=None,
+    return lenient_construction(InternVLProcessor, image_processor=images, tokenizer=tokenizer, video_processor=None,
                                      image_seq_length=(image_size // 28) ** 2, chat_template=CHAT_TEMPLATE)
-    processor._vlmopt_video_size = video_size
-    return processor
 
 
 CHAT_TEMPLATE = (

@@ -89,6 +89,8 @@ def export_onnx(
 
         raise ExportError(f"{type(compiled.adapter.model).__name__} does not export to ONNX — "
                           f"{missing_capability(compiled.adapter, 'export')}")
+    if processor is not None:  # the processor the export's prompts are made with: one image is one fixed layout
+        processor = compiled.adapter.export_processor(processor)
     if compiled.backend != "eager":
         compiled = vlmopt.compile(compiled.adapter.model, passes=compiled.passes)  # export traces the graphs eagerly
     start = time.perf_counter()

@@ -160,7 +160,9 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
     """
     tokenizer = build_tokenizer(arch)
     if (fmt := _format(arch)) is not None:
-        return fmt.assemble(tokenizer, fmt.image_processor(image_size), image_size, video_size)
+        processor = fmt.assemble(tokenizer, fmt.image_processor(image_size), image_size, video_size)
+        processor._vlmopt_sizes = (image_size, video_size)
+        return processor
     if arch == "llava":
         from transformers import CLIPImageProcessorPil, LlavaProcessor
 
@@ -253,7 +255,8 @@ def save_processor(processor, path: Path) -> None:
     if _format(arch) is not None:  # by parts: its video processor slot may be empty (no torchvision)
         processor.tokenizer.save_pretrained(path)
         processor.image_processor.save_pretrained(path)
-        settings = {"processor_class": type(processor).__name__, "vlmopt_arch": arch, "video_size": _video_size_of(processor)}
+        image_size, video_size = processor._vlmopt_sizes
+        settings = {"processor_class": type(processor).__name__, "vlmopt_arch": arch, "image_size": image_size, "video_size": video_size}
         (path / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
         if processor.chat_template:
             (path / "chat_template.jinja").write_text(processor.chat_template)
@@ -274,9 +277,10 @@ def load_processor(path: str | Path):
     settings_file = path / "processor_config.json"
     saved = json.loads(settings_file.read_text()) if settings_file.exists() else {}
     if (fmt := _format(saved.get("vlmopt_arch", ""))) is not None:
-        image_processor = AutoImageProcessor.from_pretrained(path)
-        size = _image_size_of(image_processor)
-        return fmt.assemble(AutoTokenizer.from_pretrained(path), image_processor, size, saved.get("video_size") or size)
+        sizes = (saved["image_size"], saved["video_size"])
+        processor = fmt.assemble(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), *sizes)
+        processor._vlmopt_sizes = sizes
+        return processor
     video_file = path / "video_preprocessor_config.json"
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -292,18 +296,6 @@ def load_processor(path: str | Path):
     if video_file.exists():
         processor._vlmopt_video_cfg = json.loads(video_file.read_text())
     return processor
-
-
-def _video_size_of(processor) -> int | None:
-    """The frame side (pixels) a family-format processor was built for (None: not recorded)."""
-    return getattr(processor, "_vlmopt_video_size", None)
-
-
-def _image_size_of(image_processor) -> int:
-    """The largest image side an image processor keeps (its ``size``)."""
-    size = image_processor.size
-    values = [v for v in (size.get("height"), size.get("longest_edge"), size.get("shortest_edge")) if v]
-    return int(values[0])
 
 
 def _is_qwen3(video_cfg: dict) -> bool:
