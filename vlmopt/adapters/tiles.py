@@ -1,10 +1,11 @@
-"""What the families whose tower reads fixed-size tiles share (InternVL, Gemma 3, SmolVLM), and the
-patch grouping every family with a k×k token merge after its tower shares (Mistral 3 too).
+"""What the families whose tower reads images as tiles share (InternVL, Gemma 3, SmolVLM, and Mistral 3,
+whose tiles are whole images at their own sizes), and the patch grouping of a k×k token merge.
 
 **Tiles.** The tower reads ``pixel_values`` [N, 3, H, W]: every tile (an InternVL crop or thumbnail,
-a SmolVLM row/column tile or global image, a Gemma 3 image or pan-and-scan crop, a video frame) is
-encoded on its own and gives the same number of LLM tokens, a ``(1, h, w)`` grid in raster order.
-The prompt holds that many placeholder tokens per tile, in tile order; the text around and between
+a SmolVLM row/column tile or global image, a Gemma 3 image or pan-and-scan crop, a Mistral 3 image, a
+video frame) is encoded on its own and gives its LLM tokens as a ``(1, h, w)`` grid in raster order
+(the same grid for every tile of a fixed-size tower). The prompt holds one placeholder token per LLM
+token, tile after tile; the text around and between
 them (``<img>`` / ``</img>``, ``Frame3:``, ``<row_1_col_2>``, ``<fake_token_around_image>``, …) is text,
 which no pass removes. Each tile is one input of the :class:`~vlmopt.graph.layout.VisualLayout`
 (scored, pruned and pooled on its own grid) and one frame for frame-parallel vision.
@@ -74,6 +75,11 @@ class TiledAdapter(Adapter):
         h, w = self.tile_grid
         return h * w
 
+    def tile_grids(self, batch: dict[str, Any], tiles: Tensor) -> tuple[tuple[int, int], ...]:
+        """(h, w) LLM tokens of each tile (:attr:`tile_grid` for every tile unless the tower reads each
+        image at its own size)."""
+        return (self.tile_grid,) * tiles.shape[0]
+
     def tile_pixels(self, batch: dict[str, Any]) -> Tensor | None:
         """The tiles [N, 3, H, W] of a batch (None: no images)."""
         pixels = batch.get("pixel_values")
@@ -102,21 +108,23 @@ class TiledAdapter(Adapter):
             if slots.numel():
                 raise InputError(f"the prompt has {slots.numel()} image tokens but no pixel_values")
             return Prompt("prefill_text", {**text, **self.extra_inputs(batch, input_ids, None)}, next_position)
-        per_tile = self.tokens_per_tile
-        if slots.numel() != tiles.shape[0] * per_tile:
+        grids = self.tile_grids(batch, tiles)
+        counts = [h * w for h, w in grids]
+        if slots.numel() != sum(counts):
             raise InputError(
-                f"the prompt has {slots.numel()} image tokens, but {tiles.shape[0]} tile(s) give "
-                f"{tiles.shape[0] * per_tile} features ({per_tile} per tile); build inputs with the model's processor"
+                f"the prompt has {slots.numel()} image tokens, but its {tiles.shape[0]} tile(s) or image(s) give "
+                f"{sum(counts)} features ({', '.join(map(str, counts))}); build inputs with the model's processor"
             )
-        rows = tuple(int(slots[i * per_tile]) // seq_len for i in range(tiles.shape[0]))
-        layout = VisualLayout.from_grids(size, seq_len, rows, ((1, *self.tile_grid),) * tiles.shape[0])
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        rows = tuple(int(slots[start]) // seq_len for start in starts)
+        layout = VisualLayout.from_grids(size, seq_len, rows, tuple((1, h, w) for h, w in grids))
         inputs = {**text, "pixel_values": tiles, "visual_positions": slots, "layout": layout}
         inputs.update(self.extra_inputs(batch, input_ids, tiles))
         return Prompt("prefill", inputs, next_position, layout)
 
     # ----- frames, export, viz --------------------------------------------------------------------
     def frame_tokens(self, prompt: Prompt) -> list[int]:
-        return [self.tokens_per_tile] * prompt.inputs["pixel_values"].shape[0]
+        return list(prompt.layout.counts)
 
     def frame_inputs(self, prompt: Prompt, first: int, stop: int) -> dict[str, Any]:
         return {"pixel_values": prompt.inputs["pixel_values"][first:stop]}
