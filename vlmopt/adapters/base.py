@@ -75,7 +75,8 @@ class NamedConfig:
     make: Callable[..., Any]
     """Builds the HF config; a ``*-shape`` config takes ``width`` (1.0 = the real model's widths)."""
     image_grid: tuple[int, int] | None = None
-    """Patch grid (h, w) of the benchmark image for native-resolution towers (None: the tower's fixed size)."""
+    """Grid of the benchmark image as the family's ``synthetic_visual`` reads it: its patch grid (h, w) for
+    native-resolution towers, its tiles (rows, columns) for tiling ones (None: the family's default image)."""
     description: str = ""
     """One line: what the config is."""
     processor: Callable[..., Any] | None = None

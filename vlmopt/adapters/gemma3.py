@@ -220,8 +220,8 @@ class Gemma3Adapter(TiledAdapter):
     model_classes = {"gemma3": "Gemma3ForConditionalGeneration"}
     capabilities = frozenset({"vision_qk", "grids", "frames"})
     lacks = {
-        "video": "Gemma 3 takes images only",
-        "stream": "Gemma 3 takes images only: there is no video to stream",
+        "video": "the family takes images only",
+        "stream": "the family takes images only: there is no video to stream",
         "export": "the export's KV cache holds full-attention layers only, and its LLM graph has no input for the "
                   "bidirectional image blocks",
     }

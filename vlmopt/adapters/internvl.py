@@ -223,7 +223,8 @@ class InternVLAdapter(TiledAdapter):
             internvl_config, description="InternVL3.5 (Qwen3 LM), 4-layer InternViT with q/k norm, 112 px tiles",
             processor=partial(reference_processor, "internvl", image_size=112), tasks=RANDOM_MODEL_TASKS,
         ),
-        "internvl3.5-8b-shape": NamedConfig(internvl35_8b_shape, description="InternVL3.5-8B's depths, heads and tokens",
+        "internvl3.5-8b-shape": NamedConfig(internvl35_8b_shape, image_grid=(2, 2),
+                                            description="InternVL3.5-8B's depths, heads and tokens (a 2×2-tile image and its thumbnail)",
                                             processor=partial(reference_processor, "internvl", image_size=448)),
     }
     prompt_format = FORMAT

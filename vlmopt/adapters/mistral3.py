@@ -210,8 +210,8 @@ class Mistral3Adapter(TiledAdapter):
     model_classes = {"mistral3": "Mistral3ForConditionalGeneration"}
     capabilities = frozenset({"vision_qk", "grids", "frames", "export"})
     lacks = {
-        "video": "Mistral 3 takes images only",
-        "stream": "Mistral 3 takes images only: there is no video to stream",
+        "video": "the family takes images only",
+        "stream": "the family takes images only: there is no video to stream",
     }
     configs = {
         "tiny-mistral3-random": NamedConfig(
@@ -324,7 +324,7 @@ class Mistral3Adapter(TiledAdapter):
     @classmethod
     def synthetic_visual(cls, config, kind, grid, generator):
         """An image of ``grid`` = (h, w) patches (default 8 × 8, even sides), on a canvas of the tower's
-        largest image (as the processor pads a batch), with its ``image_sizes`` and its ``[IMG]`` rows, each
+        largest image (cropped to the batch's largest by :meth:`synthetic_extras`), with its ``image_sizes`` and its ``[IMG]`` rows, each
         followed by ``[IMG_BREAK]`` (``[IMG_END]`` after the last)."""
         if kind != "image":
             raise UnsupportedModelError("Mistral 3 takes images only; pass no video grids")
@@ -337,3 +337,12 @@ class Mistral3Adapter(TiledAdapter):
         rows[-1][-1] = IMG_END
         ids = [token for row in rows for token in row]
         return ids, {"pixel_values": canvas, "image_sizes": torch.tensor([[h * vision.patch_size, w * vision.patch_size]])}
+
+    @classmethod
+    def synthetic_extras(cls, config, batch):
+        """``pixel_values`` cropped to the batch's largest image (the processor pads a batch to it, not to
+        the tower's largest size)."""
+        if "image_sizes" not in batch:
+            return {}
+        height, width = (int(v) for v in batch["image_sizes"].max(dim=0).values)
+        return {"pixel_values": batch["pixel_values"][..., :height, :width].contiguous()}

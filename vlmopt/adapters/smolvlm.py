@@ -244,7 +244,8 @@ class SmolVLMAdapter(TiledAdapter):
             smolvlm_config, description="SmolVLM2, 4-layer SigLIP on 168 px tiles, 3×3 pixel shuffle, 3-layer Llama",
             processor=partial(reference_processor, "smolvlm", image_size=168), tasks={**RANDOM_MODEL_TASKS, "shapes": {"size": 168, "grid": 42}},
         ),
-        "smolvlm2-2.2b-shape": NamedConfig(smolvlm2_22b_shape, description="SmolVLM2-2.2B's depths, heads and tokens",
+        "smolvlm2-2.2b-shape": NamedConfig(smolvlm2_22b_shape, image_grid=(2, 2),
+                                           description="SmolVLM2-2.2B's depths, heads and tokens (a 2×2-tile image and the global one)",
                                            processor=partial(reference_processor, "smolvlm", image_size=384)),
     }
     prompt_format = FORMAT
