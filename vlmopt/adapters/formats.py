@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import unittest.mock
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -47,11 +47,8 @@ class PromptFormat:
     """Split numbers into digits (prompts with frame numbers or row/column tokens)."""
     bos: str | None = None
     """Token the tokenizer puts in front of every text (None: none)."""
-    chat_template: str | None = None
-    """The processor's chat template (one user turn: images, then the question)."""
     padding_side: str = "left"
-    keep: tuple[str, ...] = field(default=("input_ids", "attention_mask", "pixel_values"))
-    """Processor outputs the model reads."""
+    """Side the tokenizer pads a batch on (left: prompts end together, for ``generate``)."""
 
 
 def lenient_construction(cls, **parts):

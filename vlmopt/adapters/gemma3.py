@@ -200,7 +200,7 @@ def assemble(tokenizer, images, image_size: int, video_size: int):
     from transformers import Gemma3Processor
 
     return Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-                                image_seq_length=(image_size // 28) ** 2)
+                           image_seq_length=(image_size // 28) ** 2)
 
 
 FORMAT = PromptFormat(
@@ -210,7 +210,7 @@ FORMAT = PromptFormat(
     prompt=lambda question, video: f"<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n",
     answer=lambda answer: f"{answer}<end_of_turn>",
     follow_up=lambda question: f"\n<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n",
-    assemble=assemble, image_processor=image_processor, bos="<bos>", words=("model",), chat_template=CHAT_TEMPLATE,
+    assemble=assemble, image_processor=image_processor, bos="<bos>", words=("model",),
 )
 
 

@@ -82,7 +82,7 @@ def assemble(tokenizer, images, image_size: int, video_size: int):
     from transformers import InternVLProcessor
 
     return lenient_construction(InternVLProcessor, image_processor=images, tokenizer=tokenizer, video_processor=None,
-                                     image_seq_length=(image_size // 28) ** 2, chat_template=CHAT_TEMPLATE)
+                                image_seq_length=(image_size // 28) ** 2, chat_template=CHAT_TEMPLATE)
 
 
 CHAT_TEMPLATE = (
@@ -99,7 +99,6 @@ FORMAT = PromptFormat(
     answer=lambda answer: f"{answer}<|im_end|>",
     follow_up=lambda question: f"\n{USER}{question}{ASSISTANT}",
     assemble=assemble, image_processor=image_processor, videos=videos, words=("frame",), split_digits=True,
-    chat_template=CHAT_TEMPLATE,
 )
 
 

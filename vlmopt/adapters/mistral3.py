@@ -200,7 +200,6 @@ FORMAT = PromptFormat(
     answer=lambda answer: f"{answer}</s>",
     follow_up=lambda question: f"[INST]{question}[/INST]",
     assemble=assemble, image_processor=image_processor, bos="<s>",
-    keep=("input_ids", "attention_mask", "pixel_values", "image_sizes"),
 )
 
 

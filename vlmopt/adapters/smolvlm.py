@@ -214,7 +214,7 @@ def assemble(tokenizer, images, image_size: int, video_size: int):
     # chat template: SmolVLMProcessor.apply_chat_template reads the video processor (the adapter's prompt serves)
     with mock.patch("transformers.models.smolvlm.processing_smolvlm.num2words", number_words):
         return lenient_construction(SmolVLMProcessor, image_processor=images, tokenizer=tokenizer, video_processor=None,
-                                         image_seq_len=(image_size // 14 // 3) ** 2)
+                                    image_seq_len=(image_size // 14 // 3) ** 2)
 
 
 FORMAT = PromptFormat(
@@ -230,7 +230,6 @@ FORMAT = PromptFormat(
            "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
            "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty", "thirty", "forty",
            "fifty", "sixty", "seventy", "eighty", "ninety", "-", "[", "]"),
-    keep=("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"),
 )
 
 
