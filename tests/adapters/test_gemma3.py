@@ -136,6 +136,10 @@ def test_training_loss_equals_hf(model):
     checks.assert_training_loss_equals_hf(model, images(model, seed=11))
 
 
+def test_regate_training_loss_equals_hf(model):
+    checks.assert_regate_loss_equals_hf(model, images(model, seed=14))
+
+
 def test_regate_with_elision_runs_on_the_training_graph(model):
     """Elision gathers each layer's own rotary embedding and the block ids its masks read."""
     from tests.train.train_helpers import random_labels

@@ -155,6 +155,10 @@ def test_training_loss_equals_hf(model):
     checks.assert_training_loss_equals_hf(model, images(model, seed=12))
 
 
+def test_regate_training_loss_equals_hf(model):
+    checks.assert_regate_loss_equals_hf(model, images(model, seed=14))
+
+
 @pytest.mark.slow
 def test_export_round_trip_with_hiprune(processor, tmp_path):
     """The export takes one tile per image (its processor does not split) and gives the compiled model's tokens."""

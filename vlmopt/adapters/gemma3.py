@@ -24,10 +24,12 @@ Images: one image is ``\\n\\n<start_of_image>`` + 256 ``<image_soft_token>`` + `
 pan-and-scan adds crops (each such a block) after the text "Here is the original image … and here
 are some crops …". Every image or crop is one tile (:mod:`vlmopt.adapters.tiles`).
 
-Passes: APB-V is refused (it replaces attention with full causal anchor / passing-block attention,
-which neither the sliding-window layers nor the bidirectional image blocks follow); streams are not
-offered (Gemma 3 takes no video); export is not offered (the export's KV cache holds full-attention
-layers only, and its LLM graph has no input for the block ids).
+Passes: HalfV handles both layer kinds (each cut rebuilds the global and the sliding mask of its
+segment from the gathered block ids, sized on the segment's first layer of that kind); APB-V is
+refused (it replaces attention with full causal anchor / passing-block attention, which neither the
+sliding-window layers nor the bidirectional image blocks follow); streams are not offered (Gemma 3
+takes no video); export is not offered (the export's KV cache holds full-attention layers only, and
+its LLM graph has no input for the block ids).
 """
 
 from __future__ import annotations

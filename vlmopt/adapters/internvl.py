@@ -210,13 +210,8 @@ class InternVLAdapter(TiledAdapter):
     family = "internvl"
     model_classes = {"internvl": "InternVLForConditionalGeneration"}
     capabilities = frozenset({"vision_qk", "grids", "video", "stream", "frames", "export"})
-    paper_settings = {
-        # HiPrune's paper covers CLIP / SigLIP towers: InternViT takes CLIP ViT-L's object layer by depth (9 of 24).
-        "hiprune": {"object_layer": (9, 24)},
-        # HalfV's Qwen-LM schedule (official code, Qwen2.5-VL-7B): InternVL's LMs are Qwen2 / Qwen3.
-        "halfv": {"ivr_layer": (2, 28), "ssr_layer": (21, 28), "ivr_keep": 0.25, "anchor_frac": 0.2, "ssr_keep": 0.05,
-                  "saturation": "sparse_tokens"},
-    }
+    # No method's paper gives InternVL settings: each pass takes its depth-scaled default (HalfV's is the
+    # Qwen-LM schedule, which fits InternVL's Qwen2 / Qwen3 LMs).
     configs = {
         "tiny-internvl-random": NamedConfig(
             internvl_config, description="InternVL3.5 (Qwen3 LM), 4-layer InternViT with q/k norm, 112 px tiles",
