@@ -165,6 +165,23 @@ def test_export_round_trip_with_hiprune(tmp_path):
     assert torch.equal(torch.as_tensor(OnnxVLM(tmp_path).generate(**batch, max_new_tokens=5)), expected)
 
 
+@pytest.mark.slow
+def test_apbv_under_two_gloo_ranks_matches_the_simulation(tmp_path):
+    """Under ``torchrun`` each rank encodes its own images and the ranks give the one-process simulation's answers."""
+    from tests.distributed.apbv_worker import SETTINGS, run, tiny_model, video_prompt
+    from tests.distributed.test_apbv_group import launch
+    from vlmopt.passes import APBV
+
+    model = tiny_model("mistral3")
+    compiled = vlmopt.compile(model, passes=[APBV(hosts=2, **SETTINGS)])
+    expected_logits, expected_tokens, _ = run(compiled, video_prompt(model, frames=4))
+    results, _ = launch(tmp_path, 2, frames=4, family="mistral3")
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"rank {rank}: {result.get('error')}"
+        torch.testing.assert_close(result["logits"], expected_logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(result["tokens"], expected_tokens)
+
+
 def test_command_line_takes_the_random_config(tmp_path):
     name = "tiny-mistral3-random"
     assert "| hiprune:keep_ratio=1/3 |" in checks.run_cli("bench", "--config", name, "--repeats", "1", "--passes", "hiprune:keep_ratio=1/3")

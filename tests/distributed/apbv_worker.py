@@ -24,6 +24,11 @@ SETTINGS = {"anchor_len": 5, "passing_len": 3}
 
 
 def video_prompt(model, frames: int = 6):
+    """One video of ``frames`` frames after a short text; for a family without video, ``frames`` images."""
+    from vlmopt.adapters import adapter_for_config
+
+    if "video" not in adapter_for_config(model.config).capabilities:
+        return configs.synthetic_batch(model, [configs.PromptSpec(images=frames, text_before=3, text_after=6)], seed=81)
     spec = [configs.PromptSpec(images=0, text_before=3, text_after=6)]
     return configs.synthetic_batch(model, spec, video_grids=[(frames, 8, 8)], seed=81)
 
