@@ -234,6 +234,9 @@ class OnnxVLM:
             raise InputError(f"the prompt has {count} image(s) but no pixel_values were given")
         pixels = np.asarray(pixel_values, dtype=self.manifest["dtype"])
         shape = tuple(self.layout["pixel_shape"])
+        if pixels.ndim == len(shape) + 1:  # one list of images per prompt, padded with all-zero images: the real ones
+            flat = pixels.reshape(-1, *pixels.shape[2:])
+            pixels = flat[np.any(flat != 0, axis=tuple(range(1, flat.ndim)))]
         size = "×".join(map(str, self.layout["image_size"]))
         if self.text["positions"] == "mrope":
             grid = tuple(self.layout["grid_thw"])
