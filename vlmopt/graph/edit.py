@@ -100,8 +100,7 @@ class GraphEditor:
         raise LookupError(f"graph has no input {name!r}")
 
     def add_input(self, name: str, **meta: Any) -> fx.Node:
-        """A new graph input ``name`` after the existing ones that have no default value (inputs with one,
-        such as an optional mask input, stay last), tagged with ``meta`` (and the pass)."""
+        """A new graph input ``name`` after those without a default (an optional mask input stays last), tagged with ``meta``."""
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         required = [n for n in placeholders if not n.args]
         with self.graph.inserting_after(required[-1] if required else placeholders[0].prev):
