@@ -22,7 +22,6 @@ prefill; positions are 1-D and count on.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
