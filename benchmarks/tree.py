@@ -36,7 +36,7 @@ ENTRIES: tuple[tuple[str, str], ...] = (
     ("models/tiny-qwen25vl/", "the same for Qwen2.5-VL"),
     ("models/train/", "training of the reference models: python -m models.train"),
     ("models/bench/", "research benchmarks on the reference models (python -m models.bench.<name>)"),
-    ("benchmarks/", "core.py, export.py, this tree (tree.py), results/ (measured numbers)"),
+    ("benchmarks/", "core.py, export.py, gpu_check.py, this tree (tree.py), results/ (measured numbers)"),
     ("docs/", "adding a family, reference models, evaluation, export, benchmarks (numbers with commands)"),
     ("tests/", "mirrors the package; one module per family in tests/adapters/; golden graph diffs"),
     (".ci/run", "CI: install from scratch, then the test command"),

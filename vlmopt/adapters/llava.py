@@ -172,12 +172,6 @@ class LlavaAdapter(Adapter):
         "llava-1.5-7b-shape": NamedConfig(llava_15_7b_shape, description="LLaVA-1.5-7B's depths, heads and tokens"),
     }
     position_dims = (0, 1)
-    vllm_refusal = (
-        "LLaVA's language model uses 1-D RoPE, and vLLM numbers a prompt's positions 0, 1, 2, ... over "
-        "the tokens it holds: after pruning, the kept visual tokens and the text after them would be renumbered "
-        "instead of keeping their original positions (vlmopt's position policy). Run LLaVA with vlmopt.compile "
-        "or vlmopt's lmms-eval model"
-    )
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

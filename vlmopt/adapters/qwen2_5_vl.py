@@ -225,6 +225,7 @@ class Qwen25VLAdapter(QwenVLAdapter):
         window_index, cu_window_seqlens = get_vision_window_index(
             grid_thw, self.merge_size, self.vision_config.window_size, self.vision_config.patch_size
         )
+        window_index = window_index.to(grid_thw.device)  # HF builds it on the CPU; HiPrune index_selects by it
         cu_seqlens, _ = get_vision_attention_seqlens(grid_thw, self.vision_config)
         return {
             "pixel_values": pixel_values,

@@ -74,12 +74,33 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+def _format(arch: str):
+    """The :class:`~vlmopt.adapters.formats.PromptFormat` a family's adapter registers under ``arch``
+    (None for the built-in ``llava`` / ``qwen`` / ``qwen3_vl`` formats)."""
+    from vlmopt.adapters import formats
+
+    return None if arch in ("llava", *QWEN_ARCHS) else formats.get(arch)
+
+
+def _format_named(text: str) -> str | None:
+    from vlmopt.adapters import formats
+
+    flat = text.replace("-", "").replace("_", "")
+    return next((arch for arch in formats.formats() if arch.replace("_", "") in flat), None)
+
+
 def arch_of(processor_or_name: Any) -> str:
-    """The family (the adapters' name: ``"llava"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"``) of a processor, a model,
-    a model name or a model path."""
+    """``"llava"``, ``"qwen2_5_vl"``, ``"qwen3_vl"`` or a family format's arch key
+    (:mod:`vlmopt.adapters.formats`) for a processor, a model, a model name or a model path."""
+    from vlmopt.adapters import formats
+
     if isinstance(processor_or_name, (str, Path)):
         text = str(processor_or_name).lower()
+        if "qwen" not in text and (named := _format_named(text)):
+            return named
         return "qwen3_vl" if "qwen3" in text else "qwen2_5_vl" if "qwen" in text else "llava"
+    if (found := formats.of_processor(processor_or_name)) is not None:
+        return found.arch
     name = type(processor_or_name).__name__.lower()
     if "qwen3" in name:
         return "qwen3_vl"
@@ -87,6 +108,8 @@ def arch_of(processor_or_name: Any) -> str:
         return "qwen2_5_vl"
     if "llava" in name:
         return "llava"
+    if (named := _format_named(name)) is not None:
+        return named
     raise TypeError(f"cannot tell the architecture of {type(processor_or_name).__name__}")
 
 
@@ -97,12 +120,15 @@ def build_tokenizer(arch: str):
 
     from vlmopt.reference.tasks import vocabulary
 
-    special = LLAVA_SPECIAL if arch == "llava" else QWEN_SPECIAL
+    fmt = _format(arch)
+    special = LLAVA_SPECIAL if arch == "llava" else fmt.special if fmt else QWEN_SPECIAL
     words = list(TEMPLATE_WORDS) + [w for w in vocabulary() if w not in TEMPLATE_WORDS]
     splits = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    if arch == "qwen3_vl":
-        words += [w for w in TIMESTAMP_WORDS if w not in words]
+    if arch == "qwen3_vl" or (fmt and fmt.split_digits):
+        words += [w for w in (*TIMESTAMP_WORDS, *(fmt.words if fmt else ())) if w not in words]
         splits.append(pre_tokenizers.Digits(individual_digits=True))
+    elif fmt:
+        words += [w for w in fmt.words if w not in words]
     vocab = {token: i for i, token in enumerate([*special, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -110,6 +136,14 @@ def build_tokenizer(arch: str):
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
+    if fmt is not None:
+        if fmt.bos:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{fmt.bos} $A", pair=f"{fmt.bos} $A $B", special_tokens=[(fmt.bos, vocab[fmt.bos])]
+            )
+        roles = {"unk_token": "<unk>", **fmt.tokens}
+        named = {k: roles.pop(k) for k in list(roles) if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return PreTrainedTokenizerFast(tokenizer_object=tok, **named, extra_special_tokens=roles, padding_side=fmt.padding_side)
     if arch == "llava":
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
         return PreTrainedTokenizerFast(
@@ -134,6 +168,10 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
     ``video_size`` the frame side.
     """
     tokenizer = build_tokenizer(arch)
+    if (fmt := _format(arch)) is not None:
+        processor = fmt.assemble(tokenizer, fmt.image_processor(image_size), image_size, video_size)
+        processor._vlmopt_sizes = (image_size, video_size)
+        return processor
     if arch == "llava":
         from transformers import CLIPImageProcessorPil, LlavaProcessor
 
@@ -180,8 +218,18 @@ def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=N
 def save_processor(processor, path: Path) -> None:
     """Write the processor files into ``path`` (Qwen: by hand, since it has no video processor here)."""
     path = Path(path)
-    if arch_of(processor) == "llava":
+    arch = arch_of(processor)
+    if arch == "llava":
         processor.save_pretrained(path)
+        return
+    if _format(arch) is not None:  # by parts: its video processor slot may be empty (no torchvision)
+        processor.tokenizer.save_pretrained(path)
+        processor.image_processor.save_pretrained(path)
+        image_size, video_size = processor._vlmopt_sizes
+        settings = {"processor_class": type(processor).__name__, "vlmopt_arch": arch, "image_size": image_size, "video_size": video_size}
+        (path / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        if processor.chat_template:
+            (path / "chat_template.jinja").write_text(processor.chat_template)
         return
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
@@ -196,6 +244,13 @@ def load_processor(path: str | Path):
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     path = Path(path)
+    settings_file = path / "processor_config.json"
+    saved = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    if (fmt := _format(saved.get("vlmopt_arch", ""))) is not None:
+        sizes = (saved["image_size"], saved["video_size"])
+        processor = fmt.assemble(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), *sizes)
+        processor._vlmopt_sizes = sizes
+        return processor
     video_file = path / "video_preprocessor_config.json"
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -215,6 +270,8 @@ def load_processor(path: str | Path):
 
 def prompt(arch: str, question: str, video: bool = False) -> str:
     """The prompt text (visual placeholder not yet expanded) for one question."""
+    if (fmt := _format(arch)) is not None:
+        return fmt.prompt(question, video)
     if arch == "llava":
         return f"USER: <image>\n{question} ASSISTANT:"
     pad = "<|video_pad|>" if video else "<|image_pad|>"
@@ -223,11 +280,15 @@ def prompt(arch: str, question: str, video: bool = False) -> str:
 
 def answer_text(arch: str, answer: str) -> str:
     """What the model is trained to generate after the prompt: one word and the end token."""
+    if (fmt := _format(arch)) is not None:
+        return fmt.answer(answer)
     return f" {answer}</s>" if arch == "llava" else f"{answer}<|im_end|>"
 
 
 def follow_up(arch: str, question: str) -> str:
     """A later conversation turn (no picture), appended after the previous answer."""
+    if (fmt := _format(arch)) is not None:
+        return fmt.follow_up(question)
     if arch == "llava":
         return f"USER: {question} ASSISTANT:"
     return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -272,8 +333,16 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
     if any(videos) and not all(videos):
         raise ValueError("encode() takes a batch of all images or all videos")
     texts = [prompt(arch, s.question, video=s.is_video) for s in samples]
-    if not all(videos):
-        out = dict(processor(text=texts, images=[s.pil_image() for s in samples], return_tensors="pt", padding=True))
+    fmt = _format(arch)
+    if fmt is not None and all(videos):
+        if fmt.videos is None:
+            raise ValueError(f"the {arch} reference format takes images only; pick an image task")
+        out = dict(fmt.videos(processor, texts, [s.frames for s in samples]))
+    elif not all(videos):
+        pictures = [s.pil_image() for s in samples]
+        if fmt is not None:  # one list of images per prompt, as every processor reads it
+            pictures = [[picture] for picture in pictures]
+        out = dict(processor(text=texts, images=pictures, return_tensors="pt", padding=True))
     else:
         texts, inputs = video_batch(processor, texts, [[s.frames] for s in samples])
         out = dict(tok(texts, return_tensors="pt", padding=True), **inputs)
@@ -304,13 +373,13 @@ def _append_turns(batch: dict, tok, rows: list[list[tuple[str, bool]]]) -> dict:
         tail_labels.append(labels)
     width = max(len(t) for t in tails)
     out = dict(batch)
-    keys = {"input_ids": tok.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    keys = {"input_ids": tok.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
     for key, pad_value in keys.items():
         if key not in batch:
             continue
         new_rows = []
         for i, tail in enumerate(tails):
-            fill = {"input_ids": tail, "attention_mask": [1] * len(tail), "mm_token_type_ids": [0] * len(tail)}[key]
+            fill = tail if key == "input_ids" else [int(key == "attention_mask")] * len(tail)
             new_rows.append([pad_value] * (width - len(tail)) + batch[key][i].tolist() + fill)
         out[key] = torch.tensor(new_rows)
     prompt_len = batch["input_ids"].shape[1]

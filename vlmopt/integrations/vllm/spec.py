@@ -22,6 +22,22 @@ from vlmopt.passes.base import Pass, VisualTokenPrune
 OVERRIDE_KEY = "vlmopt_passes"
 """The ``hf_overrides`` key holding the pass list, e.g. ``{"vlmopt_passes": "hiprune:keep_ratio=1/3"}``."""
 
+ONE_D_ROPE = (
+    "its language model uses 1-D RoPE, and vLLM numbers a prompt's positions 0, 1, 2, ... over the tokens it "
+    "holds: after pruning, the kept visual tokens and the text after them would be renumbered instead of keeping "
+    "their original positions (vlmopt's position policy). Run it with vlmopt.compile or vlmopt's lmms-eval model"
+)
+
+
+def refusal(family: Any) -> str:
+    """Why the plugin refuses a pass list on an adapter class without vLLM classes."""
+    if family.vllm_refusal:
+        return family.vllm_refusal
+    if tuple(family.position_dims) == (0, 1):
+        return ONE_D_ROPE
+    return ("its adapter names no vLLM model classes (Adapter.vllm_classes, docs/adding-a-family.md); run it with "
+            "vlmopt.compile or vlmopt's lmms-eval model")
+
 
 def spec_of(hf_config: Any) -> str:
     """The pass list written in ``hf_config`` (``""`` when none); a clear error for a value that is no spec."""
@@ -82,7 +98,7 @@ class TowerFacts:
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"vlmopt's vLLM plugin cannot prune this model: {error}; drop hf_overrides[{OVERRIDE_KEY!r}]") from None
         if not any(family.model_classes.get(model_type) == name for name in family.vllm_classes):
-            raise UnsupportedModelError(f"vlmopt's vLLM plugin cannot prune {model_type}: {family.vllm_refusal}")
+            raise UnsupportedModelError(f"vlmopt's vLLM plugin cannot prune {model_type}: {refusal(family)}")
         depth, merge_side = family.vllm_tower(hf_config)
         return cls(model_type, depth, merge_side, family.paper_settings)
 
