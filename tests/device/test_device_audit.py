@@ -1,5 +1,5 @@
-"""Every family, every pass, every stage graph, run with the model's parameters and the batch on a
-non-CPU device (:mod:`tests.device.on_device`): planning, the graphs, the ops' references, the
+"""Every family and every pass (:func:`tests.device.flows.cases`), every stage graph, run with the
+model's parameters and the batch on a non-CPU device (:mod:`tests.device.on_device`): planning, the graphs, the ops' references, the
 generation loop, streams and training steps (backward included) never mix in a CPU tensor, and give
 what the same flow gives on the CPU."""
 
