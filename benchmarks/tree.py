@@ -29,7 +29,7 @@ ENTRIES: tuple[tuple[str, str], ...] = (
     ("vlmopt/stream/", "the streaming runtime (CompiledVLM.stream); KV-tier passes in passes/kv_stream.py"),
     ("vlmopt/distributed/", "APB-V's hosts: the one-process simulation and the torch.distributed group"),
     ("vlmopt/train/", "training with compiled models: step, teacher losses, fine-tuning, HF Trainer"),
-    ("vlmopt/integrations/", "the lmms-eval plugin (--model vlmopt) and its task export"),
+    ("vlmopt/integrations/", "lmms-eval plugin (--model vlmopt), task export, vLLM plugin"),
     ("vlmopt/evaluation.py", "the harness behind vlmopt eval: accuracy, retention, cost"),
     ("vlmopt/reference/", "the reference models' world: loading, synthetic tasks, processors, evaluator"),
     ("models/tiny-llava/", "a shipped reference model: HF checkpoint, model card, training log"),

@@ -172,6 +172,24 @@ class Adapter(ABC):
     prompt_format: ClassVar[PromptFormat | None] = None
     """How the reference tasks prompt the family, where :mod:`vlmopt.reference.processing` has no built-in
     format for it (:mod:`vlmopt.adapters.formats`)."""
+    vllm_classes: ClassVar[Mapping[str, str]] = {}
+    """vLLM plugin (:mod:`vlmopt.integrations.vllm`): per HF class served, the ``module:Class`` of vLLM's
+    model with vlmopt's pruning, imported by vLLM only when it serves such a model (none: refused)."""
+    vllm_refusal: ClassVar[str] = ""
+    """Why the vLLM plugin refuses a pass list on this family, where its own reasons (1-D RoPE, no
+    :attr:`vllm_classes`: :func:`vlmopt.integrations.vllm.spec.refusal`) do not say it."""
+
+    @classmethod
+    def vllm_tower(cls, config: Any) -> tuple[int, int]:
+        """(vision blocks, tower tokens merged along each side of a visual token) of a HF config, for
+        the vLLM plugin's pass checks and kept counts (only families with :attr:`vllm_classes`)."""
+        raise UnsupportedModelError(f"vlmopt's vLLM plugin has no model classes for the {cls.family} adapter")
+
+    @classmethod
+    def vllm_prompt(cls, text: str, video: bool) -> str:
+        """A reference prompt (``vlmopt.reference.processing.prompt``) as vLLM's processor for the
+        family expects it, so its tokens are vlmopt's processor's (the same by default)."""
+        return text
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

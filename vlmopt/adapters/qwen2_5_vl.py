@@ -203,6 +203,7 @@ class Qwen25VLAdapter(QwenVLAdapter):
         "qwen2.5-vl-7b-shape": NamedConfig(qwen25vl_7b_shape, image_grid=(64, 64), description="Qwen2.5-VL-7B's depths, heads and tokens", processor=partial(reference_processor, "qwen2_5_vl")),
     }
     host_inputs = ("cu_seqlens", "cu_window_seqlens")
+    vllm_classes = {"Qwen2_5_VLForConditionalGeneration": "vlmopt.adapters.qwen_vllm:Qwen25VL"}
 
     def prefill_pipeline(self) -> nn.Module:
         return Qwen25VLPrefill(self.model, self.decoder_view)

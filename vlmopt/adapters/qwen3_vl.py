@@ -194,6 +194,16 @@ class Qwen3VLAdapter(QwenVLAdapter):
         "qwen3-vl-8b-shape": NamedConfig(qwen3vl_8b_shape, image_grid=(64, 64), description="Qwen3-VL-8B's depths, heads and tokens", processor=partial(reference_processor, "qwen3_vl")),
     }
     host_inputs = ("cu_seqlens",)
+    vllm_classes = {
+        "Qwen3VLForConditionalGeneration": "vlmopt.adapters.qwen_vllm:Qwen3VL",
+        "Qwen3VLMoeForConditionalGeneration": "vlmopt.adapters.qwen_vllm:Qwen3VLMoe",
+    }
+
+    @classmethod
+    def vllm_prompt(cls, text: str, video: bool) -> str:
+        # vLLM's Qwen3-VL processor writes a clip's per-patch blocks, each in its own markers, in place
+        # of a bare <|video_pad|>: the outer pair goes
+        return text.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>") if video else text
 
     def prefill_pipeline(self) -> nn.Module:
         return Qwen3VLPrefill(self.model, self.decoder_view)

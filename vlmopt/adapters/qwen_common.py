@@ -82,6 +82,10 @@ class QwenVLAdapter(Adapter):
     position_dims = (1, 2)
     batch_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
 
+    @classmethod
+    def vllm_tower(cls, config: Any) -> tuple[int, int]:
+        return config.vision_config.depth, config.vision_config.spatial_merge_size
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.vision_config = model.config.vision_config
