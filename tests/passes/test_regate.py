@@ -162,6 +162,7 @@ def test_warns_once_without_ids(llava_clip):
         ({"dense_steps": 200}, r"dense_steps must be in \[0, 128\]"),
         ({"elide": "yes"}, "elide must be True or False"),
         ({"teacher": "none"}, "teacher must be one of pad, blank, drop, got 'none'"),
+        ({"warmup_steps": 10, "teacher_step": 11}, r"teacher_step must be in \[0, 10\], got 11"),
     ],
 )
 def test_config_is_validated(kwargs, message):

@@ -108,15 +108,16 @@ def test_batch_order_is_seeded_and_covers_each_epoch():
 
 def test_a_stopped_run_resumes_to_the_unstopped_ones_end(model_dir, tmp_path, monkeypatch):
     """Stopped after its second checkpoint and started again with the same call, a fine-tuning (with
-    a blank-picture ReGATE teacher and a plateau rule) ends with the uninterrupted one's weights, ReGATE
-    state and records; a state of other settings is refused."""
+    a blank-picture ReGATE teacher frozen after the first step, and a plateau rule) ends with the
+    uninterrupted one's weights, ReGATE state and records; a state of other settings is refused."""
     import vlmopt
     from vlmopt.reference import tasks
 
     task = tasks.get("shapes-captions", size=56, grid=0, objects=(4, 5))
     config = FinetuneConfig(steps=4, batch_size=2, turns=0, eval_every=2, eval_n=2, test_n=0, lr=1e-3, lr_warmup=0,
                             patience=3)
-    runs = lambda: [Run("standard"), Run("regate", [vlmopt.passes.ReGATE(keep=0.5, warmup_steps=1, dense_steps=0, teacher="blank")])]  # noqa: E731
+    gate = vlmopt.passes.ReGATE(keep=0.5, warmup_steps=1, dense_steps=0, teacher="blank", teacher_step=1)
+    runs = lambda: [Run("standard"), Run("regate", [gate])]  # noqa: E731
     whole = finetune(_load(model_dir), task, runs(), config, progress=False)
     path, saves = tmp_path / "state.pt", []
     real_save = finetune_state.save
@@ -168,6 +169,17 @@ def test_the_teachers_losses_are_what_each_view_gives(model_dir):
         expected = teacher_losses(model, seen, visual=view)
         torch.testing.assert_close(learner.teacher_cache.for_batch([3, 4], batch["labels"]), expected, rtol=1e-5, atol=1e-5)
         assert learner.record["teacher"] == teacher and learner.record["teacher_seconds"] > 0
+    # teacher_step=1: no teacher on the first step; then the model as the first step left it
+    learner = _Learner(Run("later", [vlmopt.passes.ReGATE(warmup_steps=1, teacher_step=1)]), reference.load(model_dir)[0], config)
+    learner.step(0, batch, [3, 4], lambda: blank)
+    assert learner.teacher is None and len(learner.teacher_cache) == 0
+    after_one = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    learner.step(1, batch, [3, 4], lambda: blank)
+    for name, value in learner.teacher.state_dict().items():
+        torch.testing.assert_close(value, after_one[name], msg=name)
+    assert not torch.equal(learner.model.lm_head.weight, after_one["lm_head.weight"])
+    torch.testing.assert_close(learner.teacher_cache.for_batch([3, 4], batch["labels"]),
+                               teacher_losses(learner.teacher, batch, visual="pad"))
 
 
 def test_plateau_is_patience_evaluations_without_a_new_best():

@@ -134,6 +134,9 @@ class ReGATE(Pass):
     """Also skip the decoder compute of the tokens whose prediction is not in the loss (token elision)."""
     teacher: str = "pad"
     """The frozen teacher that gives ``ℓ_ref`` (:data:`TEACHERS`; ``vlmopt finetune`` and ``vlmopt regate precompute`` build it)."""
+    teacher_step: int = 0
+    """The training step whose model ``vlmopt finetune`` freezes as the teacher, in [0, warmup_steps]: 0, the
+    model before fine-tuning (the paper's); ``warmup_steps``, the student once warm-up has taught it the answers' form."""
 
     def __post_init__(self) -> None:
         check_range("ReGATE", "keep", self.keep, 0, 1, low_open=True)
@@ -146,6 +149,7 @@ class ReGATE(Pass):
         check_range("ReGATE", "dense_steps", self.dense_steps, 0, self.cycle, integer=True)
         if not isinstance(self.elide, bool):
             raise PassConfigError(f"ReGATE.elide must be True or False, got {self.elide!r}")
+        check_range("ReGATE", "teacher_step", self.teacher_step, 0, self.warmup_steps, integer=True)
         if self.teacher not in TEACHERS:
             raise PassConfigError(f"ReGATE.teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
 

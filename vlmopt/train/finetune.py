@@ -15,7 +15,8 @@ training set is the first ``train_n`` samples, reshuffled every epoch with ``see
 
 A run with a ReGATE pass gets ``sample_ids`` (the sample index) and ``teacher_losses`` from its
 pass's ``teacher`` (:data:`vlmopt.passes.regate.TEACHERS`): a frozen copy of its model as it is
-before the first step, computed the first time a sample is seen and cached.
+before step ``teacher_step`` (0: before the first), computed the first time a sample is seen after
+that and cached.
 
 Along the way each run is evaluated on ``eval_n`` validation samples (greedy answers, scored by the
 task: accuracy, or a caption's fact F1) at step 0 and every ``eval_every`` steps, and on ``check_n``
@@ -161,14 +162,15 @@ class _Learner:
 
         self.run, self.model, self.config = run, model, config
         self.compiled = vlmopt.compile(model, run.passes, mode="train")
-        gate = next((p for p in self.compiled.passes if isinstance(p, ReGATE)), None)
-        self.teacher_kind = gate.teacher if gate is not None else None
-        self.teacher = copy.deepcopy(model).eval() if gate is not None else None
+        self.gate = next((p for p in self.compiled.passes if isinstance(p, ReGATE)), None)
+        self.teacher_kind = self.gate.teacher if self.gate is not None else None
+        self.teacher = None
+        """The frozen teacher, once the run reaches the gate's ``teacher_step``."""
         self.teacher_cache = None
-        if self.teacher is not None:
+        if self.gate is not None:
             from vlmopt.train import TeacherCache
 
-            self.teacher_cache = TeacherCache(meta={"teacher": f"{gate.teacher}: the model before fine-tuning"})
+            self.teacher_cache = TeacherCache(meta={"teacher": f"{self.gate.teacher}: the model after {self.gate.teacher_step} steps"})
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.record: dict[str, Any] = {
@@ -184,8 +186,11 @@ class _Learner:
 
     def step(self, step: int, batch: dict, ids: list[int], blank_batch: Callable[[], dict]) -> float:
         extras: dict[str, Any] = {}
-        if self.teacher is not None:
-            if any(i not in self.teacher_cache for i in ids):
+        if self.gate is not None:
+            state = self.compiled.pass_state("regate")
+            if self.teacher is None and state.step >= self.gate.teacher_step:
+                self.teacher = copy.deepcopy(self.model).eval()
+            if self.teacher is not None and any(i not in self.teacher_cache for i in ids):
                 from vlmopt.passes.regate import TEACHERS
                 from vlmopt.train import teacher_losses
 
@@ -193,8 +198,10 @@ class _Learner:
                 seen = blank_batch() if self.teacher_kind == "blank" else batch
                 self.teacher_cache.add(ids, batch["labels"], teacher_losses(self.teacher, seen, visual=TEACHERS[self.teacher_kind]))
                 self.record["teacher_seconds"] += time.perf_counter() - began
-            extras = {"sample_ids": ids, "teacher_losses": self.teacher_cache.for_batch(ids, batch["labels"])}
-            self.record["step_dense"].append(self.compiled.pass_state("regate").is_dense())
+            # before the teacher is frozen every step is dense (teacher_step <= warmup_steps): its losses are not read
+            reference = self.teacher_cache.for_batch(ids, batch["labels"]) if self.teacher is not None else torch.zeros(batch["labels"].shape)
+            extras = {"sample_ids": ids, "teacher_losses": reference}
+            self.record["step_dense"].append(state.is_dense())
         warm = self.config.lr_warmup
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
@@ -242,7 +249,7 @@ class _Learner:
         record["loss_token_fraction"] = record["loss_tokens"] / max(1, record["answer_tokens"])
         if self.config.test_n:
             record["test"] = score_on_test(self.model, processor, task, self.config)
-        if self.teacher is not None:
+        if self.gate is not None:
             record["regate_steps"] = self.compiled.pass_state("regate").step
         return record
 

@@ -1,7 +1,8 @@
 """Resumable fine-tuning: :func:`vlmopt.train.finetune.finetune`'s whole state in one file.
 
 Every ``checkpoint_every`` steps the file gets, per run, the weights, the optimiser, the passes' state
-(ReGATE's EMAs and step), the teacher's cached losses, the records so far and the stopping state; and
+(ReGATE's EMAs and step), the teacher (once frozen) and its cached losses, the records so far and the
+stopping state; and
 the step reached, the settings and torch's random state. It is written to a temporary file, flushed
 to disk and renamed over the old one, so a run stopped at any moment leaves the last whole state.
 Started again with the same settings, :func:`restore` puts it all back and training goes on at the
@@ -11,6 +12,7 @@ unstopped one would. A file written under other settings is refused.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ def save(path: str | Path, step: int, record: dict, learners: list) -> None:
                 "model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
                 "passes": learner.compiled.pass_states.get_extra_state(),
                 "teacher": None if learner.teacher_cache is None else dict(learner.teacher_cache.losses),
+                "teacher_model": None if learner.teacher is None else learner.teacher.state_dict(),
                 "record": learner.record, "plateau": (learner.plateau.best, learner.plateau.stale),
             }
             for learner in learners
@@ -78,6 +81,9 @@ def restore(path: str | Path, record: dict, learners: list) -> int | None:
         learner.compiled.pass_states.set_extra_state(saved["passes"])
         if learner.teacher_cache is not None:
             learner.teacher_cache.losses = {int(k): v for k, v in saved["teacher"].items()}
+        if saved["teacher_model"] is not None:  # frozen at teacher_step: not the model load() gives
+            learner.teacher = copy.deepcopy(learner.model).eval()
+            learner.teacher.load_state_dict(saved["teacher_model"])
         learner.record.clear()
         learner.record.update(saved["record"])
         learner.plateau.best, learner.plateau.stale = saved["plateau"]
