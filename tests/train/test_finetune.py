@@ -12,7 +12,7 @@ import torch
 from vlmopt.cli import main
 from vlmopt.errors import InputError
 from vlmopt.train import finetune_state
-from vlmopt.train.finetune import FinetuneConfig, Plateau, Run, batch_order, finetune
+from vlmopt.train.finetune import FinetuneConfig, Plateau, Run, _follow_reference, batch_order, finetune
 from vlmopt.train.finetune_report import summarize
 
 
@@ -199,6 +199,30 @@ def test_plateau_is_patience_evaluations_without_a_new_best():
     rule = Plateau(2, min_delta=0.1)
     assert [rule.update(s) for s in (0.5, 0.55, 0.58, 0.7)] == [False, False, True, False]  # +0.05, +0.08 do not count
     assert not any(Plateau(None).update(0.0) for _ in range(5))
+
+
+def test_every_run_stops_when_the_reference_run_plateaus():
+    """Random sets of runs, some stopped: once the first run without passes (the reference) has stopped,
+    every run still going stops at this step; before that, or with follow_reference=False, none does."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng()
+    for _ in range(200):
+        n, step = int(rng.integers(1, 6)), int(rng.integers(1, 500))
+        learners = []
+        for i in range(n):
+            stopped = {"step": int(rng.integers(0, step)), "reason": "plateau"} if rng.random() < 0.4 else None
+            learner = SimpleNamespace(run=Run(f"r{i}", [] if rng.random() < 0.4 else ["regate"]), record={"stopped": stopped})
+            learner.active = learner.record["stopped"] is None
+            learners.append(learner)
+        before = [dict(lr.record) for lr in learners]
+        follow = bool(rng.random() < 0.8)
+        _follow_reference(learners, step, FinetuneConfig(steps=3, follow_reference=follow))
+        reference = next((lr for lr in learners if not lr.run.passes), None)
+        stops = follow and reference is not None and not reference.active
+        for learner, old in zip(learners, before):
+            expected = {"step": step, "reason": "reference plateau"} if stops and old["stopped"] is None else old["stopped"]
+            assert learner.record["stopped"] == expected
 
 
 def test_summary_finds_the_peaks_and_when_each_run_reaches_the_reference_peak():

@@ -62,6 +62,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--eval-batch-size", type=positive_int, default=32, help="samples per generate() batch (default 32)")
     parser.add_argument("--patience", type=positive_int,
                         help="stop a run after this many evaluations without a new best validation score (default: never)")
+    parser.add_argument("--each-to-its-plateau", action="store_true",
+                        help="with --patience, each run stops at its own plateau (default: all stop when the standard run plateaus)")
     parser.add_argument("--min-delta", type=float, default=0.0, help="the least rise that counts as a new best (default 0)")
     parser.add_argument("--check-n", type=non_negative_int, default=0,
                         help="validation samples of the model's one-word task (the pictures' base task) per evaluation: is it forgotten? (default 0)")
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_warmup=args.lr_warmup, seed=args.seed, turns=args.turns,
         train_n=args.train_n, eval_every=args.eval_every, eval_n=args.eval_n, test_n=args.test_n,
         eval_batch_size=args.eval_batch_size, patience=args.patience, min_delta=args.min_delta, check_n=args.check_n,
+        follow_reference=not args.each_to_its_plateau,
     )
 
     def load():

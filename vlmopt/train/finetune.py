@@ -22,7 +22,8 @@ Along the way each run is evaluated on ``eval_n`` validation samples (greedy ans
 task: accuracy, or a caption's fact F1) at step 0 and every ``eval_every`` steps, and on ``check_n``
 validation samples of a ``check`` task (the one-word families the model was trained on: are they
 forgotten?). With ``patience``, a run stops once its validation score has not beaten its best by more
-than ``min_delta`` for ``patience`` evaluations in a row (it has plateaued); the others go on. A run
+than ``min_delta`` for ``patience`` evaluations in a row (it has plateaued); when the reference run
+(the first without passes) plateaus, the others stop there too (``follow_reference``). A run
 records the tokens in the loss (the answer tokens that carried it, ``out.active_tokens``), the
 seconds of each training step (forward, backward, optimiser step; not the batch encoding) and of its
 teacher, all cumulative at each evaluation. With ``checkpoint``, the whole state is written there
@@ -86,6 +87,9 @@ class FinetuneConfig:
     """The least rise of the validation score that counts as an improvement, ≥ 0."""
     check_n: int = 0
     """Validation samples of the ``check`` task (one-word families) per evaluation, ≥ 0 (0: none)."""
+    follow_reference: bool = True
+    """When the reference run (the first without passes) plateaus, the other runs stop there too (the
+    experiment is "until the standard run plateaus"); False: each run stops at its own plateau."""
 
     def __post_init__(self) -> None:
         counts = {"steps": 1, "batch_size": 1, "eval_every": 1, "eval_n": 1, "eval_batch_size": 1, "turns": 0,
@@ -184,24 +188,27 @@ class _Learner:
     def active(self) -> bool:
         return self.record["stopped"] is None
 
-    def step(self, step: int, batch: dict, ids: list[int], blank_batch: Callable[[], dict]) -> float:
-        extras: dict[str, Any] = {}
-        if self.gate is not None:
-            state = self.compiled.pass_state("regate")
-            if self.teacher is None and state.step >= self.gate.teacher_step:
-                self.teacher = copy.deepcopy(self.model).eval()
-            if self.teacher is not None and any(i not in self.teacher_cache for i in ids):
-                from vlmopt.passes.regate import TEACHERS
-                from vlmopt.train import teacher_losses
+    def gate_inputs(self, batch: dict, ids: list[int], blank_batch: Callable[[], dict]) -> dict[str, Any]:
+        """ReGATE's batch inputs (``sample_ids``, ``teacher_losses``); the teacher is frozen at its step
+        and run on samples it has not seen (on the blank picture's batch for ``teacher=blank``)."""
+        from vlmopt.passes.regate import TEACHERS
+        from vlmopt.train import teacher_losses
 
-                began = time.perf_counter()
-                seen = blank_batch() if self.teacher_kind == "blank" else batch
-                self.teacher_cache.add(ids, batch["labels"], teacher_losses(self.teacher, seen, visual=TEACHERS[self.teacher_kind]))
-                self.record["teacher_seconds"] += time.perf_counter() - began
-            # before the teacher is frozen every step is dense (teacher_step <= warmup_steps): its losses are not read
-            reference = self.teacher_cache.for_batch(ids, batch["labels"]) if self.teacher is not None else torch.zeros(batch["labels"].shape)
-            extras = {"sample_ids": ids, "teacher_losses": reference}
-            self.record["step_dense"].append(state.is_dense())
+        state = self.compiled.pass_state("regate")
+        self.record["step_dense"].append(state.is_dense())
+        if self.teacher is None and state.step >= self.gate.teacher_step:
+            self.teacher = copy.deepcopy(self.model).eval()
+        if self.teacher is None:  # every step before teacher_step (<= warmup_steps) is dense: the losses are not read
+            return {"sample_ids": ids, "teacher_losses": torch.zeros(batch["labels"].shape)}
+        if any(i not in self.teacher_cache for i in ids):
+            began = time.perf_counter()
+            seen = blank_batch() if self.teacher_kind == "blank" else batch
+            self.teacher_cache.add(ids, batch["labels"], teacher_losses(self.teacher, seen, visual=TEACHERS[self.teacher_kind]))
+            self.record["teacher_seconds"] += time.perf_counter() - began
+        return {"sample_ids": ids, "teacher_losses": self.teacher_cache.for_batch(ids, batch["labels"])}
+
+    def step(self, step: int, batch: dict, ids: list[int], blank_batch: Callable[[], dict]) -> float:
+        extras = self.gate_inputs(batch, ids, blank_batch) if self.gate is not None else {}
         warm = self.config.lr_warmup
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
@@ -269,6 +276,16 @@ def _last_point(learner: _Learner) -> str:
     return f"{learner.run.label} {point['accuracy']:.4f}{check}" + ("" if learner.active else " [plateau]")
 
 
+def _follow_reference(learners: list[_Learner], step: int, config: FinetuneConfig) -> None:
+    """Stop every run still going once the reference run (the first without passes) has plateaued."""
+    reference = next((lr for lr in learners if not lr.run.passes), None)
+    if not config.follow_reference or reference is None or reference.active:
+        return
+    for learner in learners:
+        if learner.active:
+            learner.record["stopped"] = {"step": step, "reason": "reference plateau"}
+
+
 def _say(enabled: bool, text: str) -> None:
     if enabled:
         print(text, file=sys.stderr, flush=True)
@@ -333,6 +350,7 @@ def finetune(
         if done % config.eval_every == 0 or done == config.steps:
             for learner in active:
                 learner.evaluate(done, processor, task, check)
+            _follow_reference(learners, done, config)
             _say(progress, f"step {done}: validation " + ", ".join(_last_point(learner) for learner in active))
         elif done % 5 == 0:
             _say(progress, f"step {done}: loss " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
