@@ -225,6 +225,37 @@ def test_every_run_stops_when_the_reference_run_plateaus():
             assert learner.record["stopped"] == expected
 
 
+def test_runs_with_passes_stop_when_the_reference_plateaus_not_at_their_own(model_dir, monkeypatch):
+    """Validation scores drawn at random: with follow_reference the standard run stops at its own
+    plateau and the ReGATE run there too, whatever its scores; without, each run at its own plateau."""
+    from types import SimpleNamespace
+
+    import vlmopt
+    from vlmopt.reference import evaluate as evaluation
+    from vlmopt.reference import tasks
+
+    rng = np.random.default_rng()
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: SimpleNamespace(accuracy=float(rng.integers(0, 3)) / 2, per_family={}))
+    task = tasks.get("shapes-relations", size=56, grid=0, objects=(4, 5))
+    gate = vlmopt.passes.ReGATE(keep=0.5, warmup_steps=1, dense_steps=0)
+
+    def own_plateau(curve, steps):
+        rule = Plateau(1)
+        return next(({"step": p["step"], "reason": "plateau"} for p in curve if rule.update(p["accuracy"])), {"step": steps, "reason": "steps"})
+
+    for follow in (True, False, True):
+        config = FinetuneConfig(steps=5, batch_size=2, turns=0, eval_every=1, eval_n=2, test_n=0, patience=1, follow_reference=follow)
+        standard, regate = finetune(_load(model_dir), task, [Run("standard"), Run("regate", [gate])], config, progress=False)["runs"]
+        assert standard["stopped"] == own_plateau(standard["curve"], 5)
+        if not follow:
+            assert regate["stopped"] == own_plateau(regate["curve"], 5)
+        elif standard["stopped"]["reason"] == "plateau":
+            assert regate["stopped"] == {"step": standard["stopped"]["step"], "reason": "reference plateau"}
+        else:
+            assert regate["stopped"] == {"step": 5, "reason": "steps"}
+        assert regate["curve"][-1]["step"] == regate["stopped"]["step"] and len(regate["losses"]) == regate["stopped"]["step"]
+
+
 def test_summary_finds_the_peaks_and_when_each_run_reaches_the_reference_peak():
     def curve(*points):
         return [{"step": s, "accuracy": a, "loss_tokens": t, "seconds": 2.0 * s, "teacher_seconds": 0.0} for s, a, t in points]

@@ -88,8 +88,9 @@ class FinetuneConfig:
     check_n: int = 0
     """Validation samples of the ``check`` task (one-word families) per evaluation, ≥ 0 (0: none)."""
     follow_reference: bool = True
-    """When the reference run (the first without passes) plateaus, the other runs stop there too (the
-    experiment is "until the standard run plateaus"); False: each run stops at its own plateau."""
+    """Runs with passes ignore their own plateau and stop when the reference run (the first without
+    passes) plateaus (the experiment is "until the standard run plateaus"); False: each run stops at
+    its own plateau."""
 
     def __post_init__(self) -> None:
         counts = {"steps": 1, "batch_size": 1, "eval_every": 1, "eval_n": 1, "eval_batch_size": 1, "turns": 0,
@@ -183,6 +184,8 @@ class _Learner:
             "teacher_seconds": 0.0, "stopped": None,
         }
         self.plateau = Plateau(config.patience, config.min_delta)
+        self.own_plateau = True
+        """Does its own plateau stop it? (With ``follow_reference`` and a reference run, only the reference's.)"""
 
     @property
     def active(self) -> bool:
@@ -241,7 +244,7 @@ class _Learner:
             point["check"] = evaluate(self.model, processor, check, "validation", n=config.check_n,
                                       batch_size=config.eval_batch_size).accuracy
         record["curve"].append(point)
-        if self.plateau.update(result.accuracy):
+        if self.plateau.update(result.accuracy) and self.own_plateau:
             record["stopped"] = {"step": step, "reason": "plateau"}
         return result.accuracy
 
@@ -319,6 +322,9 @@ def finetune(
     for run in runs:
         model, processor = load()
         learners.append(_Learner(run, model, config))
+    if config.follow_reference and any(not r.passes for r in runs):
+        for learner in learners:
+            learner.own_plateau = not learner.run.passes
     record: dict[str, Any] = {"task": task.name, "config": asdict(config), "check": getattr(check, "name", None), "runs": []}
     start = finetune_state.restore(checkpoint, record, learners) if checkpoint else None
     if start is None:
