@@ -66,7 +66,7 @@ CATALOGUE = [
     (["diff", "--model", "tiny-llava-random", "--passes", "hiprun:keep_ratio=0.5"], "unknown pass 'hiprun'"),
     (["diff"], "the following arguments are required: --model"),
     # eval
-    (["eval", "--task", "nosuchtask"], "unknown task 'nosuchtask'; known tasks: needle, shapes, shapes-relations, shapes-video"),
+    (["eval", "--task", "nosuchtask"], "unknown task 'nosuchtask'; known tasks: needle, shapes, shapes-captions, shapes-relations, shapes-video"),
     (["eval", "--model", "tiny-llava", "--task", "shapes-video"], "tiny-llava was not trained on task 'shapes-video'"),
     (["eval", "--model", "{root}/corrupt"], "is not valid JSON"),
     (["eval", "--model", "{root}/no-config"], "is not a model directory (no config.json)"),

@@ -85,6 +85,13 @@ def test_export_writes_the_samples_and_a_scorer(tmp_path):
     assert main(["tasks", "export", "--task", "needle", "--n", "2", "--out", str(tmp_path)]) == 2
 
 
+def test_export_refuses_sentence_answers(tmp_path, capsys):
+    from vlmopt.cli import main
+
+    assert main(["tasks", "export", "--task", "shapes-captions", "--n", "2", "--out", str(tmp_path)]) == 2
+    assert "'shapes-captions' has sentence answers" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_lmms_eval_evaluator_matches_vlmopt_eval(tmp_path, monkeypatch):
     """lmms-eval's own ``simple_evaluate`` (the plugin found through its entry point) on the exported

@@ -161,12 +161,15 @@ def test_warns_once_without_ids(llava_clip):
         ({"beta": 1.0}, "beta must be in"),
         ({"dense_steps": 200}, r"dense_steps must be in \[0, 128\]"),
         ({"elide": "yes"}, "elide must be True or False"),
+        ({"teacher": "none"}, "teacher must be one of pad, blank, drop, got 'none'"),
+        ({"warmup_steps": 10, "teacher_step": 11}, r"teacher_step must be in \[0, 10\], got 11"),
     ],
 )
 def test_config_is_validated(kwargs, message):
     with pytest.raises(vlmopt.PassConfigError, match=message):
         ReGATE(**kwargs)
     assert vlmopt.passes.parse("regate:keep=0.25,cycle=64") == ReGATE(keep=0.25, cycle=64)
+    assert vlmopt.passes.parse("regate:teacher=blank") == ReGATE(teacher="blank")
 
 
 @pytest.mark.parametrize("elide", [False, True])

@@ -1,4 +1,4 @@
-"""vlmopt.train.teacher_losses: the text-only teacher's per-token losses equal a direct computation."""
+"""vlmopt.train.teacher_losses: each teacher view's per-token losses equal a direct computation."""
 
 import pytest
 import torch
@@ -18,11 +18,11 @@ def answer_labels(batch, seed):
     return labels
 
 
-def direct(language_model, head, ids, labels, positions, visual):
-    """Row by row, unpadded: the text tokens at their given positions, cross-entropy of each answer token."""
+def direct(language_model, head, ids, labels, positions, drop):
+    """Row by row, without the ``drop`` tokens: the others at their given positions, cross-entropy of each answer token."""
     out = torch.zeros(labels.shape)
     for row in range(ids.shape[0]):
-        kept = [i for i in range(ids.shape[1]) if not visual[row, i] and ids[row, i] != 0]
+        kept = [i for i in range(ids.shape[1]) if not drop[row, i]]
         index = torch.tensor(kept)
         row_positions = positions[..., row : row + 1, index]
         with torch.no_grad():
@@ -35,23 +35,69 @@ def direct(language_model, head, ids, labels, positions, visual):
     return out
 
 
-def test_the_students_own_text_only_lm(family_model):
-    batch = padded_batch(family_model, seed=61)
-    labels = answer_labels(batch, 62)
-    config = family_model.config
-    visual = (batch["input_ids"] == config.image_token_id)
-    got = vlmopt.train.teacher_losses(family_model, {**batch, "labels": labels})
-    if config.model_type == "qwen2_5_vl":
-        positions, _ = family_model.model.get_rope_index(
+def vlm_positions(model, batch, labels):
+    if model.config.model_type == "qwen2_5_vl":
+        positions, _ = model.model.get_rope_index(
             batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
             attention_mask=batch["attention_mask"],
         )
-    else:
-        positions = torch.arange(labels.shape[1]).expand(labels.shape)
-    expected = direct(family_model.model.language_model, family_model.lm_head, batch["input_ids"], labels, positions, visual)
+        return positions
+    return torch.arange(labels.shape[1]).expand(labels.shape)
+
+
+def test_the_students_own_text_only_lm(family_model):
+    batch = padded_batch(family_model, seed=61)
+    labels = answer_labels(batch, 62)
+    visual = (batch["input_ids"] == family_model.config.image_token_id)
+    got = vlmopt.train.teacher_losses(family_model, {**batch, "labels": labels}, visual="drop")
+    positions = vlm_positions(family_model, batch, labels)
+    padding = batch["attention_mask"] == 0
+    expected = direct(family_model.model.language_model, family_model.lm_head, batch["input_ids"], labels, positions, visual | padding)
     torch.testing.assert_close(got, expected)
     answer = labels[:, 1:] != -100
     assert (got[:, 1:][answer] > 0).all() and (got[:, 1:][~answer] == 0).all()
+
+
+def test_the_papers_teacher_pads_the_visual_tokens_in_place(family_model):
+    """visual="pad" (the default): the LM on the whole sequence, every visual token the padding token,
+    attended, at the position the VLM gives it; row by row without left padding, the same losses."""
+    batch = padded_batch(family_model, seed=66)
+    labels = answer_labels(batch, 67)
+    visual = batch["input_ids"] == family_model.config.image_token_id
+    got = vlmopt.train.teacher_losses(family_model, {**batch, "labels": labels})
+    pad = family_model.config.get_text_config().pad_token_id
+    ids = torch.where(visual, pad, batch["input_ids"])
+    positions = vlm_positions(family_model, batch, labels)
+    padding = batch["attention_mask"] == 0  # every other token stays, the visual ones as padding
+    expected = direct(family_model.model.language_model, family_model.lm_head, ids, labels, positions, padding)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    dropped = vlmopt.train.teacher_losses(family_model, {**batch, "labels": labels}, visual="drop")
+    assert not torch.allclose(got, dropped)  # attended padding is not removal
+    with pytest.raises(vlmopt.InputError, match="pad_token_id=<the tokenizer's pad_token_id>"):
+        original = family_model.config.get_text_config().pad_token_id
+        family_model.config.get_text_config().pad_token_id = None
+        try:
+            vlmopt.train.teacher_losses(family_model, {**batch, "labels": labels}, pad_token_id=None)
+        finally:
+            family_model.config.get_text_config().pad_token_id = original
+
+
+def test_the_image_view_runs_the_whole_model_on_the_batch(family_model):
+    """visual="image": the VLM's own forward on the pictures given (a blank picture's batch, for the
+    blank-picture teacher); other views and a text-only LM with it are refused."""
+    batch = padded_batch(family_model, seed=68)
+    labels = answer_labels(batch, 69)
+    got = vlmopt.train.teacher_losses(family_model, {**batch, "labels": labels}, visual="image")
+    with torch.no_grad():
+        logits = family_model(**batch).logits
+    expected = torch.zeros(labels.shape)
+    for row in range(labels.shape[0]):
+        for j in range(1, labels.shape[1]):
+            if labels[row, j] != -100:
+                expected[row, j] = -F.log_softmax(logits[row, j - 1].float(), -1)[labels[row, j]]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(vlmopt.InputError, match="visual must be one of pad, drop, image, got 'none'"):
+        vlmopt.train.teacher_losses(family_model, {**batch, "labels": labels}, visual="none")
 
 
 def test_another_lm_with_the_same_tokenizer(llava_clip):
@@ -63,12 +109,18 @@ def test_another_lm_with_the_same_tokenizer(llava_clip):
     )).eval()
     batch = padded_batch(llava_clip, seed=64)
     labels = answer_labels(batch, 65)
-    got = vlmopt.train.teacher_losses(lm, {**batch, "labels": labels}, student=llava_clip)
+    got = vlmopt.train.teacher_losses(lm, {**batch, "labels": labels}, student=llava_clip, visual="drop")
     visual = batch["input_ids"] == llava_clip.config.image_token_id
     positions = torch.arange(labels.shape[1]).expand(labels.shape)
-    torch.testing.assert_close(got, direct(lm.model, lm.lm_head, batch["input_ids"], labels, positions, visual))
+    padding = batch["attention_mask"] == 0
+    torch.testing.assert_close(got, direct(lm.model, lm.lm_head, batch["input_ids"], labels, positions, visual | padding))
+    padded = vlmopt.train.teacher_losses(lm, {**batch, "labels": labels}, student=llava_clip, visual="pad")
+    ids = torch.where(visual, llava_clip.config.text_config.pad_token_id, batch["input_ids"])
+    torch.testing.assert_close(padded, direct(lm.model, lm.lm_head, ids, labels, positions, padding))
     with pytest.raises(vlmopt.InputError, match="pass student=<the VLM>"):
         vlmopt.train.teacher_losses(lm, {**batch, "labels": labels})
+    with pytest.raises(vlmopt.InputError, match="has no vision tower"):
+        vlmopt.train.teacher_losses(lm, {**batch, "labels": labels}, student=llava_clip, visual="image")
     other = LlamaForCausalLM(LlamaConfig(vocab_size=text.vocab_size + 7, hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(vlmopt.InputError, match=r"does not share the student's tokenizer \(vocab_size: teacher \d+"):

@@ -1,14 +1,15 @@
 """``vlmopt finetune``: fine-tune a reference model on a task with the compiled training graph,
 standard and with train-stage passes (ReGATE) side by side.
 
-    vlmopt finetune --model tiny-llava --task shapes-relations --steps 400 \\
-        --passes none --passes 'regate:keep=0.25,warmup_steps=20,cycle=100,dense_steps=5' \\
-        --json ft.json --plot ft.png
+    vlmopt finetune --model tiny-llava --task shapes-captions --steps 1000 --patience 4 --check-n 64 \\
+        --passes none --passes regate --passes regate:elide=true --checkpoint ft.state --json ft.json --plot ft.png
 
 Each ``--passes`` value is one run (``none``: standard fine-tuning; no ``--passes``: one standard
 run); the runs train fresh copies of the model in lockstep on the same batches (see
-:mod:`vlmopt.train.finetune`), and print a table: tokens in the loss, held-out accuracy, median
-seconds per step.
+:mod:`vlmopt.train.finetune`); with ``--patience`` each stops when its validation score plateaus.
+Printed (:mod:`vlmopt.train.finetune_report`): per run its peak score, the step and seconds at which
+it first reaches the standard run's peak, the tokens in the loss there and in all, the median
+seconds per step, the one-word check and the test score.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def add_parsers(subparsers) -> None:
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     add_model_argument(parser, required=True)
-    parser.add_argument("--task", required=True, help="task name, e.g. shapes-relations (new questions about the shapes pictures)")
-    parser.add_argument("--steps", type=positive_int, required=True, help="optimiser steps per run")
+    parser.add_argument("--task", required=True, help="task name, e.g. shapes-captions (the shapes pictures described in sentences)")
+    parser.add_argument("--steps", type=positive_int, required=True, help="optimiser steps per run at most")
     parser.add_argument("--passes", action="append", default=[], metavar="SPEC",
                         help="one run's training passes, e.g. 'regate:keep=0.25' (none: standard); repeat to compare runs")
     parser.add_argument("--lr", type=positive_float, default=3e-4, help="AdamW learning rate (default 3e-4)")
@@ -59,6 +60,15 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--eval-n", type=positive_int, default=100, help="validation samples per evaluation (default 100)")
     parser.add_argument("--test-n", type=non_negative_int, default=500, help="test samples for the final models (default 500; 0: none)")
     parser.add_argument("--eval-batch-size", type=positive_int, default=32, help="samples per generate() batch (default 32)")
+    parser.add_argument("--patience", type=positive_int,
+                        help="stop a run after this many evaluations without a new best validation score (default: never)")
+    parser.add_argument("--each-to-its-plateau", action="store_true",
+                        help="with --patience, each run stops at its own plateau (default: all stop when the standard run plateaus)")
+    parser.add_argument("--min-delta", type=float, default=0.0, help="the least rise that counts as a new best (default 0)")
+    parser.add_argument("--check-n", type=non_negative_int, default=0,
+                        help="validation samples of the model's one-word task (the pictures' base task) per evaluation: is it forgotten? (default 0)")
+    parser.add_argument("--checkpoint", help="write the whole state to this file every --checkpoint-every steps; the same command resumes from it")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=25, help="steps between checkpoints (default 25)")
     parser.add_argument("--json", help="write the curves and results to this file")
     parser.add_argument("--plot", help="draw validation accuracy against tokens in the loss to this PNG (needs matplotlib)")
     parser.add_argument("--out", help="save each fine-tuned model (and its ReGATE state) under this directory, one folder per run")
@@ -93,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from vlmopt.cli.common import check_task, load_model, reference_task
     from vlmopt.errors import InputError
     from vlmopt.plots import pyplot
-    from vlmopt.train.finetune import FinetuneConfig, finetune, plot
+    from vlmopt.train.finetune import FinetuneConfig, finetune
+    from vlmopt.train.finetune_report import plot, summarize, table
 
     # Everything that can be checked without the weights is checked before loading them.
     check_task(args.task)
@@ -104,11 +115,13 @@ def run(args: argparse.Namespace) -> int:
         pyplot()  # a missing matplotlib is told before the weights load
     task = reference_task(args.model, args.task)
     if task.video:
-        raise InputError(f"finetune trains on image tasks; {args.task!r} is a video task (use shapes or shapes-relations)")
+        raise InputError(f"finetune trains on image tasks; {args.task!r} is a video task (use shapes-captions, shapes-relations or shapes)")
+    check = reference_task(args.model, getattr(task, "base", task.name)) if args.check_n else None
     config = FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_warmup=args.lr_warmup, seed=args.seed, turns=args.turns,
         train_n=args.train_n, eval_every=args.eval_every, eval_n=args.eval_n, test_n=args.test_n,
-        eval_batch_size=args.eval_batch_size,
+        eval_batch_size=args.eval_batch_size, patience=args.patience, min_delta=args.min_delta, check_n=args.check_n,
+        follow_reference=not args.each_to_its_plateau,
     )
 
     def load():
@@ -121,26 +134,28 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    record = finetune(load, task, runs, config, progress=not args.quiet)
+    record = finetune(load, task, runs, config, progress=not args.quiet, check=check, checkpoint=args.checkpoint,
+                      checkpoint_every=args.checkpoint_every)
     models, compiled = record.pop("models"), record.pop("compiled")
     record["model"] = args.model
+    record["summary"] = summary = summarize(record)
+    headers, rows = table(summary)
+    headers.append(f"test score % (n={args.test_n})")
+    for row, result in zip(rows, record["runs"]):
+        row.append(f"{100 * result['test']['accuracy']:.1f}" if result.get("test") else "")
     before = record.get("before")
-    rows = [["untouched model", 0, "", f"{100 * before['accuracy']:.1f}" if before else "", ""]] if before else []
-    for result in record["runs"]:
-        test = result.get("test")
-        rows.append([
-            result["label"], result["loss_tokens"], f"{100 * result['loss_token_fraction']:.1f}",
-            f"{100 * test['accuracy']:.1f}" if test else "", f"{result['median_step_s']:.3f}",
-        ])
-    print(f"{args.model} fine-tuned on {args.task}: {args.steps} steps × {args.batch_size} samples, seed {args.seed}")
-    print(markdown_table(["run", "tokens in the loss", "% of answer tokens", f"test accuracy % (n={args.test_n})", "median s/step"], rows))
+    print(f"{args.model} fine-tuned on {args.task}: at most {args.steps} steps × {args.batch_size} samples, seed {args.seed}"
+          + (f"; untouched model {100 * before['accuracy']:.1f}% on the test samples" if before else ""))
+    print(markdown_table(headers, rows))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
-        plot(record, args.plot, f"{args.model} fine-tuned on {args.task} ({args.steps} steps, seed {args.seed})")
+        plot(record, args.plot, f"{args.model} fine-tuned on {args.task} (seed {args.seed}; dashed: the standard run's peak)")
         print(f"wrote {args.plot}")
+    if args.checkpoint and (args.json or args.out):
+        Path(args.checkpoint).unlink(missing_ok=True)  # the results are written: nothing left to resume
     if args.out:
         _save(Path(args.out), args.model, runs, models, compiled)
     return 0

@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from vlmopt.train.step import TrainingStep
 
 
+TEACHERS = {"pad": "pad", "blank": "image", "drop": "drop"}
+"""ReGATE's teachers, each the student frozen before fine-tuning, and what
+:func:`vlmopt.train.teacher_losses` is told it sees (``visual``): ``pad``, the paper's (its language
+model, the visual tokens replaced by padding, positions kept); ``blank``, the whole model on a blank
+(uniform grey) picture of the same size; ``drop``, its language model with the visual tokens removed."""
+
+
 def unpack_answers(packed: Tensor, answer: Tensor, fill: float) -> Tensor:
     """[B, S] float: ``packed`` [B, A] (one value per answer token, in order) put at the answer
     tokens of ``answer`` [B, S] bool, ``fill`` elsewhere. Keyed by answer ordinal, so the values
@@ -125,6 +132,11 @@ class ReGATE(Pass):
     """Dense steps at the start of every cycle, in [0, cycle]."""
     elide: bool = False
     """Also skip the decoder compute of the tokens whose prediction is not in the loss (token elision)."""
+    teacher: str = "pad"
+    """The frozen teacher that gives ``ℓ_ref`` (:data:`TEACHERS`; ``vlmopt finetune`` and ``vlmopt regate precompute`` build it)."""
+    teacher_step: int = 0
+    """The training step whose model ``vlmopt finetune`` freezes as the teacher, in [0, warmup_steps]: 0, the
+    model before fine-tuning (the paper's); ``warmup_steps``, the student once warm-up has taught it the answers' form."""
 
     def __post_init__(self) -> None:
         check_range("ReGATE", "keep", self.keep, 0, 1, low_open=True)
@@ -137,6 +149,9 @@ class ReGATE(Pass):
         check_range("ReGATE", "dense_steps", self.dense_steps, 0, self.cycle, integer=True)
         if not isinstance(self.elide, bool):
             raise PassConfigError(f"ReGATE.elide must be True or False, got {self.elide!r}")
+        check_range("ReGATE", "teacher_step", self.teacher_step, 0, self.warmup_steps, integer=True)
+        if self.teacher not in TEACHERS:
+            raise PassConfigError(f"ReGATE.teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
 
     def check(self, adapter, before) -> None:
         super().check(adapter, before)

@@ -27,10 +27,11 @@ from typing import Any
 
 MODEL_NAMES = ("tiny-llava", "tiny-qwen25vl")
 """Reference models shipped in ``models/``."""
-TASK_NAMES = ("shapes", "shapes-video", "needle", "shapes-relations")
+TASK_NAMES = ("shapes", "shapes-video", "needle", "shapes-relations", "shapes-captions")
 """Synthetic tasks (:mod:`vlmopt.reference.tasks`); ``shapes-relations`` asks new questions about the
-``shapes`` pictures (no reference model was trained on it: it is for fine-tuning)."""
-_SUBMODULES = ("evaluate", "processing", "relations", "render", "scenes", "tasks", "videos")
+``shapes`` pictures and ``shapes-captions`` has them described in sentences (no reference model was
+trained on either: they are for fine-tuning)."""
+_SUBMODULES = ("captions", "evaluate", "processing", "relations", "render", "scenes", "tasks", "videos")
 
 
 def models_dir() -> Path:
@@ -88,7 +89,7 @@ def load(name: str | Path, dtype: Any = None) -> tuple[Any, Any]:
 
 def task_for(name: str | Path, task: str):
     """Task ``task`` configured as model ``name`` was trained and evaluated on it (``tasks.json``);
-    ``shapes-relations`` takes the model's ``shapes`` configuration (the same pictures)."""
+    ``shapes-relations`` and ``shapes-captions`` take the model's ``shapes`` configuration (the same pictures)."""
     from vlmopt.reference import tasks
 
     if task not in TASK_NAMES:

@@ -1,4 +1,5 @@
-"""Accuracy of a reference model on a task: greedy ``generate(max_new_tokens=3)`` then :func:`tasks.score`.
+"""Accuracy of a reference model on a task: greedy ``generate`` (``task.max_new_tokens``: 3 for one-word
+answers) then ``task.score_answer`` (:func:`tasks.score`; a caption's fact F1 for ``shapes-captions``).
 
     python -m vlmopt.reference.evaluate --model tiny-llava --task shapes --n 500
     python -m vlmopt.reference.evaluate --model tiny-llava --task shapes --n 500 --text-only
@@ -26,19 +27,20 @@ class EvalResult:
     n: int
     text_only: bool
     accuracy: float
-    """Fraction of samples answered right."""
+    """Fraction of samples answered right (sentence answers: the mean score, e.g. fact F1)."""
     per_family: dict[str, float]
     """Accuracy per question family."""
     per_answer: dict[str, dict[str, float]]
     """Accuracy per family and right answer: a family at chance because the model always gives one
-    answer shows as one answer right and the others at 0."""
+    answer shows as one answer right and the others at 0 (empty for sentence answers)."""
     majority: dict[str, float]
-    """Majority-answer rate per family (and "overall") of the same samples."""
+    """Majority-answer rate per family (and "overall") of the same samples (empty for sentence answers)."""
     seconds: float
     """Wall time of the evaluation."""
     predictions: list[str] = field(default_factory=list, repr=False)
     """Generated text per sample, in order."""
-    correct: list[bool] = field(default_factory=list, repr=False)
+    correct: list[bool | float] = field(default_factory=list, repr=False)
+    """Per sample: answered right (sentence answers: its score in [0, 1])."""
 
     def summary(self) -> dict:
         """The result without the per-sample lists (what ``eval.json`` stores)."""
@@ -87,9 +89,9 @@ def evaluate(
             chunk = [s.text_only() for s in chunk]
         if transform is not None:
             chunk = [transform(s) for s in chunk]
-        answers = predict(model, processor, chunk)
+        answers = predict(model, processor, chunk, task.max_new_tokens)
         predictions += answers
-        correct += [tasks.score(a, s) for a, s in zip(answers, chunk)]
+        correct += [task.score_answer(a, s) for a, s in zip(answers, chunk)]
         families += [s.family for s in chunk]
         truths += [s.answer for s in chunk]
     by_answer: dict[str, dict[str, list[bool]]] = {}
@@ -100,10 +102,12 @@ def evaluate(
         if family in by_answer:
             hits = [c for group in by_answer[family].values() for c in group]
             per_family[family] = sum(hits) / len(hits)
-            per_answer[family] = {a: sum(g) / len(g) for a, g in sorted(by_answer[family].items())}
+            if not task.sentences:  # every sentence answer is its own: nothing to group by
+                per_answer[family] = {a: sum(g) / len(g) for a, g in sorted(by_answer[family].items())}
+    majority = {} if task.sentences else tasks.majority_rate(tasks.family_answers(task, split, n, start))
     return EvalResult(
         task=task.name, split=split, n=n, text_only=text_only, accuracy=sum(correct) / max(1, n),
-        per_family=per_family, per_answer=per_answer, majority=tasks.majority_rate(tasks.family_answers(task, split, n, start)),
+        per_family=per_family, per_answer=per_answer, majority=majority,
         seconds=time.perf_counter() - began, predictions=predictions, correct=correct,
     )
 

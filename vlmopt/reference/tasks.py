@@ -10,8 +10,9 @@ True
 
 Tasks: ``shapes`` (one image, families colour/shape/count/exist/position), ``shapes-video``
 (streaming video: what is on screen now, what appeared first), ``needle`` (a long video where one
-frame holds the answer) and ``shapes-relations`` (the ``shapes`` pictures, question families the
-reference models were not trained on: :mod:`vlmopt.reference.relations`). Each sample is a pure function of (task, config, split, index): the numpy
+frame holds the answer), ``shapes-relations`` (the ``shapes`` pictures, question families the
+reference models were not trained on: :mod:`vlmopt.reference.relations`) and ``shapes-captions``
+(the same pictures described in a sentence: :mod:`vlmopt.reference.captions`). Each sample is a pure function of (task, config, split, index): the numpy
 generator is seeded with ``[task code, split base + index]``, and the split bases are disjoint ranges
 (train ``[0, 1e9)``, validation ``[1e9, 1.1e9)``, test ``[2e9, 2.1e9)``). Families take turns
 (``index % n_families``) and answers cycle within a family, so answers are balanced in every split.
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmopt.reference import relations, scenes, videos
+from vlmopt.reference import captions, relations, scenes, videos
 from vlmopt.reference.render import COLOURS, SHAPES, Obj, add_noise, background, draw_objects
 from vlmopt.reference.scenes import IMAGE_FAMILIES, NUMBERS, PLURALS, ShapesConfig
 from vlmopt.reference.videos import NEEDLE_FAMILIES, STREAM_FAMILIES, VideoConfig
@@ -142,8 +143,13 @@ class Task:
     code: int
     """Mixed into the seed so two tasks never share a random stream."""
     families: dict[str, tuple[str, ...]]
-    """Family → answers (each family's answers come up equally often)."""
+    """Family → answers (each family's answers come up equally often); for a task with sentence
+    answers, family → the scene layouts it cycles through (equally often)."""
     video: bool
+    sentences: bool = False
+    """Are the answers sentences (scored by :meth:`score_answer`), not one word?"""
+    max_new_tokens: int = 3
+    """Tokens a greedy answer may take (evaluation's ``generate``)."""
 
     def __init__(self, config) -> None:
         self.config = config
@@ -180,6 +186,11 @@ class Task:
     def _build(self, rng: np.random.Generator, split: str, index: int, family: str, answer: str) -> Sample:
         raise NotImplementedError
 
+    def score_answer(self, prediction: str, sample: Sample) -> bool | float:
+        """How right ``prediction`` is for ``sample``: whether its first word is the answer
+        (:func:`score`); tasks with sentence answers give a fraction in [0, 1]."""
+        return score(prediction, sample)
+
 
 class ShapesTask(Task):
     """``shapes``: small saturated shapes on a cluttered background, one question each."""
@@ -214,6 +225,32 @@ class ShapesRelationsTask(ShapesTask):
     """The task whose picture configuration a model's ``tasks.json`` gives this one."""
 
     scene = staticmethod(relations.build)
+
+
+class ShapesCaptionsTask(ShapesTask):
+    """``shapes-captions``: the ``shapes`` pictures described in a sentence of 32-38 words
+    (:mod:`vlmopt.reference.captions`), scored by the F1 of its facts: for fine-tuning on long answers.
+    The family ``caption`` cycles through :data:`captions.LAYOUTS` (all objects distinct, a pair, a
+    triple); ``meta["layout"]`` says which."""
+
+    name, code, sentences, max_new_tokens = "shapes-captions", 105, True, 48
+    families = {"caption": captions.LAYOUTS}
+    base = "shapes"
+    """The task whose picture configuration a model's ``tasks.json`` gives this one."""
+
+    def _build(self, rng, split, index, family, answer) -> Sample:
+        objects = captions.build(rng, answer, self.config)
+        canvas = background(rng, self.config.size, self.config.size)
+        image, mask = draw_objects(rng, canvas, objects)
+        image = add_noise(rng, image)
+        return Sample(
+            self.name, split, index, family, captions.QUESTION, captions.caption(objects), image, None, [objects],
+            mask[None], [(0, k) for k in range(len(objects))], {"layout": answer},
+        )
+
+    def score_answer(self, prediction: str, sample: Sample) -> float:
+        """The fact F1 of ``prediction`` against the sample's caption (:func:`captions.score`)."""
+        return captions.score(prediction, sample.answer)
 
 
 class _VideoTask(Task):
@@ -265,12 +302,13 @@ class NeedleTask(_VideoTask):
 
 TASKS: dict[str, type[Task]] = {
     "shapes": ShapesTask, "shapes-video": ShapesVideoTask, "needle": NeedleTask, "shapes-relations": ShapesRelationsTask,
+    "shapes-captions": ShapesCaptionsTask,
 }
 TASK_NAMES = tuple(TASKS)
 
 
 def get(name: str, **config: Any) -> Task:
-    """The task ``name`` (``shapes``, ``shapes-video``, ``needle``, ``shapes-relations``); keyword arguments override its
+    """The task ``name`` (``shapes``, ``shapes-video``, ``needle``, ``shapes-relations``, ``shapes-captions``); keyword arguments override its
     config (:class:`ShapesConfig` or :class:`VideoConfig` fields, e.g. ``size=448``)."""
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")

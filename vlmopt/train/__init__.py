@@ -6,7 +6,9 @@
 >>> out.loss.backward()                                   # out.token_losses, out.active_tokens
 
 Fine-tuning a reference model on a task, standard and with ReGATE side by side, with held-out
-accuracy along the way: :func:`vlmopt.train.finetune.finetune` (``vlmopt finetune``).
+scores along the way, until each plateaus: :func:`vlmopt.train.finetune.finetune` (``vlmopt finetune``;
+resumable through :mod:`vlmopt.train.finetune_state`); what it shows (peaks, steps and seconds to the
+standard run's peak): :mod:`vlmopt.train.finetune_report`.
 """
 
 from vlmopt.train.step import TrainingOutput, TrainingStep, training_forward

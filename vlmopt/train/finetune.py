@@ -1,8 +1,8 @@
 """Fine-tune a reference VLM on a task with the compiled training graph, several pass lists in lockstep.
 
 >>> runs = [Run("standard", []), Run("regate", [vlmopt.passes.ReGATE(keep=0.25)])]
->>> result = finetune(lambda: reference.load("tiny-llava"), task, runs, FinetuneConfig(steps=400))
->>> result["runs"][1]["loss_tokens"], result["runs"][1]["test"]["accuracy"]
+>>> result = finetune(lambda: reference.load("tiny-llava"), task, runs, FinetuneConfig(steps=400, patience=4))
+>>> summarize(result)["runs"][1]["to_reference_peak"]       # vlmopt.train.finetune_report
 
 Every run starts from its own fresh copy of the model (``load()`` is called once per run) and sees
 the same batches in the same order: step ``s`` of every run trains on the same samples, with the
@@ -10,18 +10,24 @@ same extra turns, and the runs take turns step by step, so that a change in the 
 them alike and their times per step compare. A training batch is ``batch_size`` samples of the
 task's training split, each encoded with its answer and ``turns`` more (question, answer) turns
 about the same picture (:meth:`vlmopt.reference.tasks.Sample.more_questions`), every answer token (the
-word and the end token) labelled: the format the reference models were trained in. The training set
-is the first ``train_n`` samples, reshuffled every epoch with ``seed``.
+answer's words and the end token) labelled: the format the reference models were trained in. The
+training set is the first ``train_n`` samples, reshuffled every epoch with ``seed``.
 
-A run with a ReGATE pass gets ``sample_ids`` (the sample index) and ``teacher_losses`` from the
-default teacher: a frozen copy of its model as it is before the first step, text only
-(:func:`vlmopt.train.teacher_losses`), computed the first time a sample is seen and cached.
+A run with a ReGATE pass gets ``sample_ids`` (the sample index) and ``teacher_losses`` from its
+pass's ``teacher`` (:data:`vlmopt.passes.regate.TEACHERS`): a frozen copy of its model as it is
+before step ``teacher_step`` (0: before the first), computed the first time a sample is seen after
+that and cached.
 
-Along the way each run is evaluated on ``eval_n`` validation samples (greedy answers, the reference
-models' evaluation: :func:`vlmopt.reference.evaluate.evaluate`) at step 0, every ``eval_every`` steps
-and at the end; the final model on ``test_n`` test samples. A run records the tokens in the loss
-(the answer tokens that carried it, ``out.active_tokens``) cumulatively, and the seconds of each
-step (forward, backward, optimiser step; not the batch encoding nor the teacher).
+Along the way each run is evaluated on ``eval_n`` validation samples (greedy answers, scored by the
+task: accuracy, or a caption's fact F1) at step 0 and every ``eval_every`` steps, and on ``check_n``
+validation samples of a ``check`` task (the one-word families the model was trained on: are they
+forgotten?). With ``patience``, a run stops once its validation score has not beaten its best by more
+than ``min_delta`` for ``patience`` evaluations in a row (it has plateaued); when the reference run
+(the first without passes) plateaus, the others stop there too (``follow_reference``). A run
+records the tokens in the loss (the answer tokens that carried it, ``out.active_tokens``), the
+seconds of each training step (forward, backward, optimiser step; not the batch encoding) and of its
+teacher, all cumulative at each evaluation. With ``checkpoint``, the whole state is written there
+every ``checkpoint_every`` steps and the same call resumes from it (:mod:`vlmopt.train.finetune_state`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +55,7 @@ class FinetuneConfig:
     """How to fine-tune (shared by every run of one :func:`finetune` call)."""
 
     steps: int
-    """Optimiser steps per run, ≥ 1."""
+    """Optimiser steps per run at most (a run that plateaus stops before), ≥ 1."""
     batch_size: int = 8
     """Samples per step, ≥ 1."""
     lr: float = 3e-4
@@ -64,7 +71,7 @@ class FinetuneConfig:
     train_n: int | None = None
     """Training samples (indices 0..train_n-1 of the train split); None: ``steps × batch_size`` (one pass)."""
     eval_every: int = 50
-    """Validation accuracy every this many steps (and at step 0 and the end), ≥ 1."""
+    """Validation score every this many steps (and at step 0 and the last step), ≥ 1."""
     eval_n: int = 100
     """Validation samples per evaluation along the way, ≥ 1."""
     test_n: int = 500
@@ -73,10 +80,23 @@ class FinetuneConfig:
     """Samples per generate() batch in evaluations, ≥ 1."""
     max_grad_norm: float = 1.0
     """Gradient clipping (global norm), > 0."""
+    patience: int | None = None
+    """Stop a run after this many evaluations in a row without beating its best score by more than
+    ``min_delta`` (a window of ``patience × eval_every`` steps); None: every run takes ``steps`` steps."""
+    min_delta: float = 0.0
+    """The least rise of the validation score that counts as an improvement, ≥ 0."""
+    check_n: int = 0
+    """Validation samples of the ``check`` task (one-word families) per evaluation, ≥ 0 (0: none)."""
+    follow_reference: bool = True
+    """Runs with passes ignore their own plateau and stop when the reference run (the first without
+    passes) plateaus (the experiment is "until the standard run plateaus"); False: each run stops at
+    its own plateau."""
 
     def __post_init__(self) -> None:
         counts = {"steps": 1, "batch_size": 1, "eval_every": 1, "eval_n": 1, "eval_batch_size": 1, "turns": 0,
-                  "lr_warmup": 0, "test_n": 0}
+                  "lr_warmup": 0, "test_n": 0, "check_n": 0}
+        if self.patience is not None:
+            counts["patience"] = 1
         for name, low in counts.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -88,8 +108,9 @@ class FinetuneConfig:
         for name in ("lr", "max_grad_norm"):
             if not float(getattr(self, name)) > 0:
                 raise InputError(f"FinetuneConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if not float(self.weight_decay) >= 0:
-            raise InputError(f"FinetuneConfig.weight_decay must be ≥ 0, got {self.weight_decay!r}")
+        for name in ("weight_decay", "min_delta"):
+            if not float(getattr(self, name)) >= 0:
+                raise InputError(f"FinetuneConfig.{name} must be ≥ 0, got {getattr(self, name)!r}")
 
     @property
     def training_samples(self) -> int:
@@ -114,8 +135,31 @@ def batch_order(config: FinetuneConfig) -> list[list[int]]:
     return [order[s * size : (s + 1) * size] for s in range(config.steps)]
 
 
+@dataclass
+class Plateau:
+    """Has a score stopped improving? After ``patience`` updates in a row that did not beat the best
+    score so far by more than ``min_delta``, yes (``patience=None``: never)."""
+
+    patience: int | None
+    """Updates without an improvement that make a plateau (None: no plateau ever)."""
+    min_delta: float = 0.0
+    """The least rise over the best that counts as an improvement."""
+    best: float = float("-inf")
+    """The best score that counted as an improvement."""
+    stale: int = 0
+    """Updates since that improvement."""
+
+    def update(self, score: float) -> bool:
+        """Take the next score; whether the scores have plateaued."""
+        if score > self.best + self.min_delta:
+            self.best, self.stale = score, 0
+        else:
+            self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+
 class _Learner:
-    """One run's model, compiled training graph, optimiser, teacher and records."""
+    """One run's model, compiled training graph, optimiser, teacher, records and stopping state."""
 
     def __init__(self, run: Run, model, config: FinetuneConfig) -> None:
         import vlmopt
@@ -123,28 +167,51 @@ class _Learner:
 
         self.run, self.model, self.config = run, model, config
         self.compiled = vlmopt.compile(model, run.passes, mode="train")
-        self.teacher = copy.deepcopy(model).eval() if any(isinstance(p, ReGATE) for p in self.compiled.passes) else None
+        self.gate = next((p for p in self.compiled.passes if isinstance(p, ReGATE)), None)
+        self.teacher_kind = self.gate.teacher if self.gate is not None else None
+        self.teacher = None
+        """The frozen teacher, once the run reaches the gate's ``teacher_step``."""
         self.teacher_cache = None
-        if self.teacher is not None:
+        if self.gate is not None:
             from vlmopt.train import TeacherCache
 
-            self.teacher_cache = TeacherCache(meta={"teacher": "the model before fine-tuning, text only"})
+            self.teacher_cache = TeacherCache(meta={"teacher": f"{self.gate.teacher}: the model after {self.gate.teacher_step} steps"})
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.record: dict[str, Any] = {
-            "label": run.label, "passes": [str(p) for p in run.passes], "curve": [], "losses": [], "step_seconds": [],
-            "loss_tokens": 0, "answer_tokens": 0,
+            "label": run.label, "passes": [str(p) for p in run.passes], "teacher": self.teacher_kind, "curve": [],
+            "losses": [], "step_seconds": [], "step_dense": [], "loss_tokens": 0, "answer_tokens": 0,
+            "teacher_seconds": 0.0, "stopped": None,
         }
+        self.plateau = Plateau(config.patience, config.min_delta)
+        self.own_plateau = True
+        """Does its own plateau stop it? (With ``follow_reference`` and a reference run, only the reference's.)"""
 
-    def step(self, step: int, batch: dict, ids: list[int]) -> float:
-        extras: dict[str, Any] = {}
-        if self.teacher is not None:
-            missing = [row for row, i in enumerate(ids) if i not in self.teacher_cache]
-            if missing:
-                from vlmopt.train import teacher_losses
+    @property
+    def active(self) -> bool:
+        return self.record["stopped"] is None
 
-                self.teacher_cache.add(ids, batch["labels"], teacher_losses(self.teacher, batch))
-            extras = {"sample_ids": ids, "teacher_losses": self.teacher_cache.for_batch(ids, batch["labels"])}
+    def gate_inputs(self, batch: dict, ids: list[int], blank_batch: Callable[[], dict]) -> dict[str, Any]:
+        """ReGATE's batch inputs (``sample_ids``, ``teacher_losses``); the teacher is frozen at its step
+        and run on samples it has not seen (on the blank picture's batch for ``teacher=blank``)."""
+        from vlmopt.passes.regate import TEACHERS
+        from vlmopt.train import teacher_losses
+
+        state = self.compiled.pass_state("regate")
+        self.record["step_dense"].append(state.is_dense())
+        if self.teacher is None and state.step >= self.gate.teacher_step:
+            self.teacher = copy.deepcopy(self.model).eval()
+        if self.teacher is None:  # every step before teacher_step (<= warmup_steps) is dense: the losses are not read
+            return {"sample_ids": ids, "teacher_losses": torch.zeros(batch["labels"].shape)}
+        if any(i not in self.teacher_cache for i in ids):
+            began = time.perf_counter()
+            seen = blank_batch() if self.teacher_kind == "blank" else batch
+            self.teacher_cache.add(ids, batch["labels"], teacher_losses(self.teacher, seen, visual=TEACHERS[self.teacher_kind]))
+            self.record["teacher_seconds"] += time.perf_counter() - began
+        return {"sample_ids": ids, "teacher_losses": self.teacher_cache.for_batch(ids, batch["labels"])}
+
+    def step(self, step: int, batch: dict, ids: list[int], blank_batch: Callable[[], dict]) -> float:
+        extras = self.gate_inputs(batch, ids, blank_batch) if self.gate is not None else {}
         warm = self.config.lr_warmup
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
@@ -163,24 +230,36 @@ class _Learner:
         record["answer_tokens"] += int((batch["labels"] != -100).sum())
         return float(out.loss.detach())
 
-    def evaluate(self, step: int, processor, task) -> float:
+    def evaluate(self, step: int, processor, task, check=None) -> float:
         from vlmopt.reference.evaluate import evaluate
 
-        result = evaluate(self.model, processor, task, "validation", n=self.config.eval_n, batch_size=self.config.eval_batch_size)
-        self.record["curve"].append({
-            "step": step, "loss_tokens": self.record["loss_tokens"], "answer_tokens": self.record["answer_tokens"],
+        config, record = self.config, self.record
+        result = evaluate(self.model, processor, task, "validation", n=config.eval_n, batch_size=config.eval_batch_size)
+        point = {
+            "step": step, "loss_tokens": record["loss_tokens"], "answer_tokens": record["answer_tokens"],
+            "seconds": sum(record["step_seconds"]), "teacher_seconds": record["teacher_seconds"],
             "accuracy": result.accuracy, "per_family": result.per_family,
-        })
+        }
+        if check is not None and config.check_n:
+            point["check"] = evaluate(self.model, processor, check, "validation", n=config.check_n,
+                                      batch_size=config.eval_batch_size).accuracy
+        record["curve"].append(point)
+        if self.plateau.update(result.accuracy) and self.own_plateau:
+            record["stopped"] = {"step": step, "reason": "plateau"}
         return result.accuracy
 
     def finish(self, processor, task) -> dict:
         record = self.record
+        if record["stopped"] is None:
+            record["stopped"] = {"step": len(record["step_seconds"]), "reason": "steps"}
         timed = record["step_seconds"][TIMING_WARMUP:] or record["step_seconds"]
         record["median_step_s"] = statistics.median(timed)
+        sparse = [s for s, dense in zip(record["step_seconds"], record["step_dense"]) if not dense][TIMING_WARMUP:]
+        record["median_sparse_step_s"] = statistics.median(sparse) if sparse else None
         record["loss_token_fraction"] = record["loss_tokens"] / max(1, record["answer_tokens"])
         if self.config.test_n:
             record["test"] = score_on_test(self.model, processor, task, self.config)
-        if self.teacher is not None:
+        if self.gate is not None:
             record["regate_steps"] = self.compiled.pass_state("regate").step
         return record
 
@@ -193,83 +272,98 @@ def score_on_test(model, processor, task, config: FinetuneConfig) -> dict:
     return {"n": result.n, "accuracy": result.accuracy, "per_family": result.per_family}
 
 
-def _progress(total: int, enabled: bool):
-    """A tqdm bar if tqdm is installed, else a plain line every tenth of the run (both on stderr)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
+def _last_point(learner: _Learner) -> str:
+    """``label score (check c) [plateau]`` of a run's latest evaluation."""
+    point = learner.record["curve"][-1]
+    check = f" (check {point['check']:.3f})" if "check" in point else ""
+    return f"{learner.run.label} {point['accuracy']:.4f}{check}" + ("" if learner.active else " [plateau]")
 
-        return tqdm(total=total, desc="fine-tuning", unit="step", file=sys.stderr)
-    except ImportError:
-        return None
+
+def _follow_reference(learners: list[_Learner], step: int, config: FinetuneConfig) -> None:
+    """Stop every run still going once the reference run (the first without passes) has plateaued."""
+    reference = next((lr for lr in learners if not lr.run.passes), None)
+    if not config.follow_reference or reference is None or reference.active:
+        return
+    for learner in learners:
+        if learner.active:
+            learner.record["stopped"] = {"step": step, "reason": "reference plateau"}
+
+
+def _say(enabled: bool, text: str) -> None:
+    if enabled:
+        print(text, file=sys.stderr, flush=True)
 
 
 def finetune(
     load: Callable[[], tuple[Any, Any]], task, runs: list[Run], config: FinetuneConfig, progress: bool = True,
-    before_test: bool = True,
+    before_test: bool = True, check=None, checkpoint: str | Path | None = None, checkpoint_every: int = 25,
 ) -> dict:
     """Fine-tune one fresh model per run in lockstep (see the module docstring); returns the record:
-    ``config``, ``task``, ``before`` (the untouched model's test accuracy, when ``before_test`` and
-    ``test_n``) and ``runs`` (per run: ``curve`` [{step, loss_tokens, accuracy, ...}], ``losses``,
-    ``step_seconds``, ``median_step_s``, ``loss_tokens``, ``answer_tokens``, ``test``); and, not for
-    JSON, ``models`` and ``compiled``: each run's fine-tuned model and its compiled training graph."""
+    ``config``, ``task``, ``check`` (the check task's name), ``before`` (the untouched model's test
+    accuracy, when ``before_test`` and ``test_n``) and ``runs`` (per run: ``curve`` [{step,
+    loss_tokens, seconds, teacher_seconds, accuracy, check, ...}], ``losses``, ``step_seconds``,
+    ``step_dense``, ``median_step_s``, ``median_sparse_step_s``, ``loss_tokens``, ``answer_tokens``,
+    ``stopped``, ``test``); and, not for JSON, ``models`` and ``compiled``: each run's fine-tuned
+    model and its compiled training graph. ``check``: a task whose ``check_n`` validation samples are
+    scored at every evaluation too. ``checkpoint``: a file the state is written to every
+    ``checkpoint_every`` steps and resumed from (the caller deletes it once the results are safe)."""
     from vlmopt.reference import processing
+    from vlmopt.train import finetune_state
 
     if not runs:
         raise InputError("finetune needs at least one run")
     labels = [r.label for r in runs]
     if len(set(labels)) != len(labels):
         raise InputError(f"run labels must differ, got {labels}")
+    if config.check_n and check is None:
+        raise InputError(f"FinetuneConfig.check_n is {config.check_n} but no check task was given; pass check=<a task> or check_n=0")
     torch.manual_seed(config.seed)
     learners, processor = [], None
     for run in runs:
         model, processor = load()
         learners.append(_Learner(run, model, config))
-    record: dict[str, Any] = {"task": task.name, "config": asdict(config), "runs": []}
-    if before_test and config.test_n:
-        record["before"] = score_on_test(learners[0].model, processor, task, config)
-    for learner in learners:
-        learner.evaluate(0, processor, task)
-    bar = _progress(config.steps, progress)
-    for step, ids in enumerate(batch_order(config)):
+    if config.follow_reference and any(not r.passes for r in runs):
+        for learner in learners:
+            learner.own_plateau = not learner.run.passes
+    record: dict[str, Any] = {"task": task.name, "config": asdict(config), "check": getattr(check, "name", None), "runs": []}
+    start = finetune_state.restore(checkpoint, record, learners) if checkpoint else None
+    if start is None:
+        start = 0
+        if before_test and config.test_n:
+            record["before"] = score_on_test(learners[0].model, processor, task, config)
+        for learner in learners:
+            learner.evaluate(0, processor, task, check)
+    else:
+        _say(progress, f"resumed from {checkpoint} after step {start}")
+    order = batch_order(config)
+    for step in range(start, config.steps):
+        active = [learner for learner in learners if learner.active]
+        if not active:
+            break
+        ids = order[step]
         samples = [task.sample("train", i) for i in ids]
         turns = [s.more_questions(config.turns, seed=config.seed) for s in samples] if config.turns else None
         batch = processing.encode(processor, samples, answers=True, turns=turns)
-        losses = [learner.step(step, batch, ids) for learner in learners]
+        blank: dict = {}
+
+        def blank_batch() -> dict:  # the same samples on a blank picture, encoded once per step
+            if not blank:
+                blank.update(processing.encode(processor, [s.text_only() for s in samples], answers=True, turns=turns))
+            return blank
+
+        losses = {learner.run.label: learner.step(step, batch, ids, blank_batch) for learner in active}
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
-            accuracies = [learner.evaluate(done, processor, task) for learner in learners]
-            if bar is not None:
-                bar.set_postfix_str(" ".join(f"{r.label[:12]}={a:.2f}" for r, a in zip(runs, accuracies)))
-        if bar is not None:
-            bar.update(1)
-        elif progress and (done % max(1, config.steps // 10) == 0 or done == config.steps):
-            print(f"step {done}/{config.steps} " + " ".join(f"{r.label}: loss {v:.3f}" for r, v in zip(runs, losses)),
-                  file=sys.stderr)
-    if bar is not None:
-        bar.close()
+            for learner in active:
+                learner.evaluate(done, processor, task, check)
+            _follow_reference(learners, done, config)
+            _say(progress, f"step {done}: validation " + ", ".join(_last_point(learner) for learner in active))
+        elif done % 5 == 0:
+            _say(progress, f"step {done}: loss " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+                 + " | s/step " + ", ".join(f"{lr.record['step_seconds'][-1]:.2f}" for lr in active))
+        if checkpoint and (done % checkpoint_every == 0 or not any(lr.active for lr in learners)):
+            finetune_state.save(checkpoint, done, record, learners)
     record["runs"] = [learner.finish(processor, task) for learner in learners]
     record["models"] = [learner.model for learner in learners]
     record["compiled"] = [learner.compiled for learner in learners]
     return record
-
-
-def plot(record: dict, path: str, title: str | None = None) -> None:
-    """Held-out accuracy against the tokens in the loss, one line per run (a PNG; needs matplotlib)."""
-    from vlmopt.plots import pyplot
-
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=90)
-    for run in record["runs"]:
-        xs = [point["loss_tokens"] for point in run["curve"]]
-        ys = [100 * point["accuracy"] for point in run["curve"]]
-        axis.plot(xs, ys, marker="o", markersize=3, label=f"{run['label']} ({run['median_step_s']:.2f} s/step)")
-    axis.set_xlabel("tokens in the loss (cumulative)")
-    axis.set_ylabel(f"validation accuracy % (n={record['config']['eval_n']})")
-    axis.set_title(title or f"fine-tuning on {record['task']}", fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)

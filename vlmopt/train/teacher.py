@@ -1,10 +1,20 @@
-"""Reference losses for ReGATE: a frozen text-only teacher's per-token loss on the answer tokens.
+"""Reference losses for ReGATE: a frozen teacher's per-token loss on the answer tokens.
 
-:func:`teacher_losses` runs, without gradients, either the student VLM's own language model with
-every visual token removed, or any causal LM that shares the student's tokenizer, and returns the
-per-token cross-entropy in the layout of the training graph's ``token_losses`` (target-aligned,
-0 where ``labels`` is -100). A token whose loss stays high without the image is a token that needs
-the image: ReGATE keeps it in the loss (`arXiv 2507.21420 <https://arxiv.org/abs/2507.21420>`_).
+:func:`teacher_losses` runs, without gradients, the student VLM's own language model or any causal
+LM that shares the student's tokenizer, and returns the per-token cross-entropy in the layout of the
+training graph's ``token_losses`` (target-aligned, 0 where ``labels`` is -100). A token whose loss
+stays high without the image is a token that needs the image: ReGATE keeps it in the loss
+(`arXiv 2507.21420 <https://arxiv.org/abs/2507.21420>`_). What the teacher sees of the picture
+(``visual``, :data:`TEACHER_VIEWS`):
+
+* ``"pad"`` (the paper's teacher): the language model alone, every visual token replaced by the
+  padding token (attended like any token), every token at the position the VLM gives it, so the
+  sequence keeps its length and positions;
+* ``"drop"``: the language model alone on the text tokens, the visual tokens removed (the same as
+  padding them and masking them out of attention: positions are kept);
+* ``"image"``: the whole VLM on the batch as given. Give it the batch of a *blank picture* (the same
+  samples with :meth:`vlmopt.reference.tasks.Sample.text_only`'s uniform grey image, so the same
+  tokens): the teacher then sees inputs like those it was trained on, with nothing in them.
 
 Call it once per sample at the start of training (the paper's teacher is the student frozen
 before fine-tuning) and cache the result by sample id; pass it as the batch's ``teacher_losses``.
@@ -19,6 +29,9 @@ from torch import Tensor, nn
 
 from vlmopt.errors import InputError
 from vlmopt.graph.training import answer_tokens, token_losses
+
+TEACHER_VIEWS = ("pad", "drop", "image")
+"""What :func:`teacher_losses`' teacher sees of the picture (see the module docstring)."""
 
 
 def _positions_1d(attention_mask: Tensor) -> Tensor:
@@ -69,25 +82,35 @@ def _check_tokenizer(teacher: nn.Module, student: nn.Module, tokenizers) -> None
 
 @torch.no_grad()
 def teacher_losses(
-    teacher: nn.Module, batch: dict[str, Any], *, student: nn.Module | None = None, tokenizers=None
+    teacher: nn.Module, batch: dict[str, Any], *, student: nn.Module | None = None, tokenizers=None,
+    visual: str = "pad", pad_token_id: int | None = None,
 ) -> Tensor:
     """[B, S] float32 reference losses of ``batch``'s answer tokens (``batch["labels"]``, -100 for none).
 
-    ``teacher`` is either a supported VLM (its own language model and LM head run on the text
-    tokens only: every visual token removed, every other token at the position the VLM gives it,
-    1-D or M-RoPE), or any causal LM (``*ForCausalLM``) sharing the tokenizer of ``student``, the
-    VLM the batch was built for (required then; the LM sees the text tokens at their original
-    sequence indices as 1-D positions). ``tokenizers=(student's, teacher's)`` also compares the
+    ``teacher`` is either a supported VLM (``visual="pad"`` or ``"drop"``: its own language model and
+    LM head on the text, every other token at the position the VLM gives it, 1-D or M-RoPE;
+    ``"image"``: the whole VLM on the batch), or any causal LM (``*ForCausalLM``) sharing the
+    tokenizer of ``student``, the VLM the batch was built for (required then; the LM sees the tokens
+    at their sequence indices as 1-D positions). ``visual`` says what becomes of the visual tokens
+    (:data:`TEACHER_VIEWS`, the module docstring); ``pad_token_id`` (``"pad"``) defaults to the
+    student's configured padding token. ``tokenizers=(student's, teacher's)`` also compares the
     vocabularies. Losses are target-aligned like the training graph's ``token_losses``.
     """
     from vlmopt.adapters import adapter_for
 
+    if visual not in TEACHER_VIEWS:
+        raise InputError(f"teacher_losses: visual must be one of {', '.join(TEACHER_VIEWS)}, got {visual!r}")
     labels = batch.get("labels")
     ids = batch.get("input_ids")
     if labels is None or ids is None or labels.shape != ids.shape:
         raise InputError("teacher_losses needs the batch's input_ids and labels [batch, sequence], of one shape")
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids", "teacher_losses")}
     is_vlm = hasattr(teacher.config, "vision_config")
+    if visual == "image":
+        if not is_vlm:
+            raise InputError(f"teacher_losses(visual='image') runs a VLM on the pictures; {type(teacher).__name__} has no vision tower "
+                             "(use visual='pad' or 'drop' for a text-only LM)")
+        return token_losses(teacher(**inputs, use_cache=False).logits, labels.long())
     vlm = teacher if is_vlm else student
     if vlm is None:
         raise InputError(
@@ -97,15 +120,23 @@ def teacher_losses(
     adapter = adapter_for(vlm)
     prompt = adapter.plan(inputs, for_generation=False)
     mask = prompt.inputs["attention_mask"]
-    visual = torch.zeros_like(ids, dtype=torch.bool)
+    is_visual = torch.zeros_like(ids, dtype=torch.bool)
     if "visual_positions" in prompt.inputs:
-        visual.view(-1)[prompt.inputs["visual_positions"]] = True
+        is_visual.view(-1)[prompt.inputs["visual_positions"]] = True
     if is_vlm:
         positions, language_model, head = prompt.inputs["position_ids"], adapter.text_model, teacher.lm_head
     else:
         _check_tokenizer(teacher, vlm, tokenizers)
         positions, language_model, head = _positions_1d(mask), teacher.get_decoder(), teacher.get_output_embeddings()
-    kept_ids, kept_mask, kept_positions, kept_labels, index = _text_only(ids, mask, positions, labels.long(), visual)
+    if visual == "pad":
+        pad = pad_token_id if pad_token_id is not None else getattr(vlm.config.get_text_config(), "pad_token_id", None)
+        if pad is None:
+            raise InputError("teacher_losses(visual='pad'): the student's config names no padding token; pass "
+                             "pad_token_id=<the tokenizer's pad_token_id>")
+        padded = torch.where(is_visual, torch.full_like(ids, int(pad)), ids)
+        hidden = language_model(input_ids=padded, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        return token_losses(head(hidden), labels.long())
+    kept_ids, kept_mask, kept_positions, kept_labels, index = _text_only(ids, mask, positions, labels.long(), is_visual)
     hidden = language_model(
         input_ids=kept_ids, attention_mask=kept_mask, position_ids=kept_positions, use_cache=False
     ).last_hidden_state

@@ -142,6 +142,9 @@ def export(task: str, n: int, out: str | Path, model: str = "tiny-llava", seed: 
         task_obj = reference.task_for(model, task)
     except KeyError as error:
         raise InputError(f"{error.args[0]}; pick --model (tiny-llava: shapes; tiny-qwen25vl: all tasks)") from None
+    if task_obj.sentences:
+        raise InputError(f"{task!r} has sentence answers (scored by vlmopt's own score_answer, not a first-word match); "
+                         "the lmms-eval export covers the one-word tasks: score it with vlmopt eval")
     try:
         import datasets
     except ImportError:
