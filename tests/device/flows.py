@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import vlmopt
 from vlmopt import configs
 from vlmopt.adapters import families
+from vlmopt.errors import IncompatiblePassError
 from vlmopt.passes import REGISTRY, Pass, VisualTokenPrune
 from vlmopt.passes.kv_stream import KVStreamPass
 
@@ -72,11 +73,22 @@ def family_configs() -> dict[str, str]:
 
 
 def unsupported(family: str, passes: tuple[Pass, ...], flow: str) -> str | None:
-    """Why ``compile`` refuses this case by design (the family lacks a capability), or None."""
+    """Why ``compile`` refuses this case by design, or None: the family lacks a capability, or a pass's
+    ``check`` refuses the model (an :class:`IncompatiblePassError`, as the README's support table reads
+    it: APB-V on a family with sliding-window layers)."""
     cls = next(c for c in families() if c.family == family)
     needs = {need for p in passes for need in p.needs} | ({"stream"} if flow == "stream" else set())
     missing = sorted(needs - cls.capabilities)
-    return f"{cls.__name__} has no {', '.join(missing)}: compile refuses this case" if missing else None
+    if missing:
+        return f"{cls.__name__} has no {', '.join(missing)}: compile refuses this case"
+    if passes:
+        adapter = cls(configs.build(configs.CONFIGS[family_configs()[family]](), device="meta"))
+        for i, config in enumerate(passes):
+            try:
+                config.check(adapter, passes[:i])
+            except IncompatiblePassError as error:
+                return f"{type(config).__name__} refuses {cls.__name__} by design: {error}"
+    return None
 
 
 #: Families audited with every pass config in every flow: a 1-D-RoPE and an M-RoPE family, the two

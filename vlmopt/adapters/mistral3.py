@@ -124,7 +124,8 @@ class Mistral3Prefill(TextPipeline):
                 image_pixel_sizes, vision_position_ids, cache, logits_to_keep):
         self.mark_text_inputs(input_ids, attention_mask, position_ids)
         with role("vision_embed"):
-            hidden = self.ln_pre(image_patches(self.patch_conv(pixel_values), patch_grids))
+            pixels = pixel_values.to(dtype=self.patch_conv.weight.dtype)  # as HF's Pixtral tower casts them
+            hidden = self.ln_pre(image_patches(self.patch_conv(pixels), patch_grids))
             mask = block_attention_mask(hidden, patch_grids)
         with role("vision_rope"):
             rope = self.vision_rotary(hidden, vision_position_ids)
@@ -264,7 +265,9 @@ class Mistral3Adapter(TiledAdapter):
             return {}
         sizes = self.image_sizes(batch, tiles)
         grids = tuple((h // self.patch, w // self.patch) for h, w in sizes)
-        ids = [torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=-1).reshape(-1, 2) for h, w in grids]
+        device = tiles.device
+        ids = [torch.stack(torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"), dim=-1)
+               .reshape(-1, 2) for h, w in grids]
         return {"patch_grids": grids, "image_pixel_sizes": tuple(sizes), "vision_position_ids": torch.cat(ids)}
 
     def frame_inputs(self, prompt, first: int, stop: int) -> dict[str, Any]:

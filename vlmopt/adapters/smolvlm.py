@@ -271,12 +271,12 @@ class SmolVLMAdapter(TiledAdapter):
         return SmolVLMPrefill(self.model, self.decoder_view)
 
     def tile_pixels(self, batch: dict[str, Any]) -> Tensor | None:
-        """The real tiles [N, 3, H, W] of ``pixel_values`` [B, N_max, 3, H, W] (all-zero padding images
-        dropped, as HF drops them)."""
+        """The real tiles [N, 3, H, W] of ``pixel_values`` [B, N_max, 3, H, W] in the model's dtype (all-zero
+        padding images dropped, as HF drops them after the same cast)."""
         pixels = batch.get("pixel_values")
         if pixels is None:
             return None
-        flat = pixels.reshape(-1, *pixels.shape[-3:])
+        flat = pixels.reshape(-1, *pixels.shape[-3:]).to(self.model.dtype)
         real = (flat == 0.0).sum(dim=(-1, -2, -3)) != flat.shape[1:].numel()
         return flat[real] if real.any() else None
 
@@ -287,8 +287,9 @@ class SmolVLMAdapter(TiledAdapter):
         patch = self.model.config.vision_config.patch_size
         pixel_mask = batch.get("pixel_attention_mask")
         if pixel_mask is None:
-            return {"patch_attention_mask": torch.ones(tiles.shape[0], tiles.shape[2] // patch, tiles.shape[3] // patch, dtype=torch.bool)}
-        flat = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[-3:])
+            shape = (tiles.shape[0], tiles.shape[2] // patch, tiles.shape[3] // patch)
+            return {"patch_attention_mask": torch.ones(shape, dtype=torch.bool, device=tiles.device)}
+        flat = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[-3:]).to(self.model.dtype)
         real = (flat == 0.0).sum(dim=(-1, -2, -3)) != flat.shape[1:].numel()
         mask = pixel_mask.reshape(-1, *pixel_mask.shape[-2:])[real]
         grid = mask.unfold(dimension=1, size=patch, step=patch).unfold(dimension=2, size=patch, step=patch)

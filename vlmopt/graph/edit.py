@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from vlmopt.graph.capture import STAGE_OF_ROLE
+from vlmopt.graph.functions import gather_for
 
 #: Roles whose nodes are rebuilt, not gathered, when the sequence shrinks after them.
 REBUILT_ROLES = ("causal_mask",)
@@ -220,13 +221,8 @@ class GraphEditor:
             if dims is None or not self._read_after(node, order, limit, index):
                 continue
             cursor = self.insert(
-                cursor,
-                torch.ops.vlmopt.gather_sequence.default,
-                (node, index, dims[0], dims[1]),
-                role="sequence_gather",
-                stage=node.meta.get("stage"),
-                name=f"{node.name}_kept",
-                seq_dim=dims,
+                cursor, gather_for(node), (node, index, dims[0], dims[1]),
+                role="sequence_gather", stage=node.meta.get("stage"), name=f"{node.name}_kept", seq_dim=dims,
             )
             gathered[node] = cursor
         for node in list(self.graph.nodes):
@@ -320,7 +316,7 @@ class GraphEditor:
         for node in sorted(wanted, key=order.__getitem__):
             dims = node.meta["seq_dim"]
             cursor = self.insert(
-                cursor, torch.ops.vlmopt.gather_sequence.default, (node, index, dims[0], dims[1]),
+                cursor, gather_for(node), (node, index, dims[0], dims[1]),
                 role="sequence_gather", stage="llm", name=f"{node.name}_kept", seq_dim=dims,
                 **({"visual_span": True} if node.meta.get("visual_span") else {}),
             )

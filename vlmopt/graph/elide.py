@@ -61,7 +61,7 @@ def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], af
     def gather(node: fx.Node) -> fx.Node:
         if node not in gathered:
             gathered[node] = chain(
-                torch.ops.vlmopt.gather_sequence.default, node, index, 0, 1,
+                gf.gather_for(node), node, index, 0, 1,
                 role="elide_gather", stage="llm", name=f"{node.name}_elided", meta={"seq_dim": (0, 1)},
             )
         return gathered[node]
@@ -95,7 +95,7 @@ def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], af
             if order[value] < order[first] and value.meta.get("seq_dim") and value not in gathered:
                 dims = value.meta["seq_dim"]
                 gathered[value] = chain(
-                    torch.ops.vlmopt.gather_sequence.default, value, index, dims[0], dims[1],
+                    gf.gather_for(value), value, index, dims[0], dims[1],
                     role="elide_gather", stage="llm", name=f"{value.name}_elided", meta={"seq_dim": dims},
                 )
             if value in gathered:

@@ -8,10 +8,16 @@ diffs read at the level of these names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from vlmopt.graph.layout import VisualLayout, keep_count, pooled_grid
+
+if TYPE_CHECKING:
+    from torch import fx
 
 ops = torch.ops.vlmopt
 
@@ -173,3 +179,14 @@ def grid_positions(positions: Tensor, layout: VisualLayout) -> Tensor:
     """The slots [T_grid] of the grid (non-structural) tokens among ``positions`` [T] (the visual span a
     pass inside the LLM may prune: structural tokens stay outside it)."""
     return positions.index_select(0, grid_index(positions, layout))
+
+
+def gather_optional(x: Tensor | None, index: Tensor, batch_dim: int, seq_dim: int) -> Tensor | None:
+    """``vlmopt::gather_sequence`` of a sequence input the graph may run without (None stays None)."""
+    return None if x is None else ops.gather_sequence(x, index, batch_dim, seq_dim)
+
+
+def gather_for(node: fx.Node) -> Callable[..., Tensor | None]:
+    """What a pass inserts to gather the sequence value ``node`` (an ``fx.Node``): the op, or
+    :func:`gather_optional` for an optional graph input (an extra mask input a text prompt may lack)."""
+    return gather_optional if node.op == "placeholder" and node.args else ops.gather_sequence.default
