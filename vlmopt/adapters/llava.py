@@ -340,6 +340,10 @@ class LlavaStreamPlanner:
     def text_start(self) -> int:
         return self.next
 
+    def visual_tokens(self, frames: np.ndarray) -> int:
+        """Visual cache entries ``frames`` take (each frame an image; its newline is text)."""
+        return frames.shape[0] * self.tokens_per_image
+
     def check(self, frames: np.ndarray) -> None:
         if self.frame_size is not None and frames.shape[1:3] != self.frame_size:
             raise InputError(
