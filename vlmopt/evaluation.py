@@ -165,7 +165,7 @@ def evaluate(
     """
     from vlmopt.reference import processing, tasks
 
-    batches = [processing.encode(processor, list(samples[i : i + batch_size])) for i in range(0, len(samples), batch_size)]
+    batches = [processing.encode(processor, run) for run in processing.batches(processor, samples, batch_size)]
     singles = [processing.encode(processor, [samples[i]]) for i in range(min(timing_samples, len(samples)))]
     results: list[RunResult] = []
     for specs in [[]] + pass_lists:

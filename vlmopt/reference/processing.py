@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlmopt.reference.tiled_processing import NEXT, ONEVISION, ONEVISION_SPECIAL, SETTINGS_FILE, TILED_ARCHS  # noqa: I001
+from vlmopt.reference.tiled_processing import build_tiled_processor, encode_onevision_videos, load_tiled, save_tiled
+
 LLAVA_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 QWEN_SPECIAL = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -45,6 +48,8 @@ TIMESTAMP_WORDS = ("<", ">", ".", "seconds", *"0123456789")
 """What Qwen3-VL's ``<{t:.1f} seconds>`` timestamps split into (digits one by one, so any length fits)."""
 QWEN_ARCHS = ("qwen", "qwen3_vl")
 """Architectures with Qwen's prompt format, merged visual tokens, M-RoPE and ``mm_token_type_ids``."""
+LLAVA_FORMAT = ("llava", NEXT)
+"""Architectures with LLaVA's prompt format and special ids."""
 QWEN_VIDEO_FPS = 2.0
 """Frames per second the Qwen video inputs declare: one temporal patch (2 frames) = 1 s."""
 
@@ -65,19 +70,20 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+ARCH_MARKS = ((ONEVISION, ("onevision", "llava_ov")), (NEXT, ("llava_next", "llavanext", "llava_v1.6")), ("qwen3_vl", ("qwen3",)),
+              ("qwen", ("qwen",)), ("llava", ("llava",)))
+"""(architecture, what its processor class or model name contains), checked in order."""
+
+
 def arch_of(processor_or_name: Any) -> str:
-    """``"llava"``, ``"qwen"`` (Qwen2.5-VL) or ``"qwen3_vl"`` for a processor, a model, a model name or a model path."""
-    if isinstance(processor_or_name, (str, Path)):
-        text = str(processor_or_name).lower()
-        return "qwen3_vl" if "qwen3" in text else "qwen" if "qwen" in text else "llava"
-    name = type(processor_or_name).__name__.lower()
-    if "qwen3" in name:
-        return "qwen3_vl"
-    if "qwen" in name:
-        return "qwen"
-    if "llava" in name:
-        return "llava"
-    raise TypeError(f"cannot tell the architecture of {type(processor_or_name).__name__}")
+    """``"llava"``, ``"llava_next"``, ``"llava_onevision"``, ``"qwen"`` (Qwen2.5-VL) or ``"qwen3_vl"`` for a
+    processor, a model, a model name or a model path (a name that says none of them: ``"llava"``)."""
+    named = isinstance(processor_or_name, (str, Path))
+    text = (str(processor_or_name) if named else type(processor_or_name).__name__).lower().replace("-", "_")
+    found = next((arch for arch, marks in ARCH_MARKS if any(mark in text for mark in marks)), "llava" if named else None)
+    if found is None:
+        raise TypeError(f"cannot tell the architecture of {type(processor_or_name).__name__}")
+    return found
 
 
 def build_tokenizer(arch: str):
@@ -87,7 +93,7 @@ def build_tokenizer(arch: str):
 
     from vlmopt.reference.tasks import vocabulary
 
-    special = LLAVA_SPECIAL if arch == "llava" else QWEN_SPECIAL
+    special = LLAVA_SPECIAL if arch in LLAVA_FORMAT else ONEVISION_SPECIAL if arch == ONEVISION else QWEN_SPECIAL
     words = list(TEMPLATE_WORDS) + [w for w in vocabulary() if w not in TEMPLATE_WORDS]
     splits = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     if arch == "qwen3_vl":
@@ -100,20 +106,17 @@ def build_tokenizer(arch: str):
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
-    if arch == "llava":
+    if arch in LLAVA_FORMAT:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
             extra_special_tokens={"image_token": "<image>"}, padding_side="left",
         )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
-        extra_special_tokens={
-            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-            "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
-        },
-        padding_side="left",
-    )
+    placeholders = {"image_token": "<image>", "video_token": "<video>"} if arch == ONEVISION else {
+        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
+                                   extra_special_tokens=placeholders, padding_side="left")
 
 
 def build_processor(arch: str, image_size: int, video_size: int = 112):
@@ -121,8 +124,11 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
 
     Qwen3-VL keeps the 14 px patches of the reference models (Qwen3-VL's own default is 16) and
     Qwen3-VL's image normalisation (mean and std 0.5); ``image_size`` is the largest image side kept,
-    ``video_size`` the frame side.
+    ``video_size`` the frame side. LLaVA-NeXT / OneVision: ``image_size`` is the tile side (see
+    :func:`~vlmopt.reference.tiled_processing.build_tiled_processor`).
     """
+    if arch in TILED_ARCHS:
+        return build_tiled_processor(arch, image_size)
     tokenizer = build_tokenizer(arch)
     if arch == "llava":
         from transformers import CLIPImageProcessorPil, LlavaProcessor
@@ -209,9 +215,11 @@ def video_config(video_size: int, arch: str = "qwen") -> dict:
 def save_processor(processor, path: Path) -> None:
     """Write the processor files into ``path`` (Qwen: by hand, since it has no video processor here)."""
     path = Path(path)
-    if arch_of(processor) == "llava":
+    if arch_of(processor) in LLAVA_FORMAT:
         processor.save_pretrained(path)
         return
+    if arch_of(processor) == ONEVISION:
+        return save_tiled(processor, path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
     (path / "processor_config.json").write_text(json.dumps({"processor_class": type(processor).__name__}, indent=2) + "\n")
@@ -226,6 +234,8 @@ def load_processor(path: str | Path):
 
     path = Path(path)
     video_file = path / "video_preprocessor_config.json"
+    if (path / SETTINGS_FILE).exists():
+        return load_tiled(path)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except ImportError as error:
@@ -316,20 +326,22 @@ def qwen3_video_placeholder(num_frames: int, grid_thw: torch.Tensor, video_cfg: 
 
 def prompt(arch: str, question: str, video: bool = False) -> str:
     """The prompt text (visual placeholder not yet expanded) for one question."""
-    if arch == "llava":
+    if arch in LLAVA_FORMAT:
         return f"USER: <image>\n{question} ASSISTANT:"
+    if arch == ONEVISION:
+        return f"<|im_start|>user\n{'<video>' if video else '<image>'}\n{question}<|im_end|>\n<|im_start|>assistant\n"
     pad = "<|video_pad|>" if video else "<|image_pad|>"
     return f"<|im_start|>user\n<|vision_start|>{pad}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def answer_text(arch: str, answer: str) -> str:
     """What the model is trained to generate after the prompt: one word and the end token."""
-    return f" {answer}</s>" if arch == "llava" else f"{answer}<|im_end|>"
+    return f" {answer}</s>" if arch in LLAVA_FORMAT else f"{answer}<|im_end|>"
 
 
 def follow_up(arch: str, question: str) -> str:
     """A later conversation turn (no picture), appended after the previous answer."""
-    if arch == "llava":
+    if arch in LLAVA_FORMAT:
         return f"USER: {question} ASSISTANT:"
     return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -380,6 +392,8 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
     texts = [prompt(arch, s.question, video=s.is_video) for s in samples]
     if not all(videos):
         out = dict(processor(text=texts, images=[s.pil_image() for s in samples], return_tensors="pt", padding=True))
+    elif arch == ONEVISION:
+        out = encode_onevision_videos(processor, texts, [s.frames for s in samples])
     else:
         cfg = _video_config_of(processor)
         clips = [qwen_video_inputs(s.frames, cfg) for s in samples]
@@ -405,6 +419,20 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
             rows.append(segments)
         out = _append_turns(out, tok, rows)
     return out
+
+
+def batches(processor, samples, size: int) -> list[list]:
+    """Consecutive runs of at most ``size`` samples that one processor call holds (a OneVision batch's
+    videos need one length: HF stacks them), in order."""
+    stacked = arch_of(processor) == ONEVISION
+    runs: list[list] = []
+    for sample in samples:
+        apart = stacked and sample.is_video and runs and len(sample.frames) != len(runs[-1][0].frames)
+        if runs and len(runs[-1]) < size and not apart:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return runs
 
 
 def _append_turns(batch: dict, tok, rows: list[list[tuple[str, bool]]]) -> dict:
