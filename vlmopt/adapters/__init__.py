@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vlmopt.adapters import llava, qwen2_5_vl, qwen3_vl  # noqa: F401  (each registers its adapter)
+from vlmopt.adapters import llava, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl  # noqa: F401  (each registers its adapter)
 from vlmopt.adapters.base import CAPABILITIES, REGISTRY, Adapter, NamedConfig, Prompt, register
 from vlmopt.adapters.layer_view import DecoderLayerView
 from vlmopt.errors import UnsupportedModelError
