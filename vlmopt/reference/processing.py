@@ -32,10 +32,13 @@ import unittest.mock
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vlmopt.reference.tiled_processing import NEXT, ONEVISION, ONEVISION_SPECIAL, SETTINGS_FILE, TILED_ARCHS  # noqa: I001
+from vlmopt.reference.qwen_video import (  # noqa: F401  (re-exported: the reference models' video inputs)
+    QWEN3_MAX_FRAMES, QWEN3_MEAN, QWEN3_PATCH, QWEN3_STD, QWEN_VIDEO_FPS, _is_qwen3, qwen3_video_placeholder, qwen_video_inputs,
+    video_config, video_grid, video_timestamps,
+)
 from vlmopt.reference.tiled_processing import build_tiled_processor, encode_onevision_videos, load_tiled, save_tiled
 
 LLAVA_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -50,8 +53,6 @@ QWEN_ARCHS = ("qwen", "qwen3_vl")
 """Architectures with Qwen's prompt format, merged visual tokens, M-RoPE and ``mm_token_type_ids``."""
 LLAVA_FORMAT = ("llava", NEXT)
 """Architectures with LLaVA's prompt format and special ids."""
-QWEN_VIDEO_FPS = 2.0
-"""Frames per second the Qwen video inputs declare: one temporal patch (2 frames) = 1 s."""
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -155,13 +156,6 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
     return processor
 
 
-QWEN3_PATCH = 14
-"""Patch side of the Qwen3-VL reference model: 448 px images give 32×32 patches → 256 merged tokens,
-as many as Qwen2.5-VL's (Qwen3-VL checkpoints use 16)."""
-QWEN3_MEAN = QWEN3_STD = (0.5, 0.5, 0.5)
-"""Qwen3-VL's image and video normalisation (``IMAGENET_STANDARD_MEAN`` / ``_STD``)."""
-
-
 def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None, arch: str = "qwen"):
     """``Qwen2_5_VLProcessor`` (``arch="qwen"``) or ``Qwen3VLProcessor`` (``"qwen3_vl"``); without a
     video processor its class check is skipped for that slot."""
@@ -176,40 +170,6 @@ def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=N
     cls = Qwen3VLProcessor if arch == "qwen3_vl" else Qwen2_5_VLProcessor
     with unittest.mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lenient):
         return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=chat_template)
-
-
-QWEN3_MAX_FRAMES = 768
-"""Most frames a Qwen3-VL reference clip keeps at full frame size (``Qwen3VLVideoProcessor.max_frames``):
-its size bounds count the pixels of all frames together."""
-
-
-def video_config(video_size: int, arch: str = "qwen") -> dict:
-    """``video_preprocessor_config.json`` of a Qwen reference model (frames of ``video_size`` px;
-    ``arch`` "qwen" or "qwen3_vl")."""
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    if arch == "qwen3_vl":
-        return {
-            "video_processor_type": "Qwen3VLVideoProcessor",
-            "processor_class": "Qwen3VLProcessor",
-            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(QWEN3_MEAN), "image_std": list(QWEN3_STD), "do_convert_rgb": True,
-            # Qwen3VLVideoProcessor bounds t·h·w over the whole clip (Qwen2-VL's bound one frame)
-            "size": {"shortest_edge": 2 * 56 * 56, "longest_edge": QWEN3_MAX_FRAMES * video_size * video_size},
-            "patch_size": QWEN3_PATCH, "temporal_patch_size": 2, "merge_size": 2,
-            "do_sample_frames": False, "fps": QWEN_VIDEO_FPS, "cap_pixels_per_frame": False,
-            "max_frames": QWEN3_MAX_FRAMES, "resample": 3, "return_metadata": True,
-        }
-    return {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
-        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True,
-        "size": {"shortest_edge": 56 * 56, "longest_edge": video_size * video_size},
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "do_sample_frames": False, "fps": QWEN_VIDEO_FPS, "cap_pixels_per_frame": False,
-        "resample": 3,
-    }
 
 
 def save_processor(processor, path: Path) -> None:
@@ -250,78 +210,6 @@ def load_processor(path: str | Path):
     if video_file.exists():
         processor._vlmopt_video_cfg = json.loads(video_file.read_text())
     return processor
-
-
-def _is_qwen3(video_cfg: dict) -> bool:
-    return video_cfg.get("video_processor_type") == "Qwen3VLVideoProcessor"
-
-
-def video_grid(num_frames: int, height: int, width: int, video_cfg: dict) -> tuple[int, int, int, int, int]:
-    """(grid_t, grid_h, grid_w, resized_h, resized_w) the Qwen2-VL or Qwen3-VL video processor
-    (``video_cfg["video_processor_type"]``) gives a clip."""
-    factor = video_cfg["patch_size"] * video_cfg["merge_size"]
-    bounds = {"min_pixels": video_cfg["size"]["shortest_edge"], "max_pixels": video_cfg["size"]["longest_edge"]}
-    if _is_qwen3(video_cfg):
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_resize
-
-        h, w = qwen3_resize(num_frames, height, width, temporal_factor=video_cfg["temporal_patch_size"], factor=factor, **bounds)
-    else:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        h, w = smart_resize(height, width, factor=factor, **bounds)
-    t = -(-num_frames // video_cfg["temporal_patch_size"])
-    return t, h // video_cfg["patch_size"], w // video_cfg["patch_size"], h, w
-
-
-def qwen_video_inputs(frames: np.ndarray, video_cfg: dict) -> dict[str, torch.Tensor]:
-    """Qwen video inputs for one clip, as ``Qwen2VLVideoProcessor`` + ``Qwen2_5_VLProcessor`` make them
-    (or ``Qwen3VLVideoProcessor`` + ``Qwen3VLProcessor`` for a Qwen3-VL ``video_cfg``: the same layout).
-
-    ``frames``: uint8 [T, H, W, 3]. Returns ``pixel_values_videos`` [t·h·w, 3·2·p·p] (float32, p the
-    patch side), ``video_grid_thw`` [1, 3] = (t, h, w) with t = ceil(T / 2) (an odd clip repeats its
-    last frame), and for Qwen2.5-VL ``second_per_grid_ts`` [1] = temporal_patch_size / fps (Qwen3-VL
-    writes :func:`video_timestamps` into the prompt instead). Frames whose size is not already a
-    multiple of 2p within the pixel bounds are resized with PIL bicubic (HF uses torchvision bicubic).
-    """
-    T, H, W, _ = frames.shape
-    _, grid_h, grid_w, h, w = video_grid(T, H, W, video_cfg)
-    if (h, w) != (H, W):
-        from PIL import Image
-
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() * video_cfg["rescale_factor"]
-    mean = torch.tensor(video_cfg["image_mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(video_cfg["image_std"]).view(1, 3, 1, 1)
-    x = ((x - mean) / std)[None]  # [1, T, C, H, W]
-    tp, ps, ms = video_cfg["temporal_patch_size"], video_cfg["patch_size"], video_cfg["merge_size"]
-    if pad := -T % tp:
-        x = torch.cat([x, x[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
-    grid_t = x.shape[1] // tp
-    # the layout of Qwen2VLVideoProcessor.patchify (transformers 5.x)
-    patches = x.view(1, grid_t, tp, 3, grid_h // ms, ms, ps, grid_w // ms, ms, ps)
-    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-    flat = patches.reshape(grid_t * grid_h * grid_w, 3 * tp * ps * ps)
-    out = {"pixel_values_videos": flat, "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]])}
-    if not _is_qwen3(video_cfg):
-        out["second_per_grid_ts"] = torch.tensor([tp / video_cfg["fps"]])
-    return out
-
-
-def video_timestamps(num_frames: int, video_cfg: dict) -> list[float]:
-    """Seconds of each temporal patch of a clip of ``num_frames`` consecutive frames at
-    ``video_cfg["fps"]``: the mean time of its first and last frame (an odd clip repeats its last
-    frame), as ``Qwen3VLProcessor._calculate_timestamps`` computes them."""
-    tp, fps = video_cfg["temporal_patch_size"], video_cfg["fps"]
-    indices = list(range(num_frames)) + [num_frames - 1] * (-num_frames % tp)
-    return [(indices[i] / fps + indices[i + tp - 1] / fps) / 2 for i in range(0, len(indices), tp)]
-
-
-def qwen3_video_placeholder(num_frames: int, grid_thw: torch.Tensor, video_cfg: dict) -> str:
-    """The prompt text of one Qwen3-VL clip: per temporal patch ``<{t:.1f} seconds>`` then its
-    ``<|vision_start|><|video_pad|>…<|vision_end|>`` (one ``<|video_pad|>`` per merged token)."""
-    per_patch = int(grid_thw[1] * grid_thw[2]) // video_cfg["merge_size"] ** 2
-    frame = "<|vision_start|>" + "<|video_pad|>" * per_patch + "<|vision_end|>"
-    return "".join(f"<{t:.1f} seconds>{frame}" for t in video_timestamps(num_frames, video_cfg))
 
 
 def prompt(arch: str, question: str, video: bool = False) -> str:
