@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmopt.adapters.anyres import PackPlan
-from vlmopt.adapters.base import NamedConfig, Prompt, register
+from vlmopt.adapters.base import NamedConfig, register
 from vlmopt.adapters.llava_next import LlavaNextAdapter, TiledPrefill, text_config, tiled_processor, tower_config
 from vlmopt.errors import InputError
 
