@@ -129,6 +129,12 @@ def test_no_source_file_over_400_lines():
     assert long == {}
 
 
+def test_every_test_folder_is_a_package_so_same_named_test_files_collect():
+    folders = {f.parent for f in (ROOT / "tests").rglob("*.py")}
+    assert len(folders) > 10
+    assert sorted(str(d.relative_to(ROOT)) for d in folders if not (d / "__init__.py").exists()) == []
+
+
 def test_the_wheel_ships_the_toolkit_without_the_training_code(tmp_path):
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
     source = tmp_path / "checkout"  # a copy: the build leaves nothing in the checkout, and no stale build/ reaches the wheel

@@ -15,3 +15,11 @@ def test_import_vlmopt_is_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_every_package_imports_first_in_a_fresh_process():
+    """No import cycle: each package of vlmopt imports on its own, before anything else of vlmopt."""
+    for module in ("vlmopt.passes.hermes", "vlmopt.passes.kv_stream", "vlmopt.stream", "vlmopt.adapters", "vlmopt.layers",
+                   "vlmopt.graph.edit", "vlmopt.export.graphs", "vlmopt.configs"):
+        result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{module}: {result.stderr[-2000:]}"

@@ -38,3 +38,9 @@ def test_several_callables_alternate_abba():
 def test_bad_counts_are_refused(repeats, warmup):
     with pytest.raises(ValueError, match="repeats"):
         measure(lambda: None, repeats=repeats, warmup=warmup)
+
+
+def test_timing_never_starts_cuda():
+    """measure() waits for queued CUDA work only in a process that uses CUDA: here it must not start it."""
+    measure(lambda: torch.ones(3).sum(), repeats=2, warmup=1)
+    assert not torch.cuda.is_initialized()

@@ -28,5 +28,9 @@ class InputError(VlmoptError, ValueError):
     """The inputs given to a compiled model are inconsistent."""
 
 
+class CheckpointError(VlmoptError, ValueError):
+    """A checkpoint's weights do not all load into the model (missing, unexpected or reshaped tensors)."""
+
+
 class MissingDependencyError(VlmoptError, ImportError):
     """An optional dependency (onnx, onnxruntime, tensorrt, triton) or a GPU is missing."""

@@ -165,8 +165,14 @@ def evaluate(
     """
     from vlmopt.reference import processing, tasks
 
-    batches = [processing.encode(processor, run) for run in processing.batches(processor, samples, batch_size)]
-    singles = [processing.encode(processor, [samples[i]]) for i in range(min(timing_samples, len(samples)))]
+    device = next(model.parameters()).device  # the processor encodes on the CPU
+
+    def encode(chunk: list) -> dict[str, Any]:
+        batch = processing.encode(processor, chunk)
+        return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+    batches = [encode(run) for run in processing.batches(processor, samples, batch_size)]
+    singles = [encode([samples[i]]) for i in range(min(timing_samples, len(samples)))]
     results: list[RunResult] = []
     for specs in [[]] + pass_lists:
         compiled = vlmopt.compile(model, passes=specs)

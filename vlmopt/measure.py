@@ -43,12 +43,20 @@ class Timing:
         return (max(self.samples_s) - min(self.samples_s)) / self.median_s if self.median_s else 0.0
 
 
+def synchronize() -> None:
+    """Wait for the work queued on CUDA, if this process uses CUDA (a GPU runs asynchronously: without
+    it a clock stops when the kernels are launched, not when they finish). Never initialises CUDA."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @overload
 def measure(run: Callable[[], Any], repeats: int = ..., warmup: int = ...) -> Timing: ...
 @overload
 def measure(run: Mapping[str, Callable[[], Any]], repeats: int = ..., warmup: int = ...) -> dict[str, Timing]: ...
 def measure(run, repeats: int = 5, warmup: int = 2):
-    """Time ``run()`` ``repeats`` times after ``warmup`` untimed runs, under ``torch.inference_mode``.
+    """Time ``run()`` ``repeats`` times after ``warmup`` untimed runs, under ``torch.inference_mode``
+    (on a GPU, from an idle device to the end of the run's kernels).
 
     ``run`` may be a mapping of names to callables: they are then timed side by side, alternating
     in ABBA order (repeat r runs them forwards when r is even, backwards when odd) so that none of
@@ -64,8 +72,10 @@ def measure(run, repeats: int = 5, warmup: int = 2):
                 call()
         for repeat in range(repeats):
             for name in list(runs)[:: 1 if repeat % 2 == 0 else -1]:
+                synchronize()
                 start = time.perf_counter()
                 runs[name]()
+                synchronize()
                 samples[name].append(time.perf_counter() - start)
     timings = {name: Timing(tuple(times), warmup) for name, times in samples.items()}
     return timings if isinstance(run, Mapping) else timings[""]

@@ -31,7 +31,7 @@ def build_model(
             text_rope_theta=rope_theta, text_mrope_interleaved=mrope_interleaved,
             text_layers=lm_layers or archs.QwenArch.text_layers,
         )
-        processor = processing.build_processor("qwen", arch.image_size, arch.video_size)
+        processor = processing.build_processor("qwen2_5_vl", arch.image_size, arch.video_size)
         model = Qwen2_5_VLForConditionalGeneration(archs.qwen_config(arch, processor.tokenizer))
     elif name == "tiny-qwen3vl":
         if mrope_interleaved:

@@ -76,7 +76,46 @@ def assert_training_loss_equals_hf(model, batch) -> None:
             torch.testing.assert_close(actual[name], grad, msg=name)
 
 
+def assert_regate_loss_equals_hf(model, batch) -> None:
+    """ReGATE keeping every answer token (``keep=1``, sparse from the first step) gives HF's loss: the
+    training graph with its per-token loss, mask and reduction is HF's loss on this family."""
+    import warnings
+
+    labels = random_labels(batch, seed=33)
+    with torch.no_grad():
+        expected = model(**batch, labels=labels).loss
+    compiled = vlmopt.compile(model, passes=["regate:keep=1.0,warmup_steps=0,dense_steps=0"], mode="train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no teacher losses: the score is the EMA alone, and every token is kept anyway
+        out = compiled(**batch, labels=labels, sample_ids=list(range(batch["input_ids"].shape[0])))
+    assert out.active_tokens.sum() == (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(out.loss, expected)
+
+
 def llm_flops_ratio(model, batch, spec: str) -> float:
     """LLM prefill FLOPs of ``spec`` over the unpruned model's (fake tensors, no arithmetic)."""
     base = vlmopt.flops(vlmopt.compile(model), batch).by_stage["llm"]
     return vlmopt.flops(vlmopt.compile(model, passes=spec.split("+")), batch).by_stage["llm"] / base
+
+
+def merged_scores(attention: torch.Tensor, leading: int, grid: tuple[int, int], merge: int) -> torch.Tensor:
+    """HiPrune's expected score per LLM token from a tower's eager attention weights [N, H, P, P] of N
+    frames: the column means over heads and queries, the ``leading`` columns left out, then the mean over
+    each token's ``merge × merge`` block of patches of the (h·merge, w·merge) grid, tokens in raster order."""
+    h, w = grid
+    columns = attention.mean(dim=(1, 2))[:, leading:].reshape(-1, h, merge, w, merge)
+    return columns.mean(dim=(2, 4)).reshape(-1)
+
+
+def run_cli(*argv: str) -> str:
+    """``vlmopt <argv>`` in this process: its stdout (a non-zero exit status fails with its stderr)."""
+    import contextlib
+    import io
+
+    from vlmopt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(argv))
+    assert status == 0, f"vlmopt {' '.join(argv)} exited {status}: {err.getvalue()[-2000:]}"
+    return out.getvalue()

@@ -24,6 +24,11 @@ SETTINGS = {"anchor_len": 5, "passing_len": 3}
 
 
 def video_prompt(model, frames: int = 6):
+    """One video of ``frames`` frames after a short text; for a family without video, ``frames`` images."""
+    from vlmopt.adapters import adapter_for_config
+
+    if "video" not in adapter_for_config(model.config).capabilities:
+        return configs.synthetic_batch(model, [configs.PromptSpec(images=frames, text_before=3, text_after=6)], seed=81)
     spec = [configs.PromptSpec(images=0, text_before=3, text_after=6)]
     return configs.synthetic_batch(model, spec, video_grids=[(frames, 8, 8)], seed=81)
 
@@ -35,9 +40,16 @@ def batch_prompt(model):
 
 
 def tiny_model(family: str = "qwen2_5_vl"):
-    """The tiny random Qwen2.5-VL (or, with ``family="qwen3_vl"``, Qwen3-VL with DeepStack) of the tests."""
+    """The tiny random Qwen2.5-VL (or, with ``family="qwen3_vl"``, Qwen3-VL with DeepStack; another
+    registered family: its ``tiny-*-random`` config) of the tests."""
     if family == "qwen3_vl":
         return configs.build(qwen3vl_config(), seed=3)
+    if family != "qwen2_5_vl":
+        from vlmopt.adapters import families
+
+        adapter = next(cls for cls in families() if cls.family == family)
+        name = next(name for name in adapter.configs if name.endswith("-random"))
+        return configs.build(configs.CONFIGS[name](), seed=3)
     return configs.build(qwen25vl_config(), seed=3)
 
 
@@ -62,7 +74,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--fail-in", choices=("attention", "vision"), default="attention")
     parser.add_argument("--batch", type=int, default=0, help="1: run the two-row batch instead of one video")
-    parser.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"))
+    parser.add_argument("--family", default="qwen2_5_vl", help="a registered adapter's family name")
     args = parser.parse_args()
     torch.set_num_threads(1)
     result: dict = {}

@@ -123,3 +123,11 @@ def test_graphs_compiled_for_another_setting_are_refused():
     with pytest.raises(IncompatiblePassError, match="compile the model where it runs"):
         inside.generate(**batch, max_new_tokens=2)
     assert torch.equal(outside.generate(**batch, max_new_tokens=3, eos_token_id=[]), expected)
+
+
+def test_the_backend_follows_the_tensors_device():
+    """NCCL moves CUDA tensors only: a group over CPU models (the CLI's) is gloo even where a GPU exists."""
+    from vlmopt.distributed.group import backend_for
+
+    assert backend_for("cpu") == backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for("cuda") == backend_for(torch.device("cuda", 1)) == "nccl"

@@ -99,7 +99,7 @@ def qwen_with_processor(tmp_path_factory) -> Path:
     from models import arch
     from vlmopt.reference import processing
 
-    processor = processing.build_processor("qwen", image_size=QWEN_IMAGE)
+    processor = processing.build_processor("qwen2_5_vl", image_size=QWEN_IMAGE)
     shape = arch.QwenArch(
         image_size=QWEN_IMAGE, vision_hidden=32, vision_depth=2, vision_heads=2, vision_intermediate=64,
         fullatt_block_indexes=(1,), window_size=56, text_hidden=64, text_layers=2, text_heads=4,

@@ -102,6 +102,17 @@ def test_onnx_greedy_tokens_equal_compiled_generate(exported, fresh_batch, name)
     np.testing.assert_array_equal(got, expected.numpy())
 
 
+def test_execution_providers_are_chosen(exported, fresh_batch):
+    from vlmopt.export import OnnxVLM
+
+    export = exported("llava")
+    feeds = {k: v.numpy() for k, v in fresh_batch(export, seed=203).items()}
+    default, chosen = OnnxVLM(export.out), OnnxVLM(export.out, providers=["CPUExecutionProvider"])
+    assert set(default.providers) == {"vision", "prefill", "decode"}
+    assert all(providers == ["CPUExecutionProvider"] for providers in chosen.providers.values())
+    np.testing.assert_array_equal(chosen.generate(**feeds, max_new_tokens=3), default.generate(**feeds, max_new_tokens=3))
+
+
 def test_a_wrong_translation_fails_the_export_loudly(tmp_path):
     """The exporter's onnxruntime check catches a translation that computes the wrong thing."""
     from vlmopt.export.config import ExportConfig

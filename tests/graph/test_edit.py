@@ -67,3 +67,17 @@ def test_inserted_nodes_carry_the_pass(llava_clip):
         node = editor.insert(editor.placeholder("x"), operator.neg, (editor.placeholder("x"),), role="test", stage="llm")
     outside = editor.insert(node, operator.neg, (node,), role="test", stage="llm")
     assert node.meta["pass"] == "Mine" and "pass" not in outside.meta
+
+
+def test_inserter_passes_keywords_to_the_target_and_meta_to_the_node():
+    """``chain(torch.sum, x, dim=1, ...)`` sums over dim 1: keywords reach the call, ``meta=`` the node."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(x)
+    editor = GraphEditor(fx.GraphModule(nn.Module(), graph))
+    summed = editor.chain(x)(torch.sum, x, dim=1, role="score", stage="llm", name="row_sums", meta={"seq_dim": (0, 1)})
+    editor.output().args = (summed,)
+    editor.finish()
+    assert summed.kwargs == {"dim": 1} and summed.meta["seq_dim"] == (0, 1) and "dim" not in summed.meta
+    value = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(editor.module(value), value.sum(1))

@@ -43,7 +43,7 @@ def test_inputs_equal_vlmopt_eval_inputs(model, task):
 def test_several_images_per_prompt_and_placeholders():
     processor = processing.load_processor(reference.path("tiny-qwen25vl"))
     images = [s.pil_image() for s in _random_samples("tiny-qwen25vl", "shapes", 2)]
-    batch = inputs.encode(processor, "qwen", [inputs.prompt_of("left <image> right <image> which?", images, 32)])
+    batch = inputs.encode(processor, "qwen2_5_vl", [inputs.prompt_of("left <image> right <image> which?", images, 32)])
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     per_image = int(batch["image_grid_thw"][0].prod()) // 4
     assert int((batch["input_ids"] == pad).sum()) == 2 * per_image and batch["image_grid_thw"].shape[0] == 2
@@ -54,7 +54,7 @@ def test_several_images_per_prompt_and_placeholders():
 def test_unsupported_inputs_give_clear_errors():
     processor = processing.load_processor(reference.path("tiny-llava"))
     frames = np.random.default_rng().integers(0, 255, size=(4, 56, 56, 3), dtype=np.uint8)
-    with pytest.raises(InputError, match="only Qwen2.5-VL reads videos"):
+    with pytest.raises(InputError, match="the Qwen families read videos"):
         inputs.encode(processor, "llava", [inputs.prompt_of("what?", [frames], 32)])
     with pytest.raises(InputError, match="images or videos, not both"):
         inputs.prompt_of("what?", [frames, frames[0]], 32)

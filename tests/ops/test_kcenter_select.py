@@ -187,3 +187,29 @@ def test_triton_kernel_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def coverage(x, picks, candidates, anchors):
+    """[B] the k-center objective: the largest distance from an eligible token to its nearest pick or anchor."""
+    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    chosen = anchors.clone().scatter(1, picks, True)
+    distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, N, N]
+    nearest = distance.masked_fill(~chosen[:, None, :], float("inf")).amin(-1)
+    return nearest.masked_fill(~candidates | chosen, 0).amax(-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_kernel_on_gpu(dtype):
+    """The op on CUDA tensors (the compiled Triton kernel) against the reference on the same inputs,
+    HalfV's shape on LLaVA-1.5-7B (576 visual tokens of width 4096, 115 picks): the same picks, or
+    (where fp32 sums in another order break a near tie) the same coverage."""
+    from vlmopt.ops.kcenter_select import reference
+
+    x, candidates, anchors = (t.cuda() for t in random_inputs(2, 576, 4096, seed=5))
+    x = x.to(dtype)
+    got, want = kcenter_select(x, candidates, anchors, 115), reference(x, candidates, anchors, 115)
+    assert got.is_cuda and got.shape == want.shape
+    if not torch.equal(got, want):
+        torch.testing.assert_close(coverage(x, got, candidates, anchors), coverage(x, want, candidates, anchors), rtol=1e-3, atol=1e-4)

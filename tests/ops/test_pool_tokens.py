@@ -33,3 +33,11 @@ def test_matches_window_means_and_anchors():
 def test_opcheck():
     x = torch.randn(24, 4)
     torch.library.opcheck(torch.ops.vlmopt.pool_tokens.default, (x, [1, 4, 6], [2, 3]))
+
+
+def test_gradients_reach_every_token():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(12 + 12, 2, generator=generator, dtype=torch.double, requires_grad=True)
+    grids, out_grids = [1, 3, 4, 2, 2, 3], [2, 3, 1, 2]
+    assert torch.autograd.gradcheck(lambda t: pool_tokens(t, grids, out_grids)[0], (x,))
+    torch.library.opcheck(torch.ops.vlmopt.pool_tokens.default, (x, grids, out_grids))

@@ -97,3 +97,16 @@ def test_triton_kernel_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_kernel_on_gpu(dtype):
+    """The op on CUDA tensors (the compiled Triton kernel) against the reference on the same inputs: a
+    CLIP ViT-L/14-336 block's queries and keys (577 tokens, 16 heads of 64), two images."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 577, 16 * 64, generator=generator).to("cuda", dtype) for _ in range(2))
+    got, want = received_attention(q, k, 16, 64**-0.5), reference(q, k, 16, 64**-0.5)
+    assert got.dtype == torch.float32 and got.is_cuda
+    assert ((got - want).norm() / want.norm()).item() < 1e-3

@@ -19,6 +19,23 @@ def span_labels(batch: dict, length: int) -> torch.Tensor:
 
 
 def test_every_token_active_equals_elide_false(family_model):
+    assert_nothing_elided_equals_elide_false(family_model)
+
+
+def test_elision_carries_deepstack_features():
+    """Qwen3-VL adds visual features to the first layers' outputs: they follow the elision index."""
+    from vlmopt import configs
+    from vlmopt.adapters.qwen3_vl import qwen3vl_config
+
+    model = configs.build(qwen3vl_config(), seed=5)
+    assert_nothing_elided_equals_elide_false(model)
+    batch = padded_batch(model, seed=75)
+    opt = vlmopt.compile(model, [ReGATE(keep=0.5, elide=True, **SPARSE)], mode="train")
+    out = opt(**batch, labels=span_labels(batch, 5), sample_ids=[0, 1])
+    assert torch.isfinite(out.loss) and (~out.active_tokens & (span_labels(batch, 5) != -100)).any()
+
+
+def assert_nothing_elided_equals_elide_false(family_model):
     batch = padded_batch(family_model, seed=71)
     labels = span_labels(batch, 5)
     teacher = torch.rand(labels.shape, generator=torch.Generator().manual_seed(72))

@@ -16,7 +16,7 @@ from vlmopt.reference import processing, tasks
 
 @pytest.fixture(scope="module")
 def qwen_processor():
-    return processing.build_processor("qwen", 448, 112)
+    return processing.build_processor("qwen2_5_vl", 448, 112)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +95,9 @@ def test_llava_encode_expands_256_image_tokens(llava_processor):
     assert batch["pixel_values"].shape == (1, 3, 224, 224)
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl", "qwen3_vl"])
 def test_training_labels_cover_only_the_answer(arch, llava_processor, qwen_processor, qwen3_processor):
-    processor = {"llava": llava_processor, "qwen": qwen_processor, "qwen3_vl": qwen3_processor}[arch]
+    processor = {"llava": llava_processor, "qwen2_5_vl": qwen_processor, "qwen3_vl": qwen3_processor}[arch]
     samples = [tasks.get("shapes", size=224 if arch == "llava" else 448).sample("test", i) for i in range(3)]
     batch = processing.encode(processor, samples, answers=True)
     tok = processor.tokenizer
@@ -107,9 +107,9 @@ def test_training_labels_cover_only_the_answer(arch, llava_processor, qwen_proce
     assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every row ends with its answer
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl", "qwen3_vl"])
 def test_chat_template_matches_the_prompt(arch, llava_processor, qwen_processor, qwen3_processor):
-    processor = {"llava": llava_processor, "qwen": qwen_processor, "qwen3_vl": qwen3_processor}[arch]
+    processor = {"llava": llava_processor, "qwen2_5_vl": qwen_processor, "qwen3_vl": qwen3_processor}[arch]
     q = "what colour is the star?"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -137,10 +137,10 @@ def test_models_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_arch_of_tells_qwen3_from_qwen25_and_llava(qwen3_processor, qwen_processor, llava_processor):
     assert processing.arch_of(qwen3_processor) == "qwen3_vl"
-    assert processing.arch_of(qwen_processor) == "qwen"
+    assert processing.arch_of(qwen_processor) == "qwen2_5_vl"
     assert processing.arch_of(llava_processor) == "llava"
     for name, arch in (("tiny-qwen3vl", "qwen3_vl"), ("models/tiny-qwen3vl-random", "qwen3_vl"), ("Qwen/Qwen3-VL-8B", "qwen3_vl"),
-                       ("tiny-qwen25vl", "qwen"), ("tiny-llava", "llava")):
+                       ("tiny-qwen25vl", "qwen2_5_vl"), ("tiny-llava", "llava")):
         assert processing.arch_of(name) == arch
         assert processing.arch_of(Path(name)) == arch
 

@@ -127,7 +127,7 @@ def test_score_normalises_one_word():
 def test_vocabulary_covers_every_question():
     from vlmopt.reference.processing import build_tokenizer
 
-    tok = build_tokenizer("qwen")
+    tok = build_tokenizer("qwen2_5_vl")
     unk = tok.convert_tokens_to_ids("<unk>")
     for name in tasks.TASK_NAMES:
         task = _task(name)

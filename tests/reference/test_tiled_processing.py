@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlmopt import configs
 from vlmopt.reference import processing
-from vlmopt.reference.tiled_processing import onevision_video_inputs, onevision_video_tokens
+from vlmopt.adapters.llava_onevision import video_inputs, video_tokens
 
 
 @pytest.fixture(scope="module", params=["tiny-llava-next-random", "tiny-llava-ov-random"])
@@ -57,11 +57,11 @@ def test_onevision_video_inputs_follow_the_hf_processors():
     named = configs.CONFIGS.named("tiny-llava-ov-random")
     processor, side = named.processor(), named.make().vision_config.image_size
     frames = np.random.default_rng(2).integers(0, 256, (3, side, side, 3), dtype=np.uint8)
-    videos = onevision_video_inputs(frames, processor)["pixel_values_videos"]
+    videos = video_inputs(frames, processor)["pixel_values_videos"]
     assert videos.shape == (1, 3, 3, side, side)
     base = processor.image_processor(images=[Image.fromarray(frames[1])], return_tensors="pt")["pixel_values"][0, 0]
     torch.testing.assert_close(videos[0, 1], base, rtol=1e-5, atol=1e-5)
-    tokens = onevision_video_tokens(3, processor)
+    tokens = video_tokens(3, processor)
     assert tokens == len(processor.replace_video_token({"pixel_values_videos": videos}, 0)) // len("<video>")
     assert [tokens] == processor._get_num_multimodal_tokens(video_sizes=[(3, side, side)])["num_video_tokens"]
 

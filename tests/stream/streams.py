@@ -12,7 +12,7 @@ from vlmopt.reference.processing import build_processor, encode
 
 def qwen_processor():
     """The reference Qwen processor (its video / image token ids match the tiny test config's)."""
-    return build_processor("qwen", 56, video_size=56)
+    return build_processor("qwen2_5_vl", 56, video_size=56)
 
 
 def random_frames(count: int, seed: int, size: int = 56) -> np.ndarray:

@@ -12,7 +12,7 @@ from vlmopt.reference import processing
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    return processing.build_processor("qwen", 448, 112).tokenizer
+    return processing.build_processor("qwen2_5_vl", 448, 112).tokenizer
 
 
 def pair_axes(section: list[int]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from vlmopt.graph import functions as gf
 if TYPE_CHECKING:
     from torch import fx
 
+    from vlmopt.adapters.formats import PromptFormat
     from vlmopt.graph.edit import GraphEditor
 
 #: What an adapter can provide, and what each means. A pass lists the ones it needs (``Pass.needs``).
@@ -47,11 +48,19 @@ CAPABILITIES: dict[str, str] = {
 REGISTRY: dict[str, type[Adapter]] = {}
 
 
+def missing_capability(adapter: Adapter | type[Adapter], need: str) -> str:
+    """``need: what it means`` and, where the family says why it lacks it, the reason."""
+    reason = adapter.lacks.get(need)
+    return f"{need}: {CAPABILITIES[need]}" + (f" ({reason})" if reason else "")
+
+
 def register(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator: serve every HF class in ``cls.model_classes`` with the adapter ``cls``."""
-    unknown = set(cls.capabilities) - set(CAPABILITIES)
+    unknown = (set(cls.capabilities) | set(cls.lacks)) - set(CAPABILITIES)
     if unknown:
-        raise TypeError(f"{cls.__name__} declares unknown capabilities {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
+        raise TypeError(f"{cls.__name__} names unknown capabilities {sorted(unknown)}; known: {sorted(CAPABILITIES)}")
+    if set(cls.capabilities) & set(cls.lacks):
+        raise TypeError(f"{cls.__name__} both has and lacks {sorted(set(cls.capabilities) & set(cls.lacks))}")
     for name in cls.model_classes.values():
         if name in REGISTRY and REGISTRY[name] is not cls:
             raise TypeError(f"{name} is served by {REGISTRY[name].__name__} already")
@@ -66,7 +75,8 @@ class NamedConfig:
     make: Callable[..., Any]
     """Builds the HF config; a ``*-shape`` config takes ``width`` (1.0 = the real model's widths)."""
     image_grid: tuple[int, int] | None = None
-    """Patch grid (h, w) of the benchmark image for native-resolution towers (None: the tower's fixed size)."""
+    """Grid of the benchmark image as the family's ``synthetic_visual`` reads it: its patch grid (h, w) for
+    native-resolution towers, its tiles (rows, columns) for tiling ones (None: the family's default image)."""
     description: str = ""
     """One line: what the config is."""
     processor: Callable[..., Any] | None = None
@@ -144,6 +154,8 @@ class Adapter(ABC):
     """The HF classes this adapter serves, by their config's ``model_type``."""
     capabilities: ClassVar[frozenset[str]] = frozenset()
     """What the family has, of :data:`CAPABILITIES`; passes refuse a model that lacks what they need."""
+    lacks: ClassVar[Mapping[str, str]] = {}
+    """Capability → why the family does not have it (a refusal quotes it)."""
     paper_settings: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     """Per pass name, the settings its paper or official code gives for this family (a pass falls
     back to its own depth-scaled default where there is no entry)."""
@@ -157,6 +169,9 @@ class Adapter(ABC):
     """Processor outputs besides ``input_ids`` / ``attention_mask`` / ``position_ids`` the family reads."""
     host_inputs: ClassVar[tuple[str, ...]] = ()
     """Planned inputs the HF modules read back as Python numbers (they stay real under fake tensors)."""
+    prompt_format: ClassVar[PromptFormat | None] = None
+    """How the reference tasks prompt the family, where :mod:`vlmopt.reference.processing` has no built-in
+    format for it (:mod:`vlmopt.adapters.formats`)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -232,6 +247,11 @@ class Adapter(ABC):
     def export_image_size(self, processor: Any, requested: int | None) -> int:
         """The square image side (pixels) an ONNX export is fixed to (``requested`` where the tower takes it)."""
         raise UnsupportedModelError(f"the {self.family} adapter does not export to ONNX")
+
+    def export_processor(self, processor: Any) -> Any:
+        """The processor an ONNX export saves and writes its prompts with: one that gives one image the
+        export's fixed layout (``processor`` itself by default)."""
+        return processor
 
     def export_image_grid(self, image_size: int) -> tuple[int, int] | None:
         """The patch grid (h, w) of one ``image_size`` px image for :func:`vlmopt.configs.synthetic_batch`

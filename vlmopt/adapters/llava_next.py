@@ -25,6 +25,7 @@ from torch import Tensor, fx, nn
 
 from vlmopt.adapters.anyres import PackPlan, pack_features, plan_image, plan_layout, tower_pixels
 from vlmopt.adapters.base import NamedConfig, Prompt, register
+from vlmopt.adapters.formats import PromptFormat
 from vlmopt.adapters.llava import IMAGE_TOKEN, PAD_TOKEN, LlavaAdapter, LlavaPrefill
 from vlmopt.errors import InputError, UnsupportedModelError
 from vlmopt.graph.capture import mark, role
@@ -66,8 +67,6 @@ def llava_next_config(
     special ids of the word-level tokenizer (:mod:`vlmopt.reference.processing`)."""
     from transformers import LlavaNextConfig
 
-    from vlmopt.reference.tiled_processing import next_pinpoints
-
     return LlavaNextConfig(
         vision_config=tower_config(tower, image_size, patch_size, vision_hidden, vision_layers, vision_heads, vision_intermediate),
         text_config=text_config(text, text_hidden, text_layers, text_heads, kv_heads, intermediate or text_hidden * 5 // 2,
@@ -90,15 +89,53 @@ def llava_next_7b_shape(width: float = 1.0):
     )
 
 
+def next_pinpoints(tile: int) -> list[list[int]]:
+    """LLaVA-NeXT's ``image_grid_pinpoints`` (1×2, 2×1, 2×2, 3×1, 1×3 tiles) for tiles of ``tile`` px."""
+    return [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [3 * tile, tile], [tile, 3 * tile]]
+
+
 def tiled_processor(arch: str, config_of, image_size: int | None = None, video_size: int | None = None):
-    """The word-level processor of a random tiled config (the tower fixes tile and frame sizes, so
-    ``image_size`` / ``video_size`` are not used)."""
-    from vlmopt.reference.tiled_processing import build_tiled_processor
+    """The word-level processor of a random tiled config, with its tile side, patch side, pinpoints and
+    feature strategy (the tower fixes tile and frame sizes, so ``image_size`` / ``video_size`` are not used)."""
+    from vlmopt.reference.processing import build_processor
 
     config = config_of()
     vision = config.vision_config
-    return build_tiled_processor(arch, vision.image_size, vision.patch_size, config.image_grid_pinpoints,
-                                 config.vision_feature_select_strategy, getattr(config, "vision_aspect_ratio", "anyres_max_9"))
+    settings = {"patch": vision.patch_size, "pinpoints": [list(p) for p in config.image_grid_pinpoints],
+                "strategy": config.vision_feature_select_strategy}
+    if hasattr(config, "vision_aspect_ratio"):
+        settings["aspect_ratio"] = config.vision_aspect_ratio
+    return build_processor(arch, vision.image_size, vision.image_size, **settings)
+
+
+def next_images(tile: int):
+    """LLaVA-NeXT's image processor (PIL backend) for tiles of ``tile`` px: base image and best-fit tiles."""
+    from transformers import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                      image_grid_pinpoints=next_pinpoints(tile))
+
+
+def next_processor(tokenizer, images, image_size: int, video_size: int, patch: int = 14, pinpoints=None, strategy: str = "default"):
+    """``LlavaNextProcessor`` (``image_size`` the tile side; ``strategy="default"`` drops CLIP's CLS token)."""
+    from transformers import LlavaNextProcessor
+
+    from vlmopt.reference.processing import LLAVA_CHAT_TEMPLATE
+
+    if pinpoints:
+        images.image_grid_pinpoints = pinpoints
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy=strategy,
+                              num_additional_image_tokens=int(strategy == "default"), chat_template=LLAVA_CHAT_TEMPLATE)
+
+
+FORMAT = PromptFormat(
+    arch="llava_next", processor_class="LlavaNextProcessor", special=("<pad>", "<s>", "</s>", "<unk>", "<image>"),
+    tokens={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "image_token": "<image>"},
+    prompt=lambda question, video: f"USER: <image>\n{question} ASSISTANT:", answer=lambda answer: f" {answer}</s>",
+    follow_up=lambda question: f"USER: {question} ASSISTANT:", assemble=next_processor, image_processor=next_images,
+    bos="<s>", names=("llava_next", "llava_v1.6"),
+)
+"""LLaVA's prompts and special ids (``PAD_TOKEN``, ``IMAGE_TOKEN``) with LLaVA-NeXT's tiles."""
 
 
 class TiledPrefill(LlavaPrefill):
@@ -141,6 +178,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = {"llava_next": "LlavaNextForConditionalGeneration"}
     capabilities = frozenset({"vision_qk", "grids", "export"})
+    prompt_format = FORMAT
     paper_settings = {
         # HiPrune's LLaVA-NeXT scripts: object layer 9 of CLIP ViT-L's 24, a budget per crop (base image included).
         "hiprune": {"object_layer": (9, 24)},
@@ -297,4 +335,4 @@ class LlavaNextAdapter(LlavaAdapter):
         return [config.image_token_id] * image.tokens(side), {"pixel_values": pixels, "image_sizes": torch.tensor([[height, width]])}
 
     def prompt_text(self, question: str) -> str:
-        return f"USER: <image>\n{question} ASSISTANT:"
+        return FORMAT.prompt(question, False)

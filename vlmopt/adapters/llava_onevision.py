@@ -18,6 +18,7 @@ every budget, and a question sees the one-shot prompt's sequence.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -27,12 +28,26 @@ from torch import Tensor, nn
 
 from vlmopt.adapters.anyres import PackPlan
 from vlmopt.adapters.base import NamedConfig, register
+from vlmopt.adapters.formats import PromptFormat, lenient_construction
 from vlmopt.adapters.llava_next import LlavaNextAdapter, TiledPrefill, text_config, tiled_processor, tower_config
 from vlmopt.errors import InputError
 
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>")
 IMAGE_TOKEN, VIDEO_TOKEN, PAD_TOKEN, END_TOKEN = 3, 4, 0, 2
-"""Special ids of the random-weight configs: the word-level OneVision tokenizer's (vlmopt.reference.tiled_processing)."""
+"""Special ids of the random-weight configs: the word-level OneVision tokenizer's (:data:`FORMAT`)."""
 RANDOM_MODEL_TASKS = {"shapes": {"size": 140, "grid": 14}, "shapes-video": {}, "needle": {}}
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'video' %}<video>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def onevision_pinpoints(tile: int) -> list[list[int]]:
+    """LLaVA-OneVision's ``image_grid_pinpoints`` (every grid of 1..6 × 1..6 tiles) for tiles of ``tile`` px."""
+    return [[rows * tile, cols * tile] for rows in range(1, 7) for cols in range(1, 7)]
 
 
 def llava_onevision_config(
@@ -45,8 +60,6 @@ def llava_onevision_config(
     """A LLaVA-OneVision config: tiles of ``image_size`` px (OneVision's 1..6 × 1..6 pinpoints scaled to it
     by default), ``anyres_max_9``, the word-level tokenizer's special ids."""
     from transformers import LlavaOnevisionConfig
-
-    from vlmopt.reference.tiled_processing import onevision_pinpoints
 
     return LlavaOnevisionConfig(
         vision_config=tower_config(tower, image_size, patch_size, vision_hidden, vision_layers, vision_heads, vision_intermediate),
@@ -70,6 +83,79 @@ def llava_onevision_7b_shape(width: float = 1.0):
     )
 
 
+def onevision_images(tile: int):
+    """LLaVA-OneVision's image processor (PIL backend) for tiles of ``tile`` px."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    return LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=onevision_pinpoints(tile))
+
+
+def onevision_processor(tokenizer, images, image_size: int, video_size: int, patch: int = 14, pinpoints=None,
+                        strategy: str = "full", aspect_ratio: str = "anyres_max_9"):
+    """``LlavaOnevisionProcessor`` without a video processor (``image_size`` the tile side)."""
+    from transformers import LlavaOnevisionProcessor
+
+    if pinpoints:
+        images.image_grid_pinpoints = pinpoints
+    return lenient_construction(
+        LlavaOnevisionProcessor, image_processor=images, tokenizer=tokenizer, video_processor=None,
+        num_image_tokens=(image_size // patch) ** 2, vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
+        vision_aspect_ratio=aspect_ratio,
+    )
+
+
+def tile_side(processor) -> int:
+    """The tower's side (px) a tiled processor resizes every tile and video frame to."""
+    size = processor.image_processor.size
+    return int(size["height"] if "height" in size else size["shortest_edge"])
+
+
+def video_tokens(num_frames: int, processor) -> int:
+    """``<video>`` tokens of a clip of ``num_frames`` frames (``replace_video_token``'s count): a 2×2-pooled
+    grid per frame, ``frames · ⌈√n / 2⌉²``, and one newline after the video."""
+    pooled = math.ceil(int(math.sqrt(processor.num_image_tokens)) / 2)
+    return num_frames * pooled * pooled + 1
+
+
+def video_inputs(frames: np.ndarray, processor) -> dict[str, Tensor]:
+    """``pixel_values_videos`` [1, T, 3, s, s] (float32) of one clip, uint8 ``frames`` [T, H, W, 3], as
+    ``LlavaOnevisionVideoProcessor`` makes them (it needs torchvision, absent here): resized to the tower's
+    side ``s`` (bicubic: PIL's here, torchvision's there) when H, W ≠ s, 1/255, CLIP mean and std."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    side = tile_side(processor)
+    if frames.shape[1:3] != (side, side):
+        from PIL import Image
+
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((side, side), Image.BICUBIC)) for f in frames])
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    return {"pixel_values_videos": ((x - mean) / std)[None]}
+
+
+def videos(processor, texts: list[str], clips: list[np.ndarray]) -> dict[str, Tensor]:
+    """Tokenised prompts (each ``<video>`` expanded) and ``pixel_values_videos`` [N, T, 3, s, s] of clips
+    of one length (HF stacks a batch's videos)."""
+    if len({len(c) for c in clips}) != 1:
+        raise ValueError("a batch of OneVision videos needs clips of one length (HF stacks them into one tensor)")
+    tokens = video_tokens(len(clips[0]), processor)
+    out = dict(processor.tokenizer([t.replace("<video>", "<video>" * tokens) for t in texts], return_tensors="pt", padding=True))
+    out["pixel_values_videos"] = torch.cat([video_inputs(c, processor)["pixel_values_videos"] for c in clips])
+    return out
+
+
+USER, ASSISTANT = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+FORMAT = PromptFormat(
+    arch="llava_onevision", processor_class="LlavaOnevisionProcessor", special=SPECIAL,
+    tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "image_token": "<image>", "video_token": "<video>"},
+    prompt=lambda question, video: f"{USER}{'<video>' if video else '<image>'}\n{question}{ASSISTANT}",
+    answer=lambda answer: f"{answer}<|im_end|>", follow_up=lambda question: f"\n{USER}{question}{ASSISTANT}",
+    assemble=onevision_processor, image_processor=onevision_images, videos=videos, names=("onevision", "llava_ov"),
+    stacked_videos=True,
+)
+
+
 class OnevisionPrefill(TiledPrefill):
     """Prefill with images and/or videos, calling the HF LLaVA-OneVision submodules as leaves."""
 
@@ -85,6 +171,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_classes = {"llava_onevision": "LlavaOnevisionForConditionalGeneration"}
     capabilities = frozenset({"vision_qk", "grids", "video", "stream", "export"})
+    prompt_format = FORMAT
     paper_settings = {
         # HERMES's official LLaVA-OV code: working tier alpha = 1 − 0.9p, k = 20 − 19.5p.
         "hermes": {"working_schedule": (1.0, -0.9, 20.0, -19.5)},
@@ -128,7 +215,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return OnevisionStreamPlanner(compiled, processor)
 
     def prompt_text(self, question: str) -> str:
-        return f"<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        return FORMAT.prompt(question, False)
 
     @classmethod
     def synthetic_visual(cls, config, kind, grid, generator):
@@ -192,9 +279,7 @@ class OnevisionStreamPlanner:
             )
 
     def chunk(self, frames: np.ndarray, cache_length: int, timestamps, patches) -> tuple[dict[str, Any], Tensor]:
-        from vlmopt.reference.tiled_processing import onevision_video_inputs
-
-        pixels = onevision_video_inputs(frames, self.processor)["pixel_values_videos"].to(self.compiled.adapter.model.dtype)
+        pixels = video_inputs(frames, self.processor)["pixel_values_videos"].to(self.compiled.adapter.model.dtype)
         ids = torch.full((1, frames.shape[0] * self.per_frame), self.video_token)
         positions = (torch.arange(ids.shape[1]) + self.next)[None]
         batch = {"input_ids": ids, "pixel_values_videos": pixels, "position_ids": positions}
@@ -209,9 +294,9 @@ class OnevisionStreamPlanner:
         next position, with the language model's own modules; the stream removes it with the question."""
         adapter = self.compiled.adapter
         newline = adapter.model.model.image_newline
-        mask = torch.ones(1, cache_length + 1, dtype=torch.long)
-        adapter.text_model(inputs_embeds=newline[None, None], attention_mask=mask, position_ids=torch.tensor([[self.next]]),
-                           cache=cache, use_cache=True)
+        mask = torch.ones(1, cache_length + 1, dtype=torch.long, device=newline.device)
+        adapter.text_model(inputs_embeds=newline[None, None], attention_mask=mask,
+                           position_ids=torch.tensor([[self.next]], device=newline.device), cache=cache, use_cache=True)
         return 1
 
     def after_reindex(self, positions: Tensor) -> None:

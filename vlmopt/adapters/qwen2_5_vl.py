@@ -18,6 +18,7 @@ Positions are M-RoPE ids [3, B, S]; decoding continues at the last prompt positi
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -197,9 +198,9 @@ class Qwen25VLAdapter(QwenVLAdapter):
     configs = {
         "tiny-qwen25vl-random": NamedConfig(
             qwen25vl_config, description="Qwen2.5-VL, 4-block windowed ViT, 3-layer LM",
-            processor=partial(reference_processor, "qwen"), tasks=RANDOM_MODEL_TASKS,
+            processor=partial(reference_processor, "qwen2_5_vl"), tasks=RANDOM_MODEL_TASKS,
         ),
-        "qwen2.5-vl-7b-shape": NamedConfig(qwen25vl_7b_shape, image_grid=(64, 64), description="Qwen2.5-VL-7B's depths, heads and tokens", processor=partial(reference_processor, "qwen")),
+        "qwen2.5-vl-7b-shape": NamedConfig(qwen25vl_7b_shape, image_grid=(64, 64), description="Qwen2.5-VL-7B's depths, heads and tokens", processor=partial(reference_processor, "qwen2_5_vl")),
     }
     host_inputs = ("cu_seqlens", "cu_window_seqlens")
 
@@ -208,6 +209,9 @@ class Qwen25VLAdapter(QwenVLAdapter):
 
     def tower_order(self, editor) -> fx.Node | None:
         return editor.placeholder("reverse_index")  # the tower runs in window order
+
+    def rope_extras(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"second_per_grid_ts": batch.get("second_per_grid_ts")}  # a video's time axis
 
     def tower_inputs(self, pixel_values: Tensor, grid_thw: Tensor) -> dict[str, Tensor]:
         """The vision tower's planned inputs for patches ``pixel_values`` of the items ``grid_thw``."""
@@ -220,6 +224,7 @@ class Qwen25VLAdapter(QwenVLAdapter):
         window_index, cu_window_seqlens = get_vision_window_index(
             grid_thw, self.merge_size, self.vision_config.window_size, self.vision_config.patch_size
         )
+        window_index = window_index.to(grid_thw.device)  # HF builds it on the CPU; HiPrune index_selects by it
         cu_seqlens, _ = get_vision_attention_seqlens(grid_thw, self.vision_config)
         return {
             "pixel_values": pixel_values,

@@ -2,14 +2,13 @@
 rotary, the export stand-in of a vision block, and the adapter's planning (M-RoPE positions from the
 model's own ``get_rope_index``, 2×2-merged grids, frames, export, random inputs). Streams:
 :mod:`vlmopt.adapters.qwen_stream`.
-
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import operator
+from abc import abstractmethod
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +18,14 @@ from torch import Tensor, fx, nn
 from vlmopt.adapters.base import Adapter, Prompt, VisionQK
 from vlmopt.errors import InputError
 from vlmopt.graph.layout import VisualLayout
+
+
+def token_types_of(config, input_ids: Tensor) -> Tensor:
+    """``mm_token_type_ids`` [B, S] of ``input_ids``: 0 text, 1 image, 2 video placeholder."""
+    types = torch.zeros_like(input_ids, dtype=torch.int)
+    types[input_ids == config.image_token_id] = 1
+    types[input_ids == config.video_token_id] = 2
+    return types
 
 
 def qwen_vision_qk(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
@@ -124,19 +131,17 @@ class QwenVLAdapter(Adapter):
         """The index [T] from the tower's token order to the visual tokens' (None: the same order)."""
         return None
 
+    @abstractmethod
     def tower_inputs(self, pixel_values: Tensor, grid_thw: Tensor) -> dict[str, Tensor]:
         """The vision tower's planned inputs for patches ``pixel_values`` of the items ``grid_thw``."""
-        raise NotImplementedError
+
+    def rope_extras(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Processor outputs beyond the ids, grids and mask that the model's ``get_rope_index`` reads; none by default."""
+        return {}
 
     def token_types(self, input_ids: Tensor, given: Tensor | None) -> Tensor:
         """``mm_token_type_ids`` (0 text, 1 image, 2 video); derived from the ids when not given."""
-        if given is not None:
-            return given
-        config = self.model.config
-        types = torch.zeros_like(input_ids, dtype=torch.int)
-        types[input_ids == config.image_token_id] = 1
-        types[input_ids == config.video_token_id] = 2
-        return types
+        return given if given is not None else token_types_of(self.model.config, input_ids)
 
     def plan(self, batch: dict[str, Any], for_generation: bool) -> Prompt:
         config = self.model.config
@@ -215,14 +220,13 @@ class QwenVLAdapter(Adapter):
         """M-RoPE ids [3, B, S] exactly as HF's ``forward`` / ``generate`` compute them."""
         size, seq_len = input_ids.shape
         if has_visual:
-            extra = {"second_per_grid_ts": batch.get("second_per_grid_ts")} if "second_per_grid_ts" in self.rope_index_parameters() else {}
             position_ids, _ = self.model.model.get_rope_index(
                 input_ids,
                 mm_token_type_ids=self.token_types(input_ids, batch.get("mm_token_type_ids")),
                 image_grid_thw=batch.get("image_grid_thw"),
                 video_grid_thw=batch.get("video_grid_thw"),
                 attention_mask=attention_mask,
-                **extra,
+                **self.rope_extras(batch),
             )
             return position_ids
         if for_generation:
@@ -230,11 +234,6 @@ class QwenVLAdapter(Adapter):
         else:
             text = torch.arange(seq_len, device=input_ids.device).expand(size, seq_len)
         return text.unsqueeze(0).expand(3, size, seq_len)
-
-    def rope_index_parameters(self) -> tuple[str, ...]:
-        import inspect
-
-        return tuple(inspect.signature(self.model.model.get_rope_index).parameters)
 
     # ----- streams, export, viz ------------------------------------------------------------------
     def stream_planner(self, compiled, processor):
@@ -307,7 +306,4 @@ class QwenVLAdapter(Adapter):
 
     @classmethod
     def synthetic_extras(cls, config, batch):
-        types = torch.zeros_like(batch["input_ids"], dtype=torch.int)
-        types[batch["input_ids"] == config.image_token_id] = 1
-        types[batch["input_ids"] == config.video_token_id] = 2
-        return {"mm_token_type_ids": types}
+        return {"mm_token_type_ids": token_types_of(config, batch["input_ids"])}

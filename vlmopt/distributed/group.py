@@ -45,14 +45,23 @@ class HostFailure(VlmoptError, RuntimeError):
     """A rank of the APB-V group failed or stopped answering."""
 
 
-def init_from_env(timeout_s: float = 120.0) -> bool:
+def backend_for(device: torch.device | str) -> str:
+    """The collective backend for tensors on ``device``: NCCL for CUDA, gloo for the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_from_env(timeout_s: float = 120.0, device: torch.device | str = "cpu") -> bool:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment) unless a
-    group exists; gloo on CPUs, NCCL when CUDA is available. Returns whether a group is active."""
+    group exists. The backend follows ``device``, where this rank's model and batches live (gloo for
+    the CPU, NCCL for CUDA, each rank then on GPU ``LOCAL_RANK``), not whether a GPU exists: NCCL
+    cannot move CPU tensors. Returns whether a group is active."""
     if dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend_for(device)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return True
 

@@ -84,6 +84,13 @@ def export_onnx(
         raise ExportError("pass the passes to vlmopt.compile, or a plain model with passes, not both")
     out = writable_directory(out)
     compiled = model if isinstance(model, CompiledVLM) else vlmopt.compile(model, passes=passes)
+    if "export" not in compiled.adapter.capabilities:
+        from vlmopt.adapters.base import missing_capability
+
+        raise ExportError(f"{type(compiled.adapter.model).__name__} does not export to ONNX — "
+                          f"{missing_capability(compiled.adapter, 'export')}")
+    if processor is not None:  # the processor the export's prompts are made with: one image is one fixed layout
+        processor = compiled.adapter.export_processor(processor)
     if compiled.backend != "eager":
         compiled = vlmopt.compile(compiled.adapter.model, passes=compiled.passes)  # export traces the graphs eagerly
     start = time.perf_counter()

@@ -17,6 +17,7 @@ like :meth:`CompiledVLM.generate` does. Greedy (with the model's repetition pena
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,9 +37,10 @@ class GraphRunner(Protocol):
 
 
 class OrtGraph:
-    """An onnxruntime CPU session of one graph."""
+    """An onnxruntime session of one graph (``providers``: onnxruntime's execution providers in order
+    of preference, default the CPU's; ``session.get_providers()`` says which ones it took)."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, providers: Sequence[str] | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as error:
@@ -49,7 +51,7 @@ class OrtGraph:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as error:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
             raise ModelDirectoryError(
                 f"onnxruntime cannot load {path} ({type(error).__name__}: {error}); the file or its external data "
@@ -89,9 +91,14 @@ class OnnxVLM:
 
     ``backend``: ``"onnxruntime"``, ``"tensorrt"`` (engines built by ``vlmopt export --format trt``;
     needs TensorRT and a CUDA GPU), or ``"auto"`` (TensorRT engines when they exist and can run).
+    ``providers``: onnxruntime's execution providers, e.g. ``["CUDAExecutionProvider",
+    "CPUExecutionProvider"]`` with onnxruntime-gpu (default: the CPU's).
     """
 
-    def __init__(self, directory: str | Path, backend: str = "onnxruntime", threads: int | None = None) -> None:
+    def __init__(
+        self, directory: str | Path, backend: str = "onnxruntime", threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.layout = self.manifest["layout"]
@@ -104,7 +111,9 @@ class OnnxVLM:
             files = engine_files(self.directory, self.manifest)
             self.graphs: dict[str, GraphRunner] = {name: TRTGraph(files[name]) for name in GRAPHS}
         else:
-            self.graphs = {name: OrtGraph(self.directory / self.manifest["graphs"][name]["file"], threads) for name in GRAPHS}
+            self.graphs = {
+                name: OrtGraph(self.directory / self.manifest["graphs"][name]["file"], threads, providers) for name in GRAPHS
+            }
         for name in GRAPHS:
             constants = self.manifest["graphs"][name].get("constant_outputs")
             if constants:
@@ -129,6 +138,12 @@ class OnnxVLM:
                 f"{self.directory} has no TensorRT engines; build them with `vlmopt export ... --format trt --out {self.directory}`"
             )
         return "tensorrt"
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """Per graph, the onnxruntime execution providers its session runs on (none for TensorRT engines)."""
+        sessions = {name: getattr(getattr(graph, "graph", graph), "session", None) for name, graph in self.graphs.items()}
+        return {name: session.get_providers() if session is not None else [] for name, session in sessions.items()}
 
     def __repr__(self) -> str:
         passes = ", ".join(self.manifest["passes"]) or "no passes"
@@ -237,6 +252,9 @@ class OnnxVLM:
             raise InputError(f"the prompt has {count} image(s) but no pixel_values were given")
         pixels = np.asarray(pixel_values, dtype=self.manifest["dtype"])
         shape = tuple(self.layout["pixel_shape"])
+        if pixels.ndim == len(shape) + 1:  # one list of images per prompt, padded with all-zero images: the real ones
+            flat = pixels.reshape(-1, *pixels.shape[2:])
+            pixels = flat[np.any(flat != 0, axis=tuple(range(1, flat.ndim)))]
         size = "×".join(map(str, self.layout["image_size"]))
         if self.text["positions"] == "mrope":
             grid = tuple(self.layout["grid_thw"])

@@ -100,9 +100,10 @@ class GraphEditor:
         raise LookupError(f"graph has no input {name!r}")
 
     def add_input(self, name: str, **meta: Any) -> fx.Node:
-        """A new graph input ``name`` after the existing ones, tagged with ``meta`` (and the pass)."""
+        """A new graph input ``name`` after those without a default (an optional mask input stays last), tagged with ``meta``."""
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        with self.graph.inserting_after(placeholders[-1]):
+        required = [n for n in placeholders if not n.args]
+        with self.graph.inserting_after(required[-1] if required else placeholders[0].prev):
             node = self.graph.placeholder(name)
         node.meta.update(meta)
         self._tag(node)
@@ -310,7 +311,7 @@ class GraphEditor:
         later = [n for n in self.graph.nodes if order[n] > limit and n is not output]
         masks = {m for n in later for m in n.all_input_nodes if m.meta.get("role") == "causal_mask" and order[m] <= limit}
         wanted = {m for n in later for m in n.all_input_nodes if order[m] <= limit and m.meta.get("seq_dim")}
-        wanted |= {self.input_of(m, "attention_mask") for m in masks}
+        wanted |= {value for m in masks for value in self._mask_sequence_inputs(m)}
         if span is not None:
             wanted.add(span)
         wanted.discard(index)
@@ -327,7 +328,7 @@ class GraphEditor:
         hidden = gathered[self.input_of(layers[layer], "hidden_states")]
         for mask in sorted(masks, key=order.__getitem__):
             first = min(u.meta["index"] for u in mask.users if u.meta.get("role") == "decoder_layer" and order[u] > limit)
-            rebuilt = self._segment_mask(mask, cursor, layer, gathered[self.input_of(mask, "attention_mask")], first)
+            rebuilt = self._segment_mask(mask, cursor, layer, gathered, first)
             self.set_input(rebuilt, "embeds", hidden)
             gathered[mask] = cursor = rebuilt
         self._read_gathered(gathered, index, order, limit, skip=output)  # the first segment keeps its mask
@@ -337,11 +338,19 @@ class GraphEditor:
         output.args = (outputs,)
         return list(gathered.values())
 
-    def _segment_mask(self, mask: fx.Node, after: fx.Node, segment: int, attention_mask: fx.Node, layer_idx: int) -> fx.Node:
+    def _mask_sequence_inputs(self, mask: fx.Node) -> list[fx.Node]:
+        """The sequence inputs a causal-mask node builds from, besides the states it is sized on: its 2-D
+        mask, and any extra mask input (block ids of bidirectional spans)."""
+        embeds = self.input_of(mask, "embeds")
+        return [value for value in mask.all_input_nodes if value is not embeds and value.meta.get("seq_dim")]
+
+    def _segment_mask(self, mask: fx.Node, after: fx.Node, segment: int, gathered: dict[fx.Node, fx.Node], layer_idx: int) -> fx.Node:
         """A copy of causal-mask node ``mask``, placed after ``after``, that builds the 4-D mask of the
-        decoder layers from ``segment`` on from their own 2-D ``attention_mask`` and cache (``layer_idx``)."""
+        decoder layers from ``segment`` on from their own sequence inputs (``gathered``: each of the mask's
+        sequence inputs → its value for those layers) and cache (``layer_idx``)."""
         rebuilt = self.copy_node(mask, after=after, segment=segment)
-        self.set_input(rebuilt, "attention_mask", attention_mask)
+        for value in self._mask_sequence_inputs(mask):
+            rebuilt.replace_input_with(value, gathered[value])
         self.set_input(rebuilt, "layer_idx", layer_idx)
         return rebuilt
 
@@ -354,7 +363,9 @@ class GraphEditor:
         mask_input = self.add_input(segment_mask_name(layer), role="input", stage="input", seq_dim=(0, 1))
         for mask in sorted(masks, key=order.__getitem__):
             first = min(u.meta["index"] for u in mask.users if u in layers)
-            rebuilt = self._segment_mask(mask, mask, layer, mask_input, first)
+            inputs = {value: value for value in self._mask_sequence_inputs(mask)}  # a decode step's other mask inputs stay
+            inputs[self.input_of(mask, "attention_mask")] = mask_input
+            rebuilt = self._segment_mask(mask, mask, layer, inputs, first)
             for user in list(mask.users):
                 if user in layers:
                     user.replace_input_with(mask, rebuilt)

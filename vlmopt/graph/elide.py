@@ -47,33 +47,58 @@ def scatter_sequence(full: Tensor, kept: Tensor, index: Tensor) -> Tensor:
 
 def elide_decoder(editor: GraphEditor, index: fx.Node, layers: list[fx.Node], after: fx.Node) -> None:
     """Make ``layers`` (the decoder-layer nodes, in order) compute only the tokens of ``index``
-    ([B, K], inserted at ``after``, which must follow every input of layer 0)."""
+    ([B, K], inserted at ``after``, which must follow every input of layer 0).
+
+    Every sequence value the layers read is gathered once: the hidden states, each layer's own cos/sin
+    (one pair per rope kind), and every sequence input of their 4-D masks (the 2-D mask, and any extra
+    mask input such as bidirectional block ids), from which the masks are rebuilt.
+    """
     first, last = layers[0], layers[-1]
     hidden = editor.input_of(first, "hidden_states")
-    cos, sin = editor.input_of(first, "position_embeddings")
     chain = editor.chain(after)
-    gathered = {
-        node: chain(
-            torch.ops.vlmopt.gather_sequence.default, node, index, 0, 1,
-            role="elide_gather", stage="llm", name=f"{node.name}_elided", meta={"seq_dim": (0, 1)},
-        )
-        for node in (hidden, cos, sin)
-    }
+    gathered: dict[fx.Node, fx.Node] = {}
+
+    def gather(node: fx.Node) -> fx.Node:
+        if node not in gathered:
+            gathered[node] = chain(
+                torch.ops.vlmopt.gather_sequence.default, node, index, 0, 1,
+                role="elide_gather", stage="llm", name=f"{node.name}_elided", meta={"seq_dim": (0, 1)},
+            )
+        return gathered[node]
+
+    gather(hidden)
+    for layer in layers:
+        for value in editor.input_of(layer, "position_embeddings"):
+            gather(value)
     masks = {}
     for layer in layers:
         mask = editor.input_of(layer, "attention_mask")
         if mask in masks:
             continue
-        two_d = editor.input_of(mask, "attention_mask")
-        kept_two_d = chain(
-            torch.ops.vlmopt.gather_sequence.default, two_d, index, 0, 1,
-            role="elide_gather", stage="llm", name=f"{two_d.name}_elided", meta={"seq_dim": (0, 1)},
-        )
-        rebuilt = editor.copy_node(mask, after=chain.cursor, replace={**gathered, two_d: kept_two_d})
+        embeds = editor.input_of(mask, "embeds")
+        for value in mask.all_input_nodes:
+            if value is not embeds and value.meta.get("seq_dim"):
+                gather(value)
+        rebuilt = editor.copy_node(mask, after=chain.cursor, replace=gathered)
+        editor.set_input(rebuilt, "embeds", gathered[hidden])
         chain.cursor = masks[mask] = rebuilt
     for layer in layers:
         editor.set_input(layer, "attention_mask", masks[editor.input_of(layer, "attention_mask")])
+        cos, sin = editor.input_of(layer, "position_embeddings")
         editor.set_input(layer, "position_embeddings", (gathered[cos], gathered[sin]))
     editor.set_input(first, "hidden_states", gathered[hidden])
+    # other sequence values added between the layers (DeepStack's visual features) follow the same index
+    order = editor.order()
+    between = [n for n in editor.graph.nodes if order[first] < order[n] < order[last] and n.meta.get("role") != "decoder_layer"]
+    for node in between:
+        for value in node.all_input_nodes:
+            if order[value] < order[first] and value.meta.get("seq_dim") and value not in gathered:
+                dims = value.meta["seq_dim"]
+                gathered[value] = chain(
+                    torch.ops.vlmopt.gather_sequence.default, value, index, dims[0], dims[1],
+                    role="elide_gather", stage="llm", name=f"{value.name}_elided", meta={"seq_dim": dims},
+                )
+            if value in gathered:
+                node.replace_input_with(value, gathered[value])
     scattered = editor.insert(last, scatter_sequence, (hidden, last, index), role="elide_scatter", stage="llm", name="elide_scatter")
     editor.replace_uses(last, scattered, after=scattered)

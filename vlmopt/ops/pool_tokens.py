@@ -68,6 +68,30 @@ def _(x: Tensor, grids: list[int], out_grids: list[int]) -> tuple[Tensor, Tensor
     return x.new_empty((total, x.shape[1])), x.new_empty((total,), dtype=torch.long)
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    x, grids, out_grids = inputs
+    ctx.x_shape, ctx.grids, ctx.out_grids = x.shape, grids, out_grids
+
+
+def _backward(ctx, grad_pooled: Tensor, grad_anchor: Tensor):
+    """Each token receives the gradient of every window holding it over the window's size (the
+    adjoint of :func:`reference`'s adaptive average pooling, frame by frame)."""
+    parts, offset = [], 0
+    grids, out_grids = ctx.grids, ctx.out_grids
+    for n in range(len(grids) // 3):
+        t, h, w = grids[3 * n : 3 * n + 3]
+        out_h, out_w = out_grids[2 * n : 2 * n + 2]
+        grad = grad_pooled[offset : offset + t * out_h * out_w].reshape(t, out_h, out_w, -1).permute(0, 3, 1, 2)
+        frames = grad.new_empty((t, grad.shape[1], h, w))  # only its shape is read
+        spread = torch.ops.aten._adaptive_avg_pool2d_backward(grad.contiguous(), frames)
+        parts.append(spread.permute(0, 2, 3, 1).reshape(t * h * w, -1))
+        offset += t * out_h * out_w
+    return (torch.cat(parts) if parts else grad_pooled.new_zeros(ctx.x_shape)), None, None
+
+
+pool_tokens.register_autograd(_backward, setup_context=_setup_context)
+
+
 def pooling_matrix(grid: list[int], out_grid: list[int]) -> Tensor:
     """[t·h'·w', t·h·w] float32 matrix ``P`` with ``pool(x) = P @ x`` for one input's tokens ``x``."""
     t, h, w = grid

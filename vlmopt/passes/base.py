@@ -94,11 +94,11 @@ class Pass:
     def check(self, adapter: Adapter, before: Sequence[Pass]) -> None:
         """Raise :class:`IncompatiblePassError` if the pass cannot serve this model after ``before``
         (by default: the adapter lacks a capability the pass needs)."""
-        from vlmopt.adapters.base import CAPABILITIES
+        from vlmopt.adapters.base import missing_capability
 
         missing = [need for need in self.needs if need not in adapter.capabilities]
         if missing:
-            what = "; ".join(f"{need}: {CAPABILITIES[need]}" for need in missing)
+            what = "; ".join(missing_capability(adapter, need) for need in missing)
             raise IncompatiblePassError(
                 f"{type(self).__name__} needs what {type(adapter).__name__} ({type(adapter.model).__name__}) does not "
                 f"provide — {what}"

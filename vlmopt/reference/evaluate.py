@@ -49,7 +49,10 @@ class EvalResult:
 
 @torch.no_grad()
 def answers(model, processor, batch: dict, max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers of ``model`` to an encoded ``batch`` (:func:`vlmopt.reference.processing.encode`)."""
+    """Greedy answers of ``model`` to an encoded ``batch`` (:func:`vlmopt.reference.processing.encode`),
+    run on the model's device."""
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 

@@ -14,32 +14,26 @@ The tokenizer is word-level (``tokenizers`` WordLevel, lower-casing, whitespace 
 pre-tokenizer) over :func:`vlmopt.reference.tasks.vocabulary`; Qwen3-VL's also splits digits one by
 one and knows the words of its video timestamps (:data:`TIMESTAMP_WORDS`).
 
-Qwen2.5-VL videos: transformers' ``Qwen2VLVideoProcessor`` needs torchvision, which is not
-installed here, and ``Qwen2_5_VLProcessor`` then cannot even be constructed (its class check looks
-the video processor up). :func:`load_processor` builds it without a video processor in that case,
-and :func:`qwen_video_inputs` turns frames into ``pixel_values_videos`` / ``video_grid_thw`` /
-``second_per_grid_ts`` with exactly the HF video processor's resize rule, normalisation and patch
-layout (``tests/reference`` checks the layout against the HF source). The saved
-``video_preprocessor_config.json`` lets ``AutoProcessor`` load the full processor where torchvision
-is installed. Qwen3-VL (``Qwen3VLProcessor``, ``Qwen3VLVideoProcessor``) is handled the same way; its
-video inputs have no ``second_per_grid_ts`` (the timestamps are in the prompt instead).
+Qwen videos: transformers' video processors need torchvision, which is not installed here, and the
+Qwen processors then cannot even be constructed (their class check looks the video processor up).
+:func:`load_processor` builds them without a video processor in that case, and
+:mod:`vlmopt.reference.video_inputs` makes the video inputs with exactly the HF video processors'
+resize rule, normalisation and patch layout. The saved ``video_preprocessor_config.json`` lets
+``AutoProcessor`` load the full processor where torchvision is installed.
 """
 
 from __future__ import annotations
 
 import json
-import unittest.mock
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlmopt.reference.tiled_processing import NEXT, ONEVISION, ONEVISION_SPECIAL, SETTINGS_FILE, TILED_ARCHS  # noqa: I001
-from vlmopt.reference.qwen_video import (  # noqa: F401  (re-exported: the reference models' video inputs)
-    QWEN3_MAX_FRAMES, QWEN3_MEAN, QWEN3_PATCH, QWEN3_STD, QWEN_VIDEO_FPS, _is_qwen3, qwen3_video_placeholder, qwen_video_inputs,
-    video_config, video_grid, video_timestamps,
+from vlmopt.reference.video_inputs import (  # noqa: F401  (re-exported: the reference API)
+    QWEN3_MAX_FRAMES, QWEN3_MEAN, QWEN3_PATCH, QWEN3_STD, QWEN_VIDEO_FPS, _video_config_of, qwen3_video_placeholder,
+    qwen_video_inputs, video_batch, video_config, video_grid, video_timestamps,
 )
-from vlmopt.reference.tiled_processing import build_tiled_processor, encode_onevision_videos, load_tiled, save_tiled
 
 LLAVA_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 QWEN_SPECIAL = (
@@ -49,10 +43,8 @@ QWEN_SPECIAL = (
 TEMPLATE_WORDS = ("\n", "user", "assistant", ":")
 TIMESTAMP_WORDS = ("<", ">", ".", "seconds", *"0123456789")
 """What Qwen3-VL's ``<{t:.1f} seconds>`` timestamps split into (digits one by one, so any length fits)."""
-QWEN_ARCHS = ("qwen", "qwen3_vl")
+QWEN_ARCHS = ("qwen2_5_vl", "qwen3_vl")
 """Architectures with Qwen's prompt format, merged visual tokens, M-RoPE and ``mm_token_type_ids``."""
-LLAVA_FORMAT = ("llava", NEXT)
-"""Architectures with LLaVA's prompt format and special ids."""
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -71,35 +63,62 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-ARCH_MARKS = ((ONEVISION, ("onevision", "llava_ov")), (NEXT, ("llava_next", "llavanext", "llava_v1.6")), ("qwen3_vl", ("qwen3",)),
-              ("qwen", ("qwen",)), ("llava", ("llava",)))
-"""(architecture, what its processor class or model name contains), checked in order."""
+def _format(arch: str):
+    """The :class:`~vlmopt.adapters.formats.PromptFormat` a family's adapter registers under ``arch``
+    (None for the built-in ``llava`` / ``qwen`` / ``qwen3_vl`` formats)."""
+    from vlmopt.adapters import formats
+
+    return None if arch in ("llava", *QWEN_ARCHS) else formats.get(arch)
+
+
+def _format_named(text: str) -> str | None:
+    """The arch key of the format whose ``names`` mark ``text`` contains, else (a text without "qwen") whose
+    arch key it spells."""
+    from vlmopt.adapters import formats
+
+    found = formats.formats()
+    marked = text.replace("-", "_")
+    if (named := next((arch for arch, fmt in found.items() if any(mark in marked for mark in fmt.names)), None)) is not None:
+        return named
+    flat = text.replace("-", "").replace("_", "")
+    return None if "qwen" in text else next((arch for arch in found if arch.replace("_", "") in flat), None)
 
 
 def arch_of(processor_or_name: Any) -> str:
-    """``"llava"``, ``"llava_next"``, ``"llava_onevision"``, ``"qwen"`` (Qwen2.5-VL) or ``"qwen3_vl"`` for a
-    processor, a model, a model name or a model path (a name that says none of them: ``"llava"``)."""
+    """``"llava"``, ``"qwen2_5_vl"``, ``"qwen3_vl"`` or a family format's arch key
+    (:mod:`vlmopt.adapters.formats`) for a processor, a model, a model name or a model path (a name that
+    says none of them: ``"llava"``)."""
+    from vlmopt.adapters import formats
+
     named = isinstance(processor_or_name, (str, Path))
-    text = (str(processor_or_name) if named else type(processor_or_name).__name__).lower().replace("-", "_")
-    found = next((arch for arch, marks in ARCH_MARKS if any(mark in text for mark in marks)), "llava" if named else None)
-    if found is None:
-        raise TypeError(f"cannot tell the architecture of {type(processor_or_name).__name__}")
-    return found
+    if not named and (found := formats.of_processor(processor_or_name)) is not None:
+        return found.arch
+    text = (str(processor_or_name) if named else type(processor_or_name).__name__).lower()
+    if (arch := _format_named(text)) is not None:
+        return arch
+    if "qwen" in text:
+        return "qwen3_vl" if "qwen3" in text else "qwen2_5_vl"
+    if named or "llava" in text:
+        return "llava"
+    raise TypeError(f"cannot tell the architecture of {type(processor_or_name).__name__}")
 
 
 def build_tokenizer(arch: str):
-    """A word-level ``PreTrainedTokenizerFast`` for ``arch`` ("llava", "qwen" or "qwen3_vl")."""
+    """A word-level ``PreTrainedTokenizerFast`` for ``arch`` ("llava", "qwen2_5_vl" or "qwen3_vl")."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     from vlmopt.reference.tasks import vocabulary
 
-    special = LLAVA_SPECIAL if arch in LLAVA_FORMAT else ONEVISION_SPECIAL if arch == ONEVISION else QWEN_SPECIAL
+    fmt = _format(arch)
+    special = LLAVA_SPECIAL if arch == "llava" else fmt.special if fmt else QWEN_SPECIAL
     words = list(TEMPLATE_WORDS) + [w for w in vocabulary() if w not in TEMPLATE_WORDS]
     splits = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    if arch == "qwen3_vl":
-        words += [w for w in TIMESTAMP_WORDS if w not in words]
+    if arch == "qwen3_vl" or (fmt and fmt.split_digits):
+        words += [w for w in (*TIMESTAMP_WORDS, *(fmt.words if fmt else ())) if w not in words]
         splits.append(pre_tokenizers.Digits(individual_digits=True))
+    elif fmt:
+        words += [w for w in fmt.words if w not in words]
     vocab = {token: i for i, token in enumerate([*special, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -107,30 +126,43 @@ def build_tokenizer(arch: str):
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
-    if arch in LLAVA_FORMAT:
+    if fmt is not None:
+        if fmt.bos:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{fmt.bos} $A", pair=f"{fmt.bos} $A $B", special_tokens=[(fmt.bos, vocab[fmt.bos])]
+            )
+        roles = {"unk_token": "<unk>", **fmt.tokens}
+        named = {k: roles.pop(k) for k in list(roles) if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return PreTrainedTokenizerFast(tokenizer_object=tok, **named, extra_special_tokens=roles, padding_side=fmt.padding_side)
+    if arch == "llava":
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
             extra_special_tokens={"image_token": "<image>"}, padding_side="left",
         )
-    placeholders = {"image_token": "<image>", "video_token": "<video>"} if arch == ONEVISION else {
-        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_bos_token": "<|vision_start|>",
-        "vision_eos_token": "<|vision_end|>"}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
-                                   extra_special_tokens=placeholders, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+        },
+        padding_side="left",
+    )
 
 
-def build_processor(arch: str, image_size: int, video_size: int = 112):
-    """The HF processor of a reference model (LlavaProcessor / Qwen2_5_VLProcessor / Qwen3VLProcessor).
+def build_processor(arch: str, image_size: int, video_size: int = 112, **settings):
+    """The HF processor of a reference model (LlavaProcessor / Qwen2_5_VLProcessor / Qwen3VLProcessor, or
+    the one a family's format assembles, with its ``settings``: a model's own, such as its tile grids).
 
     Qwen3-VL keeps the 14 px patches of the reference models (Qwen3-VL's own default is 16) and
     Qwen3-VL's image normalisation (mean and std 0.5); ``image_size`` is the largest image side kept,
-    ``video_size`` the frame side. LLaVA-NeXT / OneVision: ``image_size`` is the tile side (see
-    :func:`~vlmopt.reference.tiled_processing.build_tiled_processor`).
+    ``video_size`` the frame side.
     """
-    if arch in TILED_ARCHS:
-        return build_tiled_processor(arch, image_size)
     tokenizer = build_tokenizer(arch)
+    if (fmt := _format(arch)) is not None:
+        return _assemble(fmt, tokenizer, fmt.image_processor(image_size), (image_size, video_size), settings)
+    if settings:
+        raise TypeError(f"the built-in {arch} processor takes no settings, got {sorted(settings)}")
     if arch == "llava":
         from transformers import CLIPImageProcessorPil, LlavaProcessor
 
@@ -156,30 +188,42 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
     return processor
 
 
-def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None, arch: str = "qwen"):
-    """``Qwen2_5_VLProcessor`` (``arch="qwen"``) or ``Qwen3VLProcessor`` (``"qwen3_vl"``); without a
+def _assemble(fmt, tokenizer, images, sizes: tuple[int, int], settings: dict):
+    """A format's processor, recording what it was built with so a saved one loads back as it was."""
+    processor = fmt.assemble(tokenizer, images, *sizes, **settings)
+    processor._vlmopt_sizes, processor._vlmopt_settings = sizes, settings
+    return processor
+
+
+def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None, arch: str = "qwen2_5_vl"):
+    """``Qwen2_5_VLProcessor`` (``arch="qwen2_5_vl"``) or ``Qwen3VLProcessor`` (``"qwen3_vl"``); without a
     video processor its class check is skipped for that slot."""
     from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
-    from transformers.processing_utils import ProcessorMixin
 
-    check = ProcessorMixin.check_argument_for_proper_class
-
-    def lenient(self, name, arg):
-        return None if name == "video_processor" and arg is None else check(self, name, arg)
+    from vlmopt.adapters.formats import lenient_construction
 
     cls = Qwen3VLProcessor if arch == "qwen3_vl" else Qwen2_5_VLProcessor
-    with unittest.mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lenient):
-        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=chat_template)
+    return lenient_construction(cls, image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                                chat_template=chat_template)
 
 
 def save_processor(processor, path: Path) -> None:
     """Write the processor files into ``path`` (Qwen: by hand, since it has no video processor here)."""
     path = Path(path)
-    if arch_of(processor) in LLAVA_FORMAT:
+    arch = arch_of(processor)
+    if arch == "llava":
         processor.save_pretrained(path)
         return
-    if arch_of(processor) == ONEVISION:
-        return save_tiled(processor, path)
+    if _format(arch) is not None:  # by parts: its video processor slot may be empty (no torchvision)
+        processor.tokenizer.save_pretrained(path)
+        processor.image_processor.save_pretrained(path)
+        image_size, video_size = processor._vlmopt_sizes
+        settings = {"processor_class": type(processor).__name__, "vlmopt_arch": arch, "image_size": image_size, "video_size": video_size,
+                    "vlmopt_settings": getattr(processor, "_vlmopt_settings", {})}
+        (path / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        if processor.chat_template:
+            (path / "chat_template.jinja").write_text(processor.chat_template)
+        return
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
     (path / "processor_config.json").write_text(json.dumps({"processor_class": type(processor).__name__}, indent=2) + "\n")
@@ -193,9 +237,13 @@ def load_processor(path: str | Path):
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     path = Path(path)
+    settings_file = path / "processor_config.json"
+    saved = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    if (fmt := _format(saved.get("vlmopt_arch", ""))) is not None:
+        sizes = (saved["image_size"], saved["video_size"])
+        return _assemble(fmt, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), sizes,
+                         saved.get("vlmopt_settings", {}))
     video_file = path / "video_preprocessor_config.json"
-    if (path / SETTINGS_FILE).exists():
-        return load_tiled(path)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except ImportError as error:
@@ -214,22 +262,26 @@ def load_processor(path: str | Path):
 
 def prompt(arch: str, question: str, video: bool = False) -> str:
     """The prompt text (visual placeholder not yet expanded) for one question."""
-    if arch in LLAVA_FORMAT:
+    if (fmt := _format(arch)) is not None:
+        return fmt.prompt(question, video)
+    if arch == "llava":
         return f"USER: <image>\n{question} ASSISTANT:"
-    if arch == ONEVISION:
-        return f"<|im_start|>user\n{'<video>' if video else '<image>'}\n{question}<|im_end|>\n<|im_start|>assistant\n"
     pad = "<|video_pad|>" if video else "<|image_pad|>"
     return f"<|im_start|>user\n<|vision_start|>{pad}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def answer_text(arch: str, answer: str) -> str:
     """What the model is trained to generate after the prompt: one word and the end token."""
-    return f" {answer}</s>" if arch in LLAVA_FORMAT else f"{answer}<|im_end|>"
+    if (fmt := _format(arch)) is not None:
+        return fmt.answer(answer)
+    return f" {answer}</s>" if arch == "llava" else f"{answer}<|im_end|>"
 
 
 def follow_up(arch: str, question: str) -> str:
     """A later conversation turn (no picture), appended after the previous answer."""
-    if arch in LLAVA_FORMAT:
+    if (fmt := _format(arch)) is not None:
+        return fmt.follow_up(question)
+    if arch == "llava":
         return f"USER: {question} ASSISTANT:"
     return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -246,11 +298,6 @@ def prompt_for(processor_or_model_name: Any, sample) -> dict[str, Any]:
     if sample.is_video:
         return {"text": [text], "videos": [sample.frames]}
     return {"text": [text], "images": [sample.pil_image()]}
-
-
-def _video_config_of(processor) -> dict:
-    """The video settings :func:`load_processor` / :func:`build_processor` attached (else 112 px defaults)."""
-    return getattr(processor, "_vlmopt_video_cfg", None) or video_config(112, arch_of(processor))
 
 
 def qwen_token_types(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
@@ -278,24 +325,19 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
     if any(videos) and not all(videos):
         raise ValueError("encode() takes a batch of all images or all videos")
     texts = [prompt(arch, s.question, video=s.is_video) for s in samples]
-    if not all(videos):
-        out = dict(processor(text=texts, images=[s.pil_image() for s in samples], return_tensors="pt", padding=True))
-    elif arch == ONEVISION:
-        out = encode_onevision_videos(processor, texts, [s.frames for s in samples])
+    fmt = _format(arch)
+    if fmt is not None and all(videos):
+        if fmt.videos is None:
+            raise ValueError(f"the {arch} reference format takes images only; pick an image task")
+        out = dict(fmt.videos(processor, texts, [s.frames for s in samples]))
+    elif not all(videos):
+        pictures = [s.pil_image() for s in samples]
+        if fmt is not None:  # one list of images per prompt, as every processor reads it
+            pictures = [[picture] for picture in pictures]
+        out = dict(processor(text=texts, images=pictures, return_tensors="pt", padding=True))
     else:
-        cfg = _video_config_of(processor)
-        clips = [qwen_video_inputs(s.frames, cfg) for s in samples]
-        merge = cfg["merge_size"] ** 2
-        if arch == "qwen3_vl":
-            wrapper = "<|vision_start|><|video_pad|><|vision_end|>"
-            texts = [t.replace(wrapper, qwen3_video_placeholder(len(s.frames), c["video_grid_thw"][0], cfg)) for t, s, c in zip(texts, samples, clips)]
-        else:
-            texts = [t.replace("<|video_pad|>", "<|video_pad|>" * (int(c["video_grid_thw"].prod()) // merge)) for t, c in zip(texts, clips)]
-        out = dict(tok(texts, return_tensors="pt", padding=True))
-        out["pixel_values_videos"] = torch.cat([c["pixel_values_videos"] for c in clips])
-        out["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
-        if "second_per_grid_ts" in clips[0]:
-            out["second_per_grid_ts"] = torch.cat([c["second_per_grid_ts"] for c in clips])
+        texts, inputs = video_batch(processor, texts, [[s.frames] for s in samples])
+        out = dict(tok(texts, return_tensors="pt", padding=True), **inputs)
     if arch in QWEN_ARCHS and "mm_token_type_ids" not in out:
         out["mm_token_type_ids"] = qwen_token_types(tok, out["input_ids"])
     if answers:
@@ -310,9 +352,10 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
 
 
 def batches(processor, samples, size: int) -> list[list]:
-    """Consecutive runs of at most ``size`` samples that one processor call holds (a OneVision batch's
-    videos need one length: HF stacks them), in order."""
-    stacked = arch_of(processor) == ONEVISION
+    """Consecutive runs of at most ``size`` samples that one processor call holds (a format with
+    ``stacked_videos`` needs one clip length per batch: its processor stacks them), in order."""
+    fmt = _format(arch_of(processor))
+    stacked = fmt is not None and fmt.stacked_videos
     runs: list[list] = []
     for sample in samples:
         apart = stacked and sample.is_video and runs and len(sample.frames) != len(runs[-1][0].frames)
@@ -337,13 +380,13 @@ def _append_turns(batch: dict, tok, rows: list[list[tuple[str, bool]]]) -> dict:
         tail_labels.append(labels)
     width = max(len(t) for t in tails)
     out = dict(batch)
-    keys = {"input_ids": tok.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    keys = {"input_ids": tok.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
     for key, pad_value in keys.items():
         if key not in batch:
             continue
         new_rows = []
         for i, tail in enumerate(tails):
-            fill = {"input_ids": tail, "attention_mask": [1] * len(tail), "mm_token_type_ids": [0] * len(tail)}[key]
+            fill = tail if key == "input_ids" else [int(key == "attention_mask")] * len(tail)
             new_rows.append([pad_value] * (width - len(tail)) + batch[key][i].tolist() + fill)
         out[key] = torch.tensor(new_rows)
     prompt_len = batch["input_ids"].shape[1]

@@ -23,7 +23,7 @@ def write_cache(cache, keys: Tensor, values: Tensor) -> Tensor:
     for index, layer in enumerate(cache.layers):
         layer.keys = keys[index : index + 1].contiguous()
         layer.values = values[index : index + 1].contiguous()
-    return torch.full((len(cache.layers),), keys.shape[2], dtype=torch.long)
+    return torch.full((len(cache.layers),), keys.shape[2], dtype=torch.long, device=keys.device)
 
 
 def truncate_cache(cache, length: int) -> None:

@@ -78,6 +78,8 @@ class Stream:
         self.kv_budget = kv_budget if kv_budget is not None else getattr(self.kv_pass, "kv_budget", None)
         self.system_prompt = system_prompt
         self.planner = planner_for(compiled, processor)
+        # planners build on the CPU (tokenizer, image processor); the graphs read on the model's device
+        self.device = next(compiled.parameters()).device
         ensure_chunk_stage(compiled)
         self.layers = compiled.config.get_text_config().num_hidden_layers
         self.reset()
@@ -85,7 +87,7 @@ class Stream:
     # ----- state ------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every frame and question: the cache holds the system prompt again."""
-        ids = self.planner.prefix_ids(self.system_prompt)
+        ids = self.planner.prefix_ids(self.system_prompt).to(self.device)
         prefix = ids.shape[1]
         if self.kv_pass is not None and self.kv_budget <= prefix:
             raise PassConfigError(
@@ -94,7 +96,7 @@ class Stream:
             )
         self.planner.reset(prefix)
         cache = self.compiled.new_cache()
-        positions = self.planner.text_positions(0, prefix)
+        positions = self.planner.text_positions(0, prefix).to(self.device)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": self._graph_positions(positions)}
         with torch.no_grad():
             self.compiled.run_stage("prefill_text", inputs, cache, logits_to_keep=1)
@@ -102,7 +104,8 @@ class Stream:
         self.state = _State(cache, layer_positions, prefix)
 
     def _graph_positions(self, positions: Tensor) -> Tensor:
-        """[3, 1, n] (M-RoPE) or [1, n] position ids for the graphs."""
+        """[3, 1, n] (M-RoPE) or [1, n] position ids for the graphs, on the model's device."""
+        positions = positions.to(self.device)
         return positions if self.planner.position_axes == 3 else positions.reshape(1, -1)
 
     @property
@@ -159,6 +162,8 @@ class Stream:
     def _append_chunk(self, frames, timestamps, patches) -> None:
         state = self.state
         inputs, positions = self.planner.chunk(frames, self.cache_length, timestamps, patches)
+        inputs = {name: value.to(self.device) if isinstance(value, Tensor) else value for name, value in inputs.items()}
+        positions = positions.to(self.device)
         all_positions = torch.cat([state.positions, positions[None].expand(self.layers, -1, -1)], dim=2)
         if self.kv_pass is not None:
             inputs.update(self.kv_pass.chunk_inputs(self, all_positions))
@@ -176,7 +181,7 @@ class Stream:
 
     def text_ids(self, text: str) -> Tensor:
         """[1, n] token ids of ``text`` (no special tokens added), as the stream's prompts tokenise."""
-        return self.planner.text(text)
+        return self.planner.text(text).to(self.device)
 
     def text_positions(self, count: int) -> Tensor:
         """Graph position ids of ``count`` text tokens written after the frames so far."""
@@ -194,7 +199,7 @@ class Stream:
         settings = GenerationSettings.resolve(self.compiled.generation_config, max_new_tokens=max_new_tokens, do_sample=False)
         compiled, state, planner = self.compiled, self.state, self.planner
         length = self.cache_length
-        ids = planner.question_ids(question)
+        ids = planner.question_ids(question).to(self.device)
         chooser = TokenChooser(settings, 1, ids.device)
         sequences, generated = ids, []
         try:
@@ -203,7 +208,7 @@ class Stream:
             # closing newline): written now, so no kv-stage pass ever scores them, and removed with the question
             prelude = planner.prelude(state.cache, length) if hasattr(planner, "prelude") else 0
             start = planner.text_start() + prelude
-            mask = torch.ones(1, length + prelude + ids.shape[1], dtype=torch.long)
+            mask = torch.ones(1, length + prelude + ids.shape[1], dtype=torch.long, device=self.device)
             inputs = {"input_ids": ids, "attention_mask": mask,
                       "position_ids": self._graph_positions(planner.text_positions(start, ids.shape[1]))}
             out = compiled.run_stage("prefill_text", inputs, state.cache, logits_to_keep=1)

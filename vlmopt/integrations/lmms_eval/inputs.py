@@ -117,8 +117,8 @@ def encode(processor, arch: str, prompts: list[Prompt], suffixes: list[str] | No
     """Model inputs for a batch of prompts of one kind, left-padded; ``suffixes[i]`` is appended to
     prompt ``i``'s text after the chat template (a continuation to score).
 
-    Images go through the HF processor. Qwen2.5-VL videos go through the processor's video processor
-    where it has one, else (no torchvision) through :func:`vlmopt.reference.processing.qwen_video_inputs`,
+    Images go through the HF processor. Qwen videos go through the processor's video processor where
+    it has one, else (no torchvision) through :func:`vlmopt.reference.video_inputs.video_batch`,
     exactly as :func:`vlmopt.reference.processing.encode` does.
     """
     from vlmopt.reference import processing
@@ -131,25 +131,17 @@ def encode(processor, arch: str, prompts: list[Prompt], suffixes: list[str] | No
     texts = [chat_text(processor, p) + (suffixes[i] if suffixes else "") for i, p in enumerate(prompts)]
     images = [image for p in prompts for image in p.images]
     videos = [video for p in prompts for video in p.videos]
-    if videos and arch != "qwen":
-        raise InputError(f"video input is not supported for this model family ({arch}); only Qwen2.5-VL reads videos")
+    if videos and arch not in processing.QWEN_ARCHS:
+        raise InputError(f"video input is not supported for this model family ({arch}); the Qwen families read videos")
     if videos and getattr(processor, "video_processor", None) is not None:
         out = dict(processor(text=texts, images=images or None, videos=videos, return_tensors="pt", padding=True))
     elif videos:
-        cfg = processing._video_config_of(processor)
-        clips = [processing.qwen_video_inputs(v, cfg) for v in videos]
-        counts = iter([int(c["video_grid_thw"].prod()) // cfg["merge_size"] ** 2 for c in clips])
-        pad = "<|video_pad|>"
-        texts = ["".join(part + (pad * next(counts) if i < t.count(pad) else "") for i, part in enumerate(t.split(pad)))
-                 for t in texts]
-        out = dict(tok(texts, return_tensors="pt", padding=True))
-        out["pixel_values_videos"] = torch.cat([c["pixel_values_videos"] for c in clips])
-        out["video_grid_thw"] = torch.cat([c["video_grid_thw"] for c in clips])
-        out["second_per_grid_ts"] = torch.cat([c["second_per_grid_ts"] for c in clips])
+        texts, inputs = processing.video_batch(processor, texts, [list(p.videos) for p in prompts])
+        out = dict(tok(texts, return_tensors="pt", padding=True), **inputs)
     elif images:
         out = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
     else:
         out = dict(tok(texts, return_tensors="pt", padding=True))
-    if arch == "qwen" and "mm_token_type_ids" not in out:
+    if arch in processing.QWEN_ARCHS and "mm_token_type_ids" not in out:
         out["mm_token_type_ids"] = processing.qwen_token_types(tok, out["input_ids"])
     return out

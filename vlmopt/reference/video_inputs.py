@@ -1,7 +1,10 @@
-"""Qwen video inputs built without torchvision: the video processor's settings (``video_config``),
-resize rule (``video_grid``), normalisation and patch layout (``qwen_video_inputs``), and Qwen3-VL's
-timestamps (``video_timestamps``, ``qwen3_video_placeholder``). :mod:`vlmopt.reference.processing`
-re-exports them; ``tests/reference`` checks the layout against the HF source.
+"""Qwen video inputs built by hand, with exactly the HF video processors' resize rule,
+normalisation, patch layout and prompt text (their torchvision dependency is not installed here;
+``tests/reference`` checks the layout against the HF source).
+
+Qwen2.5-VL writes a video as ``<|vision_start|><|video_pad|>*n<|vision_end|>`` and passes
+``second_per_grid_ts``; Qwen3-VL writes, per temporal patch, ``<{t:.1f} seconds><|vision_start|>…<|vision_end|>``
+(the patch's mean frame time, as ``Qwen3VLProcessor`` writes it) and passes no time.
 """
 
 from __future__ import annotations
@@ -11,21 +14,21 @@ import torch
 
 QWEN_VIDEO_FPS = 2.0
 """Frames per second the Qwen video inputs declare: one temporal patch (2 frames) = 1 s."""
+
+
 QWEN3_PATCH = 14
 """Patch side of the Qwen3-VL reference model: 448 px images give 32×32 patches → 256 merged tokens,
 as many as Qwen2.5-VL's (Qwen3-VL checkpoints use 16)."""
+QWEN3_MAX_FRAMES = 768
+"""Most frames a Qwen3-VL reference clip keeps at full frame size (``Qwen3VLVideoProcessor.max_frames``):
+its size bounds count the pixels of all frames together."""
 QWEN3_MEAN = QWEN3_STD = (0.5, 0.5, 0.5)
 """Qwen3-VL's image and video normalisation (``IMAGENET_STANDARD_MEAN`` / ``_STD``)."""
 
 
-QWEN3_MAX_FRAMES = 768
-"""Most frames a Qwen3-VL reference clip keeps at full frame size (``Qwen3VLVideoProcessor.max_frames``):
-its size bounds count the pixels of all frames together."""
-
-
-def video_config(video_size: int, arch: str = "qwen") -> dict:
+def video_config(video_size: int, arch: str = "qwen2_5_vl") -> dict:
     """``video_preprocessor_config.json`` of a Qwen reference model (frames of ``video_size`` px;
-    ``arch`` "qwen" or "qwen3_vl")."""
+    ``arch`` "qwen2_5_vl" or "qwen3_vl")."""
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     if arch == "qwen3_vl":
@@ -122,3 +125,35 @@ def qwen3_video_placeholder(num_frames: int, grid_thw: torch.Tensor, video_cfg: 
     per_patch = int(grid_thw[1] * grid_thw[2]) // video_cfg["merge_size"] ** 2
     frame = "<|vision_start|>" + "<|video_pad|>" * per_patch + "<|vision_end|>"
     return "".join(f"<{t:.1f} seconds>{frame}" for t in video_timestamps(num_frames, video_cfg))
+
+
+def _video_config_of(processor) -> dict:
+    """The video settings :func:`load_processor` / :func:`build_processor` attached (else 112 px defaults)."""
+    from vlmopt.reference.processing import arch_of
+
+    return getattr(processor, "_vlmopt_video_cfg", None) or video_config(112, arch_of(processor))
+
+
+def video_batch(processor, texts: list[str], videos: list[list[np.ndarray]]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """``texts`` with their video placeholders expanded (``videos[i]``: the clips of text ``i``, uint8
+    [T, H, W, 3] each, in the order of their placeholders) and the processor outputs of every clip."""
+    cfg = _video_config_of(processor)
+    placeholder = "<|vision_start|><|video_pad|><|vision_end|>" if _is_qwen3(cfg) else "<|video_pad|>"
+    expanded, clips = [], []
+    for text, frames_list in zip(texts, videos):
+        parts = text.split(placeholder)
+        if len(parts) - 1 != len(frames_list):
+            raise ValueError(f"a prompt has {len(parts) - 1} video placeholders ({placeholder}) for {len(frames_list)} videos")
+        pieces = [parts[0]]
+        for frames, after in zip(frames_list, parts[1:]):
+            clip = qwen_video_inputs(frames, cfg)
+            grid = clip["video_grid_thw"][0]
+            if _is_qwen3(cfg):
+                pieces.append(qwen3_video_placeholder(len(frames), grid, cfg))
+            else:
+                pieces.append(placeholder * (int(grid.prod()) // cfg["merge_size"] ** 2))
+            pieces.append(after)
+            clips.append(clip)
+        expanded.append("".join(pieces))
+    inputs = {key: torch.cat([c[key] for c in clips]) for key in clips[0]} if clips else {}
+    return expanded, inputs
