@@ -178,6 +178,12 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = {"llava_next": "LlavaNextForConditionalGeneration"}
     capabilities = frozenset({"vision_qk", "grids", "export"})
+    lacks = {
+        "video": "the family takes images only",
+        "stream": "the family takes images only: there is no video to stream",
+        "frames": "an image's tiles are packed together (joined, unpadded, resampled, newlines added), not "
+                  "encoded apart",
+    }
     prompt_format = FORMAT
     paper_settings = {
         # HiPrune's LLaVA-NeXT scripts: object layer 9 of CLIP ViT-L's 24, a budget per crop (base image included).

@@ -171,6 +171,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_classes = {"llava_onevision": "LlavaOnevisionForConditionalGeneration"}
     capabilities = frozenset({"vision_qk", "grids", "video", "stream", "export"})
+    lacks = {"frames": LlavaNextAdapter.lacks["frames"]}
     prompt_format = FORMAT
     paper_settings = {
         # HERMES's official LLaVA-OV code: working tier alpha = 1 − 0.9p, k = 20 − 19.5p.
