@@ -138,7 +138,9 @@ def synthetic_batch(
     for key in dict.fromkeys(k for part in parts for k in part):
         values = [part[key] for part in parts if key in part]
         if isinstance(values[0], torch.Size):  # random pixels, drawn after all the text, one draw per input kind
-            batch[key] = torch.randn(sum(v[0] for v in values), *values[0][1:], generator=generator)
+            # inputs of different sizes (an image's tiles) are padded to the largest, as HF processors pad them
+            trailing = [max(v[d] for v in values) for d in range(1, len(values[0]))]
+            batch[key] = torch.randn(sum(v[0] for v in values), *trailing, generator=generator)
         else:
             batch[key] = torch.cat(values)
     batch.update(adapter.synthetic_extras(config, batch))

@@ -171,7 +171,7 @@ def evaluate(
         batch = processing.encode(processor, chunk)
         return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
-    batches = [encode(list(samples[i : i + batch_size])) for i in range(0, len(samples), batch_size)]
+    batches = [encode(run) for run in processing.batches(processor, samples, batch_size)]
     singles = [encode([samples[i]]) for i in range(min(timing_samples, len(samples)))]
     results: list[RunResult] = []
     for specs in [[]] + pass_lists:

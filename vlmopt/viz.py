@@ -44,12 +44,19 @@ def kept_tokens(compiled: CompiledVLM, batch: dict[str, Any]) -> KeptTokens:
     module = compiled.stages[prompt.stage]
     merge = next(n for n in module.graph.nodes if n.meta.get("role") == "merge")
     slots_node = GraphEditor(module).input_of(merge, "positions")
-    wanted = {slots_node.name, "token_kinds"}
+    # the slots of the visual tokens in layout order, as the unrewritten graph hands them to the merge
+    # (the planned visual_positions, or an adapter's reordering of them: a tiled image's tile by tile)
+    from vlmopt.graph.capture import capture
+
+    plain = capture(compiled.adapter.prefill_pipeline(), "prefill")
+    source = GraphEditor(plain).input_of(GraphEditor(plain).one("merge"), "positions").name
+    wanted = {slots_node.name, "token_kinds", source}
     inputs = dict(prompt.inputs, cache=None, logits_to_keep=1)
     with torch.inference_mode():
         _, values = run_with_probes(module, inputs, lambda n: n.name in wanted)
-    slots = prompt.inputs["visual_positions"]
-    kept_global = torch.searchsorted(slots, values[slots_node.name]).numpy()
+    slots = values[source] if source in values else prompt.inputs[source]
+    index_of = {int(slot): i for i, slot in enumerate(slots.tolist())}
+    kept_global = np.array([index_of[int(slot)] for slot in values[slots_node.name].tolist()], dtype=np.int64)
     layout = prompt.layout
     starts = np.cumsum((0,) + layout.counts[:-1])
     # grid cell of each of the batch's visual tokens (-1: a structural token, CLS or newline, not drawn)

@@ -134,3 +134,17 @@ def test_reset_forgets_frames(compiled, processor):
     stream.reset()
     assert stream.cache_length == prefix and stream.kv_bytes_per_chunk == []
     assert torch.is_tensor(stream.state.positions)
+
+
+def test_planners_count_the_visual_cache_entries_of_frames(compiled, processor, llava_clip):
+    """What ``--stream-budget`` takes a fraction of: the cache entries a video's frames bring, as each
+    family's planner counts them (Qwen: merged patches; LLaVA: each frame's image tokens, not its newline)."""
+    from vlmopt.reference.processing import build_processor
+
+    frames = random_frames(8, seed=9)
+    stream = compiled.stream(processor=processor)
+    stream.append(frames)
+    assert stream.planner.visual_tokens(frames) == stream.visual_tokens == 16
+    llava = vlmopt.compile(llava_clip).stream(processor=build_processor("llava", 56))
+    llava.append(frames[:3])
+    assert llava.planner.visual_tokens(frames[:3]) == 3 * 16 == llava.visual_tokens - 3

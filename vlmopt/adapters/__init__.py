@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from vlmopt.adapters import gemma3, internvl, llava, mistral3, qwen2_5_vl, qwen3_vl, smolvlm  # noqa: F401  (each registers its adapter)
+from vlmopt.adapters import (  # noqa: F401  (each registers its adapter)
+    gemma3, internvl, llava, llava_next, llava_onevision, mistral3, qwen2_5_vl, qwen3_vl, smolvlm,
+)
 from vlmopt.adapters.base import CAPABILITIES, REGISTRY, Adapter, NamedConfig, Prompt, register
 from vlmopt.adapters.layer_view import DecoderLayerView
 from vlmopt.errors import UnsupportedModelError

@@ -34,8 +34,9 @@ class PromptFormat:
     """answer → what the model is trained to generate (the answer, then the end token)."""
     follow_up: Callable[[str], str]
     """question → a later turn without a picture, after the previous answer."""
-    assemble: Callable[[Any, Any, int, int], Any]
-    """(tokenizer, image processor or None, image_size, video_size) → the HF processor (None: built)."""
+    assemble: Callable[..., Any]
+    """(tokenizer, image processor or None, image_size, video_size, **settings) → the HF processor (None:
+    built); ``settings`` are a model's own (its tile grids, …: ``build_processor``'s keywords, saved with it)."""
     image_processor: Callable[[int], Any]
     """image_size → the image processor (PIL backend: no torchvision)."""
     videos: Callable[[Any, list[str], list[Any]], dict[str, Any]] | None = None
@@ -49,6 +50,11 @@ class PromptFormat:
     """Token the tokenizer puts in front of every text (None: none)."""
     padding_side: str = "left"
     """Side the tokenizer pads a batch on (left: prompts end together, for ``generate``)."""
+    names: tuple[str, ...] = ()
+    """What a model name or path of the family contains besides its arch key (``-`` read as ``_``), checked
+    before any other format's (a name such as ``llava-onevision-qwen2-7b`` also says ``qwen``)."""
+    stacked_videos: bool = False
+    """The processor stacks a batch's clips into one tensor: a batch's clips need one length."""
 
 
 def lenient_construction(cls, **parts):

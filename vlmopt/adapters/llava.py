@@ -124,6 +124,19 @@ class LlavaPrefill(TextPipeline):
 
     def forward(self, input_ids, pixel_values, attention_mask, position_ids, visual_positions, layout, cache, logits_to_keep):
         self.mark_text_inputs(input_ids, attention_mask, position_ids)
+        features = self.tower_features(pixel_values)
+        with role("visual_tokens"):
+            tokens = features.flatten(0, 1)
+        with role("projector"):
+            projected = self.projector(tokens)
+        with role("embed"):
+            embeds = self.embed_tokens(input_ids)
+        with role("merge"):
+            embeds = mark(torch.ops.vlmopt.merge_visual(embeds, projected, visual_positions), seq_dim=(0, 1))
+        return self.llm(embeds, attention_mask, position_ids, cache, logits_to_keep)
+
+    def tower_features(self, pixel_values):
+        """[N, S, Dv] the selected tower features of ``pixel_values`` [N, 3, H, W] (the projector's input)."""
         with role("vision_embed"):
             hidden = self.vision_embeddings(pixel_values)
         if self.vision_pre_norm is not None:
@@ -139,15 +152,7 @@ class LlavaPrefill(TextPipeline):
             if self.drop_cls:
                 selected = [state[:, 1:] for state in selected]
             features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
-        with role("visual_tokens"):
-            tokens = features.flatten(0, 1)
-        with role("projector"):
-            projected = self.projector(tokens)
-        with role("embed"):
-            embeds = self.embed_tokens(input_ids)
-        with role("merge"):
-            embeds = mark(torch.ops.vlmopt.merge_visual(embeds, projected, visual_positions), seq_dim=(0, 1))
-        return self.llm(embeds, attention_mask, position_ids, cache, logits_to_keep)
+        return features
 
 
 @register
@@ -172,6 +177,10 @@ class LlavaAdapter(Adapter):
         "llava-1.5-7b-shape": NamedConfig(llava_15_7b_shape, description="LLaVA-1.5-7B's depths, heads and tokens"),
     }
     position_dims = (0, 1)
+    tower_frames_input = "layout"
+    """Graph input whose :class:`VisualLayout` grids are the tower's frames (HiPrune scores each densely)."""
+    tower_order_input: str | None = None
+    """Graph input mapping the tower's grid tokens to the visual grid tokens (None: the same order)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -226,9 +235,10 @@ class LlavaAdapter(Adapter):
         normed = chain.module(f"{prefix}.layer_norm1", source, role=role, stage="vision", name=f"vision_{block}_norm")
         q = chain.module(f"{prefix}.self_attn.q_proj", normed, role=role, stage="vision", name=f"vision_{block}_q")
         k = chain.module(f"{prefix}.self_attn.k_proj", normed, role=role, stage="vision", name=f"vision_{block}_k")
+        order = None if self.tower_order_input is None else editor.placeholder(self.tower_order_input)
         return VisionQK(
             q, k, attention.num_heads, attention.scale, leading=int(self.has_cls), merge=1,
-            frames=editor.placeholder("layout"), order=None,
+            frames=editor.placeholder(self.tower_frames_input), order=order,
         )
 
     def frame_tokens(self, prompt: Prompt) -> list[int]:
@@ -260,13 +270,7 @@ class LlavaAdapter(Adapter):
         pixel_values: Tensor | None = batch.get("pixel_values")
         attention_mask = self.attention_mask_of(input_ids, batch.get("attention_mask"))
         size, seq_len = input_ids.shape
-        position_ids = batch.get("position_ids")
-        if position_ids is None:
-            if for_generation:
-                position_ids = self.generation_positions(attention_mask)
-            else:
-                position_ids = torch.arange(seq_len, device=input_ids.device).expand(size, seq_len)
-        position_ids = position_ids.expand(size, seq_len)
+        position_ids = self.text_positions(batch, attention_mask, for_generation)
         next_position = position_ids[:, -1:] + 1
         image_slots = self.slots_of(input_ids == self.model.config.image_token_id)
         if pixel_values is None or pixel_values.shape[0] == 0:
@@ -292,6 +296,19 @@ class LlavaAdapter(Adapter):
             "layout": layout,
         }
         return Prompt("prefill", inputs, next_position, layout)
+
+    @classmethod
+    def text_positions(cls, batch: dict[str, Any], attention_mask: Tensor, for_generation: bool) -> Tensor:
+        """[B, S] 1-D position ids as HF makes them: ``arange`` for ``forward``, the count of real tokens
+        (left padding) for ``generate``, or the batch's own ``position_ids``."""
+        size, seq_len = attention_mask.shape
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            if for_generation:
+                position_ids = cls.generation_positions(attention_mask)
+            else:
+                position_ids = torch.arange(seq_len, device=attention_mask.device).expand(size, seq_len)
+        return position_ids.expand(size, seq_len)
 
     @classmethod
     def synthetic_visual(cls, config, kind, grid, generator):
@@ -339,6 +356,10 @@ class LlavaStreamPlanner:
 
     def text_start(self) -> int:
         return self.next
+
+    def visual_tokens(self, frames: np.ndarray) -> int:
+        """Visual cache entries ``frames`` take (each frame an image; its newline is text)."""
+        return frames.shape[0] * self.tokens_per_image
 
     def check(self, frames: np.ndarray) -> None:
         if self.frame_size is not None and frames.shape[1:3] != self.frame_size:

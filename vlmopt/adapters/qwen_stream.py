@@ -64,6 +64,13 @@ class QwenStreamPlanner:
         """Position of text after the frames so far (HF: the video's start + max(h, w))."""
         return self.start + max(self.grid) if self.grid else self.start
 
+    def visual_tokens(self, frames: np.ndarray) -> int:
+        """Cache entries ``frames`` take: the video processor's grid, merged."""
+        from vlmopt.reference.processing import video_grid
+
+        t, h, w, _, _ = video_grid(frames.shape[0], frames.shape[1], frames.shape[2], self.video_cfg)
+        return t * (h // self.merge) * (w // self.merge)
+
     def check(self, frames: np.ndarray) -> None:
         """Refuse frames this stream cannot take (before anything changes)."""
         if frames.shape[0] % self.frame_multiple:

@@ -179,7 +179,7 @@ def _save(out: Path, name: str, runs, models, compiled) -> None:
         folder = out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", run.label)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder, safe_serialization=True)
-        for file in source.iterdir():
+        for file in source.iterdir() if source is not None else ():  # a random-weight config has no directory
             if file.is_file() and file.name not in _NOT_COPIED and not file.name.startswith("model"):
                 shutil.copy(file, folder / file.name)
         states = graph.pass_states.get_extra_state()

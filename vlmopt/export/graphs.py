@@ -36,7 +36,7 @@ from torch import Tensor, fx, nn
 from vlmopt import configs
 from vlmopt.export.config import ExportConfig
 from vlmopt.export.errors import ExportError, VerificationError
-from vlmopt.export.fixed_rows import bind_visual_rows
+from vlmopt.export.fixed_rows import CORE_BINDINGS, bind_visual_rows
 from vlmopt.export.kv import ExplicitKVStep, kv_names
 from vlmopt.export.leaves import make_exportable
 from vlmopt.export.split import (
@@ -91,6 +91,9 @@ class FixedLayout:
     """Native-resolution towers: the image's (t, h, w) patch grid (``image_grid_thw``)."""
     vision_constants: dict[str, Any] = field(default_factory=dict)
     """Values the vision graph's planned inputs are bound to."""
+    row_layout: Any = None
+    """The :class:`~vlmopt.graph.layout.VisualLayout` of one image's inputs as they reach the LLM (after
+    the vision-stage passes): what an in-LLM cut bound to one image per row counts on."""
 
 
 class VisionForExport(nn.Module):
@@ -137,8 +140,8 @@ def layer_masks(num_layers: int, first_layers: list[int], base: str) -> list[str
 
 
 def export_bindings(compiled: CompiledVLM) -> dict:
-    """Every pass's export bindings (:meth:`~vlmopt.passes.base.Pass.export_bindings`), merged."""
-    return {fn: bind for item in compiled.passes for fn, bind in item.export_bindings().items()}
+    """The core's export bindings and every pass's (:meth:`~vlmopt.passes.base.Pass.export_bindings`), merged."""
+    return {**CORE_BINDINGS, **{fn: bind for item in compiled.passes for fn, bind in item.export_bindings().items()}}
 
 
 def one_image_batch(model: nn.Module, image_size: int, prompts: list[configs.PromptSpec], seed: int) -> dict:
@@ -163,10 +166,14 @@ def fixed_layout(compiled: CompiledVLM, split: PrefillSplit, image_size: int, se
     with torch.no_grad():
         outputs = vision(pixels)
     grid = tuple(int(v) for v in batch["image_grid_thw"][0]) if "image_grid_thw" in batch else None
+    row_layout = layout
+    for item in compiled.passes:
+        row_layout = item.output_layout(row_layout)
     fixed = FixedLayout(
         image_size=(image_size, image_size),
         tokens_per_image=layout.total,
         kept_per_image=int(outputs[0].shape[0]),
+        row_layout=row_layout,
         pixel_shape=tuple(pixels.shape),
         grid_thw=grid,
         vision_constants=constants,
@@ -192,7 +199,7 @@ def build_graphs(compiled: CompiledVLM, processor: Any, config: ExportConfig) ->
     image_size = compiled.adapter.export_image_size(processor, config.image_size)
     layout, vision_module, pixels = fixed_layout(compiled, split, image_size, config.seed)
     if split.row_bound:
-        bind_visual_rows(split.llm, layout.kept_per_image, bindings)
+        bind_visual_rows(split.llm, layout.row_layout, bindings)
     generator = torch.Generator().manual_seed(config.seed + 1)
     pixels = torch.randn(pixels.shape, generator=generator).to(pixels.dtype)
 

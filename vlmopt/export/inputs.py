@@ -82,5 +82,5 @@ def encode_prompt(
         picture = picture.resize((image_size[1], image_size[0]), Image.BICUBIC)
     text = prompt_text(processor, template, question)
     out = processor(text=[text], images=[picture], return_tensors="np", padding=True)
-    keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes", "batch_num_images")
     return {key: np.asarray(out[key]) for key in keep if key in out}

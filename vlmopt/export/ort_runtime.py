@@ -182,8 +182,11 @@ class OnnxVLM:
         pixel_values: np.ndarray | None = None,
         image_grid_thw: np.ndarray | None = None,
         mm_token_type_ids: np.ndarray | None = None,
+        image_sizes: np.ndarray | None = None,
+        batch_num_images: np.ndarray | None = None,
     ) -> PlannedPrompt:
-        """Run the vision graph per image and plan the prefill feeds of one batch."""
+        """Run the vision graph per image and plan the prefill feeds of one batch (``image_sizes`` and
+        ``batch_num_images``, where the processor gives them, must be the export's: one image of its size a prompt)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise InputError(f"input_ids must be [batch, sequence], got shape {input_ids.shape}")
@@ -192,6 +195,7 @@ class OnnxVLM:
         if mask.shape != input_ids.shape:
             raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {input_ids.shape}")
         layout = self.layout
+        self._check_sizes(image_sizes, batch_num_images)
         slots = planning.visual_slots(input_ids, layout["image_token_id"], layout["tokens_per_image"])
         if not slots:
             raise InputError("the prompt has no image tokens; this export runs prompts with one image each")
@@ -228,6 +232,20 @@ class OnnxVLM:
             feeds[name] = planning.sequence_keep_index(np.concatenate(slots), feeds["visual_slots"], batch, seq)
         return PlannedPrompt(feeds, positions[..., -1:] + 1)
 
+    def _check_sizes(self, image_sizes, batch_num_images) -> None:
+        """Refuse images whose original size or grouping differs from the export's (tiled towers cut an
+        image by its size: another size means other tiles, unpadding and token count)."""
+        size = [int(v) for v in self.layout["image_size"]]
+        if image_sizes is not None:
+            sizes = np.asarray(image_sizes).reshape(-1, 2).tolist()
+            if any(s != size for s in sizes):
+                raise InputError(
+                    f"this export was built for {size[1]}×{size[0]} px images (its tile count and token layout follow "
+                    f"from that size); image_sizes says {sizes}: resize each image to {size[1]}×{size[0]} first"
+                )
+        if batch_num_images is not None and np.any(np.asarray(batch_num_images) != 1):
+            raise InputError(f"this export takes one image per prompt; batch_num_images is {np.asarray(batch_num_images).tolist()}")
+
     def _images(self, pixel_values, image_grid_thw, count: int) -> list[np.ndarray]:
         """One array per image, each of the export's pixel shape (a clear error otherwise)."""
         if pixel_values is None:
@@ -245,7 +263,9 @@ class OnnxVLM:
                 raise InputError(f"this export takes {size} px images (grid {grid}); got grids {grids}: resize the image to {size}")
             return [pixels[i * shape[0] : (i + 1) * shape[0]] for i in range(count)]
         if pixels.shape != (count, *shape[1:]):
-            raise InputError(f"this export takes pixel_values of shape {(count, *shape[1:])} ({size} px images), got {pixels.shape}")
+            tiles = f", each cut into {shape[1]} tiles (the base image included)" if len(shape) == 5 else ""
+            raise InputError(f"this export takes pixel_values of shape {(count, *shape[1:])} ({size} px images{tiles}), "
+                             f"got {pixels.shape}: resize each image to {size} px first")
         return [pixels[i : i + 1] for i in range(count)]
 
     def prefill(self, prompt: PlannedPrompt) -> dict[str, np.ndarray]:
@@ -260,13 +280,15 @@ class OnnxVLM:
         image_grid_thw: np.ndarray | None = None,
         mm_token_type_ids: np.ndarray | None = None,
         max_new_tokens: int | None = None,
+        image_sizes: np.ndarray | None = None,
+        batch_num_images: np.ndarray | None = None,
     ) -> np.ndarray:
         """Greedy generation: [B, S + new] ids (prompt, then new tokens; pad after an end token)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         max_new = self.text["max_new_tokens"] if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new, int) or max_new < 1:
             raise InputError(f"max_new_tokens must be a whole number ≥ 1, got {max_new!r}")
-        prompt = self.plan(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        prompt = self.plan(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, image_sizes, batch_num_images)
         out = self.prefill(prompt)
         num_layers = self.text["num_layers"]
         present = [out[f"present.{i}.{kind}"] for i in range(num_layers) for kind in ("key", "value")]

@@ -24,10 +24,11 @@ from vlmopt.graph import functions
 _CURRENT_ROLE: ContextVar[tuple[str, int | None] | None] = ContextVar("vlmopt_current_role", default=None)
 
 #: Readable names for the traced tensor-expression nodes of these roles (module calls keep theirs).
-NODE_NAME_OF_ROLE = {"feature_select": "features", "visual_tokens": "visual_tokens"}
+NODE_NAME_OF_ROLE = {"feature_select": "features", "visual_tokens": "visual_tokens", "visual_pack": "visual_slots"}
 
 #: Stage of the model each role belongs to (the FLOPs report groups by it).
 STAGE_OF_ROLE = {
+    "vision_input": "vision",
     "vision_embed": "vision",
     "vision_norm": "vision",
     "vision_rope": "vision",
@@ -38,6 +39,7 @@ STAGE_OF_ROLE = {
     "merger": "projector",
     "deepstack_merger": "projector",
     "projector": "projector",
+    "visual_pack": "projector",
     "embed": "llm",
     "merge": "llm",
     "deepstack_scatter": "llm",

@@ -20,6 +20,9 @@ give the same numbers H processes give.
 
 Position policy: every token keeps its global position id (1-D RoPE or M-RoPE), computed on the
 whole sequence before the split; no token is dropped, so decoding continues at the prompt length.
+Tiled images (LLaVA-NeXT / OneVision) are context like any visual tokens, base image, tiles and
+newlines alike; the frame-parallel tower under ``torchrun`` is refused for them (an image's tiles are
+packed together, so they cannot be encoded on different hosts), the one-process simulation runs.
 """
 
 from __future__ import annotations

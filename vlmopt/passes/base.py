@@ -311,6 +311,11 @@ class VisualTokenPrune(Pass):
     LLM; the newline after each grid row of an any-resolution image) are always kept, on top of the
     budget: ``keep_ratio`` and ``num_tokens`` count grid tokens only, and a method sees (and scores)
     the grid tokens only.
+
+    The budget is per visual input of the layout: an image, a video, and for tiled images
+    (LLaVA-NeXT / OneVision) the base image and each tile (the part of it the unpadding keeps) on
+    their own, so every tile keeps ``keep_ratio`` of its tokens (``num_tokens`` each); a grid that
+    OneVision resamples (``anyres_max``) is one input.
     """
 
     stage: ClassVar[str] = "vision"

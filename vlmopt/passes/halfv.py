@@ -38,7 +38,11 @@ before it for the probe, and at least one layer after it for ``ssr_layer``):
 
 Structural tokens (a CLS token fed to the LLM, row newlines) stay outside the visual span: never
 scored, never cut, never frozen. DeepStack features injected after a cut's layer follow the kept
-slots (they are sequence values like the hidden states).
+slots (they are sequence values like the hidden states). Tiled images (LLaVA-NeXT / OneVision): the
+base image and every tile count ``ivr_keep`` of their own tokens into the row's budget, and the row's
+visual span (base image and tiles together) is chosen from jointly; from ``ssr_layer`` on all of them
+are inactive rows (LLaVA-NeXT-Mistral-7B's schedule 2/32, 16/32 from the paper's scripts; OneVision,
+which the paper did not cover, takes it too).
 
 ``ivr_layer="auto"`` (and/or ``ssr_layer="auto"``) chooses the layers by the stage analysis
 (:func:`vlmopt.analysis.stages.analyze_calibration`) on the processor outputs given as

@@ -108,24 +108,20 @@ def halfv_active_rows_fixed(span: Tensor, count: int) -> Tensor:
     return gf.compact_slots(~span, span.shape[1] - count)
 
 
-def _one_row(per_row: int) -> VisualLayout:
-    return VisualLayout(batch=1, seq_len=per_row, rows=(0,), counts=(per_row,), grids=None)
-
-
-def bind_keep(node: fx.Node, per_row: int) -> tuple[Callable, tuple]:
-    """The :func:`halfv_keep_rows` call equal to a :func:`halfv_keep` node for ``per_row`` visual tokens a row."""
+def bind_keep(node: fx.Node, row: VisualLayout) -> tuple[Callable, tuple]:
+    """The :func:`halfv_keep_rows` call equal to a :func:`halfv_keep` node for rows that each hold the
+    visual inputs of ``row`` (a one-row layout: the counts are per input, structural tokens left out)."""
     relevance, states, span, _, current, keep, anchor_frac = node.args
-    layout = _one_row(per_row)
-    count = visual_per_row(layout, current)[0]
-    budget = min(row_budgets(layout, keep)[0], count)
+    count = visual_per_row(row, current)[0]
+    budget = min(row_budgets(row, keep)[0], count)
     anchors = budget if states is None else min(budget, int(anchor_frac * budget))
     return halfv_keep_rows, (relevance, states, span, count, budget, anchors)
 
 
-def bind_active(node: fx.Node, per_row: int) -> tuple[Callable, tuple]:
+def bind_active(node: fx.Node, row: VisualLayout) -> tuple[Callable, tuple]:
     """The :func:`halfv_active_rows_fixed` call equal to a :func:`halfv_active_rows` node."""
     span, _, current = node.args
-    return halfv_active_rows_fixed, (span, visual_per_row(_one_row(per_row), current)[0])
+    return halfv_active_rows_fixed, (span, visual_per_row(row, current)[0])
 
 
 #: The layout-reading functions HalfV inserts, and how each is bound to one image per row.

@@ -82,6 +82,14 @@ class HiPrune(VisualTokenPrune):
     budget; the grid tokens' scores leave the CLS column out (it is never a grid neighbour). Each
     image or video frame is scored and selected on its own grid (a tiled image's tiles and base
     image are the adapter's frames).
+
+    Tiled images (LLaVA-NeXT / OneVision), as the official code's LLaVA-NeXT path: a budget per crop
+    (the base image and every tile keep ``keep_ratio`` of their own tokens) with anchors, buffers and
+    registers chosen on each crop's grid from the tower's attention inside that crop. The official
+    code forces spatial merging without unpadding, so its crops are equal (``N'/B`` each); here a tile
+    the unpadding cropped keeps proportionally fewer, and the newline after each row stays outside the
+    budget. A grid OneVision resamples (and a pooled video frame) takes each token's score from the
+    tower token under its centre.
     """
 
     needs_grid: ClassVar[bool] = True

@@ -22,6 +22,11 @@ so the stream runtime knows no method by name. Position
 policy: kept entries keep their ids until re-indexed (eager: every chunk; lazy: once a layer's
 largest id passes ``max_position_embeddings - reindex_margin``); the stream's next chunk and
 questions continue after the largest id in the cache.
+
+Structural visual features of a stream (LLaVA-OneVision's newline after a video) are never in the
+cache when a chunk is compressed: the stream writes them with each question (the planner's
+``prelude``) and removes them with it, so no method scores them and ``kv_budget`` counts frames only
+(a OneVision frame is its 196-token pooled block at 384 px).
 """
 
 from __future__ import annotations

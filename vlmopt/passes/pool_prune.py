@@ -22,7 +22,8 @@ class PoolPrune(VisualTokenPrune):
     exactly, ``round(r·h·w)`` — e.g. 196 of 576 tokens at r = 1/3. Each pooled token takes the
     position id of the top-left token of its window. Structural tokens (a CLS token fed to the LLM,
     row newlines) are kept as they are, on top of the pooled grid. Each frame (an image, a tile, a
-    temporal patch) is pooled within its own grid.
+    temporal patch) is pooled within its own grid: a tiled image's base image and every tile apart (no
+    window straddles two tiles), a grid OneVision resampled as one.
     """
 
     needs_grid: ClassVar[bool] = True

@@ -17,7 +17,8 @@ class RandomPrune(VisualTokenPrune):
     """Keep a seeded random subset of ``keep_ratio`` of every visual input's tokens.
 
     The subset depends only on the seed and the input's token count, so results do not depend on
-    batching. Every serious pruning method should beat this control at every budget.
+    batching. Every serious pruning method should beat this control at every budget. A tiled image's
+    base image and each of its tiles draw their own subset, ``keep_ratio`` of each; newlines stay.
     """
 
     seed: int = 0

@@ -25,25 +25,14 @@ resize rule, normalisation and patch layout. The saved ``video_preprocessor_conf
 from __future__ import annotations
 
 import json
-import unittest.mock
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlmopt.reference.video_inputs import (  # noqa: F401  (re-exported: the reference API)
-    QWEN3_MAX_FRAMES,
-    QWEN3_MEAN,
-    QWEN3_PATCH,
-    QWEN3_STD,
-    QWEN_VIDEO_FPS,
-    _video_config_of,
-    qwen3_video_placeholder,
-    qwen_video_inputs,
-    video_batch,
-    video_config,
-    video_grid,
-    video_timestamps,
+    QWEN3_MAX_FRAMES, QWEN3_MEAN, QWEN3_PATCH, QWEN3_STD, QWEN_VIDEO_FPS, _video_config_of, qwen3_video_placeholder,
+    qwen_video_inputs, video_batch, video_config, video_grid, video_timestamps,
 )
 
 LLAVA_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -83,33 +72,34 @@ def _format(arch: str):
 
 
 def _format_named(text: str) -> str | None:
+    """The arch key of the format whose ``names`` mark ``text`` contains, else (a text without "qwen") whose
+    arch key it spells."""
     from vlmopt.adapters import formats
 
+    found = formats.formats()
+    marked = text.replace("-", "_")
+    if (named := next((arch for arch, fmt in found.items() if any(mark in marked for mark in fmt.names)), None)) is not None:
+        return named
     flat = text.replace("-", "").replace("_", "")
-    return next((arch for arch in formats.formats() if arch.replace("_", "") in flat), None)
+    return None if "qwen" in text else next((arch for arch in found if arch.replace("_", "") in flat), None)
 
 
 def arch_of(processor_or_name: Any) -> str:
     """``"llava"``, ``"qwen2_5_vl"``, ``"qwen3_vl"`` or a family format's arch key
-    (:mod:`vlmopt.adapters.formats`) for a processor, a model, a model name or a model path."""
+    (:mod:`vlmopt.adapters.formats`) for a processor, a model, a model name or a model path (a name that
+    says none of them: ``"llava"``)."""
     from vlmopt.adapters import formats
 
-    if isinstance(processor_or_name, (str, Path)):
-        text = str(processor_or_name).lower()
-        if "qwen" not in text and (named := _format_named(text)):
-            return named
-        return "qwen3_vl" if "qwen3" in text else "qwen2_5_vl" if "qwen" in text else "llava"
-    if (found := formats.of_processor(processor_or_name)) is not None:
+    named = isinstance(processor_or_name, (str, Path))
+    if not named and (found := formats.of_processor(processor_or_name)) is not None:
         return found.arch
-    name = type(processor_or_name).__name__.lower()
-    if "qwen3" in name:
-        return "qwen3_vl"
-    if "qwen" in name:
-        return "qwen2_5_vl"
-    if "llava" in name:
+    text = (str(processor_or_name) if named else type(processor_or_name).__name__).lower()
+    if (arch := _format_named(text)) is not None:
+        return arch
+    if "qwen" in text:
+        return "qwen3_vl" if "qwen3" in text else "qwen2_5_vl"
+    if named or "llava" in text:
         return "llava"
-    if (named := _format_named(name)) is not None:
-        return named
     raise TypeError(f"cannot tell the architecture of {type(processor_or_name).__name__}")
 
 
@@ -160,8 +150,9 @@ def build_tokenizer(arch: str):
     )
 
 
-def build_processor(arch: str, image_size: int, video_size: int = 112):
-    """The HF processor of a reference model (LlavaProcessor / Qwen2_5_VLProcessor / Qwen3VLProcessor).
+def build_processor(arch: str, image_size: int, video_size: int = 112, **settings):
+    """The HF processor of a reference model (LlavaProcessor / Qwen2_5_VLProcessor / Qwen3VLProcessor, or
+    the one a family's format assembles, with its ``settings``: a model's own, such as its tile grids).
 
     Qwen3-VL keeps the 14 px patches of the reference models (Qwen3-VL's own default is 16) and
     Qwen3-VL's image normalisation (mean and std 0.5); ``image_size`` is the largest image side kept,
@@ -169,9 +160,9 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
     """
     tokenizer = build_tokenizer(arch)
     if (fmt := _format(arch)) is not None:
-        processor = fmt.assemble(tokenizer, fmt.image_processor(image_size), image_size, video_size)
-        processor._vlmopt_sizes = (image_size, video_size)
-        return processor
+        return _assemble(fmt, tokenizer, fmt.image_processor(image_size), (image_size, video_size), settings)
+    if settings:
+        raise TypeError(f"the built-in {arch} processor takes no settings, got {sorted(settings)}")
     if arch == "llava":
         from transformers import CLIPImageProcessorPil, LlavaProcessor
 
@@ -197,22 +188,23 @@ def build_processor(arch: str, image_size: int, video_size: int = 112):
     return processor
 
 
+def _assemble(fmt, tokenizer, images, sizes: tuple[int, int], settings: dict):
+    """A format's processor, recording what it was built with so a saved one loads back as it was."""
+    processor = fmt.assemble(tokenizer, images, *sizes, **settings)
+    processor._vlmopt_sizes, processor._vlmopt_settings = sizes, settings
+    return processor
+
+
 def _qwen_processor(image_processor, tokenizer, chat_template, video_processor=None, arch: str = "qwen2_5_vl"):
     """``Qwen2_5_VLProcessor`` (``arch="qwen2_5_vl"``) or ``Qwen3VLProcessor`` (``"qwen3_vl"``); without a
     video processor its class check is skipped for that slot."""
     from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
-    from transformers.processing_utils import ProcessorMixin
 
-    check = ProcessorMixin.check_argument_for_proper_class
-
-    def lenient(self, name, arg):
-        return None if name == "video_processor" and arg is None else check(self, name, arg)
+    from vlmopt.adapters.formats import lenient_construction
 
     cls = Qwen3VLProcessor if arch == "qwen3_vl" else Qwen2_5_VLProcessor
-    with unittest.mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lenient):
-        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=chat_template)
-
-
+    return lenient_construction(cls, image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                                chat_template=chat_template)
 
 
 def save_processor(processor, path: Path) -> None:
@@ -226,7 +218,8 @@ def save_processor(processor, path: Path) -> None:
         processor.tokenizer.save_pretrained(path)
         processor.image_processor.save_pretrained(path)
         image_size, video_size = processor._vlmopt_sizes
-        settings = {"processor_class": type(processor).__name__, "vlmopt_arch": arch, "image_size": image_size, "video_size": video_size}
+        settings = {"processor_class": type(processor).__name__, "vlmopt_arch": arch, "image_size": image_size, "video_size": video_size,
+                    "vlmopt_settings": getattr(processor, "_vlmopt_settings", {})}
         (path / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
         if processor.chat_template:
             (path / "chat_template.jinja").write_text(processor.chat_template)
@@ -248,9 +241,8 @@ def load_processor(path: str | Path):
     saved = json.loads(settings_file.read_text()) if settings_file.exists() else {}
     if (fmt := _format(saved.get("vlmopt_arch", ""))) is not None:
         sizes = (saved["image_size"], saved["video_size"])
-        processor = fmt.assemble(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), *sizes)
-        processor._vlmopt_sizes = sizes
-        return processor
+        return _assemble(fmt, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), sizes,
+                         saved.get("vlmopt_settings", {}))
     video_file = path / "video_preprocessor_config.json"
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -357,6 +349,21 @@ def encode(processor, samples, answers: bool = False, turns: list[list[tuple[str
             rows.append(segments)
         out = _append_turns(out, tok, rows)
     return out
+
+
+def batches(processor, samples, size: int) -> list[list]:
+    """Consecutive runs of at most ``size`` samples that one processor call holds (a format with
+    ``stacked_videos`` needs one clip length per batch: its processor stacks them), in order."""
+    fmt = _format(arch_of(processor))
+    stacked = fmt is not None and fmt.stacked_videos
+    runs: list[list] = []
+    for sample in samples:
+        apart = stacked and sample.is_video and runs and len(sample.frames) != len(runs[-1][0].frames)
+        if runs and len(runs[-1]) < size and not apart:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return runs
 
 
 def _append_turns(batch: dict, tok, rows: list[list[tuple[str, bool]]]) -> dict:

@@ -12,15 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
-def visual_tokens_of(compiled, processor, frames) -> int:
-    """Visual tokens the whole video takes in the cache (no eviction)."""
-    from vlmopt.reference.processing import _video_config_of, video_grid
-
-    config = _video_config_of(processor)
-    t, h, w, _, _ = video_grid(frames.shape[0], frames.shape[1], frames.shape[2], config)
-    return t * (h // config["merge_size"]) * (w // config["merge_size"])
-
-
 def stream_answers(
     compiled, processor, samples: Sequence[Any], budget_ratio: float | None = None, max_new_tokens: int = 3,
     advance: Callable[[int], None] | None = None,
@@ -30,9 +21,9 @@ def stream_answers(
     answers, visual, ttft = [], [], []
     for sample in samples:
         budget = None
-        if budget_ratio is not None:
-            prefix = compiled.stream(processor=processor, kv_budget=10**9).cache_length
-            budget = prefix + max(1, round(budget_ratio * visual_tokens_of(compiled, processor, sample.frames)))
+        if budget_ratio is not None:  # the whole video's cache entries, as the family's planner counts them
+            probe = compiled.stream(processor=processor, kv_budget=10**9)
+            budget = probe.cache_length + max(1, round(budget_ratio * probe.planner.visual_tokens(sample.frames)))
         stream = compiled.stream(processor=processor, kv_budget=budget)
         stream.append(sample.frames)
         answer = stream.ask(sample.question, max_new_tokens=max_new_tokens)

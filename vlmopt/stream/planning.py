@@ -3,8 +3,11 @@
 A family's adapter provides the planner (:meth:`vlmopt.adapters.base.Adapter.stream_planner`): the
 prompt around the frames (``prefix_ids``, ``question_ids``), each chunk's graph inputs and positions
 (``chunk``), the position of text after the frames (``text_start``, ``text_positions``), and what a
-re-indexing of positions means for the next chunk (``after_reindex``); ``frame_multiple`` frames
-are encoded together. A stream with no pass equals the one-shot prompt of the same frames and question.
+re-indexing of positions means for the next chunk (``after_reindex``), the cache entries frames take
+(``visual_tokens``); ``frame_multiple`` frames are encoded together. A planner whose one-shot prompt puts
+visual features between the frames and the question (a video's closing newline) writes them into the
+cache at the start of each question (``prelude(cache, cache_length)``, returning how many). A stream with
+no pass equals the one-shot prompt of the same frames and question.
 """
 
 from __future__ import annotations

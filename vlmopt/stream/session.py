@@ -200,14 +200,17 @@ class Stream:
         compiled, state, planner = self.compiled, self.state, self.planner
         length = self.cache_length
         ids = planner.question_ids(question).to(self.device)
-        start = planner.text_start()
-        mask = torch.ones(1, length + ids.shape[1], dtype=torch.long, device=self.device)
-        inputs = {"input_ids": ids, "attention_mask": mask,
-                  "position_ids": self._graph_positions(planner.text_positions(start, ids.shape[1]))}
         chooser = TokenChooser(settings, 1, ids.device)
         sequences, generated = ids, []
         try:
             began = time.perf_counter()
+            # visual features the one-shot prompt holds between the frames and the question (a video's
+            # closing newline): written now, so no kv-stage pass ever scores them, and removed with the question
+            prelude = planner.prelude(state.cache, length) if hasattr(planner, "prelude") else 0
+            start = planner.text_start() + prelude
+            mask = torch.ones(1, length + prelude + ids.shape[1], dtype=torch.long, device=self.device)
+            inputs = {"input_ids": ids, "attention_mask": mask,
+                      "position_ids": self._graph_positions(planner.text_positions(start, ids.shape[1]))}
             out = compiled.run_stage("prefill_text", inputs, state.cache, logits_to_keep=1)
             position = start + ids.shape[1]
             for step in range(settings.max_new_tokens):
