@@ -44,7 +44,7 @@ from vlmopt.adapters.base import NamedConfig, TextPipeline, VisionQK, register
 from vlmopt.adapters.formats import PromptFormat
 from vlmopt.adapters.layer_view import DecoderLayerView
 from vlmopt.adapters.llava import reference_processor
-from vlmopt.adapters.tiles import TiledAdapter, group_merged_patches
+from vlmopt.adapters.tiles import TiledAdapter
 from vlmopt.graph.capture import mark, role
 
 SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
@@ -276,28 +276,12 @@ class Gemma3Adapter(TiledAdapter):
         return {"block_sequence_ids": get_block_sequence_ids_for_mask(types, device=input_ids.device)}
 
     @property
-    def vision_depth(self) -> int:
-        return self.model.config.vision_config.num_hidden_layers
-
-    @property
     def feature_block(self) -> int:
         return self.vision_depth - 1
 
     def insert_vision_qk(self, editor, block: int, role: str = "attention_score") -> VisionQK:
-        if not 0 <= block <= self.feature_block:
-            raise ValueError(f"the vision tower has layers 0..{self.feature_block}, not {block}")
-        source = editor.input_of(editor.one("vision_block", block), "hidden_states")
-        layout = editor.placeholder("layout")
         attention = self.model.model.vision_tower.encoder.layers[block].self_attn
-        prefix, name = f"vision_layers.{block}", f"vision_{block}"
-        chain = editor.chain(max((source, layout), key=editor.order().__getitem__))
-        normed = chain.module(f"{prefix}.layer_norm1", source, role=role, stage="vision", name=f"{name}_norm")
-        heads = []
-        for kind in ("q", "k"):
-            x = chain.module(f"{prefix}.self_attn.{kind}_proj", normed, role=role, stage="vision", name=f"{name}_{kind}_proj")
-            heads.append(chain(group_merged_patches, x, layout, self.merge, 0, role=role, stage="vision", name=f"{name}_{kind}"))
-        return VisionQK(heads[0], heads[1], attention.num_heads, attention.scale, leading=0, merge=self.merge**2,
-                        frames=layout, order=None)
+        return self.insert_merged_patch_qk(editor, block, role, attention, norm="layer_norm1", projections="self_attn")
 
     def prompt_text(self, question: str) -> str:
         return FORMAT.prompt(question, False)

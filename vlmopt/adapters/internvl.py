@@ -31,7 +31,7 @@ from vlmopt.adapters.formats import PromptFormat, lenient_construction
 from vlmopt.adapters.layer_view import DecoderLayerView
 from vlmopt.adapters.llava import reference_processor
 from vlmopt.adapters.qwen2_5_vl import RANDOM_MODEL_TASKS
-from vlmopt.adapters.tiles import TiledAdapter, TileStreamPlanner, group_merged_patches
+from vlmopt.adapters.tiles import TiledAdapter, TileStreamPlanner
 from vlmopt.errors import UnsupportedModelError
 from vlmopt.graph.capture import mark, role
 
@@ -257,29 +257,13 @@ class InternVLAdapter(TiledAdapter):
         return InternVLPrefill(self.model, self.feature_layer, self.decoder_view)
 
     @property
-    def vision_depth(self) -> int:
-        return self.model.config.vision_config.num_hidden_layers
-
-    @property
     def feature_block(self) -> int:
         return (self.feature_layer or self.vision_depth) - 1
 
     def insert_vision_qk(self, editor, block: int, role: str = "attention_score") -> VisionQK:
-        if not 0 <= block <= self.feature_block:
-            raise ValueError(f"vision layer {block} does not feed the LLM (layers 0..{self.feature_block} do)")
-        source = editor.input_of(editor.one("vision_block", block), "hidden_states")
-        layout = editor.placeholder("layout")
         attention = self.model.model.vision_tower.encoder.layer[block].attention
-        prefix, name = f"vision_layers.{block}", f"vision_{block}"
-        chain = editor.chain(max((source, layout), key=editor.order().__getitem__))
-        normed = chain.module(f"{prefix}.layernorm_before", source, role=role, stage="vision", name=f"{name}_norm")
-        heads = []
-        for kind in ("q", "k"):
-            x = chain.module(f"{prefix}.attention.{kind}_proj", normed, role=role, stage="vision", name=f"{name}_{kind}_proj")
-            x = chain.module(f"{prefix}.attention.{kind}_norm", x, role=role, stage="vision", name=f"{name}_{kind}_norm")
-            heads.append(chain(group_merged_patches, x, layout, self.merge, 1, role=role, stage="vision", name=f"{name}_{kind}"))
-        return VisionQK(heads[0], heads[1], attention.num_heads, attention.scale, leading=1, merge=self.merge**2,
-                        frames=layout, order=None)
+        return self.insert_merged_patch_qk(editor, block, role, attention, norm="layernorm_before", projections="attention",
+                                           head_norms=True, leading=1)
 
     def stream_planner(self, compiled, processor):
         system = "<|im_start|>system\n{system}<|im_end|>\n"

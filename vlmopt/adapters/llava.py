@@ -27,6 +27,7 @@ from vlmopt.adapters.base import Adapter, NamedConfig, Prompt, TextPipeline, Vis
 from vlmopt.errors import InputError, UnsupportedModelError
 from vlmopt.graph.capture import mark, role
 from vlmopt.graph.layout import VisualLayout
+from vlmopt.stream.planning import StreamPlanner
 
 SUPPORTED_TOWERS = ("CLIPVisionModel", "SiglipVisionModel")
 IMAGE_TOKEN, PAD_TOKEN = 4, 0
@@ -321,11 +322,8 @@ class LlavaAdapter(Adapter):
         return [config.image_token_id] * (leading + side * side), {"pixel_values": pixels}
 
 
-class LlavaStreamPlanner:
+class LlavaStreamPlanner(StreamPlanner):
     """Chunk inputs and positions of a LLaVA stream (see the module docstring)."""
-
-    position_axes = 1
-    frame_multiple = 1
 
     def __init__(self, compiled, processor) -> None:
         self.compiled = compiled
@@ -336,14 +334,6 @@ class LlavaStreamPlanner:
         self.newline = self.text("\n")
         self.reset(0)
 
-    def reset(self, start: int) -> None:
-        self.next = start
-        self.patches = 0
-        self.frame_size: tuple[int, int] | None = None
-
-    def text(self, text: str) -> Tensor:
-        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].long()
-
     def prefix_ids(self, system_prompt: str) -> Tensor:
         bos = self.tokenizer.bos_token or ""
         return self.text(f"{bos}{system_prompt + ' ' if system_prompt else ''}USER: ")
@@ -351,22 +341,9 @@ class LlavaStreamPlanner:
     def question_ids(self, question: str) -> Tensor:
         return self.text(f"{question} ASSISTANT:")
 
-    def text_positions(self, first: int, count: int) -> Tensor:
-        return (torch.arange(count) + first).view(1, 1, -1)
-
-    def text_start(self) -> int:
-        return self.next
-
     def visual_tokens(self, frames: np.ndarray) -> int:
         """Visual cache entries ``frames`` take (each frame an image; its newline is text)."""
         return frames.shape[0] * self.tokens_per_image
-
-    def check(self, frames: np.ndarray) -> None:
-        if self.frame_size is not None and frames.shape[1:3] != self.frame_size:
-            raise InputError(
-                f"frames of {frames.shape[2]}x{frames.shape[1]} px after frames of {self.frame_size[1]}x{self.frame_size[0]}: "
-                "a stream is one video; keep the frame size"
-            )
 
     def chunk(self, frames: np.ndarray, cache_length: int, timestamps, patches) -> tuple[dict[str, Any], Tensor]:
         from PIL import Image
@@ -380,6 +357,3 @@ class LlavaStreamPlanner:
         self.frame_size = frames.shape[1:3]
         self.next += ids.shape[1]
         return inputs, positions
-
-    def after_reindex(self, positions: Tensor) -> None:
-        self.next = int(positions.max()) + 1

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from vlmopt.adapters.anyres import PackPlan
 from vlmopt.adapters.base import NamedConfig, register
 from vlmopt.adapters.formats import PromptFormat, lenient_construction
+from vlmopt.adapters.llava import LlavaStreamPlanner
 from vlmopt.adapters.llava_next import LlavaNextAdapter, TiledPrefill, text_config, tiled_processor, tower_config
 from vlmopt.errors import InputError
 
@@ -230,13 +231,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return [config.video_token_id] * (frames * pooled * pooled + 1), {"pixel_values_videos": pixels}
 
 
-class OnevisionStreamPlanner:
+class OnevisionStreamPlanner(LlavaStreamPlanner):
     """Chunk inputs and positions of a OneVision stream: ``[system turn] <|im_start|>user\\n`` then each
     frame's pooled block (1-D positions counting on); a question is the video's closing newline, then
     ``\\n{question}<|im_end|>\\n<|im_start|>assistant\\n`` — the one-shot prompt of the same frames."""
-
-    position_axes = 1
-    frame_multiple = 1
 
     def __init__(self, compiled, processor) -> None:
         self.compiled = compiled
@@ -247,14 +245,6 @@ class OnevisionStreamPlanner:
         self.video_token = compiled.config.video_token_id
         self.reset(0)
 
-    def reset(self, start: int) -> None:
-        self.next = start
-        self.patches = 0
-        self.frame_size: tuple[int, int] | None = None
-
-    def text(self, text: str) -> Tensor:
-        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].long()
-
     def prefix_ids(self, system_prompt: str) -> Tensor:
         system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
         return self.text(system + "<|im_start|>user\n")
@@ -262,22 +252,9 @@ class OnevisionStreamPlanner:
     def question_ids(self, question: str) -> Tensor:
         return self.text(f"\n{question}<|im_end|>\n<|im_start|>assistant\n")
 
-    def text_positions(self, first: int, count: int) -> Tensor:
-        return (torch.arange(count) + first).view(1, 1, -1)
-
-    def text_start(self) -> int:
-        return self.next
-
     def visual_tokens(self, frames: np.ndarray) -> int:
         """Cache entries ``frames`` take (each frame's pooled block; the closing newline comes with a question)."""
         return frames.shape[0] * self.per_frame
-
-    def check(self, frames: np.ndarray) -> None:
-        if self.frame_size is not None and frames.shape[1:3] != self.frame_size:
-            raise InputError(
-                f"frames of {frames.shape[2]}x{frames.shape[1]} px after frames of {self.frame_size[1]}x{self.frame_size[0]}: "
-                "a stream is one video; keep the frame size"
-            )
 
     def chunk(self, frames: np.ndarray, cache_length: int, timestamps, patches) -> tuple[dict[str, Any], Tensor]:
         pixels = video_inputs(frames, self.processor)["pixel_values_videos"].to(self.compiled.adapter.model.dtype)
@@ -299,7 +276,4 @@ class OnevisionStreamPlanner:
         adapter.text_model(inputs_embeds=newline[None, None], attention_mask=mask,
                            position_ids=torch.tensor([[self.next]], device=newline.device), cache=cache, use_cache=True)
         return 1
-
-    def after_reindex(self, positions: Tensor) -> None:
-        self.next = int(positions.max()) + 1
 

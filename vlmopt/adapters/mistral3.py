@@ -278,10 +278,6 @@ class Mistral3Adapter(TiledAdapter):
                 "vision_position_ids": prompt.inputs["vision_position_ids"][start:end]}
 
     @property
-    def vision_depth(self) -> int:
-        return self.model.config.vision_config.num_hidden_layers
-
-    @property
     def feature_block(self) -> int:
         return self.feature_layer - 1
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlmopt.errors import InputError
+from vlmopt.stream.planning import StreamPlanner
 
 
-class QwenStreamPlanner:
+class QwenStreamPlanner(StreamPlanner):
     """Chunk inputs and positions of a Qwen2.5-VL stream (see the module docstring)."""
 
     position_axes = 3
@@ -45,10 +45,6 @@ class QwenStreamPlanner:
         self.grid: tuple[int, int] | None = None
         self.time_shift = 0
 
-    def text(self, text: str) -> Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        return ids.long()
-
     def prefix_ids(self, system_prompt: str) -> Tensor:
         system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
         return self.text(system + "<|im_start|>user\n<|vision_start|>")
@@ -70,19 +66,6 @@ class QwenStreamPlanner:
 
         t, h, w, _, _ = video_grid(frames.shape[0], frames.shape[1], frames.shape[2], self.video_cfg)
         return t * (h // self.merge) * (w // self.merge)
-
-    def check(self, frames: np.ndarray) -> None:
-        """Refuse frames this stream cannot take (before anything changes)."""
-        if frames.shape[0] % self.frame_multiple:
-            raise InputError(
-                f"this model encodes frames in groups of {self.frame_multiple} (temporal_patch_size); append a "
-                f"multiple of {self.frame_multiple} frames, got {frames.shape[0]}"
-            )
-        if self.frame_size is not None and frames.shape[1:3] != self.frame_size:
-            raise InputError(
-                f"frames of {frames.shape[2]}x{frames.shape[1]} px after frames of {self.frame_size[1]}x{self.frame_size[0]}: "
-                "a stream is one video; keep the frame size"
-            )
 
     def video(self, frames: np.ndarray) -> dict[str, Tensor]:
         from vlmopt.reference.processing import qwen_video_inputs

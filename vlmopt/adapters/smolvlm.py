@@ -31,7 +31,7 @@ from vlmopt.adapters.base import NamedConfig, TextPipeline, VisionQK, register
 from vlmopt.adapters.formats import PromptFormat, lenient_construction
 from vlmopt.adapters.llava import reference_processor
 from vlmopt.adapters.qwen2_5_vl import RANDOM_MODEL_TASKS
-from vlmopt.adapters.tiles import TiledAdapter, TileStreamPlanner, group_merged_patches
+from vlmopt.adapters.tiles import TiledAdapter, TileStreamPlanner
 from vlmopt.errors import UnsupportedModelError
 from vlmopt.graph.capture import mark, role
 
@@ -296,28 +296,12 @@ class SmolVLMAdapter(TiledAdapter):
         return {"patch_attention_mask": (grid.sum(dim=(-1, -2)) > 0).bool()}
 
     @property
-    def vision_depth(self) -> int:
-        return self.model.config.vision_config.num_hidden_layers
-
-    @property
     def feature_block(self) -> int:
         return self.vision_depth - 1
 
     def insert_vision_qk(self, editor, block: int, role: str = "attention_score") -> VisionQK:
-        if not 0 <= block <= self.feature_block:
-            raise ValueError(f"the vision tower has layers 0..{self.feature_block}, not {block}")
-        source = editor.input_of(editor.one("vision_block", block), "hidden_states")
-        layout = editor.placeholder("layout")
         attention = self.model.model.vision_model.encoder.layers[block].self_attn
-        prefix, name = f"vision_layers.{block}", f"vision_{block}"
-        chain = editor.chain(max((source, layout), key=editor.order().__getitem__))
-        normed = chain.module(f"{prefix}.layer_norm1", source, role=role, stage="vision", name=f"{name}_norm")
-        heads = []
-        for kind in ("q", "k"):
-            x = chain.module(f"{prefix}.self_attn.{kind}_proj", normed, role=role, stage="vision", name=f"{name}_{kind}_proj")
-            heads.append(chain(group_merged_patches, x, layout, self.merge, 0, role=role, stage="vision", name=f"{name}_{kind}"))
-        return VisionQK(heads[0], heads[1], attention.num_heads, attention.scale, leading=0, merge=self.merge**2,
-                        frames=layout, order=None)
+        return self.insert_merged_patch_qk(editor, block, role, attention, norm="layer_norm1", projections="self_attn")
 
     def frame_inputs(self, prompt, first: int, stop: int) -> dict[str, Any]:
         return {"pixel_values": prompt.inputs["pixel_values"][first:stop],

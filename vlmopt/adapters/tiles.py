@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from vlmopt.adapters.base import Adapter, Prompt
+from vlmopt.adapters.base import Adapter, Prompt, VisionQK
 from vlmopt.errors import InputError
 from vlmopt.graph.layout import VisualLayout
+from vlmopt.stream.planning import StreamPlanner
 
 
 def merged_patch_order(layout: VisualLayout, merge: int, leading: int, device=None) -> Tensor:
@@ -64,6 +65,35 @@ class TiledAdapter(Adapter):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+    @property
+    def vision_depth(self) -> int:
+        return self.model.config.vision_config.num_hidden_layers
+
+    def insert_merged_patch_qk(
+        self, editor, block: int, role: str, attention: nn.Module, *, norm: str, projections: str,
+        head_norms: bool = False, leading: int = 0,
+    ) -> VisionQK:
+        """Queries and keys of vision block ``block`` for HiPrune: the block's input through its
+        pre-attention norm (``vision_layers.{block}.{norm}``) and the ``{projections}.q_proj`` /
+        ``k_proj`` modules (each then through ``{projections}.{q,k}_norm`` when ``head_norms``), rows
+        grouped by the LLM token each patch merges into ([tiles, merged tokens, merge², D] after
+        ``leading`` tower tokens). ``attention`` gives the head count and the softmax scale."""
+        if not 0 <= block <= self.feature_block:
+            raise ValueError(f"vision layer {block} does not feed the LLM (layers 0..{self.feature_block} do)")
+        source = editor.input_of(editor.one("vision_block", block), "hidden_states")
+        layout = editor.placeholder("layout")
+        prefix, name = f"vision_layers.{block}", f"vision_{block}"
+        chain = editor.chain(max((source, layout), key=editor.order().__getitem__))
+        normed = chain.module(f"{prefix}.{norm}", source, role=role, stage="vision", name=f"{name}_norm")
+        heads = []
+        for kind in ("q", "k"):
+            x = chain.module(f"{prefix}.{projections}.{kind}_proj", normed, role=role, stage="vision", name=f"{name}_{kind}_proj")
+            if head_norms:
+                x = chain.module(f"{prefix}.{projections}.{kind}_norm", x, role=role, stage="vision", name=f"{name}_{kind}_norm")
+            heads.append(chain(group_merged_patches, x, layout, self.merge, leading, role=role, stage="vision", name=f"{name}_{kind}"))
+        return VisionQK(heads[0], heads[1], attention.num_heads, attention.scale, leading=leading, merge=self.merge**2,
+                        frames=layout, order=None)
 
     @property
     def tile_grid(self) -> tuple[int, int]:
@@ -149,7 +179,7 @@ class TiledAdapter(Adapter):
         return [p.transpose(1, 2, 0) for p in self.tile_pixels(batch).float().numpy()]
 
 
-class TileStreamPlanner:
+class TileStreamPlanner(StreamPlanner):
     """Chunk inputs and positions of a stream on a family whose video frames are tiles: each frame is
     written as the family's one-shot video prompt writes it (its text around the frame's placeholder
     tokens, from ``frame_text``), so a stream without a pass equals the one-shot prefill of the same
@@ -162,9 +192,6 @@ class TileStreamPlanner:
     [T, H, W, 3] (their tiles, one per frame).
     """
 
-    position_axes = 1
-    frame_multiple = 1
-
     def __init__(self, compiled, processor, prefix: str, question: str, frame_text, frame_inputs, system: str = "") -> None:
         self.compiled = compiled
         self.processor = processor
@@ -175,33 +202,12 @@ class TileStreamPlanner:
         self.placeholders = [adapter.image_token_id] * adapter.tokens_per_tile
         self.reset(0)
 
-    def reset(self, start: int) -> None:
-        self.next = start
-        self.patches = 0
-        self.frame_size: tuple[int, int] | None = None
-
-    def text(self, text: str) -> Tensor:
-        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].long()
-
     def prefix_ids(self, system_prompt: str) -> Tensor:
         system = self.system.format(system=system_prompt) if system_prompt else ""
         return self.text(system + self.prefix)
 
     def question_ids(self, question: str) -> Tensor:
         return self.text(self.question.format(question=question))
-
-    def text_positions(self, first: int, count: int) -> Tensor:
-        return (torch.arange(count) + first).view(1, 1, -1)
-
-    def text_start(self) -> int:
-        return self.next
-
-    def check(self, frames: np.ndarray) -> None:
-        if self.frame_size is not None and frames.shape[1:3] != self.frame_size:
-            raise InputError(
-                f"frames of {frames.shape[2]}x{frames.shape[1]} px after frames of {self.frame_size[1]}x{self.frame_size[0]}: "
-                "a stream is one video; keep the frame size"
-            )
 
     def chunk(self, frames: np.ndarray, cache_length: int, timestamps, patches) -> tuple[dict[str, Any], Tensor]:
         pieces = []
@@ -216,6 +222,3 @@ class TileStreamPlanner:
         self.frame_size = frames.shape[1:3]
         self.next += ids.shape[1]
         return inputs, positions
-
-    def after_reindex(self, positions: Tensor) -> None:
-        self.next = int(positions.max()) + 1

@@ -1,6 +1,7 @@
 """Planning of a stream: frames checked and decoded, and the family's planner.
 
-A family's adapter provides the planner (:meth:`vlmopt.adapters.base.Adapter.stream_planner`): the
+A family's adapter provides the planner (:meth:`vlmopt.adapters.base.Adapter.stream_planner`, a
+:class:`StreamPlanner`): the
 prompt around the frames (``prefix_ids``, ``question_ids``), each chunk's graph inputs and positions
 (``chunk``), the position of text after the frames (``text_start``, ``text_positions``), and what a
 re-indexing of positions means for the next chunk (``after_reindex``), the cache entries frames take
@@ -41,6 +42,57 @@ def as_frames(frames: Any) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise InputError(f"frames must be [T, H, W, 3] with T ≥ 1 (RGB), got shape {tuple(frames.shape)}")
     return frames
+
+
+class StreamPlanner:
+    """What the families' stream planners share (see the module docstring): frames checked against the
+    stream's frame size and ``frame_multiple``, text tokenized without special tokens, 1-D text
+    positions counting on from the last chunk (``next``), nothing written before a question. A family
+    gives ``prefix_ids``, ``question_ids``, ``visual_tokens`` and ``chunk``; an M-RoPE family overrides
+    the positions."""
+
+    position_axes = 1
+    frame_multiple = 1
+    tokenizer: Any
+
+    def reset(self, start: int) -> None:
+        """Start a stream whose frames come after ``start`` prompt tokens."""
+        self.next = start
+        self.patches = 0
+        self.frame_size: tuple[int, int] | None = None
+
+    def text(self, text: str) -> torch.Tensor:
+        """Token ids [1, N] of ``text`` (no special tokens added)."""
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].long()
+
+    def text_positions(self, first: int, count: int) -> torch.Tensor:
+        """Positions [1, 1, count] of ``count`` text tokens from position ``first``."""
+        return (torch.arange(count) + first).view(1, 1, -1)
+
+    def text_start(self) -> int:
+        """The position of text after the frames so far."""
+        return self.next
+
+    def check(self, frames: np.ndarray) -> None:
+        """Refuse frames this stream cannot take (before anything changes)."""
+        if frames.shape[0] % self.frame_multiple:
+            raise InputError(
+                f"this model encodes frames in groups of {self.frame_multiple} (temporal_patch_size); append a "
+                f"multiple of {self.frame_multiple} frames, got {frames.shape[0]}"
+            )
+        if self.frame_size is not None and frames.shape[1:3] != self.frame_size:
+            raise InputError(
+                f"frames of {frames.shape[2]}x{frames.shape[1]} px after frames of {self.frame_size[1]}x{self.frame_size[0]}: "
+                "a stream is one video; keep the frame size"
+            )
+
+    def after_reindex(self, positions: torch.Tensor) -> None:
+        """The cache's positions were re-indexed to ``positions``: the next chunk counts on from them."""
+        self.next = int(positions.max()) + 1
+
+    def prelude(self, cache: Any, cache_length: int) -> int:
+        """Write what the one-shot prompt holds between the frames and a question into ``cache``; how many entries."""
+        return 0
 
 
 def planner_for(compiled, processor):

@@ -206,7 +206,7 @@ class Stream:
             began = time.perf_counter()
             # visual features the one-shot prompt holds between the frames and the question (a video's
             # closing newline): written now, so no kv-stage pass ever scores them, and removed with the question
-            prelude = planner.prelude(state.cache, length) if hasattr(planner, "prelude") else 0
+            prelude = planner.prelude(state.cache, length)
             start = planner.text_start() + prelude
             mask = torch.ones(1, length + prelude + ids.shape[1], dtype=torch.long, device=self.device)
             inputs = {"input_ids": ids, "attention_mask": mask,
