@@ -10,6 +10,7 @@ Every family is audited on its first ``*-random`` config (``Adapter.configs``), 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -91,26 +92,30 @@ def unsupported(family: str, passes: tuple[Pass, ...], flow: str) -> str | None:
     return None
 
 
-#: Families audited with every pass config in every flow: a 1-D-RoPE and an M-RoPE family, the two
-#: with shipped reference models. Every other family runs every flow without a pass and, per pass stage,
-#: each of the stage's methods in its main flow (the adapter's side of every stage's machinery), which
-#: keeps the audit's cost linear in families plus passes rather than their product.
-EVERY_PASS_FAMILIES = ("llava", "qwen2_5_vl")
-#: The methods (pass names) run on every family, and the flow each runs in.
-EVERY_FAMILY_PASSES = {"hiprune": "generate", "halfv": "generate", "apbv": "generate", "hermes": "stream", "regate": "train"}
+FULL = os.environ.get("VLMOPT_FULL_AUDIT", "") not in ("", "0")
+"""``VLMOPT_FULL_AUDIT=1``: every family × every pass config × each of its flows (what
+``benchmarks/gpu_check.py`` runs); otherwise the quick audit of :func:`cases`."""
+#: The family the quick audit runs with every pass config in every flow (a new pass is audited there).
+EVERY_PASS_FAMILY = "llava"
+#: What the quick audit runs on every other family: the flows without a pass, and HiPrune's and
+#: HalfV's family-specific graph edits (the tower's Q/K, the LLM cut with the family's masks).
+EVERY_FAMILY_FLOWS = ("generate", "train", "stream")
+EVERY_FAMILY_PASSES = {"hiprune": "generate", "halfv": "generate"}
 
 
 def cases(families_: tuple[str, ...] | None = None) -> Iterator[tuple[str, tuple[Pass, ...], str]]:
-    """(family, pass list, flow): every family in every flow without a pass; every pass config in each
-    of its flows on :data:`EVERY_PASS_FAMILIES`, and the methods of :data:`EVERY_FAMILY_PASSES` (their
-    last audit config: ReGATE with elision) on every other family. ``families_`` narrows the families."""
+    """(family, pass list, flow). The quick audit (the test suite's): every pass config in each of its
+    flows on :data:`EVERY_PASS_FAMILY`; on every other family the flows of :data:`EVERY_FAMILY_FLOWS`
+    without a pass and the passes of :data:`EVERY_FAMILY_PASSES`, so its cost grows with families plus
+    passes, not their product. With :data:`FULL`, the product. ``families_`` narrows the families."""
     for family in family_configs():
         if families_ is not None and family not in families_:
             continue
-        for flow in ALL_FLOWS:
+        every_pass = FULL or family == EVERY_PASS_FAMILY
+        for flow in ALL_FLOWS if every_pass else EVERY_FAMILY_FLOWS:
             yield family, (), flow
         for cls in REGISTRY.values():
-            if family in EVERY_PASS_FAMILIES:
+            if every_pass:
                 for config in audit_configs(cls):
                     for flow in FLOWS[config.stage]:
                         yield family, (config,), flow
