@@ -181,8 +181,9 @@ class PlannedLayout:
     """[T_grid] index of each grid token's tower token, among the tower's grid tokens (CLS left out)."""
 
 
-def plan_layout(plan: PackPlan, rows: list[int], batch: int, seq_len: int) -> PlannedLayout:
-    """The layout of a batch whose images, then videos (:func:`pack_features`' order), sit in ``rows``."""
+def plan_layout(plan: PackPlan, rows: list[int], batch: int, seq_len: int, device: torch.device | None = None) -> PlannedLayout:
+    """The layout of a batch whose images, then videos (:func:`pack_features`' order), sit in ``rows``;
+    ``pack_order`` and ``tower_index`` on ``device`` (the prompt's inputs')."""
     side, area, pooled = plan.side, plan.side * plan.side, plan.pooled
     inputs, order, tower = [], [], []
 
@@ -246,4 +247,5 @@ def plan_layout(plan: PackPlan, rows: list[int], batch: int, seq_len: int) -> Pl
     layout = VisualLayout.from_grids(batch, seq_len, in_rows, grids, structural=structural)
     tower_grids = [(image.patches, side, side) for image in plan.images] + [(plan.frames, side, side)] * plan.videos
     tower_layout = VisualLayout.from_grids(batch, seq_len, tuple(rows), tuple(tower_grids))
-    return PlannedLayout(layout, torch.tensor(order, dtype=torch.long), tower_layout, torch.tensor(tower, dtype=torch.long))
+    return PlannedLayout(layout, torch.tensor(order, dtype=torch.long, device=device), tower_layout,
+                         torch.tensor(tower, dtype=torch.long, device=device))

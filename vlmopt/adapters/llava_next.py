@@ -297,7 +297,7 @@ class LlavaNextAdapter(LlavaAdapter):
         rows = [int(slots[start]) // seq_len for start in starts[:-1]]
         if any(int(slots[stop - 1]) // seq_len != row for row, stop in zip(rows, starts[1:])):
             raise InputError("an image's or video's tokens span two rows of the batch; build inputs with the model's processor")
-        planned = plan_layout(tiles, rows, size, seq_len)
+        planned = plan_layout(tiles, rows, size, seq_len, slots.device)
         inputs = {
             "input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask,
             "position_ids": position_ids, "visual_positions": slots, "layout": planned.layout, "tiles": tiles,
