@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 from vlmopt import configs
 from vlmopt.adapters.llava import llava_config
 from vlmopt.adapters.qwen2_5_vl import qwen25vl_config
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per pytest-xdist worker: the workers share the cores (-n auto: one per core)
+    torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
