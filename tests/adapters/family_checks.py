@@ -98,6 +98,29 @@ def llm_flops_ratio(model, batch, spec: str) -> float:
     return vlmopt.flops(vlmopt.compile(model, passes=spec.split("+")), batch).by_stage["llm"] / base
 
 
+def assert_export_round_trip(model, processor, out, image_shape: tuple[int, int], passes=("hiprune:keep_ratio=1/3",),
+                             export_size=None) -> dict:
+    """Export ``model`` with ``passes`` to ``out`` (ONNX, checked by onnxruntime), encode a random image of
+    ``image_shape`` (H, W) with the processor saved beside the graphs, and assert that onnxruntime generates the
+    compiled model's tokens. Returns the encoded batch (numpy) for the family's own checks."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmopt.export import OnnxVLM, export_onnx
+    from vlmopt.export.inputs import encode_prompt, load_processor, template_of
+
+    passes = list(passes)
+    export_onnx(model, out, passes=passes, processor=processor)
+    compiled = vlmopt.compile(model, passes=passes)
+    image = Image.fromarray(np.random.default_rng(15).integers(0, 256, (*image_shape, 3), dtype=np.uint8))
+    size = () if export_size is None else (export_size,)
+    batch = encode_prompt(load_processor(out), template_of(compiled.adapter), image, "what is it?", *size)
+    expected = compiled.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, max_new_tokens=5)
+    assert torch.equal(torch.as_tensor(OnnxVLM(out).generate(**batch, max_new_tokens=5)), expected)
+    image.save(out / "picture.png")
+    return batch
+
+
 def merged_scores(attention: torch.Tensor, leading: int, grid: tuple[int, int], merge: int) -> torch.Tensor:
     """HiPrune's expected score per LLM token from a tower's eager attention weights [N, H, P, P] of N
     frames: the column means over heads and queries, the ``leading`` columns left out, then the mean over

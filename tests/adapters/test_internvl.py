@@ -157,21 +157,9 @@ def test_regate_training_loss_equals_hf(dense):
 @pytest.mark.slow
 def test_export_round_trip_with_hiprune(processor, tmp_path):
     pytest.importorskip("onnxruntime")
-    import numpy as np
-    from PIL import Image
-
-    from vlmopt.export import OnnxVLM, export_onnx
-    from vlmopt.export.inputs import encode_prompt, template_of
-
     model = configs.build(configs.CONFIGS["tiny-internvl-random"](), seed=43)
-    passes = ["hiprune:keep_ratio=1/3"]
-    export_onnx(model, tmp_path, passes=passes, processor=processor)
-    compiled = vlmopt.compile(model, passes=passes)
-    image = Image.fromarray(np.random.default_rng(15).integers(0, 256, (112, 112, 3), dtype=np.uint8))
-    batch = encode_prompt(processor, template_of(compiled.adapter), image, "what is it?")
-    expected = compiled.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, max_new_tokens=5)
-    assert torch.equal(torch.as_tensor(OnnxVLM(tmp_path).generate(**batch, max_new_tokens=5)), expected)
-    image.save(tmp_path / "picture.png")  # `vlmopt run` loads the processor saved beside the graphs
+    checks.assert_export_round_trip(model, processor, tmp_path, (112, 112))
+    # `vlmopt run` loads the processor saved beside the graphs
     checks.run_cli("run", str(tmp_path), "--image", str(tmp_path / "picture.png"), "--prompt", "what is it?", "--max-new-tokens", "2")
 
 

@@ -149,20 +149,9 @@ def test_regate_training_loss_equals_hf(model):
 @pytest.mark.slow
 def test_export_round_trip_with_hiprune(tmp_path):
     pytest.importorskip("onnxruntime")
-    import numpy as np
-    from PIL import Image
-
-    from vlmopt.export import OnnxVLM, export_onnx
-    from vlmopt.export.inputs import encode_prompt, load_processor, template_of
-
     model = configs.build(configs.CONFIGS["tiny-mistral3-random"](), seed=72)
-    passes = ["hiprune:keep_ratio=1/3"]
-    export_onnx(model, tmp_path, passes=passes, processor=processing.build_processor("mistral3", 112, 112))
-    compiled = vlmopt.compile(model, passes=passes)
-    image = Image.fromarray(np.random.default_rng(15).integers(0, 256, (80, 112, 3), dtype=np.uint8))
-    batch = encode_prompt(load_processor(tmp_path), template_of(compiled.adapter), image, "what is it?", (112, 112))
-    expected = compiled.generate(**{k: torch.from_numpy(v) for k, v in batch.items()}, max_new_tokens=5)
-    assert torch.equal(torch.as_tensor(OnnxVLM(tmp_path).generate(**batch, max_new_tokens=5)), expected)
+    checks.assert_export_round_trip(model, processing.build_processor("mistral3", 112, 112), tmp_path, (80, 112),
+                                    export_size=(112, 112))
 
 
 @pytest.mark.slow
