@@ -152,13 +152,18 @@ def test_regate_with_elision_runs_on_the_training_graph(model):
     assert torch.isfinite(out.loss) and out.active_tokens.sum() < (labels[:, 1:] != -100).sum()
 
 
-def test_export_is_refused_with_its_reason(tmp_path):
+def test_export_round_trip_with_hiprune(model, tmp_path):
+    """The prefill graph takes the image blocks planned from the image tokens; the sliding layers' past
+    is full length, their window applied by the mask; onnxruntime gives the compiled model's tokens."""
     pytest.importorskip("onnxruntime")
-    from vlmopt.export import export_onnx
-    from vlmopt.export.errors import ExportError
+    from vlmopt.export.manifest import read_manifest
+    from vlmopt.reference.processing import build_processor
 
-    with pytest.raises(ExportError, match="full-attention layers only"):
-        export_onnx(configs.build(gemma3_config(), seed=52), tmp_path)
+    processor = build_processor("gemma3", 112, 112)
+    checks.assert_export_round_trip(model, processor, tmp_path, (150, 90))
+    manifest = read_manifest(tmp_path)
+    assert manifest["layout"]["sequence_inputs"] == {"block_sequence_ids": "image_blocks"}
+    assert "block_sequence_ids" in [i["name"] for i in manifest["graphs"]["prefill"]["inputs"]]
 
 
 def test_command_line_takes_the_random_config(tmp_path):

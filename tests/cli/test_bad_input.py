@@ -112,7 +112,7 @@ CATALOGUE = [
     (["run", "{root}/empty-export", *IMAGE], "has no manifest.json, so it is not a vlmopt export"),
     (["run", "{root}/corrupt-manifest", *IMAGE], "corrupt-manifest/manifest.json is corrupt"),
     (["run", "{root}/garbage-onnx", *IMAGE], "vision.onnx is not a readable ONNX model"),
-    (["run", "{root}/future-manifest", *IMAGE], "is not a vlmopt manifest of version 1 or 2 (found 3); re-create it"),
+    (["run", "{root}/future-manifest", *IMAGE], "is not a vlmopt manifest of version 1, 2 or 3 (found 4); re-create it"),
     (["run", "{root}/garbage-onnx", "--image", "{root}/none.png", "--prompt", "x"], "image {root}/none.png does not exist"),
     (["run", "{root}/garbage-onnx", *IMAGE, "--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1"),
     (["run", "{root}/garbage-onnx", *IMAGE, "--threads", "0"], "argument --threads: must be ≥ 1"),

@@ -50,3 +50,16 @@ def test_repetition_penalty_matches_hf():
     sequences = torch.randint(0, 30, (2, 9), generator=generator)
     expected = RepetitionPenaltyLogitsProcessor(1.3)(sequences, scores.clone())
     np.testing.assert_allclose(planning.repetition_penalty(scores.numpy(), sequences.numpy(), 1.3), expected.numpy(), rtol=1e-6)
+
+
+def test_image_blocks_match_hf_block_ids():
+    """Random rows of image and text tokens (several runs a row, left padding): HF's block ids of the image token types."""
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, 4, (5, 40))
+    ids[:, :3] = 0  # padding, not an image token
+    expected = get_block_sequence_ids_for_mask(torch.from_numpy(ids == 3).long())
+    got = planning.image_blocks(ids, 3)
+    assert got.max() >= 2  # several blocks in a row
+    np.testing.assert_array_equal(got, expected.numpy())

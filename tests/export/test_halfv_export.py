@@ -10,7 +10,7 @@ import pytest
 import vlmopt
 from vlmopt import configs
 from vlmopt.errors import InputError
-from vlmopt.export.manifest import GRAPHS, read_manifest
+from vlmopt.export.manifest import FORMAT_VERSION, GRAPHS, read_manifest
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'vlmopt[onnx]')")
 
@@ -24,7 +24,7 @@ def test_halfv_graphs_carry_the_cut(exported, name):
 
     export = exported(name)
     manifest = read_manifest(export.out)
-    assert manifest["format_version"] == 2 and manifest["text"]["cache_segments"] == SEGMENTS[name]
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["text"]["cache_segments"] == SEGMENTS[name]
     assert manifest["layout"]["visual_tokens_per_row"] == manifest["layout"]["kept_per_image"]
     for graph in GRAPHS:
         assert manifest["graphs"][graph]["max_abs_error"] <= manifest["verification"]["atol"]
@@ -73,7 +73,8 @@ def test_runtime_refuses_a_row_without_exactly_one_image(exported):
 
 
 def test_version_1_manifests_still_read(tmp_path):
-    """Directories exported before the cut inside the LLM read as having no cache segments."""
+    """Directories exported before the cut inside the LLM read as having no cache segments (and no
+    sequence inputs, which came in version 3)."""
     import json
 
     graphs = {}
@@ -84,4 +85,4 @@ def test_version_1_manifests_still_read(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     read = read_manifest(tmp_path)
     assert read["text"] == {"num_layers": 2, "cache_segments": []}
-    assert read["layout"] == {"image_size": [56, 56], "visual_tokens_per_row": None}
+    assert read["layout"] == {"image_size": [56, 56], "visual_tokens_per_row": None, "sequence_inputs": {}}

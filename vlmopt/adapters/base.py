@@ -167,6 +167,9 @@ class Adapter(ABC):
     """(batch, sequence) dims of the position ids: (0, 1) for 1-D RoPE [B, S], (1, 2) for M-RoPE [3, B, S]."""
     batch_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Processor outputs besides ``input_ids`` / ``attention_mask`` / ``position_ids`` the family reads."""
+    export_sequence_inputs: ClassVar[Mapping[str, str]] = {}
+    """Prefill inputs [B, S] besides the text's that an export's runtime plans from the prompt's token ids:
+    input name → planner in :data:`vlmopt.export.planning.SEQUENCE_PLANNERS`."""
     host_inputs: ClassVar[tuple[str, ...]] = ()
     """Planned inputs the HF modules read back as Python numbers (they stay real under fake tensors)."""
     prompt_format: ClassVar[PromptFormat | None] = None

@@ -28,8 +28,12 @@ Passes: HalfV handles both layer kinds (each cut rebuilds the global and the sli
 segment from the gathered block ids, sized on the segment's first layer of that kind); APB-V is
 refused (it replaces attention with full causal anchor / passing-block attention, which neither the
 sliding-window layers nor the bidirectional image blocks follow); streams are not offered (Gemma 3
-takes no video); export is not offered (the export's KV cache holds full-attention layers only, and
-its LLM graph has no input for the block ids).
+takes no video).
+
+Export: one image of the tower's size per prompt (no pan-and-scan); the prefill graph takes the block
+ids as the input ``block_sequence_ids`` [B, S], which the runtime plans from the image tokens
+(:func:`vlmopt.export.planning.image_blocks`), and the sliding layers' past is as long as the global
+layers' with the window applied by their mask (:mod:`vlmopt.export.kv`).
 """
 
 from __future__ import annotations
@@ -220,13 +224,12 @@ FORMAT = PromptFormat(
 class Gemma3Adapter(TiledAdapter):
     family = "gemma3"
     model_classes = {"gemma3": "Gemma3ForConditionalGeneration"}
-    capabilities = frozenset({"vision_qk", "grids", "frames"})
+    capabilities = frozenset({"vision_qk", "grids", "frames", "export"})
     lacks = {
         "video": "the family takes images only",
         "stream": "the family takes images only: there is no video to stream",
-        "export": "the export's KV cache holds full-attention layers only, and its LLM graph has no input for the "
-                  "bidirectional image blocks",
     }
+    export_sequence_inputs = {"block_sequence_ids": "image_blocks"}
     decoder_view = DecoderLayerView(
         q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", attention_out_norm="post_attention_layernorm",
         ffn_norm="pre_feedforward_layernorm", ffn_out_norm="post_feedforward_layernorm",

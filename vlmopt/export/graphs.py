@@ -4,8 +4,9 @@
   tokens that reach the LLM, pruning included) and, after pruning, ``visual_index`` [T'] (each kept
   token's index among the image's T tokens, ascending). Static shapes: the layout is fixed.
 * ``prefill``: ``input_ids`` [B, S], ``attention_mask`` [B, S], ``position_ids`` [B, S] (LLaVA) or
-  [3, B, S] (M-RoPE), ``visual_embeds`` [T', D], ``visual_slots`` [T'] (flat ``b·S + s`` slot of each
-  visual token), and after pruning ``sequence_index`` [B, S'] (planned in numpy) → ``logits``
+  [3, B, S] (M-RoPE), the adapter's ``export_sequence_inputs`` [B, S] (e.g. bidirectional image
+  blocks), ``visual_embeds`` [T', D], ``visual_slots`` [T'] (flat ``b·S + s`` slot of each visual
+  token), and after pruning ``sequence_index`` [B, S'] (planned in numpy) → ``logits``
   [B, 1, V] of the last position, ``kept_attention_mask`` [B, S'], ``present.{i}.key|value``
   [B, Hkv, S', Dh]. Dynamic B, S, S', T'.
 * ``decode``: ``input_ids`` [B, 1], ``attention_mask`` [B, P + 1], ``position_ids`` [B, 1] or
@@ -231,6 +232,7 @@ def build_graphs(compiled: CompiledVLM, processor: Any, config: ExportConfig) ->
         "input_ids": {0: batch_dim, 1: seq},
         "attention_mask": {0: batch_dim, 1: seq},
         "position_ids": positions,
+        **{name: {0: batch_dim, 1: seq} for name in compiled.adapter.export_sequence_inputs},
         VISUAL_EMBEDS: {0: visual},
         VISUAL_SLOTS: {0: visual},
         **{p.name: {0: batch_dim, 1: kept} for p in split.planned},
@@ -291,12 +293,13 @@ def _prefill_example(compiled: CompiledVLM, split: PrefillSplit, image_size: int
             {**prompt.inputs, "cache": compiled.new_cache(), "logits_to_keep": 1},
             lambda node: node.name in wanted,
         )
-    example = {name: prompt.inputs[name] for name in TEXT_INPUTS}
+    extras = [name for name in split.llm_inputs if name in compiled.adapter.export_sequence_inputs]
+    example = {name: prompt.inputs[name] for name in (*TEXT_INPUTS, *extras)}
     example[VISUAL_EMBEDS] = values[tokens.name]
     example[VISUAL_SLOTS] = values[slots.name] if slots.op != "placeholder" else prompt.inputs["visual_positions"]
     for planned in split.planned:
         example[planned.name] = values[planned.name]
-    names = [*TEXT_INPUTS, VISUAL_EMBEDS, VISUAL_SLOTS, *(p.name for p in split.planned)]
+    names = [*TEXT_INPUTS, *extras, VISUAL_EMBEDS, VISUAL_SLOTS, *(p.name for p in split.planned)]
     if [n for n in split.llm_inputs if n not in ("cache", "logits_to_keep")] != names:
         raise ExportError(f"unexpected LLM-graph inputs {split.llm_inputs}; expected {names}")
     return names, {name: value.contiguous() for name, value in example.items()}, output["logits"]

@@ -4,6 +4,13 @@ The pipeline graphs read and fill a HF ``DynamicCache``. :class:`ExplicitKVStep`
 inside ``forward`` from ``past`` tensors (none for a prefill), runs the graph, and returns the
 cache's tensors, so the exported graph has ``past.{i}.key`` / ``past.{i}.value`` inputs and
 ``present.{i}.key`` / ``present.{i}.value`` outputs, each [B, Hkv, P, Dh].
+
+Sliding-window layers keep every past token in the export too: their
+window is the attention mask's (HF's ``sliding_window_overlay``, which the graphs build from the
+2-D mask), not the cache's length, so each layer's ``past`` has the one dynamic length that
+``attention_mask`` gives and no graph branches on whether the window is full. The keys each query
+attends to are HF's (its sliding cache keeps the last ``window − 1``; the mask here hides the
+older ones); the cost is a past as long as a global layer's.
 """
 
 from __future__ import annotations
@@ -19,15 +26,18 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
 
 
 def explicit_cache(config, past: list[Tensor]):
-    """A ``DynamicCache`` for ``config`` holding ``past`` ([k0, v0, k1, v1, ...]; empty for a prefill)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    """A ``DynamicCache`` for ``config`` holding ``past`` ([k0, v0, k1, v1, ...]; empty for a prefill),
+    every layer a full-length ``DynamicLayer`` (sliding-window layers too: see the module's docstring)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     cache = DynamicCache(config=config)
     for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicSlidingWindowLayer:
+            layer = cache.layers[index] = DynamicLayer()
         if type(layer) is not DynamicLayer:
             raise ExportError(
-                f"decoder layer {index} uses a {type(layer).__name__} cache; the export supports full-attention "
-                "layers (DynamicLayer) only"
+                f"decoder layer {index} uses a {type(layer).__name__} cache; the export supports full-attention and "
+                "sliding-window layers (DynamicLayer, DynamicSlidingWindowLayer) only"
             )
         if past:
             key, value = past[2 * index], past[2 * index + 1]

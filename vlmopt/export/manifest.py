@@ -15,10 +15,11 @@ from typing import Any
 from vlmopt.export.errors import ModelDirectoryError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version 2 added ``text.cache_segments`` (per-segment decode masks of a model cut inside the LLM)
-and ``layout.visual_tokens_per_row``; version-1 manifests read as having neither."""
-READABLE_VERSIONS = (1, 2)
+and ``layout.visual_tokens_per_row``; version 3 ``layout.sequence_inputs`` (prefill inputs planned
+from the token ids). Older manifests read as having none of them."""
+READABLE_VERSIONS = (1, 2, 3)
 GRAPHS = ("vision", "prefill", "decode")
 
 
@@ -48,7 +49,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ModelDirectoryError(f"{path} is corrupt ({error}); {fix}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
         raise ModelDirectoryError(
-            f"{path} is not a vlmopt manifest of version {' or '.join(map(str, READABLE_VERSIONS))} (found "
+            f"{path} is not a vlmopt manifest of version {', '.join(map(str, READABLE_VERSIONS[:-1]))} or {READABLE_VERSIONS[-1]} (found "
             f"{manifest.get('format_version') if isinstance(manifest, dict) else type(manifest).__name__}); {fix}"
         )
     for key in ("family", "graphs", "layout", "text"):
@@ -56,6 +57,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             raise ModelDirectoryError(f"{path} lacks the {key!r} entry; {fix}")
     manifest["text"].setdefault("cache_segments", [])  # version 1: no cut inside the LLM
     manifest["layout"].setdefault("visual_tokens_per_row", None)
+    manifest["layout"].setdefault("sequence_inputs", {})  # versions 1 and 2
     for name in GRAPHS:
         entry = manifest["graphs"].get(name)
         if entry is None:

@@ -289,6 +289,8 @@ def layout_entry(compiled: CompiledVLM, layout, split) -> dict[str, Any]:
         "kept_per_image": layout.kept_per_image,
         "pruned": split.pruned,
         "planned_inputs": {p.name: p.kind for p in split.planned},
+        # prefill inputs [B, S] planned from the token ids: name -> planning.SEQUENCE_PLANNERS key
+        "sequence_inputs": {name: kind for name, kind in compiled.adapter.export_sequence_inputs.items() if name in split.llm_inputs},
         "image_token_id": int(config.image_token_id),
         # graphs cut inside the LLM are bound to one image per row, of this many tokens (else None)
         "visual_tokens_per_row": layout.kept_per_image if split.row_bound else None,

@@ -226,6 +226,10 @@ class OnnxVLM:
             "visual_embeds": np.concatenate(embeds).astype(self.manifest["dtype"]),
             "visual_slots": np.concatenate(kept).astype(np.int64),
         }
+        for name, kind in layout["sequence_inputs"].items():
+            if kind not in planning.SEQUENCE_PLANNERS:
+                raise ModelDirectoryError(f"this runtime cannot plan the input {name!r} ({kind}); update vlmopt")
+            feeds[name] = planning.SEQUENCE_PLANNERS[kind](input_ids, layout["image_token_id"])
         for name, kind in layout["planned_inputs"].items():
             if kind != "sequence_keep_index":
                 raise ModelDirectoryError(f"this runtime cannot plan the input {name!r} ({kind}); update vlmopt")

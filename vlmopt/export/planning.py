@@ -6,7 +6,9 @@ the ONNX runtime's greedy tokens equal :meth:`CompiledVLM.generate`'s:
 * :func:`generation_positions`: 1-D RoPE ids for ``generate`` (count of real tokens, padding at 0);
 * :func:`mrope_positions`: Qwen2.5-VL's 3-D M-RoPE ids (HF ``get_rope_index`` for images);
 * :func:`visual_slots`: flat ``b·S + s`` slots of each image's placeholder tokens;
-* :func:`sequence_keep_index`: which slots survive pruning (``vlmopt::sequence_keep_index``).
+* :func:`sequence_keep_index`: which slots survive pruning (``vlmopt::sequence_keep_index``);
+* :data:`SEQUENCE_PLANNERS`: the adapters' extra prefill inputs (``Adapter.export_sequence_inputs``),
+  e.g. :func:`image_blocks`, the image blocks of bidirectional attention.
 
 All arrays are int64 numpy arrays; shapes are given per function.
 """
@@ -95,6 +97,19 @@ def sequence_keep_index(all_slots: np.ndarray, kept_slots: np.ndarray, batch: in
         kept = np.flatnonzero(flags[row])
         index[row, out_len - kept.size :] = kept
     return index
+
+
+def image_blocks(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
+    """[B, S] block id of every image token (0, 1, … for each run of image tokens in its row), −1 for
+    every other token: the blocks inside which a prefill attends both ways (HF's
+    ``get_block_sequence_ids_for_mask`` of the image token types)."""
+    is_image = input_ids == image_token_id
+    starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+    return np.where(is_image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int64)
+
+
+SEQUENCE_PLANNERS = {"image_blocks": image_blocks}
+"""Planner name → ``planner(input_ids [B, S], image_token_id) -> [B, S]`` of an extra prefill input."""
 
 
 def repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float) -> np.ndarray:
