@@ -40,21 +40,28 @@ def test_every_family_has_a_row_and_every_refusal_a_reason(table):
     assert notes == set(re.findall(r"no \[(\d+)\]", table)) and notes
 
 
-def test_refusals_are_what_compile_says():
-    """A family's refused columns are exactly the passes ``vlmopt.compile`` refuses on it, and the reason
-    of a refused capability is the family's own."""
+@pytest.mark.parametrize("cls", families(), ids=lambda cls: cls.family)
+def test_refusals_are_what_compile_says(cls):
+    """A family's refused pass columns are exactly the passes ``vlmopt.compile`` refuses on it, and the
+    reason of a refused capability (streams, export, torchrun's frames) is the family's own."""
     import vlmopt
     from vlmopt import configs
     from vlmopt.errors import IncompatiblePassError
 
-    cls = next(cls for cls in families() if cls.family == "gemma3")
     support = family_support(cls)
     model = configs.build(configs.CONFIGS[support.config](), device="meta")
     for column, spec in COLUMNS.items():
+        mode = "train" if column == "regate" else "infer"
         if column in support.refusals:
             with pytest.raises(IncompatiblePassError):
-                vlmopt.compile(model, passes=[spec], mode="train" if column == "regate" else "infer")
-    assert support.refusals["hermes"] == cls.lacks["stream"] and support.refusals["export"] == cls.lacks["export"]
+                vlmopt.compile(model, passes=[spec], mode=mode)
+        else:
+            vlmopt.compile(model, passes=[spec], mode=mode)
+    for column, need in (("hermes", "stream"), ("export", "export"), ("torchrun", "frames")):
+        if need in cls.lacks:
+            assert support.refusals[column] == cls.lacks[need]
+        if need in cls.capabilities and column != "torchrun":
+            assert column not in support.refusals
 
 
 def code_tokens(source: str):
