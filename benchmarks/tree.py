@@ -34,6 +34,7 @@ ENTRIES: tuple[tuple[str, str], ...] = (
     ("vlmopt/reference/", "the reference models' world: loading, synthetic tasks, processors, evaluator"),
     ("models/tiny-llava/", "a shipped reference model: HF checkpoint, model card, training log"),
     ("models/tiny-qwen25vl/", "the same for Qwen2.5-VL"),
+    ("models/tiny-qwen3vl/", "the same for Qwen3-VL, with a 12-layer LLM (depth for HalfV and HERMES)"),
     ("models/train/", "training of the reference models: python -m models.train"),
     ("models/bench/", "research benchmarks on the reference models (python -m models.bench.<name>)"),
     ("benchmarks/", "core.py, export.py, gpu_check.py, this tree (tree.py), results/ (measured numbers)"),

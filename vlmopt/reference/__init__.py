@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-MODEL_NAMES = ("tiny-llava", "tiny-qwen25vl")
+MODEL_NAMES = ("tiny-llava", "tiny-qwen25vl", "tiny-qwen3vl")
 """Reference models shipped in ``models/``."""
 TASK_NAMES = ("shapes", "shapes-video", "needle", "shapes-relations", "shapes-captions")
 """Synthetic tasks (:mod:`vlmopt.reference.tasks`); ``shapes-relations`` asks new questions about the
