@@ -5,10 +5,10 @@ inside ``forward`` from ``past`` tensors (none for a prefill), runs the graph, a
 cache's tensors, so the exported graph has ``past.{i}.key`` / ``past.{i}.value`` inputs and
 ``present.{i}.key`` / ``present.{i}.value`` outputs, each [B, Hkv, P, Dh].
 
-Sliding-window layers keep every past token in the export too: their
-window is the attention mask's (HF's ``sliding_window_overlay``, which the graphs build from the
-2-D mask), not the cache's length, so each layer's ``past`` has the one dynamic length that
-``attention_mask`` gives and no graph branches on whether the window is full. The keys each query
+Sliding-window layers keep every past token in the export too: their window is the attention
+mask's (HF's ``sliding_window_overlay``, which the graphs build from the 2-D mask), not the cache's
+length, so each layer's ``past`` has the one dynamic length that ``attention_mask`` gives and no
+graph branches on whether the window is full. The keys each query
 attends to are HF's (its sliding cache keeps the last ``window − 1``; the mask here hides the
 older ones); the cost is a past as long as a global layer's.
 """
