@@ -82,6 +82,8 @@ class TrainConfig:
     """Draw each extra turn answer-first, uniformly among the answers its family can give on that picture."""
     background_dropout: float = 0.0
     """Share of training pictures whose background visual tokens are partly masked out of the LM's attention (0: off)."""
+    turn_weights: tuple[str, ...] = ()
+    """``family=weight`` entries: the extra turns draw these families that many times as often (others: 1); fine-tunes aim at weak ones."""
     extra_turns: int = 5
     """More (question, answer) turns per picture, derived from its scene, their answers labelled too."""
     curriculum: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (150, 2, 4), (400, 4, 6))
@@ -106,6 +108,11 @@ class TrainConfig:
     """Most threads (``torch.set_num_threads``; 1 while other processes busy a core)."""
     checkpoint_every: int = 25
     """Write the resumable training state (``<out>/.checkpoint/``) every this many steps."""
+
+    @property
+    def turn_weight_map(self) -> dict[str, float]:
+        """:attr:`turn_weights` as family -> weight."""
+        return {f: float(w) for f, w in (entry.split("=", 1) for entry in self.turn_weights)}
 
     @property
     def qwen(self) -> bool:
@@ -173,6 +180,15 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}: unknown families {unknown}; known: {sorted(known)}")
         if self.guide_split_question and not (self.guide_read_question and self.guide_split_families):
             raise ValueError("TrainConfig.guide_split_question needs guide_read_question and guide_split_families (it splits the first into the second's halves)")
+        for entry in self.turn_weights:
+            family, _, weight = entry.partition("=")
+            if family not in known:
+                raise ValueError(f"TrainConfig.turn_weights: unknown family {family!r} in {entry!r}; known: {sorted(known)}")
+            try:
+                if float(weight) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"TrainConfig.turn_weights: {entry!r} needs a positive weight, e.g. count=3") from None
         both = sorted(set(self.guide_sink_families) & set(self.guide_split_families))
         if both:
             raise ValueError(f"TrainConfig: families {both} are in both guide_sink_families and guide_split_families; pick one")

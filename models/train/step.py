@@ -72,7 +72,9 @@ def encode_training_batch(model, processor, batch_samples, cfg: TrainConfig, qwe
     """(model inputs with answers labelled, evidence per turn) of one batch: each sample with its extra
     turns (:func:`training_turns`), explicit positions, and ``background_dropout``'s masked background."""
     video = batch_samples[0].is_video
-    turns, evidence = training_turns(batch_samples, cfg.extra_turns, cell, balanced=cfg.balanced_turns)
+    turns, evidence = training_turns(
+        batch_samples, cfg.extra_turns, cell, balanced=cfg.balanced_turns, weights=cfg.turn_weight_map
+    )
     batch = processing.encode(processor, batch_samples, answers=True, turns=turns)
     if not qwen:  # positions count real tokens only, as generate() makes them with left padding
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)

@@ -177,22 +177,22 @@ def track_tokens(sample: tasks.Sample, track_ids: list[int], cell: int, first_fr
 
 
 def training_turns(
-    samples: list[tasks.Sample], k: int, cell: int = 14, balanced: bool = False
+    samples: list[tasks.Sample], k: int, cell: int = 14, balanced: bool = False, weights: dict[str, float] | None = None
 ) -> tuple[list[list[tuple[str, str]]], list[list[tuple[str, list[np.ndarray]]]]]:
     """Extra (question, answer) turns of each picture or video (the same as
-    :meth:`tasks.Sample.more_questions`; ``balanced``: see :func:`scenes.derive`), and for every turn (the sample's own question first) its
+    :meth:`tasks.Sample.more_questions`; ``balanced``, ``weights``: see :func:`scenes.derive`), and for every turn (the sample's own question first) its
     family and the visual tokens of each evidence object (``cell``: a visual token's side, pixels)."""
     turns, evidence = [], []
     for s in samples:
         rng = np.random.default_rng([0, s.index])
         if s.is_video:
             tracks, frames = s.meta["tracks"], s.meta["num_frames"]
-            pairs = videos.derive(rng, tracks, frames, k, skip={s.question}) if k else []
+            pairs = videos.derive(rng, tracks, frames, k, skip={s.question}, weights=weights) if k else []
             asked = [(s.family, sorted({s.objects[t][j].track for t, j in s.evidence}))]
             asked += [(q.family, videos.oracle(q, tracks, frames)[1]) for q, _ in pairs]
             groups = [(f, track_tokens(s, ids, cell, videos.evidence_start(f, frames))) for f, ids in asked]
         else:
-            pairs = scenes.derive(rng, s.objects[0], k, skip={s.question}, balanced=balanced) if k else []
+            pairs = scenes.derive(rng, s.objects[0], k, skip={s.question}, balanced=balanced, weights=weights) if k else []
             groups = [(s.family, object_cells(s, [o for _, o in s.evidence], cell))]
             groups += [(q.family, object_cells(s, scenes.oracle(q, s.objects[0])[1], cell)) for q, _ in pairs]
         turns.append([(q.text, a) for q, a in pairs])

@@ -201,3 +201,29 @@ def test_derived_turns_do_not_depend_on_the_process_string_hashing():
     }
     assert outputs["1"].count("\n") == 24
     assert outputs["1"] == outputs["2"] == outputs["3"]
+
+
+def test_turn_weights_draw_a_family_more_often_and_keep_turns_valid():
+    """Weighted draws (a fine-tune aiming at a weak family) raise that family's share of the extra
+    turns, on pictures and on videos, and every turn stays valid and unique."""
+    pictures, clips = tasks.get("shapes", size=224), tasks.get("shapes-video")
+    shares = {}
+    for weights in (None, {"count": 4.0, "now-count": 4.0}):
+        families = Counter()
+        for index in range(120):
+            s = pictures.sample("train", index)
+            pairs = scenes.derive(np.random.default_rng([3, index]), s.objects[0], 8, skip={s.question}, weights=weights)
+            texts = [q.text for q, _ in pairs]
+            assert len(set(texts)) == len(texts) and s.question not in texts
+            assert all(scenes.oracle(q, s.objects[0])[0] == a for q, a in pairs)
+            families.update(q.family for q, _ in pairs)
+        for index in range(30):
+            v = clips.sample("train", index)
+            tracks, frames = v.meta["tracks"], v.meta["num_frames"]
+            pairs = videos.derive(np.random.default_rng([3, index]), tracks, frames, 2, skip={v.question}, weights=weights)
+            assert all(videos.oracle(q, tracks, frames)[0] == a for q, a in pairs)
+            families.update(q.family for q, _ in pairs)
+        shares[weights is None] = {f: n / sum(families.values()) for f, n in families.items()}
+    uniform, weighted = shares[True], shares[False]
+    assert weighted["count"] > 1.5 * uniform["count"]
+    assert weighted["now-count"] > 1.2 * uniform["now-count"]

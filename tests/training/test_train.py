@@ -489,7 +489,13 @@ def test_train_command_gives_back_its_config():
     cfg = dataclasses.replace(
         train.PRESETS["tiny-qwen25vl"], steps=600, lr=5e-4, warmup=50, coord_aux=True, coord_aux_from="lm",
         guide_split_families=("position", "count"), guide_sink_families=(), init_from="models/tiny-qwen25vl", threads=1,
+        turn_weights=("count=3", "now-count=2.5"),
     )
+    assert cfg.turn_weight_map == {"count": 3.0, "now-count": 2.5}
+    for bad, message in ((("counting=3",), "unknown family 'counting'"), (("count=0",), "needs a positive weight"),
+                         (("count",), "needs a positive weight")):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(cfg, turn_weights=bad)
     command = train.train_command(cfg)
     assert command.startswith("python -m models.train --model tiny-qwen25vl --steps 600 ")
     parsed, out = train.parse_args(shlex.split(command)[3:])

@@ -8,6 +8,7 @@ against it, so a question is never ambiguous (named things are unique, relations
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,11 +222,17 @@ def build(rng: np.random.Generator, family: str, answer: str, config: ShapesConf
 
 
 def derive(
-    rng: np.random.Generator, objects: list[Obj], k: int, skip: set[str] = frozenset(), balanced: bool = False
+    rng: np.random.Generator,
+    objects: list[Obj],
+    k: int,
+    skip: set[str] = frozenset(),
+    balanced: bool = False,
+    weights: Mapping[str, float] | None = None,
 ) -> list[tuple[Question, str]]:
     """Up to ``k`` more valid (question, answer) pairs about ``objects`` (training: several turns per image).
 
-    Families are drawn uniformly among those with a valid question; texts in ``skip`` are left out.
+    Families are drawn uniformly among those with a valid question, or in proportion to ``weights``
+    (family -> weight, 1 for a family it leaves out); texts in ``skip`` are left out.
     Within a family a question is drawn uniformly, or with ``balanced`` an answer is drawn uniformly
     among the family's answers on this picture first (so "two" and "no" come up as often as "one"
     and "yes" wherever the picture allows them).
@@ -246,7 +253,12 @@ def derive(
                 valid.setdefault(family, []).append((q, result[0]))
     out: list[tuple[Question, str]] = []
     while len(out) < k and valid:
-        family = sorted(valid)[int(rng.integers(len(valid)))]
+        families = sorted(valid)
+        if weights:
+            odds = np.array([weights.get(f, 1.0) for f in families])
+            family = families[int(rng.choice(len(families), p=odds / odds.sum()))]
+        else:
+            family = families[int(rng.integers(len(families)))]
         options = valid[family]
         if balanced:
             answers = sorted({a for _, a in options})

@@ -14,6 +14,7 @@ Like the image scenes, builders get the answer first and :func:`oracle` re-deriv
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -295,8 +296,17 @@ def render(rng: np.random.Generator, tracks: list[Track], frames: int, size: int
     return video, masks, per_frame
 
 
-def derive(rng: np.random.Generator, tracks: list[Track], frames: int, k: int, skip: set[str] = frozenset()) -> list[tuple[VideoQuestion, str]]:
-    """Up to ``k`` more valid (question, answer) pairs about a video (training: several turns per clip)."""
+def derive(
+    rng: np.random.Generator,
+    tracks: list[Track],
+    frames: int,
+    k: int,
+    skip: set[str] = frozenset(),
+    weights: Mapping[str, float] | None = None,
+) -> list[tuple[VideoQuestion, str]]:
+    """Up to ``k`` more valid (question, answer) pairs about a video (training: several turns per clip),
+    drawn uniformly or, with ``weights`` (family -> weight, 1 for a family it leaves out), each question
+    in proportion to its family's weight."""
     candidates = [video_question(f) for f in ("first-colour", "first-shape", "now-count")]
     candidates += [video_question("now-colour", (s,)) for s in SHAPES]
     candidates += [video_question("needle-shape", (c,)) for c in COLOURS]
@@ -306,5 +316,9 @@ def derive(rng: np.random.Generator, tracks: list[Track], frames: int, k: int, s
         result = oracle(q, tracks, frames)
         if result is not None and q.text not in skip:
             valid.append((q, result[0]))
-    order = rng.permutation(len(valid))[:k]
+    if weights and valid:
+        odds = np.array([weights.get(q.family, 1.0) for q, _ in valid])
+        order = rng.choice(len(valid), size=min(k, len(valid)), replace=False, p=odds / odds.sum())
+    else:
+        order = rng.permutation(len(valid))[:k]
     return [valid[i] for i in order]
