@@ -3,6 +3,8 @@ summary tokens and position re-indexing (lazy, eager), the chunk graph's golden 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from vlmopt.graph.pipeline import VLMGraph
 from vlmopt.passes import Hermes
 
 QUESTION = "what colour was the first object to appear?"
+# The test vocabulary cannot read the paper's pseudo-queries: one test checks that warning, the rest leave it out.
+pytestmark = pytest.mark.filterwarnings("ignore:Hermes.*unknown to this tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +108,43 @@ def test_lazy_policy_keeps_original_positions(qwen, processor):
     for layer, summary in zip(lazy.state.positions, Hermes().summary_layers(len(lazy.state.positions))):
         kept = layer.T.tolist()[: -1 if summary else None]
         assert {tuple(p) for p in kept} <= original
+
+
+def test_without_summary_long_term_layers_keep_one_more_entry(qwen, processor):
+    """``summary=False``: no layer holds a summary token; every layer, long-term ones too, keeps
+    ``kv_budget`` distinct entries of the stream at their original positions."""
+    frames = random_frames(16, seed=31)
+    full = run(vlmopt.compile(qwen), processor, frames, appends=4)
+    plain = run(vlmopt.compile(qwen, passes=[Hermes(kv_budget=24, chunk_frames=4, summary=False)]), processor, frames, appends=4)
+    layers = len(plain.state.positions)
+    assert not any(Hermes(summary=False).summary_layers(layers)) and Hermes().summary_layers(layers)[-1]
+    original = {tuple(p) for p in full.state.positions[0].T.tolist()}
+    for layer in plain.state.positions:
+        kept = [tuple(p) for p in layer.T.tolist()]
+        assert len(set(kept)) == len(kept) == plain.cache_length == 24 and set(kept) <= original
+    assert plain.ask(QUESTION, 4).token_ids
+
+
+def test_pseudo_queries_in_the_models_words(qwen, processor):
+    """The paper's pseudo-queries are mostly unknown words to the reference vocabulary: the pass warns
+    and names the fix; queries in the model's words are tokenised into the chunk graph's inputs."""
+    stream = vlmopt.compile(qwen, passes=[Hermes(kv_budget=24, chunk_frames=4)]).stream(processor=processor)
+    with pytest.warns(UserWarning) as record:
+        Hermes().query_inputs(stream)
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2 and all("unknown to this tokenizer" in m for m in messages)
+    assert messages[0].startswith("Hermes.global_query: ") and "pass Hermes(local_query=...)" in messages[1]
+    own = Hermes(local_query="what objects are there now?", global_query="what was the first object to appear?")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inputs = own.query_inputs(stream)
+    ids, spans = inputs["pseudo_query_ids"], inputs["pseudo_query_spans"]
+    for span, text in (("local", own.local_query), ("global", own.global_query)):
+        assert ids[0, slice(*spans[span])].tolist() == stream.text_ids(text)[0].tolist()
+        assert processor.tokenizer.unk_token_id not in ids[0, slice(*spans[span])].tolist()
+    assert spans["mixed"] == (0, ids.shape[1])
+    with pytest.raises(PassConfigError, match="global_query is empty"):
+        Hermes(global_query="  ")
 
 
 def test_config_is_validated():

@@ -14,6 +14,8 @@ evict into a summary token (mean value; mean key re-rotated to the summary's pos
 Pseudo-queries (fast path): ``Q = W_q · RMSNorm(Embed(q))`` per layer, hidden states not propagated,
 with the rotary embedding at the positions after the cache; q_L ("describe the current scene…")
 for sensory, q_G ("summarize the video…") for long-term, q_M = q_L + "; " + q_G for working layers.
+They are English prompts: a model with a small vocabulary (the reference models) reads them as
+unknown tokens, so the pass warns there and takes its own words (``local_query``, ``global_query``).
 The stream (:mod:`vlmopt.stream.session`) tokenises them, prefixed with the last question and answer
 once there is one, and feeds them to the chunk graph. The machinery is :mod:`vlmopt.passes.kv_stream`.
 """
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from vlmopt.errors import PassConfigError
 from vlmopt.graph import functions as gf
 from vlmopt.passes.base import check_range
 from vlmopt.passes.kv_stream import ChunkSite, KVStreamPass
@@ -52,6 +56,22 @@ def pseudo_query_heads(q: Tensor, cos: Tensor, sin: Tensor, head_dim: int, spans
     return rotated[:, :, start:end]
 
 
+def warn_unknown_words(tokenizer, queries: dict[str, Tensor]) -> None:
+    """Warn (once per query) where most of a pseudo-query's tokens [1, n] are the tokenizer's unknown
+    token: the scores would then follow a query the model cannot read (a small-vocabulary model)."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return
+    for name, ids in queries.items():
+        share = float((ids == unknown).float().mean()) if ids.numel() else 0.0
+        if share > 0.5:
+            warnings.warn(
+                f"Hermes.{name}: {share:.0%} of its tokens are unknown to this tokenizer, so the tier scores follow a "
+                f"query the model cannot read; pass Hermes({name}=...) in the model's own words",
+                stacklevel=3,
+            )
+
+
 @dataclass(frozen=True)
 class Hermes(KVStreamPass):
     """HERMES's hierarchical KV memory for :meth:`CompiledVLM.stream` (see the module docstring)."""
@@ -63,17 +83,24 @@ class Hermes(KVStreamPass):
     """Fraction of the layers (from the bottom, floored) in the sensory tier, in [0, 1]."""
     longterm_frac: float = 0.3
     """Fraction of the layers (from the top) in the long-term tier, in [0, 1]; with ``sensory_frac`` ≤ 1."""
+    summary: bool = True
+    """Long-term layers fold what they evict into one summary token (the paper's); False keeps one more entry there instead."""
+    local_query: str = LOCAL_QUERY
+    """q_L, the sensory tier's pseudo-query (the paper's by default; a model with another vocabulary needs its own words)."""
+    global_query: str = GLOBAL_QUERY
+    """q_G, the long-term tier's pseudo-query (the paper's by default)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("Hermes", "sensory_frac", self.sensory_frac, 0, 1)
         check_range("Hermes", "longterm_frac", self.longterm_frac, 0, 1)
         if self.sensory_frac + self.longterm_frac > 1:
-            from vlmopt.errors import PassConfigError
-
             raise PassConfigError(
                 f"Hermes.sensory_frac + longterm_frac must be ≤ 1, got {self.sensory_frac} + {self.longterm_frac}"
             )
+        for name in ("local_query", "global_query"):
+            if not getattr(self, name).strip():
+                raise PassConfigError(f"Hermes.{name} is empty: give the pseudo-query text, or leave it out for the paper's")
 
     def tiers(self, layers: int) -> list[str]:
         sensory = math.floor(self.sensory_frac * layers)
@@ -81,7 +108,7 @@ class Hermes(KVStreamPass):
         return ["sensory" if i < sensory else "long_term" if i >= long_term else "working" for i in range(layers)]
 
     def summary_layers(self, layers: int) -> list[bool]:
-        return [tier == "long_term" for tier in self.tiers(layers)]
+        return [self.summary and tier == "long_term" for tier in self.tiers(layers)]
 
     def schedule(self, adapter, layers: int) -> tuple[list[float], list[float]]:
         """(alpha, recency sharpness k) of every layer."""
@@ -140,12 +167,13 @@ class Hermes(KVStreamPass):
     def query_inputs(self, stream) -> dict:
         """The pseudo-queries q_L, q_M = q_L; q_G, q_G as one token row, the rows of each, and their
         positions (after the cache), for the next chunk of ``stream``."""
-        local, global_ = LOCAL_QUERY, GLOBAL_QUERY
+        local, global_ = self.local_query, self.global_query
         if stream.history:
             question, answer = stream.history[-1]
             local = f"Find recent details related to: {question} {answer}. {local}"
             global_ = f"Context summary: {question} {answer}. {global_}"
         local_ids, sep_ids, global_ids = stream.text_ids(local), stream.text_ids("; "), stream.text_ids(global_)
+        warn_unknown_words(stream.planner.tokenizer, {"local_query": local_ids, "global_query": global_ids})
         ids = torch.cat([local_ids, sep_ids, global_ids], dim=1)
         total, first_global = ids.shape[1], ids.shape[1] - global_ids.shape[1]
         spans = {"local": (0, local_ids.shape[1]), "mixed": (0, total), "global": (first_global, total)}
