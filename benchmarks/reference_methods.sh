@@ -12,6 +12,8 @@
 # writes timestamps between frames caches more than its visual tokens per frame); STAGES_N: the
 # analysis's samples; TORCHRUN_N: the torchrun run's samples (4 processes share the 2 cores);
 # N_IMAGE / N_VIDEO: the sample counts (a smoke run: N_IMAGE=8 N_VIDEO=4 STAGES_N=4 TORCHRUN_N=4).
+# HERMES runs twice: with the paper's pseudo-queries (English the reference vocabulary reads as unknown
+# tokens) and with OWN_WORDS, the same two prompts said in the reference models' words.
 set -euo pipefail
 model=${1:?usage: bash benchmarks/reference_methods.sh MODEL}
 random_match=${RANDOM_MATCH:-0.29}
@@ -20,6 +22,7 @@ stages_n=${STAGES_N:-100}
 torchrun_n=${TORCHRUN_N:-100}
 n_image=${N_IMAGE:-500}
 n_video=${N_VIDEO:-300}
+own_words=${OWN_WORDS:-"local_query=what objects are there now? what colour? what shape? where?,global_query=what objects appear? what was there?"}
 out=${OUT:-benchmarks/results/$(basename "$model")}
 export OMP_NUM_THREADS=1
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -33,6 +36,11 @@ lane_streams() {
     vlmopt eval --model "$model" --task shapes-video --n "$n_video" --passes hermes --passes streaming_llm --passes snapkv \
         --passes frame_subsample:keep_ratio=0.32 --passes "frame_subsample:keep_ratio=$frames_match" \
         --stream-budget 0.32 --json "$out-hermes-shapes-video.json"
+    for task in needle shapes-video; do
+        log "hermes in the model's words, $task"
+        vlmopt eval --model "$model" --task "$task" --n "$n_video" --passes "hermes:$own_words" --stream-budget 0.32 \
+            --json "$out-hermes-own-words-$task.json"
+    done
     log "lane done"
 }
 
