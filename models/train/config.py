@@ -184,14 +184,18 @@ class TrainConfig:
             family, _, weight = entry.partition("=")
             if family not in known:
                 raise ValueError(f"TrainConfig.turn_weights: unknown family {family!r} in {entry!r}; known: {sorted(known)}")
-            try:
-                if float(weight) <= 0:
-                    raise ValueError
-            except ValueError:
-                raise ValueError(f"TrainConfig.turn_weights: {entry!r} needs a positive weight, e.g. count=3") from None
+            if not _positive_number(weight):
+                raise ValueError(f"TrainConfig.turn_weights: {entry!r} needs a positive weight, e.g. count=3")
         both = sorted(set(self.guide_sink_families) & set(self.guide_split_families))
         if both:
             raise ValueError(f"TrainConfig: families {both} are in both guide_sink_families and guide_split_families; pick one")
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 MODELS = ("tiny-llava", "tiny-qwen25vl", "tiny-qwen3vl")

@@ -57,7 +57,7 @@ def pseudo_query_heads(q: Tensor, cos: Tensor, sin: Tensor, head_dim: int, spans
 
 
 def warn_unknown_words(tokenizer, queries: dict[str, Tensor]) -> None:
-    """Warn (once per query) where most of a pseudo-query's tokens [1, n] are the tokenizer's unknown
+    """Warn where most of a pseudo-query's tokens [1, n] are the tokenizer's unknown
     token: the scores would then follow a query the model cannot read (a small-vocabulary model)."""
     unknown = getattr(tokenizer, "unk_token_id", None)
     if unknown is None:
